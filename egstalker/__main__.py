@@ -1,0 +1,3 @@
+from egstalker.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""`egstalker` command line: a thin layer over each stage's Python API.
+
+Each subcommand lives in its stage's `cli` module, which exposes `HELP`, `add_arguments(parser)` and
+`run(args) -> int`. Those modules import heavy libraries (torch, mediapipe) only inside `run`, so
+`egstalker --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from egstalker import __version__
+from egstalker.errors import EgstalkerError
+
+SUBCOMMANDS = {
+    "preprocess": "egstalker.preprocess.cli",
+    "train": "egstalker.train.cli",
+    "render": "egstalker.render.cli",
+    "run": "egstalker.run_cli",
+    "eval": "egstalker.evaluate.cli",
+    "serve": "egstalker.serve.cli",
+    "client": "egstalker.serve.client_cli",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="egstalker", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"egstalker {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue  # stage not built yet
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except EgstalkerError as e:
+        print(f"egstalker {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"egstalker {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130

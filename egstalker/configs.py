@@ -1,0 +1,67 @@
+"""Dataclass configs saved as JSON next to every output, and loaded back without eval()."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from egstalker.errors import EgstalkerError
+
+T = TypeVar("T")
+
+
+def to_dict(config: Any) -> dict:
+    """A JSON-ready dict of a (possibly nested) dataclass."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def from_dict(cls: type[T], data: dict, *, source: str = "config") -> T:
+    """Build `cls` from a dict, recursing into nested dataclasses; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise EgstalkerError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value, source=f"{source}.{key}")
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file through a temporary name and rename it, so readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_config(config: Any, path: str | os.PathLike) -> None:
+    atomic_write_text(path, json.dumps(to_dict(config), indent=2) + "\n")
+
+
+def load_config(cls: type[T], path: str | os.PathLike) -> T:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EgstalkerError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise EgstalkerError(f"config file {path} is not valid JSON ({e}); fix or delete it") from None
+    return from_dict(cls, data, source=str(path))

@@ -1,0 +1,192 @@
+"""Video and audio I/O through PyAV (its wheels bundle FFmpeg, so users need no system ffmpeg).
+
+Frames are resampled to a constant output rate by timestamp: output frame k (time k/fps after the first
+video frame) shows the source frame whose timestamp is nearest to it. Audio is aligned to the same clock
+(the first video frame is t=0), so 30 fps and variable-frame-rate input keep audio and video in sync.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from egstalker.errors import EgstalkerError
+
+AUDIO_RATE = 16000
+VIDEO_FPS = 25.0
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    path: str
+    width: int
+    height: int
+    source_fps: float
+    """Average frame rate of the source (variable-frame-rate clips report their average)."""
+    duration: float
+    """Seconds from the first video frame to the end of the last one."""
+    has_audio: bool
+    audio_rate: int
+    audio_channels: int
+
+
+@dataclass(frozen=True)
+class ResampledFrame:
+    index: int
+    """Output frame index at the output rate."""
+    image: np.ndarray
+    """[H, W, 3] uint8 RGB."""
+    source_time: float
+    """Timestamp (s, from the first video frame) of the source frame shown."""
+
+    @property
+    def offset(self) -> float:
+        """Signed seconds between the source frame shown and this output frame's time slot."""
+        return self.source_time - self._slot_time
+
+    _slot_time: float = 0.0
+
+
+def _open(path: str | os.PathLike):
+    import av
+
+    path = Path(path)
+    if not path.exists():
+        raise EgstalkerError(f"{path} does not exist; give the path of a video file")
+    if path.is_dir():
+        raise EgstalkerError(f"{path} is a folder; give the path of a video file")
+    try:
+        return av.open(str(path))
+    except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as e:
+        raise EgstalkerError(f"{path} is not a readable video or audio file ({e.__class__.__name__}); "
+                             "give an mp4/mov/mkv/webm/wav file") from None
+
+
+def probe(path: str | os.PathLike) -> VideoInfo:
+    """Read a video's size, rate and duration, and whether it has audio, without decoding it all."""
+    with _open(path) as container:
+        if not container.streams.video:
+            raise EgstalkerError(f"{path} has no video stream; give a video of the person speaking")
+        stream = container.streams.video[0]
+        if stream.width == 0 or stream.height == 0:
+            raise EgstalkerError(f"{path} has a video stream of size 0; give a real video")
+        rate = float(stream.average_rate or stream.guessed_rate or VIDEO_FPS)
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / 1_000_000
+        else:
+            duration = 0.0
+        audio = container.streams.audio[0] if container.streams.audio else None
+        return VideoInfo(
+            path=str(path), width=stream.width, height=stream.height, source_fps=rate, duration=duration,
+            has_audio=audio is not None, audio_rate=int(audio.rate) if audio else 0,
+            audio_channels=int(audio.channels) if audio else 0,
+        )
+
+
+def _stream_start(stream) -> float:
+    if stream.start_time is None or stream.time_base is None:
+        return 0.0
+    return float(stream.start_time * stream.time_base)
+
+
+def iter_frames(path: str | os.PathLike, fps: float = VIDEO_FPS) -> Iterator[ResampledFrame]:
+    """Decode a video and yield frames resampled to a constant `fps`, one at a time (bounded memory).
+
+    Example:
+        >>> for frame in iter_frames("talk.mp4"):
+        ...     print(frame.index, frame.image.shape, frame.offset)
+    """
+    with _open(path) as container:
+        if not container.streams.video:
+            raise EgstalkerError(f"{path} has no video stream; give a video of the person speaking")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        t0 = None
+        prev_image, prev_time = None, None
+        intervals: list[float] = []
+        k = 0
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                t = float(frame.pts * frame.time_base)
+                if t0 is None:
+                    t0 = t
+                t -= t0
+                image = frame.to_ndarray(format="rgb24")
+                if prev_image is not None:
+                    if t <= prev_time:  # out-of-order or duplicate timestamp: keep the later picture
+                        prev_image = image
+                        continue
+                    intervals.append(t - prev_time)
+                    midpoint = 0.5 * (prev_time + t)
+                    while k / fps <= midpoint:
+                        yield ResampledFrame(k, prev_image, prev_time, _slot_time=k / fps)
+                        k += 1
+                prev_image, prev_time = image, t
+        except Exception as e:  # corrupt data mid-stream
+            import av
+
+            if isinstance(e, av.error.FFmpegError):
+                raise EgstalkerError(f"{path} is damaged: decoding failed after {k} frames ({e}); "
+                                     "re-encode or re-download the video") from None
+            raise
+        if prev_image is None:
+            raise EgstalkerError(f"{path} has no decodable video frames; give a real video")
+        last_duration = float(np.median(intervals)) if intervals else 1.0 / fps
+        end = prev_time + last_duration
+        while k / fps < end - 1e-6 and (k + 0.5) / fps <= end + 1e-6:
+            yield ResampledFrame(k, prev_image, prev_time, _slot_time=k / fps)
+            k += 1
+
+
+def count_resampled_frames(info: VideoInfo, fps: float = VIDEO_FPS) -> int:
+    """An estimate of how many frames `iter_frames` yields (for progress bars)."""
+    return max(1, int(round(info.duration * fps)))
+
+
+def read_audio(path: str | os.PathLike, rate: int = AUDIO_RATE, align_to_video: bool = True) -> np.ndarray:
+    """Decode the first audio stream to float32 mono at `rate`.
+
+    With `align_to_video` and a video stream present, sample 0 is the time of the first video frame (audio
+    that starts later is padded with silence, audio that starts earlier is cut), matching `iter_frames`.
+    """
+    import av
+
+    with _open(path) as container:
+        if not container.streams.audio:
+            raise EgstalkerError(f"{path} has no audio stream; the model is driven by speech, so give a video "
+                                 "with its sound track (or mux one in)")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        chunks = []
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+        except av.error.FFmpegError as e:
+            raise EgstalkerError(f"audio of {path} is damaged ({e}); re-encode it") from None
+        audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+        if align_to_video and container.streams.video:
+            shift = _stream_start(stream) - _stream_start(container.streams.video[0])
+            n = int(round(abs(shift) * rate))
+            if shift > 0:
+                audio = np.concatenate([np.zeros(n, np.float32), audio])
+            elif n:
+                audio = audio[n:]
+    return audio
+
+
+def fit_length(audio: np.ndarray, n_samples: int) -> np.ndarray:
+    """Pad with silence or cut so that `audio` has exactly `n_samples` samples."""
+    if len(audio) >= n_samples:
+        return audio[:n_samples]
+    return np.concatenate([audio, np.zeros(n_samples - len(audio), audio.dtype)])
