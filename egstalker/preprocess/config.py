@@ -1,0 +1,60 @@
+"""Preprocessing configuration, saved as preprocess_config.json in every dataset.
+
+Ownership while the package is young: AudioConfig/FramesConfig belong to the audio+frames tasks (1-3),
+FaceConfig/TrackingConfig/SplitConfig to the face tasks (4-9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AudioConfig:
+    sample_rate: int = 16000
+    """aud.wav sample rate (Hz)."""
+    encoder: str = "default"
+    """Audio feature encoder: 'default', or a registered name (see egstalker.audio)."""
+    encoder_path: str | None = None
+    """Local weights folder for encoders that need user-supplied weights (wav2vec2, hubert)."""
+    deepspeech_npy: str | None = None
+    """Path of an existing peers' aud_ds.npy [N, 16, 29] to import instead of computing features."""
+
+
+@dataclass
+class FramesConfig:
+    fps: float = 25.0
+    """Output frame rate; 30 fps and variable-rate input are resampled to it."""
+    jpeg_quality: int = 92
+    min_duration: float = 2.0
+    """Clips shorter than this many seconds are refused."""
+
+
+@dataclass
+class FaceConfig:
+    min_face_fraction: float = 0.5
+    """Refuse the clip when a face is found in fewer than this fraction of frames."""
+    max_dropout_frames: int = 12
+    """Tracking drop-outs up to this many consecutive frames are interpolated (and listed in meta.json)."""
+
+
+@dataclass
+class TrackingConfig:
+    smoothing: str = "one_euro"
+    """Temporal smoother for head pose and vertices: 'none', 'ema' (the seed's, alpha 0.7) or 'one_euro'."""
+    ema_alpha: float = 0.7
+
+
+@dataclass
+class SplitConfig:
+    val_fraction: float = 1.0 / 11.0
+    """The last this fraction of frames is held out for validation (peers use int(N*10/11) for training)."""
+
+
+@dataclass
+class PreprocessConfig:
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    frames: FramesConfig = field(default_factory=FramesConfig)
+    face: FaceConfig = field(default_factory=FaceConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
