@@ -1,0 +1,1 @@
+"""Pretrained weights that ship inside registry packages (never downloaded at run time)."""
