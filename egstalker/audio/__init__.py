@@ -1,0 +1,67 @@
+"""Audio features: one vector (or window) per 25 fps video frame, from 16 kHz mono speech.
+
+    >>> from egstalker.audio import get_encoder
+    >>> encoder = get_encoder("oww")               # or "mel", "wav2vec2", "hubert", "deepspeech"
+    >>> feats = encoder.encode(wav16k)             # [round(len(wav16k) / 640), *encoder.feature_shape]
+
+Encoders (see each module): `oww` (default, openwakeword's shipped speech embedding, 96-d), `mel`
+(80-band log-mel, [4, 80]), `wav2vec2` / `hubert` (768-d, local weights), `deepspeech` (import of a peers'
+aud_ds.npy [N, 16, 29]). Streaming: `encoder.encode_stream()` (egstalker.audio.base.FeatureStream).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from egstalker.audio.base import (FEATURE_FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, AudioEncoder, FeatureStream,
+                                  frames_for_samples)
+from egstalker.errors import EgstalkerError
+
+DEFAULT_ENCODER = "oww"
+"""Used when none is named. Chosen for needing no download; to be revisited by measured lip-sync quality."""
+
+ENCODERS = ("oww", "mel", "wav2vec2", "hubert", "deepspeech")
+WEIGHTS_HELP = {
+    "oww": "none (ships with openwakeword)",
+    "mel": "none",
+    "wav2vec2": "a local model folder (default: facebook/wav2vec2-base from the local Hugging Face cache)",
+    "hubert": "a local model folder (default: facebook/hubert-base-ls960 from the local Hugging Face cache)",
+    "deepspeech": "the path of an existing aud_ds.npy [N, 16, 29] (required)",
+}
+
+
+def resolve_name(name: str | None) -> str:
+    """'default' or None -> DEFAULT_ENCODER; checks the name."""
+    name = DEFAULT_ENCODER if name in (None, "", "default") else name.lower()
+    if name not in ENCODERS:
+        raise EgstalkerError(f"unknown audio encoder '{name}'; choose one of {', '.join(ENCODERS)}")
+    return name
+
+
+def get_encoder(name: str | None = None, weights: str | Path | None = None) -> AudioEncoder:
+    """Build an encoder by name ('default'/None gives DEFAULT_ENCODER).
+
+    Args:
+        weights: wav2vec2/hubert: a local model folder (else the local Hugging Face cache);
+            deepspeech: path of the aud_ds.npy to import; ignored by oww and mel.
+    """
+    name = resolve_name(name)
+    if name == "oww":
+        from egstalker.audio.oww import OwwEncoder
+
+        return OwwEncoder()
+    if name == "mel":
+        from egstalker.audio.mel import MelEncoder
+
+        return MelEncoder()
+    if name in ("wav2vec2", "hubert"):
+        from egstalker.audio.transformer import TransformerEncoder
+
+        return TransformerEncoder(name, weights)
+    from egstalker.audio.deepspeech import DeepSpeechImport
+
+    return DeepSpeechImport(weights)
+
+
+__all__ = ["AudioEncoder", "FeatureStream", "get_encoder", "resolve_name", "DEFAULT_ENCODER", "ENCODERS",
+           "FEATURE_FPS", "SAMPLE_RATE", "SAMPLES_PER_FRAME", "frames_for_samples"]

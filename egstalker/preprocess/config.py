@@ -12,20 +12,21 @@ from dataclasses import dataclass, field
 @dataclass
 class AudioConfig:
     sample_rate: int = 16000
-    """aud.wav sample rate (Hz)."""
+    """aud.wav sample rate (Hz); the audio encoders take 16 kHz."""
     encoder: str = "default"
-    """Audio feature encoder: 'default', or a registered name (see egstalker.audio)."""
-    encoder_path: str | None = None
-    """Local weights folder for encoders that need user-supplied weights (wav2vec2, hubert)."""
-    deepspeech_npy: str | None = None
-    """Path of an existing peers' aud_ds.npy [N, 16, 29] to import instead of computing features."""
+    """Audio feature encoder: 'default' (egstalker.audio.DEFAULT_ENCODER), 'oww', 'mel', 'wav2vec2',
+    'hubert' or 'deepspeech'. The runner saves the resolved name."""
+    weights: str | None = None
+    """wav2vec2/hubert: a local model folder (else the local Hugging Face cache); deepspeech: the path of an
+    existing aud_ds.npy [N, 16, 29] to import; unused by oww and mel."""
 
 
 @dataclass
 class FramesConfig:
     fps: float = 25.0
     """Output frame rate; 30 fps and variable-rate input are resampled to it."""
-    jpeg_quality: int = 92
+    jpeg_quality: int = 90
+    """ori_imgs/N.jpg quality (JPEG: frames are photographs; exact pixels are not needed, disk size is)."""
     min_duration: float = 2.0
     """Clips shorter than this many seconds are refused."""
 
