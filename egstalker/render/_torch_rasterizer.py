@@ -116,29 +116,30 @@ def rasterize_torch(
     pixel_ids, gaussian_ids = _footprint_pairs(means2d.detach(), conics.detach(), opacities.detach(),
                                                depths.detach(), radii, width, height)
 
-    # Everything below is differentiable w.r.t. means2d, conics, opacities, colors and depths.
-    flat_means2d = means2d.reshape(B * N, 2)
-    flat_conics = conics.reshape(B * N, 3)
+    # Everything below is differentiable w.r.t. means2d, conics, opacities, colors and depths. One gather of all
+    # per-Gaussian attributes (index_select: its backward is a single index_add, far cheaper than indexing's).
+    attributes = torch.cat(
+        [means2d, conics, opacities[..., None], colors, depths[..., None]], dim=-1
+    ).reshape(B * N, 10).index_select(0, gaussian_ids)  # [M, 10]
+    pair_means2d, pair_conics, pair_opacity = attributes[:, 0:2], attributes[:, 2:5], attributes[:, 5]
+    pair_features = attributes[:, 6:10]  # colour and depth
     pixel_in_image = pixel_ids % n_pixels
     centres = torch.stack([(pixel_in_image % width), (pixel_in_image // width)], dim=-1).to(means.dtype) + 0.5
-    alpha = _pair_alpha(centres, flat_means2d[gaussian_ids], flat_conics[gaussian_ids],
-                        opacities.reshape(B * N)[gaussian_ids])
+    alpha = _pair_alpha(centres, pair_means2d, pair_conics, pair_opacity)
     log_transmit = torch.log1p(-alpha)  # [M]
 
     # Exclusive cumulative log-transmittance within each pixel's (contiguous, front-to-back) run of pairs.
     running = torch.cumsum(log_transmit.double(), dim=0) - log_transmit.double()
     _, run_lengths = torch.unique_consecutive(pixel_ids, return_counts=True)
     run_starts = torch.cumsum(run_lengths, dim=0) - run_lengths
-    before = running - running[torch.repeat_interleave(run_starts, run_lengths)]
+    before = running - running.index_select(0, torch.repeat_interleave(run_starts, run_lengths))
     with torch.no_grad():
         # gsplat stops a pixel *before* the Gaussian that would take T to <= 1e-4; T only decreases along the
         # run, so the pairs it keeps are exactly those whose transmittance after them stays above the bound.
         keep = (before + log_transmit.double()) > math.log(TRANSMITTANCE_MIN)
     weights = (alpha * torch.exp(before).to(alpha.dtype)) * keep  # [M]
 
-    flat_colors = colors.reshape(B * N, 3)[gaussian_ids]
-    flat_depths = depths.reshape(B * N)[gaussian_ids]
-    channels = torch.cat([flat_colors, flat_depths[:, None], torch.ones_like(flat_depths)[:, None]], dim=-1)
+    channels = torch.cat([pair_features, torch.ones_like(pair_opacity)[:, None]], dim=-1)  # rgb, z, 1
     image = means.new_zeros(B * n_pixels, 5).index_add(0, pixel_ids, weights[:, None] * channels)
     image = image.reshape(B, height, width, 5)
     alpha_image = image[..., 4:5]
