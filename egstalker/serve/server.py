@@ -1,0 +1,419 @@
+"""`egstalker serve`: many real-time talking-head streams from one model on one device.
+
+Per session (one WebSocket, see protocol.py): a receive loop takes speech chunks, an encode task turns them into
+final per-frame features in a worker thread (`SessionSpeech`), and a send task writes rendered frames in order.
+One render loop serves all sessions: it picks renderable frames earliest-deadline-first across sessions and
+renders them in shared `TalkingHead.render_frames` calls on a single render thread (the device is used by one
+call at a time); JPEG encoding runs in a thread pool while the next batch renders.
+
+Latency of a frame = the speech after its own slot that the model must hear first (`lookahead_ms`: the feature
+window's future rows + the encoder's look-ahead) + waiting for a render call + rendering + JPEG + network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from egstalker.serve import protocol
+from egstalker.serve.features import SessionSpeech
+from egstalker.serve.protocol import ProtocolError
+from egstalker.serve.scheduler import PoseClock, ServeConfig, StreamSession, gather_batch, pick_frames
+
+log = logging.getLogger("egstalker.serve")
+STATIC_DIR = Path(__file__).parent / "static"
+LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+def window_reach(head) -> tuple[int, int]:
+    """(left, right): how many feature rows before/after a frame its audio window reads.
+
+    The window is `audio_window` rows around the frame, with its future half `audio_window // 2 - 1` rows
+    (8 -> frames -4..+3); left is taken generously (any extra rows are never read).
+    """
+    window = int(head.audio_window)
+    right = window - 1 - window // 2
+    return window, right
+
+
+def audio_encoder_of(head):
+    """The model's speech encoder object (its `encode_stream`, `context_seconds`, `lookahead_seconds`)."""
+    encoder = getattr(head, "encoder", None)
+    if encoder is None:
+        from egstalker.audio import get_encoder
+
+        encoder = get_encoder(head.encoder_name)
+    return encoder
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to listen beyond this machine without a token."""
+    from egstalker.errors import EgstalkerError
+
+    if host not in LOOPBACK_HOSTS and not token:
+        raise EgstalkerError(f"refusing to listen on {host} without a token: anyone who can reach it could use "
+                             "the model; pass --token SECRET (clients send it), or bind --host 127.0.0.1")
+
+
+class _Connection:
+    """The socket side of one session."""
+
+    def __init__(self, ws: web.WebSocketResponse, state: StreamSession):
+        self.ws = ws
+        self.state = state
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.audio_arrived = asyncio.Event()
+        self.room = asyncio.Event()
+        self.sendable = asyncio.Event()
+        """Set when a frame was queued or the utterance may be complete."""
+        self.tasks: list[asyncio.Task] = []
+
+
+class TalkingHeadServer:
+    """Sessions, the shared render loop and the HTTP routes, around one loaded `TalkingHead`."""
+
+    def __init__(self, head, config: ServeConfig | None = None, token: str | None = None, device: str = "cpu"):
+        self.head = head
+        self.config = config or ServeConfig()
+        self.token = token or None
+        self.device = str(device)
+        self.encoder = audio_encoder_of(head)
+        self.left_reach, self.right_reach = window_reach(head)
+        self.lookahead_ms = 1000.0 * (self.right_reach / head.fps + self.encoder.lookahead_seconds)
+        self.pose = PoseClock(head, self.config.pose)
+        self.connections: dict[str, _Connection] = {}
+        self.reserved = 0
+        """Sockets accepted but not yet started (they count against max_sessions)."""
+        self._wake = asyncio.Event()
+        self._deliveries: asyncio.Queue | None = None
+        self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="egs-render")
+        self._encode_pool = ThreadPoolExecutor(4, thread_name_prefix="egs-audio")
+        self._jpeg_pool = ThreadPoolExecutor(4, thread_name_prefix="egs-jpeg")
+        self._render_log: collections.deque = collections.deque(maxlen=2000)
+        """(finish time, batch size, render seconds) of recent render calls."""
+        self.frames_rendered = 0
+        self.sessions_served = 0
+
+    # ---------------------------------------------------------------- app
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=protocol.MAX_AUDIO_BYTES)
+        app.router.add_get("/", self._index)
+        app.router.add_get("/health", self._health)
+        app.router.add_get(protocol.WS_PATH, self._websocket)
+        app.router.add_static("/static", STATIC_DIR)
+        app.on_startup.append(self._start)
+        app.on_shutdown.append(self._shutdown)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _start(self, app) -> None:
+        self._deliveries = asyncio.Queue(maxsize=3)
+        app["render_task"] = asyncio.create_task(self._render_loop())
+        app["deliver_task"] = asyncio.create_task(self._deliver_loop())
+
+    async def _shutdown(self, app) -> None:
+        for conn in list(self.connections.values()):
+            with contextlib.suppress(Exception):
+                await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+
+    async def _cleanup(self, app) -> None:
+        for key in ("render_task", "deliver_task"):
+            app[key].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await app[key]
+        for pool in (self._render_pool, self._encode_pool, self._jpeg_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _index(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    def health(self) -> dict:
+        now = time.monotonic()
+        recent = [(t, n, s) for t, n, s in self._render_log if now - t <= 5.0]
+        frames = sum(n for _, n, _ in recent)
+        span = min(5.0, now - recent[0][0] + recent[0][2]) if recent else 0.0
+        info = {
+            "status": "ok",
+            "sessions": len(self.connections),
+            "capacity": self.config.max_sessions,
+            "fps": float(self.head.fps),
+            "device": self.device,
+            "width": int(self.head.width),
+            "height": int(self.head.height),
+            "lookahead_ms": round(self.lookahead_ms, 1),
+            "render_fps": round(frames / span, 1) if span > 0 else 0.0,
+            "mean_batch": round(frames / len(recent), 2) if recent else 0.0,
+            "mean_render_ms_per_call": round(1000 * sum(s for *_, s in recent) / len(recent), 2) if recent else 0.0,
+            "frames_rendered": self.frames_rendered,
+            "sessions_served": self.sessions_served,
+            "token_required": self.token is not None,
+            "config": asdict(self.config),
+        }
+        info.update(_device_memory(self.device))
+        return info
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response(self.health())
+
+    # ---------------------------------------------------------------- sessions
+    def _origin_allowed(self, request: web.Request) -> bool:
+        """Without a token, only pages served by this server may open sessions (a random web page cannot drive
+        a model listening on localhost from the user's browser)."""
+        origin = request.headers.get("Origin")
+        if self.token is not None or origin is None:
+            return True
+        return urlsplit(origin).netloc == request.host
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        if not self._origin_allowed(request):
+            raise web.HTTPForbidden(text="cross-origin session refused; open the page served by this server, "
+                                         "or start the server with --token\n")
+        ws = web.WebSocketResponse(max_msg_size=protocol.MAX_AUDIO_BYTES, heartbeat=20.0)
+        await ws.prepare(request)
+        if len(self.connections) + self.reserved >= self.config.max_sessions:
+            await _refuse(ws, f"server full: all {self.config.max_sessions} sessions are in use; try again later",
+                          CLOSE_TRY_AGAIN_LATER)
+            return ws
+        self.reserved += 1
+        conn = None
+        try:
+            try:
+                start = await self._receive_start(ws)
+            finally:
+                self.reserved -= 1
+            conn = self._open_session(ws, start)
+            await ws.send_str(protocol.ReadyMessage(
+                session=conn.state.id, fps=float(self.head.fps), sample_rate=int(self.head.sample_rate),
+                width=int(self.head.width), height=int(self.head.height), samples_per_frame=640,
+                lookahead_ms=round(self.lookahead_ms, 1), device=self.device).to_json())
+            await self._receive_loop(conn)
+        except ProtocolError as e:
+            await _refuse(ws, str(e), WSCloseCode.POLICY_VIOLATION)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            if conn is not None:
+                self._close_session(conn)
+        return ws
+
+    async def _receive_start(self, ws: web.WebSocketResponse) -> dict:
+        try:
+            msg = await asyncio.wait_for(ws.receive(), protocol.START_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ProtocolError(f"no start message within {protocol.START_TIMEOUT_S:.0f} s") from None
+        if msg.type != WSMsgType.TEXT:
+            raise ProtocolError("the first message must be {\"type\": \"start\", \"token\": ...}")
+        start = protocol.parse_control(msg.data)
+        if start["type"] != "start":
+            raise ProtocolError("the first message must be {\"type\": \"start\"}")
+        if self.token is not None:
+            given = start.get("token")
+            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.token.encode()):
+                raise ProtocolError("missing or wrong token: this server needs the token it was started with")
+        pose = start.get("pose", self.config.pose)
+        if pose not in ("loop", "static"):
+            raise ProtocolError("pose must be 'loop' or 'static'")
+        return start
+
+    def _open_session(self, ws, start: dict) -> _Connection:
+        pose = self.pose if start.get("pose", self.config.pose) == self.config.pose else PoseClock(
+            self.head, start["pose"])
+        state = StreamSession(id=uuid.uuid4().hex[:12], features=SessionSpeech(self.encoder.encode_stream()),
+                              right_reach=self.right_reach, pose=pose)
+        conn = _Connection(ws, state)
+        self.connections[state.id] = conn
+        self.sessions_served += 1
+        conn.tasks = [asyncio.create_task(self._encode_loop(conn)), asyncio.create_task(self._send_loop(conn))]
+        log.info("session %s opened (%d live)", state.id, len(self.connections))
+        return conn
+
+    def _close_session(self, conn: _Connection) -> None:
+        conn.state.closed = True
+        for task in conn.tasks:
+            task.cancel()
+        if self.connections.pop(conn.state.id, None) is not None:
+            log.info("session %s closed after %d frames (%d live)", conn.state.id, conn.state.sent,
+                     len(self.connections))
+        self._wake.set()
+
+    async def _receive_loop(self, conn: _Connection) -> None:
+        state, ws = conn.state, conn.ws
+        while True:
+            # Back-pressure: stop reading while this session holds too much un-rendered speech.
+            while state.features.unsent_seconds(state.next_render) > self.config.max_buffered_s and not ws.closed:
+                conn.room.clear()
+                await conn.room.wait()
+            msg = await ws.receive()
+            if msg.type == WSMsgType.BINARY:
+                if state.features.finished:
+                    raise ProtocolError("speech sent after {\"type\": \"end\"}")
+                audio = protocol.decode_pcm(msg.data)
+                if state.features.n_samples + len(audio) > self.config.max_session_s * 16000:
+                    raise ProtocolError(f"utterance longer than the server's {self.config.max_session_s:.0f} s "
+                                        "limit; start a new session")
+                state.features.push(audio)
+                conn.audio_arrived.set()
+            elif msg.type == WSMsgType.TEXT:
+                control = protocol.parse_control(msg.data)
+                if control["type"] == "start":
+                    raise ProtocolError("session already started")
+                if state.features.finished:
+                    raise ProtocolError("{\"type\": \"end\"} sent twice")
+                state.features.finish()  # keep reading: the socket closes after `done`, or the client leaves
+                conn.audio_arrived.set()
+                self._wake.set()
+            elif msg.type == WSMsgType.ERROR:
+                exc = ws.exception()
+                raise ProtocolError(f"bad WebSocket message: {exc}")
+            else:  # CLOSE, CLOSING, CLOSED: the client went away
+                return
+
+    async def _encode_loop(self, conn: _Connection) -> None:
+        loop = asyncio.get_running_loop()
+        speech = conn.state.features
+        while True:
+            await conn.audio_arrived.wait()
+            conn.audio_arrived.clear()
+            while speech.needs_update():
+                try:
+                    await loop.run_in_executor(self._encode_pool, speech.update)
+                except Exception as e:  # noqa: BLE001 - the encoder failing on this session's audio
+                    log.exception("session %s: audio encoding failed", conn.state.id)
+                    await _refuse(conn.ws, f"audio encoding failed: {e}", WSCloseCode.INTERNAL_ERROR)
+                    return
+                self._wake.set()
+                conn.sendable.set()
+
+    async def _send_loop(self, conn: _Connection) -> None:
+        state, ws = conn.state, conn.ws
+        while True:
+            if state.done:
+                await ws.send_str(f'{{"type": "done", "frames": {state.sent}}}')
+                await ws.close()
+                return
+            if conn.outbox.empty():
+                conn.sendable.clear()
+                await conn.sendable.wait()
+                continue
+            await ws.send_bytes(conn.outbox.get_nowait())
+            state.queued -= 1
+            state.sent += 1
+            conn.room.set()
+            self._wake.set()
+
+    # ---------------------------------------------------------------- rendering
+    def _live_sessions(self) -> list[StreamSession]:
+        return [conn.state for conn in self.connections.values()]
+
+    async def _render_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            picks = pick_frames(self._live_sessions(), time.monotonic(), self.config)
+            if not picks:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    # the timeout releases paced (faster than real time) sessions as their clock advances
+                    await asyncio.wait_for(self._wake.wait(), timeout=0.01)
+                continue
+            batch = gather_batch(picks, self.left_reach)
+            started = time.monotonic()
+            try:
+                images = await loop.run_in_executor(self._render_pool, self.head.render_frames, batch.features,
+                                                    batch.frame_rows, batch.pose_indices)
+            except Exception as e:  # noqa: BLE001 - fail the sessions of this batch, keep serving the rest
+                log.exception("render call failed")
+                for session in {s.id: s for s in batch.sessions}.values():
+                    session.in_flight = 0
+                    conn = self.connections.get(session.id)
+                    if conn is not None:
+                        await _refuse(conn.ws, f"rendering failed: {e}", WSCloseCode.INTERNAL_ERROR)
+                continue
+            finished = time.monotonic()
+            self._render_log.append((finished, len(picks), finished - started))
+            self.frames_rendered += len(picks)
+            jpegs = [loop.run_in_executor(self._jpeg_pool, _frame_message, int(frame), pcm, image,
+                                          self.config.jpeg_quality)
+                     for frame, pcm, image in zip(batch.frames, batch.pcm, images)]
+            await self._deliveries.put((batch, asyncio.gather(*jpegs)))
+            for session in {s.id: s for s in batch.sessions}.values():
+                session.features.release(max(0, session.next_render - self.left_reach))
+
+    async def _deliver_loop(self) -> None:
+        """Hand encoded frames to their sessions' send queues, batch by batch (so each session stays in order)."""
+        while True:
+            batch, pending = await self._deliveries.get()
+            messages = await pending
+            for session, message in zip(batch.sessions, messages):
+                session.in_flight -= 1
+                conn = self.connections.get(session.id)
+                if conn is None or session.closed:
+                    continue
+                session.queued += 1
+                conn.outbox.put_nowait(message)
+                conn.sendable.set()
+
+
+def _frame_message(frame: int, pcm: np.ndarray, image: np.ndarray, quality: int) -> bytes:
+    import cv2
+
+    ok, jpeg = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return protocol.pack_frame(frame, protocol.encode_pcm(pcm), jpeg.tobytes())
+
+
+async def _refuse(ws: web.WebSocketResponse, message: str, code: int) -> None:
+    """Tell this client what is wrong in one line, then close its socket."""
+    if ws.closed:
+        return
+    with contextlib.suppress(Exception):
+        await ws.send_str(protocol.error_json(message))
+        await ws.close(code=code, message=message[:120].encode())
+
+
+def _device_memory(device: str) -> dict:
+    """Accelerator memory in MiB (for the load benchmark), when the model runs on one."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return {}
+    return {"gpu_memory_mb": round(torch.cuda.memory_allocated(dev) / 2**20, 1),
+            "gpu_peak_memory_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1),
+            "gpu_name": torch.cuda.get_device_name(dev)}
+
+
+async def serve_forever(head, host: str, port: int, config: ServeConfig, token: str | None, device: str,
+                        ready: asyncio.Event | None = None) -> None:
+    check_bind(host, token)
+    server = TalkingHeadServer(head, config, token=token, device=device)
+    runner = web.AppRunner(server.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    shown = f"[{host}]" if ":" in host else host
+    print(f"egstalker serve: http://{shown}:{port}/  (device {device}, {head.width}x{head.height} at "
+          f"{head.fps:g} fps, up to {config.max_sessions} sessions, look-ahead {server.lookahead_ms:.0f} ms"
+          f"{', token required' if token else ''})", flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
