@@ -1,0 +1,147 @@
+"""MP4 writing through PyAV: H.264 (yuv420p) video with AAC audio, frames streamed, `+faststart` for browsers.
+
+Frames are encoded as they arrive and the audio is interleaved with them (about one video frame's worth of audio
+per frame), so memory stays flat however long the video is. The file is written under a temporary name in the
+target folder and renamed on success: a crash or Ctrl-C never leaves a half-written OUT.mp4.
+
+Example:
+    >>> with Mp4Writer("out.mp4", width=512, height=512, fps=25, audio=wav48k, audio_rate=48000) as writer:
+    ...     for frame in frames:          # uint8 [512, 512, 3] RGB
+    ...         writer.write(frame)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from egstalker.errors import EgstalkerError
+
+AUDIO_CHUNK = 1024  # samples per AAC frame
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class Mp4Writer:
+    """Streams RGB frames (and optional mono float32 audio) into an H.264 + AAC mp4.
+
+    Args:
+        path: output file (.mp4); its folder must exist or be creatable.
+        width, height: frame size in pixels; odd sizes are padded by one edge pixel (yuv420p needs even sizes).
+        fps: frames per second (25 for egstalker).
+        audio: [n_samples] float32 mono in [-1, 1] or None for a silent video.
+        audio_rate: sample rate of `audio` (AAC supports 8-96 kHz; 16 kHz and 48 kHz both play in browsers).
+        crf: x264 quality (lower is better; 18 is visually lossless for talking heads).
+        preset: x264 speed/size trade-off ('veryfast' keeps encoding well above real time).
+    """
+
+    def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float = 25.0,
+                 audio: np.ndarray | None = None, audio_rate: int = 16000, crf: int = 18,
+                 preset: str = "veryfast"):
+        import av
+
+        self.path = Path(path)
+        self.width, self.height = int(width), int(height)
+        self.fps = float(fps)
+        self.frames_written = 0
+        self._audio = None if audio is None else np.asarray(audio, np.float32).reshape(-1)
+        self._audio_rate = int(audio_rate)
+        self._audio_done = 0
+        self._closed = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".mp4.tmp", dir=self.path.parent)
+            os.close(fd)
+        except OSError as e:
+            raise EgstalkerError(f"cannot write {self.path} ({e.strerror}); choose a writable output path") from None
+        self._container = av.open(self._tmp, mode="w", format="mp4", options={"movflags": "+faststart"})
+        rate = Fraction(self.fps).limit_denominator(1001)
+        self._video = self._container.add_stream("libx264", rate=rate)
+        self._video.width = self.width + self.width % 2
+        self._video.height = self.height + self.height % 2
+        self._video.pix_fmt = "yuv420p"
+        self._video.options = {"crf": str(crf), "preset": preset}
+        self._video.codec_context.time_base = Fraction(1) / rate
+        self._audio_stream = None
+        if self._audio is not None:
+            self._audio_stream = self._container.add_stream("aac", rate=self._audio_rate)
+            self._audio_stream.layout = "mono"
+            self._audio_stream.bit_rate = 128000
+
+    def write(self, frame: np.ndarray) -> None:
+        """Encode one RGB uint8 [H, W, 3] frame."""
+        import av
+
+        if frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 frame of shape {(self.height, self.width, 3)}, got "
+                             f"{frame.dtype} {frame.shape}")
+        if self.width % 2 or self.height % 2:
+            frame = np.pad(frame, ((0, self.height % 2), (0, self.width % 2), (0, 0)), mode="edge")
+        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        video_frame.pts = self.frames_written
+        self._container.mux(self._video.encode(video_frame))
+        self.frames_written += 1
+        self._write_audio_until(self.frames_written / self.fps)
+
+    def _write_audio_until(self, seconds: float | None) -> None:
+        """Encode the audio up to `seconds` (None: all of it), in whole AAC-sized chunks."""
+        import av
+
+        if self._audio is None:
+            return
+        end = len(self._audio) if seconds is None else min(len(self._audio), int(seconds * self._audio_rate))
+        while self._audio_done < end and (seconds is None or end - self._audio_done >= AUDIO_CHUNK):
+            chunk = self._audio[self._audio_done:self._audio_done + AUDIO_CHUNK]
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk[None]), format="flt", layout="mono")
+            frame.sample_rate = self._audio_rate
+            frame.pts = self._audio_done
+            frame.time_base = Fraction(1, self._audio_rate)
+            self._container.mux(self._audio_stream.encode(frame))
+            self._audio_done += len(chunk)
+
+    def close(self) -> Path:
+        """Flush the encoders, finish the file and move it to `path`. Returns `path`."""
+        if self._closed:
+            return self.path
+        self._closed = True
+        try:
+            if self.frames_written == 0:
+                raise EgstalkerError(f"no frames were rendered, so {self.path} was not written")
+            self._write_audio_until(None)
+            self._container.mux(self._video.encode(None))
+            if self._audio_stream is not None:
+                self._container.mux(self._audio_stream.encode(None))
+            self._container.close()
+            os.chmod(self._tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temporary file (the target path is left untouched)."""
+        self._closed = True
+        try:
+            self._container.close()
+        except Exception:  # the container may be half-initialised; the temporary file goes anyway
+            pass
+        if os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
