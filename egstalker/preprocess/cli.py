@@ -1,0 +1,61 @@
+"""`egstalker preprocess`: a thin layer over egstalker.preprocess.pipeline.preprocess."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "turn a video of a person speaking into a training dataset (audio, features, frames, face data)"
+
+TASK_NAMES = ("1 audio (aud.wav), 2 audio features (aud.npy), 3 frames (ori_imgs/N.jpg), 4 face parsing, "
+              "5 background, 6 torso and ground truth, 7 landmarks, 8 tracking and eye blink, "
+              "9 transforms and train/val split")
+
+EPILOG = """\
+audio features (--audio-features NAME, --audio-weights PATH):
+  oww         default: openwakeword's shipped speech embedding, 96-d per frame, no download
+  mel         80-band log-mel, [4, 80] per frame, no weights
+  wav2vec2    768-d hidden states of facebook/wav2vec2-base; --audio-weights DIR is a local model folder
+              (config.json + weights); without it the local Hugging Face cache is used (never downloaded:
+              run `huggingface-cli download facebook/wav2vec2-base` once on a machine with internet)
+  hubert      as wav2vec2, with facebook/hubert-base-ls960
+  deepspeech  import an existing DeepSpeech aud_ds.npy [N, 16, 29]: --audio-weights PATH/aud_ds.npy
+
+examples:
+  egstalker preprocess data/input.mp4                   # -> data/input/
+  egstalker preprocess data/input.mp4 --task 7 --force  # redo the landmarks only
+  egstalker preprocess talk.mp4 -o ds --audio-features wav2vec2 --audio-weights ~/models/wav2vec2-base
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("video", metavar="VIDEO", help="video of one person speaking, with its sound track")
+    parser.add_argument("-o", "--output", metavar="DATASET_DIR",
+                        help="dataset folder (default: VIDEO's path without its extension)")
+    parser.add_argument("--task", type=int, action="append", metavar="N", dest="tasks",
+                        help=f"run only task N (repeatable); tasks: {TASK_NAMES}")
+    parser.add_argument("--force", action="store_true", help="redo the selected tasks even when complete")
+    parser.add_argument("--audio-features", metavar="NAME",
+                        help="audio encoder: oww (default), mel, wav2vec2, hubert, deepspeech (see below); "
+                             "a re-run keeps the dataset's previous choice unless given")
+    parser.add_argument("--audio-weights", metavar="PATH",
+                        help="wav2vec2/hubert: local model folder; deepspeech: the aud_ds.npy to import")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from egstalker.preprocess.pipeline import default_output, load_or_default_config, preprocess
+
+    output = args.output or default_output(args.video)
+    config = load_or_default_config(output)
+    if args.audio_features is not None:
+        if args.audio_features != config.audio.encoder:
+            config.audio.weights = None  # the saved weights belong to the previous encoder
+        config.audio.encoder = args.audio_features
+    if args.audio_weights is not None:
+        config.audio.weights = args.audio_weights
+    dataset = preprocess(args.video, output, tasks=args.tasks, force=args.force, config=config,
+                         show_progress=not args.quiet)
+    print(f"dataset: {dataset}")
+    return 0

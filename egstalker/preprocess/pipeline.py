@@ -1,0 +1,265 @@
+"""The preprocessing runner: a video in, a dataset folder out (see egstalker.dataset.layout).
+
+    >>> from egstalker.preprocess.pipeline import preprocess
+    >>> dataset = preprocess("data/input.mp4")          # -> Path("data/input")
+
+Tasks run in order (1 audio, 2 audio features, 3 frames, 4-9 face tasks). Each writes into a hidden staging
+folder inside the dataset; when it returns, its files are moved into place (os.replace) and meta.json records
+it as complete, so nothing is half-written and a re-run resumes with the first incomplete task. The input is
+checked before anything is written; if the dataset folder is new and a task fails on bad input, the folder is
+removed again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable
+
+from egstalker.configs import atomic_write_text, load_config, save_config
+from egstalker.dataset.layout import DATASET_FORMAT_VERSION, DatasetLayout
+from egstalker.errors import EgstalkerError
+from egstalker.preprocess.audio_task import AUDIO_TASK, FEATURES_TASK
+from egstalker.preprocess.config import PreprocessConfig
+from egstalker.preprocess.frames_task import FRAMES_TASK
+from egstalker.preprocess.tasks import Task, TaskContext
+
+STAGING_PREFIX = ".staging-"
+FACE_TASKS_MODULE = "egstalker.preprocess.face_tasks"
+
+
+def all_tasks() -> list[Task]:
+    """Every available task, in order (the face tasks 4-9 when their module is installed)."""
+    tasks = [AUDIO_TASK, FEATURES_TASK, FRAMES_TASK]
+    try:
+        import importlib
+
+        face_tasks = importlib.import_module(FACE_TASKS_MODULE)
+    except ModuleNotFoundError as e:
+        if e.name != FACE_TASKS_MODULE:
+            raise
+    else:
+        tasks += list(face_tasks.TASKS)
+    return sorted(tasks, key=lambda task: task.number)
+
+
+def default_output(video: str | os.PathLike) -> Path:
+    """data/input.mp4 -> data/input (the seed's convention)."""
+    return Path(video).with_suffix("")
+
+
+def load_or_default_config(output: str | os.PathLike) -> PreprocessConfig:
+    """The dataset's saved preprocess_config.json (so a re-run resumes with the same choices), else defaults."""
+    path = DatasetLayout(output).preprocess_config
+    return load_config(PreprocessConfig, path) if path.exists() else PreprocessConfig()
+
+
+def read_meta(layout: DatasetLayout) -> dict:
+    """The dataset's meta.json, or {} when there is none yet."""
+    try:
+        return json.loads(layout.meta.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError:
+        raise EgstalkerError(f"{layout.meta} is damaged; delete the dataset folder {layout.root} and "
+                             "preprocess again") from None
+
+
+def write_meta(layout: DatasetLayout, meta: dict) -> None:
+    atomic_write_text(layout.meta, json.dumps(meta, indent=2) + "\n")
+
+
+def _video_meta(video: Path, config: PreprocessConfig) -> dict:
+    """Probe the video (no decoding) and check it is usable; the dataset's initial meta.json."""
+    from egstalker.media import count_output_frames, probe, video_timestamps
+
+    if not video.exists():
+        raise EgstalkerError(f"{video} does not exist; give the path of a video of the person speaking")
+    info = probe(video)  # raises for non-videos and videos without a video stream
+    if not info.has_audio:
+        raise EgstalkerError(f"{video} has no audio stream; the model is driven by speech, so give a video with "
+                             "its sound track (or mux one in)")
+    timestamps = video_timestamps(video)
+    fps = float(config.frames.fps)
+    n_frames = count_output_frames(timestamps, fps)
+    if n_frames / fps < config.frames.min_duration:
+        raise EgstalkerError(f"{video} is {n_frames / fps:.2f} s long; give at least "
+                             f"{config.frames.min_duration:g} s of video (a few minutes trains best)")
+    return {
+        "format_version": DATASET_FORMAT_VERSION,
+        "source_video": {"path": str(video.resolve()), "bytes": video.stat().st_size},
+        "fps": fps,
+        "n_frames": n_frames,
+        "width": info.width,
+        "height": info.height,
+        "source_fps": round(info.source_fps, 3),
+        "source_frames": int(len(timestamps)),
+        "video_start": float(timestamps[0]),
+        "duration": round(n_frames / fps, 3),
+        "tasks_complete": [],
+    }
+
+
+def _check_writable(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise EgstalkerError(f"output {output} exists and is not a folder; choose another -o DATASET_DIR")
+    ancestor = output
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise EgstalkerError(f"cannot create {output}: {ancestor} is a file; choose another -o DATASET_DIR")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise EgstalkerError(f"cannot write to {ancestor}; choose a writable -o DATASET_DIR")
+
+
+def _check_same_video(layout: DatasetLayout, old: dict, new: dict) -> None:
+    if not old:
+        return
+    if old.get("format_version") != DATASET_FORMAT_VERSION:
+        raise EgstalkerError(f"{layout.root} was written by another egstalker version (dataset format "
+                             f"{old.get('format_version')}, this one writes {DATASET_FORMAT_VERSION}); "
+                             "delete it or choose another -o DATASET_DIR")
+    keys = ("n_frames", "width", "height")
+    if any(old.get(k) != new[k] for k in keys) or \
+            old.get("source_video", {}).get("bytes") != new["source_video"]["bytes"]:
+        raise EgstalkerError(f"{layout.root} holds a dataset of another video "
+                             f"({old.get('source_video', {}).get('path')}); choose another -o DATASET_DIR "
+                             "or delete that folder")
+
+
+def _is_complete(task: Task, layout: DatasetLayout, meta: dict, config: PreprocessConfig) -> bool:
+    if task.number not in meta.get("tasks_complete", []):
+        return False
+    if task.number == FEATURES_TASK.number:  # another encoder asked for: recompute
+        recorded = meta.get("audio_encoder", {})
+        if recorded.get("name") != config.audio.encoder:
+            return False
+    return all(Path(p).exists() for p in task.outputs(layout, meta))
+
+
+def _move_into(staging: Path, target: Path) -> None:
+    """Move everything in `staging` into `target`, merging into existing sub-folders file by file."""
+    for entry in os.scandir(staging):
+        destination = target / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            if destination.is_dir():
+                _move_into(Path(entry.path), destination)
+            else:
+                os.replace(entry.path, destination)
+        else:
+            os.replace(entry.path, destination)
+
+
+def _remove_stale_staging(root: Path) -> None:
+    """Staging folders left by a killed run (never complete: their task re-runs)."""
+    for entry in root.glob(STAGING_PREFIX + "*"):
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _log(show: bool, message: str) -> None:
+    if show:
+        print(message, file=sys.stderr, flush=True)
+
+
+def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None,
+               tasks: Iterable[int] | None = None, force: bool = False,
+               config: PreprocessConfig | None = None, show_progress: bool = True) -> Path:
+    """Build (or complete) the dataset of `video` and return its folder.
+
+    Args:
+        video: the talking-person video (any container/codec FFmpeg reads, with audio).
+        output: dataset folder; default the video path without its extension.
+        tasks: task numbers to run (default all); earlier tasks must be complete or selected too.
+        force: re-run the selected tasks even when complete.
+        config: default: the dataset's saved preprocess_config.json, else PreprocessConfig().
+        show_progress: progress bars and one line per task on stderr.
+
+    Raises:
+        EgstalkerError: bad input (missing file, not a video, no audio, too short, unwritable output, no face).
+    """
+    from egstalker.audio import resolve_name
+
+    video = Path(video)
+    output = Path(output) if output is not None else default_output(video)
+    layout = DatasetLayout(output)
+    config = copy.deepcopy(config) if config is not None else load_or_default_config(output)
+    config.audio.encoder = resolve_name(config.audio.encoder)
+    if config.audio.encoder == "deepspeech" and (config.audio.weights is None
+                                                 or not Path(config.audio.weights).is_file()):
+        raise EgstalkerError("--audio-features deepspeech imports an existing file: pass its path with "
+                             "--audio-weights PATH/aud_ds.npy")
+    if config.audio.encoder in ("wav2vec2", "hubert") and config.audio.weights is not None \
+            and not Path(config.audio.weights).is_dir():
+        raise EgstalkerError(f"{config.audio.encoder} weights folder {config.audio.weights} does not exist; pass "
+                             "the folder holding config.json and the model weights")
+
+    # --- every check before anything is written
+    new_meta = _video_meta(video, config)
+    _check_writable(output)
+    available = all_tasks()
+    by_number = {task.number: task for task in available}
+    selected = sorted(set(tasks)) if tasks else sorted(by_number)
+    unknown = [n for n in selected if n not in by_number]
+    if unknown:
+        raise EgstalkerError(f"no task {unknown[0]}; tasks are {', '.join(map(str, sorted(by_number)))}")
+    old_meta = read_meta(layout) if output.is_dir() else {}
+    _check_same_video(layout, old_meta, new_meta)
+    meta = {**new_meta, **{k: v for k, v in old_meta.items() if k not in new_meta or k == "tasks_complete"}}
+    for number in selected:
+        missing = [n for n in by_number if n < number and n not in selected
+                   and not _is_complete(by_number[n], layout, meta, config)]
+        if missing:
+            raise EgstalkerError(f"task {number} needs task(s) {', '.join(map(str, missing))} first; run them "
+                                 f"too (--task {' --task '.join(map(str, missing + [number]))}) or all tasks")
+
+    created = not output.exists()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EgstalkerError(f"cannot create {output} ({e.strerror}); choose a writable -o DATASET_DIR") from None
+    try:
+        _remove_stale_staging(output)
+        save_config(config, layout.preprocess_config)
+        write_meta(layout, meta)
+        for number in selected:
+            task = by_number[number]
+            label = f"task {task.number}/{max(by_number)} {task.name}"
+            if not force and _is_complete(task, layout, meta, config):
+                _log(show_progress, f"{label}: already complete (--force to redo)")
+                continue
+            meta = _run_task(task, video, layout, meta, config, show_progress, label)
+    except EgstalkerError:
+        if created:  # bad input found by a task: leave no dataset behind
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    return output
+
+
+def _run_task(task: Task, video: Path, layout: DatasetLayout, meta: dict, config: PreprocessConfig,
+              show_progress: bool, label: str) -> dict:
+    """Run one task into a staging folder and move its outputs into place; returns the updated meta."""
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{task.number}-", dir=layout.root))
+    task_meta = copy.deepcopy(meta)
+    task_meta["tasks_complete"] = [n for n in meta.get("tasks_complete", []) if n != task.number]
+    _log(show_progress, f"{label} ...")
+    started = time.perf_counter()
+    try:
+        ctx = TaskContext(dataset=layout, staging=DatasetLayout(staging), config=config, meta=task_meta,
+                          video_path=str(video), show_progress=show_progress)
+        task.run(ctx)
+        _move_into(staging, layout.root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    task_meta["tasks_complete"] = sorted(set(task_meta["tasks_complete"]) | {task.number})
+    task_meta.setdefault("task_seconds", {})[str(task.number)] = round(seconds, 2)
+    write_meta(layout, task_meta)
+    _log(show_progress, f"{label}: done in {seconds:.1f} s")
+    return task_meta
+
