@@ -112,6 +112,7 @@ class TalkingHeadServer:
         app = web.Application(client_max_size=protocol.MAX_AUDIO_BYTES)
         app.router.add_get("/", self._index)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/favicon.ico", lambda request: web.Response(status=204))
         app.router.add_get(protocol.WS_PATH, self._websocket)
         app.router.add_static("/static", STATIC_DIR)
         app.on_startup.append(self._start)

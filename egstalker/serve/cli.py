@@ -1,0 +1,55 @@
+"""`egstalker serve MODEL_DIR`: the real-time server (see egstalker.serve.server)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+HELP = "stream a trained head in real time: a browser page at / and WebSocket sessions at /ws"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a model folder written by `egstalker train`")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; any other needs --token)")
+    parser.add_argument("--port", type=int, default=8010, help="TCP port (default 8010)")
+    parser.add_argument("--device", default="auto", help="torch device: auto (GPU when present), cpu, cuda, cuda:1")
+    parser.add_argument("--max-sessions", type=int, default=16, help="live sessions at once (default 16)")
+    parser.add_argument("--token", default=os.environ.get("EGSTALKER_TOKEN"),
+                        help="secret clients must send (default: $EGSTALKER_TOKEN); required off localhost")
+    parser.add_argument("--max-batch", type=int, default=32, help="frames per render call, across sessions")
+    parser.add_argument("--jpeg-quality", type=int, default=80, help="JPEG quality of streamed frames (default 80)")
+    parser.add_argument("--pose", choices=("loop", "static"), default="loop",
+                        help="head pose / torso source: ping-pong over training frames, or one frame")
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from egstalker.errors import EgstalkerError
+    from egstalker.serve.scheduler import ServeConfig
+    from egstalker.serve.server import check_bind, serve_forever
+
+    check_bind(args.host, args.token)  # before loading the model: fail fast
+    if args.max_sessions < 1 or args.max_batch < 1:
+        raise EgstalkerError("--max-sessions and --max-batch must be at least 1")
+    if not 1 <= args.jpeg_quality <= 100:
+        raise EgstalkerError("--jpeg-quality must be between 1 and 100")
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from egstalker.inference import TalkingHead
+
+    head = TalkingHead.from_dir(args.model_dir, device=device)
+    config = ServeConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, jpeg_quality=args.jpeg_quality,
+                         pose=args.pose)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve_forever(head, args.host, args.port, config, args.token, device))
+    except OSError as e:
+        raise EgstalkerError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); "
+                             "choose another --port or stop the program using it") from None
+    return 0

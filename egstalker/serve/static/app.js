@@ -1,0 +1,282 @@
+// egstalker live page: sends speech (a file paced in real time, or the microphone) as 16 kHz int16 PCM over a
+// WebSocket and plays back what the server returns. Every frame message carries the JPEG of one 40 ms frame and
+// the speech samples of that slot: the samples are scheduled on the WebAudio clock at base + index * 40 ms and
+// the frame is painted when its samples are heard, so audio and video stay in sync by construction.
+"use strict";
+
+const RATE = 16000;
+const FRAME_S = 0.04;
+const CHUNK = 320;               // 20 ms of speech per message
+const PLAYOUT_BUFFER_S = 0.12;   // start-up jitter buffer
+const HEADER = 16;               // "EGF1", index, pcm samples, jpeg bytes (uint32 little-endian)
+
+const $ = (id) => document.getElementById(id);
+const stats = {
+  state: "idle", framesReceived: 0, framesPainted: 0, lastIndex: -1, stalls: 0, error: null,
+  latencyMs: null, paintedFps: 0, lookaheadMs: null,
+};
+window.egsStats = stats;  // read by the browser test
+
+let ws = null, playCtx = null, gain = null, base = null, queue = [], sendTimer = null;
+let micCtx = null, micStream = null, sentLog = [], samplesSent = 0, latencies = [], paintTimes = [];
+let tokenRequired = false;
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+async function loadHealth() {
+  try {
+    const h = await (await fetch("/health")).json();
+    tokenRequired = h.token_required;
+    $("token-row").hidden = !tokenRequired;
+    $("server").textContent = `${h.width}x${h.height} at ${h.fps} fps on ${h.device} - ` +
+      `${h.sessions}/${h.capacity} sessions in use - look-ahead ${h.lookahead_ms} ms`;
+  } catch (e) {
+    $("server").textContent = "the server does not answer /health";
+  }
+}
+
+function wsUrl() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}/ws`;
+}
+
+function setRunning(running) {
+  $("stop").disabled = !running;
+  $("mic").disabled = running;
+  $("play").disabled = running || !$("file").files.length;
+}
+
+// ---------------------------------------------------------------- session
+function openSession(onReady) {
+  playCtx = new AudioContext();
+  playCtx.resume();
+  gain = playCtx.createGain();
+  gain.gain.value = $("mute").checked ? 0 : 1;
+  gain.connect(playCtx.destination);
+  base = null; queue = []; sentLog = []; samplesSent = 0; latencies = []; paintTimes = [];
+  Object.assign(stats, { state: "connecting", framesReceived: 0, framesPainted: 0, lastIndex: -1, stalls: 0,
+                         error: null, latencyMs: null });
+  ws = new WebSocket(wsUrl());
+  ws.binaryType = "arraybuffer";
+  ws.onopen = () => {
+    const start = { type: "start" };
+    const token = $("token").value || new URLSearchParams(location.search).get("token");
+    if (token) start.token = token;
+    ws.send(JSON.stringify(start));
+  };
+  ws.onmessage = (event) => {
+    if (typeof event.data !== "string") { onFrame(event.data); return; }
+    const msg = JSON.parse(event.data);
+    if (msg.type === "ready") {
+      const canvas = $("stage");
+      canvas.width = msg.width; canvas.height = msg.height;
+      stats.lookaheadMs = msg.lookahead_ms;
+      stats.state = "streaming";
+      setStatus(`streaming (session ${msg.session}, model look-ahead ${msg.lookahead_ms} ms)`);
+      onReady();
+    } else if (msg.type === "done") {
+      stats.state = "done";
+      setStatus(`done: ${msg.frames} frames`);
+    } else if (msg.type === "error") {
+      stats.error = msg.message; stats.state = "error";
+      setStatus(`server: ${msg.message}`, true);
+    }
+  };
+  ws.onclose = () => {
+    if (stats.state === "streaming" || stats.state === "connecting") {
+      stats.state = "closed";
+      setStatus("the connection closed", !stats.error);
+    }
+    stopSending();
+    setRunning(false);
+  };
+  setRunning(true);
+}
+
+function sendSpeech(samples) {
+  // samples: Float32Array at 16 kHz
+  if (!ws || ws.readyState !== WebSocket.OPEN) return;
+  const pcm = new Int16Array(samples.length);
+  for (let i = 0; i < samples.length; i++) {
+    const s = Math.max(-1, Math.min(1, samples[i]));
+    pcm[i] = s < 0 ? s * 32768 : s * 32767;
+  }
+  ws.send(pcm.buffer);
+  samplesSent += samples.length;
+  sentLog.push([samplesSent, performance.now()]);
+  if (sentLog.length > 2000) sentLog.splice(0, 1000);
+}
+
+function endSpeech() {
+  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "end" }));
+}
+
+function stopSending() {
+  if (sendTimer) { clearInterval(sendTimer); sendTimer = null; }
+  if (micStream) { micStream.getTracks().forEach((t) => t.stop()); micStream = null; }
+  if (micCtx) { micCtx.close(); micCtx = null; }
+}
+
+function stopAll() {
+  stopSending();
+  if (ws) ws.close();
+  stats.state = "stopped";
+  setStatus("stopped");
+  setRunning(false);
+}
+
+// ---------------------------------------------------------------- receiving
+function onFrame(buffer) {
+  const view = new DataView(buffer);
+  if (buffer.byteLength < HEADER || String.fromCharCode(...new Uint8Array(buffer, 0, 4)) !== "EGF1") return;
+  const index = view.getUint32(4, true), nPcm = view.getUint32(8, true), nJpeg = view.getUint32(12, true);
+  const pcm = new Int16Array(buffer, HEADER, nPcm);
+  const jpeg = new Uint8Array(buffer, HEADER + 2 * nPcm, nJpeg);
+  stats.framesReceived++; stats.lastIndex = index;
+  trackLatency(index);
+
+  const now = playCtx.currentTime;
+  if (base === null) base = now + PLAYOUT_BUFFER_S - index * FRAME_S;
+  let playAt = base + index * FRAME_S;
+  if (playAt < now + 0.005) {  // late: shift the whole timeline (a short gap) rather than drop speech
+    base += now + 0.02 - playAt; playAt = base + index * FRAME_S; stats.stalls++;
+  }
+  const audio = playCtx.createBuffer(1, nPcm, RATE);
+  const channel = audio.getChannelData(0);
+  for (let i = 0; i < nPcm; i++) channel[i] = pcm[i] / 32768;
+  const source = playCtx.createBufferSource();
+  source.buffer = audio;
+  source.connect(gain);
+  source.start(playAt);
+  createImageBitmap(new Blob([jpeg], { type: "image/jpeg" })).then((bitmap) => {
+    let at = queue.length;  // decodes can finish out of order: keep the queue sorted by index
+    while (at > 0 && queue[at - 1].index > index) at--;
+    queue.splice(at, 0, { index, playAt, bitmap });
+  });
+}
+
+function trackLatency(index) {
+  // time since the last sample of this frame's 40 ms slot was sent (includes the model's look-ahead)
+  const need = (index + 1) * 640;
+  const entry = sentLog.find(([count]) => count >= need);
+  if (!entry) return;
+  latencies.push(performance.now() - entry[1]);
+  if (latencies.length > 50) latencies.shift();
+  const sorted = [...latencies].sort((a, b) => a - b);
+  stats.latencyMs = Math.round(sorted[Math.floor(sorted.length / 2)]);
+}
+
+function paint() {
+  requestAnimationFrame(paint);
+  if (!playCtx || queue.length === 0) return;
+  const heard = playCtx.currentTime - (playCtx.outputLatency || 0);
+  let show = null;
+  while (queue.length && queue[0].playAt <= heard) {
+    if (show) show.bitmap.close();
+    show = queue.shift();
+  }
+  if (!show) return;
+  $("stage").getContext("2d").drawImage(show.bitmap, 0, 0);
+  show.bitmap.close();
+  stats.framesPainted++;
+  const t = performance.now();
+  paintTimes.push(t);
+  while (paintTimes.length && paintTimes[0] < t - 1000) paintTimes.shift();
+  stats.paintedFps = paintTimes.length;
+  $("stats").textContent =
+    `frame ${show.index}   received ${stats.framesReceived}   painted ${stats.framesPainted}   ` +
+    `${stats.paintedFps} fps\nlatency ${stats.latencyMs ?? "-"} ms (look-ahead ${stats.lookaheadMs} ms)   ` +
+    `stalls ${stats.stalls}`;
+}
+requestAnimationFrame(paint);
+
+// ---------------------------------------------------------------- sources
+async function decodeTo16k(file) {
+  const data = await file.arrayBuffer();
+  const decoded = await playCtx.decodeAudioData(data);
+  const offline = new OfflineAudioContext(1, Math.ceil(decoded.duration * RATE), RATE);
+  const source = offline.createBufferSource();
+  source.buffer = decoded;
+  source.connect(offline.destination);
+  source.start();
+  return (await offline.startRendering()).getChannelData(0);
+}
+
+async function playFile() {
+  const file = $("file").files[0];
+  if (!file) return;
+  openSession(async () => {
+    let samples;
+    try {
+      samples = await decodeTo16k(file);
+    } catch (e) {
+      setStatus(`cannot decode ${file.name}: ${e.message || e}`, true);
+      stopAll();
+      return;
+    }
+    const t0 = performance.now();
+    let sent = 0;
+    sendTimer = setInterval(() => {  // real-time pacing from a wall clock (timers drift; this does not)
+      const due = Math.min(samples.length, Math.floor((performance.now() - t0) / 1000 * RATE));
+      while (sent + CHUNK <= due || (sent < due && due === samples.length)) {
+        const end = Math.min(sent + CHUNK, samples.length);
+        sendSpeech(samples.subarray(sent, end));
+        sent = end;
+      }
+      if (sent >= samples.length) { clearInterval(sendTimer); sendTimer = null; endSpeech(); }
+    }, 10);
+  });
+}
+
+async function useMicrophone() {
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({
+      audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true },
+    });
+  } catch (e) {
+    setStatus(`no microphone: ${e.message || e}`, true);
+    return;
+  }
+  openSession(async () => {
+    micStream = stream;
+    micCtx = new AudioContext({ sampleRate: RATE });  // the browser resamples the microphone to 16 kHz
+    await micCtx.audioWorklet.addModule("/static/mic-worklet.js");
+    const node = new AudioWorkletNode(micCtx, "pcm-capture");
+    const ratio = micCtx.sampleRate / RATE;  // 1 where the browser honours the rate; else resample here
+    let pending = new Float32Array(0), phase = 0;
+    node.port.onmessage = (event) => {
+      let block = event.data;
+      if (ratio !== 1) {
+        const out = [];
+        for (; phase < block.length - 1; phase += ratio) {
+          const i = Math.floor(phase), f = phase - i;
+          out.push(block[i] * (1 - f) + block[i + 1] * f);
+        }
+        phase -= block.length;
+        block = Float32Array.from(out);
+      }
+      const joined = new Float32Array(pending.length + block.length);
+      joined.set(pending); joined.set(block, pending.length);
+      let at = 0;
+      for (; at + CHUNK <= joined.length; at += CHUNK) sendSpeech(joined.subarray(at, at + CHUNK));
+      pending = joined.slice(at);
+    };
+    micCtx.createMediaStreamSource(stream).connect(node);
+    const sink = micCtx.createGain();  // keeps the worklet pulled by the graph, silently
+    sink.gain.value = 0;
+    node.connect(sink).connect(micCtx.destination);
+    setStatus("listening: speak, and the head speaks with you");
+  });
+}
+
+$("file").addEventListener("change", () => setRunning(ws !== null && ws.readyState === WebSocket.OPEN));
+$("play").addEventListener("click", playFile);
+$("mic").addEventListener("click", useMicrophone);
+$("stop").addEventListener("click", stopAll);
+$("mute").addEventListener("change", () => { if (gain) gain.gain.value = $("mute").checked ? 0 : 1; });
+loadHealth();
+setInterval(loadHealth, 5000);
