@@ -98,12 +98,19 @@ def _video_meta(video: Path, config: PreprocessConfig) -> dict:
         "n_frames": n_frames,
         "width": info.width,
         "height": info.height,
-        "source_fps": round(info.source_fps, 3),
+        "source_fps": _measured_fps(timestamps, info.source_fps),
         "source_frames": int(len(timestamps)),
         "video_start": float(timestamps[0]),
         "duration": round(n_frames / fps, 3),
         "tasks_complete": [],
     }
+
+
+def _measured_fps(timestamps, fallback: float) -> float:
+    """Frames per second from the frame timestamps (the container's average rate can be off after edits)."""
+    if len(timestamps) < 2 or timestamps[-1] <= timestamps[0]:
+        return round(float(fallback), 3)
+    return round(float((len(timestamps) - 1) / (timestamps[-1] - timestamps[0])), 3)
 
 
 def _check_writable(output: Path) -> None:
@@ -141,6 +148,16 @@ def _is_complete(task: Task, layout: DatasetLayout, meta: dict, config: Preproce
         if recorded.get("name") != config.audio.encoder:
             return False
     return all(Path(p).exists() for p in task.outputs(layout, meta))
+
+
+def _requirements(number: int, by_number: dict[int, Task]) -> set[int]:
+    """Tasks whose outputs task `number` reads: the audio chain (1 -> 2) and the frames chain (3 -> 4 ... 9)
+    are independent; a face task needs the frames and every face task before it."""
+    if number == AUDIO_TASK.number or number == FRAMES_TASK.number:
+        return set()
+    if number == FEATURES_TASK.number:
+        return {AUDIO_TASK.number}
+    return {n for n in by_number if FRAMES_TASK.number <= n < number}
 
 
 def _move_into(staging: Path, target: Path) -> None:
@@ -212,7 +229,7 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
     _check_same_video(layout, old_meta, new_meta)
     meta = {**new_meta, **{k: v for k, v in old_meta.items() if k not in new_meta or k == "tasks_complete"}}
     for number in selected:
-        missing = [n for n in by_number if n < number and n not in selected
+        missing = [n for n in sorted(_requirements(number, by_number)) if n not in selected
                    and not _is_complete(by_number[n], layout, meta, config)]
         if missing:
             raise EgstalkerError(f"task {number} needs task(s) {', '.join(map(str, missing))} first; run them "
