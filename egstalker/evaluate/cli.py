@@ -1,0 +1,45 @@
+"""`egstalker eval MODEL_DIR`: self-reenactment metrics on the held-out frames (and an HTML report)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "score a model on its held-out frames: PSNR, SSIM, LPIPS, mouth LMD and correlation, frames/s"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="model folder written by `egstalker train`")
+    parser.add_argument("--split", choices=["val", "train"], default="val",
+                        help="'val': the held-out last 1/11 of the clip (default); 'train': the training frames")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (keys psnr, ssim, lpips, lmd, "
+                                                            "mouth_corr, fps, ...) and nothing else on stdout")
+    parser.add_argument("--report", metavar="DIR", help="write an HTML report (index.html, frames, video) to DIR")
+    parser.add_argument("--max-frames", type=int, default=None, help="evaluate only the first N frames")
+    parser.add_argument("--lpips-net", choices=["alexnet", "vgg16"], default="alexnet",
+                        help="LPIPS backbone (default alexnet, what papers usually report)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--batch-size", type=int, default=8, help="frames per model call (default 8)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from egstalker.evaluate.evaluate import evaluate
+    from egstalker.inference import TalkingHead
+    from egstalker.render.cli import default_device
+
+    head = TalkingHead.from_dir(args.model_dir, device=args.device or default_device())
+    result = evaluate(head, split=args.split, max_frames=args.max_frames, batch_size=args.batch_size,
+                      lpips_net=args.lpips_net, report_dir=args.report, show_progress=not args.json)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    r = result
+    print(f"{args.model_dir} on {r.n_frames} {r.split} frames ({r.width}x{r.height}, {r.device}):")
+    print(f"  PSNR {r.psnr:.2f} dB   SSIM {r.ssim:.4f}   LPIPS-{r.lpips_net} {r.lpips:.4f}")
+    print(f"  LMD {r.lmd:.4f} of eye distance ({r.lmd_px:.2f} px)   mouth-opening corr {r.mouth_corr:.3f} "
+          f"({r.mouth_frames} frames with faces)")
+    print(f"  model speed {r.fps:.1f} frames/s")
+    if args.report:
+        print(f"  report: {args.report}/index.html", file=sys.stdout)
+    return 0

@@ -1,0 +1,164 @@
+"""The whole pipeline in one call: a video of a person speaking + new speech -> a talking-head video.
+
+    preprocess VIDEO -> DATASET  ->  train DATASET -> MODEL  ->  render MODEL + SPEECH -> OUT.mp4
+
+Each stage is the stage's own Python API (no subprocesses) and each is reused when already finished: the
+preprocessor skips complete tasks, training is skipped when the model folder holds a finished run of the asked
+length (and resumed from its last checkpoint when interrupted), rendering is skipped when OUT.mp4 is newer than
+the model and the speech file.
+
+Example:
+    >>> result = run_pipeline("data/lieu.mp4", "speech.wav", device="cuda")
+    >>> print(result.summary())
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from egstalker.errors import EgstalkerError
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    dataset: Path
+    model: Path
+    output: Path
+
+    @staticmethod
+    def defaults(video: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike | None = None,
+                 dataset: str | os.PathLike | None = None, model: str | os.PathLike | None = None) -> "RunPaths":
+        """data/lieu.mp4 + speech.wav -> data/lieu (dataset, as `egstalker preprocess` names it),
+        data/lieu_model (model), data/lieu_speech.mp4 (video)."""
+        video = Path(video)
+        dataset_dir = Path(dataset) if dataset else video.with_suffix("")
+        model_dir = Path(model) if model else dataset_dir.with_name(dataset_dir.name + "_model")
+        out = Path(output) if output else video.with_name(f"{video.stem}_{Path(audio).stem}.mp4")
+        if out.resolve() == video.resolve():
+            raise EgstalkerError(f"the output {out} would overwrite the input video; choose another -o")
+        return RunPaths(dataset=dataset_dir, model=model_dir, output=out)
+
+
+@dataclass
+class StageReport:
+    name: str
+    status: str
+    """'done' (ran now) or 'reused' (already finished)."""
+    seconds: float
+    detail: str = ""
+
+
+@dataclass
+class RunResult:
+    paths: RunPaths
+    stages: list[StageReport] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = ["egstalker run finished:"]
+        for s in self.stages:
+            took = f"{s.seconds:.0f} s" if s.status == "done" else "reused"
+            lines.append(f"  {s.name:<10} {took:>8}  {s.detail}")
+        lines.append(f"  dataset    {self.paths.dataset}")
+        lines.append(f"  model      {self.paths.model}")
+        lines.append(f"  video      {self.paths.output}")
+        return "\n".join(lines)
+
+
+def _finished_model_steps(model_dir: Path) -> int | None:
+    """The step of the model folder's latest written model, or None when there is none yet."""
+    if not (model_dir / "model.json").exists():
+        return None
+    from egstalker.model.folder import read_model_info
+
+    return read_model_info(model_dir).step
+
+
+def _stage_banner(show: bool, number: int, name: str, what: str) -> None:
+    if show:
+        print(f"[{number}/3] {name}: {what}", file=sys.stderr, flush=True)
+
+
+def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike | None = None,
+                 dataset_dir: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None,
+                 iterations: int | None = None, resolution: int | None = None, device: str = "cpu",
+                 pose: str = "loop", show_progress: bool = True,
+                 log: Callable[[str], None] | None = None) -> RunResult:
+    """Preprocess `video`, train a head on it and render `audio` with it; reuse whatever is already finished.
+
+    Args:
+        video: a few minutes of one person speaking to the camera (with sound).
+        audio: the new speech to lip-sync (any common audio file).
+        output: the mp4 to write (default: beside the video, <video>_<audio>.mp4).
+        dataset_dir, model_dir: where the stages write (defaults: <video without extension>, <that>_model).
+        iterations, resolution: training overrides (default: the training config's).
+        device: torch device for training and rendering.
+        pose: head pose mode of the render ('loop', 'static', 'dataset').
+    """
+    from egstalker.render.api import load_speech
+
+    paths = RunPaths.defaults(video, audio, output, dataset_dir, model_dir)
+    load_speech(audio)  # refuse unreadable or silent speech before hours of work
+    result = RunResult(paths)
+
+    # 1. preprocess (resumes by itself: complete tasks are skipped)
+    from egstalker.preprocess.pipeline import preprocess, read_meta
+    from egstalker.dataset.layout import DatasetLayout
+
+    _stage_banner(show_progress, 1, "preprocess", f"{video} -> {paths.dataset}")
+    before = set(read_meta(DatasetLayout(paths.dataset)).get("tasks_complete", [])) if paths.dataset.is_dir() else set()
+    t0 = time.perf_counter()
+    preprocess(video, paths.dataset, show_progress=show_progress)
+    after = set(read_meta(DatasetLayout(paths.dataset)).get("tasks_complete", []))
+    result.stages.append(StageReport("preprocess", "reused" if after and after == before else "done",
+                                     time.perf_counter() - t0, f"{len(after)} tasks complete"))
+
+    # 2. train (skipped when finished, resumed when interrupted)
+    from egstalker.train.config import TrainConfig
+    from egstalker.train.trainer import train
+
+    config = TrainConfig()
+    if iterations is not None:
+        config.schedule.iterations = iterations
+    if resolution is not None:
+        config.data.resolution = resolution
+    target = config.schedule.iterations
+    done_steps = _finished_model_steps(paths.model)
+    has_checkpoint = (paths.model / "checkpoints").is_dir() and any((paths.model / "checkpoints").glob("step_*.pt"))
+    if done_steps is not None and done_steps >= target and has_checkpoint:
+        _stage_banner(show_progress, 2, "train", f"{paths.model} already trained ({done_steps} iterations)")
+        result.stages.append(StageReport("train", "reused", 0.0, f"{done_steps} iterations"))
+    else:
+        what = f"resuming {paths.model}" if has_checkpoint else f"{paths.dataset} -> {paths.model}"
+        _stage_banner(show_progress, 2, "train", f"{what} ({target} iterations on {device})")
+        t0 = time.perf_counter()
+        trained = train(paths.dataset, paths.model, config, device=device, resume=has_checkpoint,
+                        show_progress=show_progress)
+        psnr = f", held-out PSNR {trained.val_psnr:.2f} dB" if trained.val_psnr is not None else ""
+        result.stages.append(StageReport("train", "done", time.perf_counter() - t0,
+                                         f"{trained.steps} iterations, {trained.n_gaussians} Gaussians{psnr}"))
+
+    # 3. render (skipped when the video is newer than the model and the speech)
+    from egstalker.inference import TalkingHead
+    from egstalker.render.api import render_to_file
+
+    weights = paths.model / "model.pt"
+    out = paths.output
+    fresh = (out.exists() and weights.exists() and out.stat().st_mtime > weights.stat().st_mtime
+             and out.stat().st_mtime > Path(audio).stat().st_mtime)
+    if fresh:
+        _stage_banner(show_progress, 3, "render", f"{out} is up to date")
+        result.stages.append(StageReport("render", "reused", 0.0, str(out)))
+    else:
+        _stage_banner(show_progress, 3, "render", f"{audio} -> {out}")
+        t0 = time.perf_counter()
+        head = TalkingHead.from_dir(paths.model, device=device)
+        rendered = render_to_file(head, audio, out, pose=pose, show_progress=show_progress)
+        result.stages.append(StageReport("render", "done", time.perf_counter() - t0,
+                                         f"{rendered.n_frames} frames, {rendered.audio_seconds:.1f} s of speech, "
+                                         f"{rendered.fps:.1f} frames/s"))
+    return result

@@ -1,0 +1,46 @@
+"""`egstalker run VIDEO --audio SPEECH`: preprocess, train and render in one command (finished stages are reused)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "the whole pipeline: film of a person speaking + new speech -> lip-synced video (reuses finished stages)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("video", metavar="VIDEO", help="a few minutes of one person speaking to the camera, "
+                                                       "with sound")
+    parser.add_argument("--audio", required=True, metavar="SPEECH", help="new speech to lip-sync (any audio file)")
+    parser.add_argument("-o", "--output", metavar="OUT.mp4",
+                        help="output video (default: beside VIDEO, <video>_<speech>.mp4)")
+    parser.add_argument("--dataset", metavar="DIR", help="dataset folder (default: VIDEO without its extension)")
+    parser.add_argument("--model", metavar="DIR", help="model folder (default: <dataset>_model)")
+    parser.add_argument("--iterations", type=int, default=None, help="training iterations (default: the "
+                                                                     "training config's)")
+    parser.add_argument("--resolution", type=int, default=None, metavar="PX",
+                        help="train and render at this size of the longer side (default: the video's)")
+    parser.add_argument("--pose", choices=["loop", "static", "dataset"], default="loop",
+                        help="head pose of the render (default loop)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def run(args: argparse.Namespace) -> int:
+    from egstalker.errors import EgstalkerError
+    from egstalker.pipeline_run import run_pipeline
+    from egstalker.render.cli import default_device
+
+    device = args.device or default_device()
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise EgstalkerError("--device cuda was asked for but this PyTorch sees no CUDA GPU; use --device cpu")
+    elif args.resolution is None and args.device is None:
+        print("egstalker run: no GPU found; everything runs on the CPU (slow: consider --resolution 128 "
+              "--iterations 2000)")
+    result = run_pipeline(args.video, args.audio, args.output, dataset_dir=args.dataset, model_dir=args.model,
+                          iterations=args.iterations, resolution=args.resolution, device=device, pose=args.pose,
+                          show_progress=not args.quiet)
+    print(result.summary())
+    return 0
