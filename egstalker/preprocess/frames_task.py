@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from egstalker.dataset.layout import DatasetLayout
-from egstalker.errors import EgstalkerError
 from egstalker.preprocess.tasks import Task, TaskContext
 
 
@@ -51,8 +50,6 @@ def extract_frames(ctx: TaskContext) -> None:
         while pending:
             bytes_written += pending.popleft().result()
             bar.update()
-    if n_frames == 0:
-        raise EgstalkerError(f"{ctx.video_path} has no video frames")
     shown = np.unique(source_times)
     ctx.meta["sync"] = {
         "source_fps": ctx.meta.get("source_fps"),
