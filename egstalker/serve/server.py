@@ -105,6 +105,8 @@ class TalkingHeadServer:
         self._render_log: collections.deque = collections.deque(maxlen=2000)
         """(finish time, batch size, render seconds) of recent render calls."""
         self.frames_rendered = 0
+        self.shared_batches = 0
+        """Render calls that carried frames of more than one session."""
         self.sessions_served = 0
 
     # ---------------------------------------------------------------- app
@@ -112,7 +114,7 @@ class TalkingHeadServer:
         app = web.Application(client_max_size=protocol.MAX_AUDIO_BYTES)
         app.router.add_get("/", self._index)
         app.router.add_get("/health", self._health)
-        app.router.add_get("/favicon.ico", lambda request: web.Response(status=204))
+        app.router.add_get("/favicon.ico", self._no_content)
         app.router.add_get(protocol.WS_PATH, self._websocket)
         app.router.add_static("/static", STATIC_DIR)
         app.on_startup.append(self._start)
@@ -122,8 +124,7 @@ class TalkingHeadServer:
 
     async def _start(self, app) -> None:
         self._deliveries = asyncio.Queue(maxsize=3)
-        app["render_task"] = asyncio.create_task(self._render_loop())
-        app["deliver_task"] = asyncio.create_task(self._deliver_loop())
+        self._tasks = [asyncio.create_task(self._render_loop()), asyncio.create_task(self._deliver_loop())]
 
     async def _shutdown(self, app) -> None:
         for conn in list(self.connections.values()):
@@ -131,12 +132,15 @@ class TalkingHeadServer:
                 await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
     async def _cleanup(self, app) -> None:
-        for key in ("render_task", "deliver_task"):
-            app[key].cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await app[key]
+                await task
         for pool in (self._render_pool, self._encode_pool, self._jpeg_pool):
             pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _no_content(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)
 
     async def _index(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
@@ -159,6 +163,7 @@ class TalkingHeadServer:
             "mean_batch": round(frames / len(recent), 2) if recent else 0.0,
             "mean_render_ms_per_call": round(1000 * sum(s for *_, s in recent) / len(recent), 2) if recent else 0.0,
             "frames_rendered": self.frames_rendered,
+            "shared_batches": self.shared_batches,
             "sessions_served": self.sessions_served,
             "token_required": self.token is not None,
             "config": asdict(self.config),
@@ -182,7 +187,9 @@ class TalkingHeadServer:
         if not self._origin_allowed(request):
             raise web.HTTPForbidden(text="cross-origin session refused; open the page served by this server, "
                                          "or start the server with --token\n")
-        ws = web.WebSocketResponse(max_msg_size=protocol.MAX_AUDIO_BYTES, heartbeat=20.0)
+        # Messages up to 4x the limit are read and refused with a message; beyond that aiohttp drops the
+        # connection (close code 1009) without buffering them.
+        ws = web.WebSocketResponse(max_msg_size=4 * protocol.MAX_AUDIO_BYTES, heartbeat=20.0)
         await ws.prepare(request)
         if len(self.connections) + self.reserved >= self.config.max_sessions:
             await _refuse(ws, f"server full: all {self.config.max_sessions} sessions are in use; try again later",
@@ -345,6 +352,7 @@ class TalkingHeadServer:
             finished = time.monotonic()
             self._render_log.append((finished, len(picks), finished - started))
             self.frames_rendered += len(picks)
+            self.shared_batches += len({s.id for s in batch.sessions}) > 1
             jpegs = [loop.run_in_executor(self._jpeg_pool, _frame_message, int(frame), pcm, image,
                                           self.config.jpeg_quality)
                      for frame, pcm, image in zip(batch.frames, batch.pcm, images)]
