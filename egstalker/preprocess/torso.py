@@ -1,0 +1,76 @@
+"""Ground-truth and torso images (task 6), as the ER-NeRF / GaussianTalker family uses them.
+
+- gt_imgs/N.jpg: the frame with its background pixels replaced by bc.jpg (the model renders over bc).
+- torso_imgs/N.png: RGBA. Colour = the frame with the head replaced by the background, and the neck extended
+  upwards under the jaw (the top neck colours continued a few pixels into the head, slightly darkened) so a
+  rendered head composited on it never shows a gap; alpha = neck + torso + that extension, 0 elsewhere
+  (colour 0 there too, which keeps the PNG small).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from egstalker.preprocess.parsing import BACKGROUND, HEAD, NECK, TORSO
+
+
+def ground_truth_image(frame: np.ndarray, labels: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """[H, W, 3]: frame with background pixels from `background` (same channel order as frame)."""
+    out = frame.copy()
+    bg = labels == BACKGROUND
+    out[bg] = background[bg]
+    return out
+
+
+def extend_upwards(region: np.ndarray, into: np.ndarray, length: int) -> np.ndarray:
+    """Pixels of `into` reached by going up at most `length` px from the top pixel of `region` in each column.
+
+    Only columns whose top `region` pixel sits right under an `into` pixel are extended. Returns [H, W] bool.
+    """
+    height, width = region.shape
+    has = region.any(0)
+    top = np.where(has, region.argmax(0), height)  # first region row per column
+    columns = np.flatnonzero(has & (top > 0))
+    out = np.zeros_like(region)
+    if len(columns) == 0:
+        return out
+    top_rows = top[columns]
+    columns = columns[into[top_rows - 1, columns]]
+    top_rows = top[columns]
+    for step in range(1, length + 1):
+        rows = top_rows - step
+        ok = rows >= 0
+        ok[ok] &= into[rows[ok], columns[ok]]
+        top_rows, columns = top_rows[ok], columns[ok]
+        out[rows[ok], columns] = True
+    return out
+
+
+def torso_image(gt: np.ndarray, labels: np.ndarray, background: np.ndarray, extension: int) -> np.ndarray:
+    """[H, W, 4] uint8 torso image (channel order of `gt`, alpha last), see the module docstring.
+
+    Args:
+        extension: how far (px) the neck continues under the head, e.g. 15 % of the face height.
+    """
+    neck = labels == NECK
+    torso = labels == TORSO
+    head = labels == HEAD
+    colour = gt.copy()
+    colour[head] = background[head]
+    # continue the neck (or, without a neck, the torso) under the head, in its own colour
+    base = neck if neck.any() else torso
+    grown = extend_upwards(base, head, extension)
+    if grown.any():
+        height = gt.shape[0]
+        has = base.any(0)
+        top = np.where(has, base.argmax(0), height - 1)
+        ys, xs = np.nonzero(grown)
+        source_rows = np.minimum(top[xs] + 2, height - 1)  # a little inside, away from the jaw's shadow edge
+        darken = 0.985 ** (top[xs] - ys)
+        colour[ys, xs] = (gt[source_rows, xs].astype(np.float32) * darken[:, None]).astype(np.uint8)
+        blurred = cv2.GaussianBlur(colour, (5, 5), 0)
+        colour[grown] = blurred[grown]
+    alpha = neck | torso | grown
+    colour[~alpha] = 0
+    return np.dstack([colour, alpha.astype(np.uint8) * 255])

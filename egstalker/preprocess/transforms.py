@@ -1,0 +1,97 @@
+"""transforms_train.json / transforms_val.json (task 9) and the audio split aud_train.npy / aud_novel.npy.
+
+Fields (the ER-NeRF / GaussianTalker names where they overlap; camera convention in tracking.py):
+
+    focal_len           focal length in pixels (fl_x = fl_y = focal_len)
+    fl_x, fl_y          the same, for readers that want them
+    cx, cy              principal point in pixels (the image centre)
+    w, h                image width and height in pixels
+    camera_angle_x      horizontal field of view in radians
+    units               "cm" (canonical head frame of MediaPipe's face model)
+    frames              one entry per frame of the split:
+        img_id          frame index: ori_imgs/{img_id}.jpg, parsing/{img_id}.png, torso_imgs/{img_id}.png, ...
+        aud_id          row of aud.npy (= img_id)
+        transform_matrix 4x4 camera-to-world, world = canonical head frame, camera axes OpenGL/NeRF
+                         (x right, y up, z back); the camera orbits a fixed head
+        face_box        [x0, y0, x1, y1] pixels, bounding box of the 68 landmarks
+        lips_box        [x0, y0, x1, y1] pixels, square box around the outer lips (landmarks 48-59)
+        eye_blink       AU45_r / 2 clipped to [0, 1] (the value peers feed the model)
+
+Split: the first int(N * 10 / 11) frames train, the rest validate (the peers' rule; `val_fraction` generalises
+it). aud_train.npy / aud_novel.npy hold the rows of aud.npy of each split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from egstalker.configs import atomic_write_text
+from egstalker.dataset.layout import DatasetLayout
+
+
+def split_index(n_frames: int, val_fraction: float) -> int:
+    """Number of training frames: int(N * (1 - val_fraction)), at least 1, leaving at least 1 for validation."""
+    n_train = int(n_frames * (1.0 - val_fraction) + 1e-9)
+    return min(max(n_train, 1), n_frames - 1)
+
+
+def camera_to_world(rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:
+    """[N, 4, 4] c2w from head poses (X_camera = R X_world + t)."""
+    n = len(rotation)
+    c2w = np.tile(np.eye(4, dtype=np.float64), (n, 1, 1))
+    rt = np.transpose(rotation, (0, 2, 1)).astype(np.float64)
+    c2w[:, :3, :3] = rt
+    c2w[:, :3, 3] = -np.einsum("nij,nj->ni", rt, translation.astype(np.float64))
+    return c2w
+
+
+def _box(points: np.ndarray) -> list[float]:
+    x0, y0 = points.min(0)
+    x1, y1 = points.max(0)
+    return [round(float(x0), 2), round(float(y0), 2), round(float(x1), 2), round(float(y1), 2)]
+
+
+def _square_box(points: np.ndarray, width: int, height: int) -> list[float]:
+    centre = (points.min(0) + points.max(0)) / 2
+    half = max(float(np.ptp(points[:, 0])), float(np.ptp(points[:, 1]))) / 2
+    x0, y0 = max(0.0, centre[0] - half), max(0.0, centre[1] - half)
+    x1, y1 = min(float(width), centre[0] + half), min(float(height), centre[1] + half)
+    return [round(x0, 2), round(y0, 2), round(x1, 2), round(y1, 2)]
+
+
+def build_transforms(c2w: np.ndarray, focal: float, width: int, height: int, lms68: np.ndarray,
+                     au45: np.ndarray, ids: range) -> dict:
+    """The JSON document of one split (see the module docstring)."""
+    frames = []
+    for i in ids:
+        frames.append({
+            "img_id": int(i), "aud_id": int(i), "transform_matrix": np.round(c2w[i], 7).tolist(),
+            "face_box": _box(lms68[i, :, :2]), "lips_box": _square_box(lms68[i, 48:60, :2], width, height),
+            "eye_blink": round(float(np.clip(au45[i], 0, 2) / 2), 4),
+        })
+    return {
+        "focal_len": float(focal), "fl_x": float(focal), "fl_y": float(focal), "cx": width / 2.0, "cy": height / 2.0,
+        "w": int(width), "h": int(height), "camera_angle_x": 2 * math.atan(width / (2 * focal)), "units": "cm",
+        "frames": frames,
+    }
+
+
+def write_split(staging: DatasetLayout, dataset: DatasetLayout, c2w: np.ndarray, focal: float, width: int,
+                height: int, lms68: np.ndarray, au45: np.ndarray, val_fraction: float) -> dict:
+    """Write both transforms files (and the audio split when aud.npy exists) into `staging`; returns a report."""
+    n = len(c2w)
+    n_train = split_index(n, val_fraction)
+    for split, ids in (("train", range(0, n_train)), ("val", range(n_train, n))):
+        document = build_transforms(c2w, focal, width, height, lms68, au45, ids)
+        staging.transforms(split).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(staging.transforms(split), json.dumps(document, separators=(",", ":")))
+    report = {"n_train": n_train, "n_val": n - n_train, "val_fraction": val_fraction, "audio_split": False}
+    if dataset.audio_features.exists():
+        features = np.load(dataset.audio_features, mmap_mode="r")
+        np.save(staging.root / "aud_train.npy", np.ascontiguousarray(features[:n_train]))
+        np.save(staging.root / "aud_novel.npy", np.ascontiguousarray(features[n_train:n]))
+        report["audio_split"] = True
+    return report
