@@ -6,6 +6,7 @@ Run: python benchmarks/rasterizer_cpu.py [--threads 2] > benchmarks/results/rast
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -36,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={args.threads}, "
-          f"{args.size}x{args.size}, median of {args.repeats} after one warm-up")
+          f"{args.size}x{args.size}, {args.repeats} runs after one warm-up; load average {os.getloadavg()[0]:.1f}")
     for n in args.counts:
         tensors = head_scene(n, args.size)
         params = [t.clone().requires_grad_(True) for t in tensors[:5]]
@@ -60,7 +61,8 @@ def main() -> None:
         fwd_bwd = timed(forward_backward, args.repeats)
         print(f"N={n:6d} visible={visible:6d} pairs={pixel_ids.numel():8d} "
               f"mean_radius_px={radii.amax(-1)[radii.amax(-1) > 0].float().mean():.2f}  "
-              f"forward {statistics.median(fwd) * 1e3:8.1f} ms  forward+backward {statistics.median(fwd_bwd) * 1e3:8.1f} ms")
+              f"forward median {statistics.median(fwd) * 1e3:7.1f} ms (min {min(fwd) * 1e3:7.1f})  "
+              f"forward+backward median {statistics.median(fwd_bwd) * 1e3:7.1f} ms (min {min(fwd_bwd) * 1e3:7.1f})")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 Backend = Literal["auto", "gsplat", "torch"]
@@ -147,15 +146,3 @@ def _check_inputs(
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
 
-
-def empty_like_output(means: Tensor, width: int, height: int) -> RasterOutput:
-    """An all-transparent output (no Gaussian visible), keeping dtype and device."""
-    B, N = means.shape[:2]
-    zeros = means.new_zeros
-    return RasterOutput(
-        rgb=zeros(B, height, width, 3),
-        alpha=zeros(B, height, width, 1),
-        depth=zeros(B, height, width, 1),
-        means2d=zeros(B, N, 2),
-        radii=torch.zeros(B, N, dtype=torch.int32, device=means.device),
-    )
