@@ -1,0 +1,1 @@
+"""The audio-driven Gaussian head: canonical Gaussians, tri-plane field, deformation network, model folder."""

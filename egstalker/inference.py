@@ -1,0 +1,181 @@
+"""The inference object: a trained talking head rebuilt from its model folder (imports nothing of training).
+
+    >>> head = TalkingHead.from_dir("models/lieu", device="cuda")
+    >>> for frame in head(wav16k):          # uint8 [H, W, 3], exactly round(len(wav) / 16000 * 25) frames
+    ...     ...
+
+Pose sources (camera, eye blink, torso image) are the dataset's frames: `poses` holds every frame's camera
+(the training frames first, then the held-out ones, `poses.n_train` of them training), and the torso images
+and background are read from the dataset folder recorded in the model (pass `dataset_dir=` if it moved).
+The spatial features/queries of the Gaussians are computed once at load (they do not change per frame).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+
+from egstalker.dataset.layout import DatasetLayout
+from egstalker.dataset.reader import load_background, load_torso_composite
+from egstalker.errors import EgstalkerError
+from egstalker.model.folder import ModelInfo, PoseSources, load_model, read_poses
+
+PoseMode = Literal["dataset", "loop", "static"]
+
+
+class TalkingHead:
+    """A trained person-specific head, rebuilt from a model folder alone."""
+
+    def __init__(self, model, info: ModelInfo, poses: PoseSources, dataset_dir: Path, model_dir: Path,
+                 device: torch.device, torso_cache_size: int = 512):
+        self.model = model
+        self.info = info
+        self.poses = poses
+        self.dataset_dir = Path(dataset_dir)
+        self.layout = DatasetLayout(self.dataset_dir)
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device)
+        self.fps = float(info.fps)
+        self.sample_rate = int(info.sample_rate)
+        self.height, self.width = int(info.height), int(info.width)
+        self.encoder_name = info.encoder_name
+        self.audio_window = int(info.spec.audio_window)
+        self.n_pose_frames = int(poses.n_train)
+        self._encoder = None
+        self._background = load_background(self.layout, (self.width, self.height))
+        self._torso_cache: dict[int, np.ndarray] = {}
+        self._torso_cache_size = torso_cache_size
+        self._viewmats = torch.from_numpy(poses.viewmats).float().to(self.device)
+        self._K = torch.from_numpy(poses.K).float().to(self.device)
+        self._au45 = torch.from_numpy(poses.au45).float().to(self.device)
+        self.model.freeze_cache()
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, device: str | torch.device = "cpu",
+                 dataset_dir: str | Path | None = None) -> "TalkingHead":
+        """Load a model folder written by `egstalker train`.
+
+        Raises EgstalkerError for a missing folder, a folder that is not a model, an incompatible format
+        version, a missing dataset (torso/background source) or an audio encoder whose weights are absent.
+        """
+        model_dir = Path(model_dir)
+        model, info = load_model(model_dir, device)
+        poses = read_poses(model_dir)
+        dataset = Path(dataset_dir) if dataset_dir is not None else Path(info.dataset)
+        layout = DatasetLayout(dataset)
+        if not layout.background.exists() or not layout.torso_dir.is_dir():
+            raise EgstalkerError(f"the model's torso/background source, dataset {dataset}, is missing or incomplete; "
+                                 "pass the dataset folder it was trained on (dataset_dir=...)")
+        head = cls(model, info, poses, dataset, model_dir, torch.device(device))
+        head.encoder  # fail early (clear error) when the encoder's weights are unavailable here
+        return head
+
+    # --- audio
+    @property
+    def encoder(self):
+        """The audio encoder the model was trained with (egstalker.audio)."""
+        if self._encoder is None:
+            from egstalker.audio import get_encoder
+
+            self._encoder = get_encoder(self.encoder_name)
+        return self._encoder
+
+    @property
+    def lookahead_frames(self) -> int:
+        """Future frames of audio a frame needs: the window's future half + the encoder's look-ahead."""
+        window_future = self.audio_window - 1 - self.audio_window // 2
+        return int(window_future + np.ceil(self.encoder.lookahead_seconds * self.fps))
+
+    def encode_audio(self, wav: np.ndarray) -> np.ndarray:
+        """16 kHz mono float32 -> per-frame features [n_frames, *feature_shape] with the model's encoder."""
+        features = self.encoder.encode(wav)
+        expected = tuple(self.info.spec.feature_shape)
+        if tuple(features.shape[1:]) != expected:
+            raise EgstalkerError(f"encoder {self.encoder_name} gives features {tuple(features.shape[1:])}, the model "
+                                 f"was trained on {expected}; use the encoder weights it was trained with")
+        return features
+
+    # --- poses
+    def pose_schedule(self, n_frames: int, mode: PoseMode = "loop") -> np.ndarray:
+        """[n_frames] indices into the training frames (pose, eye blink, torso, background).
+
+        'loop' ping-pongs over the training frames (0, 1, .., n-1, n-2, .., 1, 0, 1, ..: no jump at the turn),
+        'static' repeats frame 0, 'dataset' plays them in order (clamped at the last one).
+        """
+        n = self.n_pose_frames
+        steps = np.arange(int(n_frames))
+        if mode == "static" or n == 1:
+            return np.zeros(len(steps), np.int64)
+        if mode == "dataset":
+            return np.minimum(steps, n - 1).astype(np.int64)
+        if mode == "loop":
+            period = 2 * (n - 1)
+            phase = steps % period
+            return np.where(phase < n, phase, period - phase).astype(np.int64)
+        raise EgstalkerError(f"unknown pose mode {mode!r}; use 'dataset', 'loop' or 'static'")
+
+    def _torso(self, pose_index: int, background: np.ndarray | None) -> np.ndarray:
+        frame_id = int(self.poses.frame_ids[pose_index])
+        if background is not None:
+            return load_torso_composite(self.layout, frame_id, (self.width, self.height), background)
+        cached = self._torso_cache.get(frame_id)
+        if cached is None:
+            cached = load_torso_composite(self.layout, frame_id, (self.width, self.height), self._background)
+            if len(self._torso_cache) >= self._torso_cache_size:
+                self._torso_cache.pop(next(iter(self._torso_cache)))
+            self._torso_cache[frame_id] = cached
+        return cached
+
+    # --- rendering
+    def _windows(self, features: np.ndarray, frame_indices: Sequence[int]) -> np.ndarray:
+        w = self.audio_window
+        offsets = np.arange(w) - w // 2
+        rows = np.clip(np.asarray(frame_indices)[:, None] + offsets[None], 0, len(features) - 1)
+        return np.asarray(features, np.float32)[rows]  # [B, W, *feature_shape]
+
+    @torch.no_grad()
+    def render_frames(self, features: np.ndarray, frame_indices: Sequence[int], pose_indices: Sequence[int],
+                      background: np.ndarray | None = None) -> np.ndarray:
+        """Render a batch; returns uint8 [B, H, W, 3].
+
+        Args:
+            features: [n_frames, *feature_shape] audio features of the utterance.
+            frame_indices: [B] rows of `features`; each frame reads the window around its row (edges clamped).
+            pose_indices: [B] rows of `poses` (training frames first, then held-out) for camera/eye/torso.
+            background: optional [H, W, 3] uint8 replacing the dataset background (needs RGBA torso images).
+        """
+        frame_indices = np.asarray(frame_indices, np.int64)
+        pose_indices = np.asarray(pose_indices, np.int64)
+        if len(frame_indices) != len(pose_indices):
+            raise ValueError(f"{len(frame_indices)} frame indices but {len(pose_indices)} pose indices")
+        if len(frame_indices) == 0:
+            return np.zeros((0, self.height, self.width, 3), np.uint8)
+        if pose_indices.min() < 0 or pose_indices.max() >= len(self.poses.frame_ids):
+            raise ValueError(f"pose indices must be in [0, {len(self.poses.frame_ids)})")
+        bg = None
+        if background is not None:
+            bg = np.asarray(background)
+            if bg.shape != (self.height, self.width, 3):
+                raise EgstalkerError(f"background must be {self.height}x{self.width} RGB, got {list(bg.shape)}")
+            bg = bg.astype(np.float32) / 255.0
+        dev = self.device
+        audio = torch.from_numpy(self._windows(features, frame_indices)).to(dev)
+        idx = torch.from_numpy(pose_indices).to(dev)
+        viewmats = self._viewmats[idx]
+        Ks = self._K.expand(len(idx), 3, 3)
+        backgrounds = torch.from_numpy(np.stack([self._torso(int(p), bg) for p in pose_indices])).to(dev)
+        out = self.model.render(viewmats, Ks, self.width, self.height, backgrounds, audio=audio,
+                                au45=self._au45[idx], dynamic=True)
+        return (out.image * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+    def __call__(self, wav: np.ndarray, pose: PoseMode = "loop", batch_size: int = 8) -> Iterator[np.ndarray]:
+        """Stream frames (uint8 [H, W, 3]) for a whole utterance: exactly round(len(wav)/16000*25) frames."""
+        features = self.encode_audio(wav)
+        n = len(features)
+        poses = self.pose_schedule(n, pose)
+        for start in range(0, n, batch_size):
+            rows = np.arange(start, min(n, start + batch_size))
+            yield from self.render_frames(features, rows, poses[rows])

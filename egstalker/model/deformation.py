@@ -1,0 +1,156 @@
+"""Audio-driven deformation: per-frame tokens, spatial-audio cross attention, offset heads.
+
+Per frame, 4 tokens of width d_model: audio (the adapter's window code), eye (AU45, sinusoidal encoding),
+camera (the 12 numbers of the world-to-camera 3x4 pose, standardised) and a learned null token (lets a
+Gaussian attend to "nothing" when no input moves it). Each Gaussian's tri-plane feature is a query; one
+attention layer (pre-LayerNorm, residual, feed-forward) mixes the tokens into it, and five small heads
+predict offsets of position, log-scale, rotation, opacity logit and colour. The heads' last layers start
+near zero, so the fine stage begins from the static head.
+
+The queries depend only on the canonical Gaussians and the planes: `spatial_cache` computes them once per
+iteration (shared by the frames of a batch) or once per model at inference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from egstalker.model.audio_adapter import AudioAdapter
+from egstalker.model.hexplane import TriPlaneField
+
+N_TOKENS = 4
+
+
+def sinusoidal_encoding(x: torch.Tensor, n_frequencies: int) -> torch.Tensor:
+    """x: [B] in about [0, 1] -> [B, 2 * n_frequencies]."""
+    freqs = (2.0 ** torch.arange(n_frequencies, device=x.device, dtype=x.dtype)) * math.pi
+    angles = x[:, None] * freqs
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+@dataclass
+class SpatialCache:
+    """What does not change per frame: per-Gaussian features and attention queries."""
+
+    features: torch.Tensor
+    """[N, d_model] projected tri-plane features (the residual stream)."""
+    queries: torch.Tensor
+    """[N, n_heads, head_dim]."""
+
+
+@dataclass
+class Offsets:
+    """Per-frame offsets of the canonical Gaussians; every tensor is [B, N, k]."""
+
+    means: torch.Tensor
+    scales: torch.Tensor
+    quats: torch.Tensor
+    opacities: torch.Tensor
+    colors: torch.Tensor
+
+
+class TokenEncoder(nn.Module):
+    """Per-frame inputs -> [B, 4, d_model] tokens (audio, eye, camera, null)."""
+
+    def __init__(self, feature_shape: tuple[int, ...], window: int, d_model: int, audio_width: int):
+        super().__init__()
+        self.audio = AudioAdapter(feature_shape, window, width=audio_width)
+        self.audio_proj = nn.Linear(audio_width, d_model)
+        self.eye_frequencies = 16
+        self.eye_proj = nn.Linear(2 * self.eye_frequencies, d_model)
+        self.register_buffer("pose_mean", torch.zeros(12))
+        self.register_buffer("pose_std", torch.ones(12))
+        self.camera_proj = nn.Linear(12, d_model)
+        self.null = nn.Parameter(torch.randn(d_model) * 0.02)
+
+    def set_pose_statistics(self, viewmats: torch.Tensor) -> None:
+        poses = viewmats[:, :3, :4].reshape(-1, 12).float()
+        self.pose_mean.copy_(poses.mean(0))
+        self.pose_std.copy_(poses.std(0).clamp_min(1e-3) if poses.shape[0] > 1 else torch.ones(12))
+
+    def forward(self, audio: torch.Tensor, au45: torch.Tensor, viewmats: torch.Tensor) -> torch.Tensor:
+        """audio: [B, W, *feature_shape]; au45: [B] in [0, 1]; viewmats: [B, 4, 4] -> [B, 4, d_model]."""
+        b = audio.shape[0]
+        audio_token = self.audio_proj(self.audio(audio))
+        eye_token = self.eye_proj(sinusoidal_encoding(au45.float(), self.eye_frequencies))
+        pose = (viewmats[:, :3, :4].reshape(b, 12).float() - self.pose_mean) / self.pose_std
+        camera_token = self.camera_proj(pose)
+        null_token = self.null.expand(b, -1)
+        return torch.stack([audio_token, eye_token, camera_token, null_token], dim=1)
+
+
+def _small_head(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    head = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+    nn.init.xavier_uniform_(head[2].weight, gain=0.01)
+    nn.init.zeros_(head[2].bias)
+    return head
+
+
+class DeformationNetwork(nn.Module):
+    """Tri-plane features + tokens -> per-frame Gaussian offsets.
+
+    Example:
+        >>> net = DeformationNetwork(field, feature_shape=(768,), window=8)
+        >>> cache = net.spatial_cache(means)                          # [N, 3] canonical positions
+        >>> offsets = net(cache, net.tokens(audio, au45, viewmats))   # offsets.means: [B, N, 3]
+    """
+
+    def __init__(self, field: TriPlaneField, feature_shape: tuple[int, ...], window: int, d_model: int = 64,
+                 n_heads: int = 4, ffn_width: int = 128, dropout: float = 0.1, audio_width: int = 32,
+                 head_width: int = 128, n_color: int = 3, position_scale: float = 1.0):
+        super().__init__()
+        self.field = field
+        self.d_model, self.n_heads = d_model, n_heads
+        self.head_dim = d_model // n_heads
+        self.position_scale = float(position_scale)
+        self.token_encoder = TokenEncoder(feature_shape, window, d_model, audio_width)
+        self.feature_in = nn.Linear(field.out_dim, d_model)
+        self.query_norm = nn.LayerNorm(d_model)
+        self.to_q = nn.Linear(d_model, d_model)
+        self.token_norm = nn.LayerNorm(d_model)
+        self.to_kv = nn.Linear(d_model, 2 * d_model)
+        self.attn_out = nn.Linear(d_model, d_model)
+        self.ffn_norm = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(nn.Linear(d_model, ffn_width), nn.GELU(), nn.Linear(ffn_width, d_model))
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleDict({
+            "means": _small_head(d_model, head_width, 3),
+            "scales": _small_head(d_model, head_width, 3),
+            "quats": _small_head(d_model, head_width, 4),
+            "opacities": _small_head(d_model, head_width, 1),
+            "colors": _small_head(d_model, head_width, n_color),
+        })
+
+    def tokens(self, audio: torch.Tensor, au45: torch.Tensor, viewmats: torch.Tensor) -> torch.Tensor:
+        return self.token_encoder(audio, au45, viewmats)
+
+    def spatial_cache(self, means: torch.Tensor) -> SpatialCache:
+        """means: [N, 3] canonical positions -> features and queries (constant across frames)."""
+        features = self.feature_in(self.field(means))
+        queries = self.to_q(self.query_norm(features)).view(-1, self.n_heads, self.head_dim)
+        return SpatialCache(features=features, queries=queries)
+
+    def forward(self, cache: SpatialCache, tokens: torch.Tensor) -> Offsets:
+        """cache: from `spatial_cache`; tokens: [B, T, d_model] -> offsets, each [B, N, k]."""
+        b, t, _ = tokens.shape
+        k, v = self.to_kv(self.token_norm(tokens)).view(b, t, 2, self.n_heads, self.head_dim).unbind(2)
+        # N queries x T (= 4) keys per frame: the score tensor is tiny, so plain einsum beats fused kernels.
+        scores = torch.einsum("nhd,bthd->bnht", cache.queries, k) / math.sqrt(self.head_dim)
+        weights = self.dropout(torch.softmax(scores, dim=-1))
+        mixed = torch.einsum("bnht,bthd->bnhd", weights, v).reshape(b, -1, self.d_model)
+        hidden = cache.features.unsqueeze(0) + self.dropout(self.attn_out(mixed))
+        hidden = hidden + self.dropout(self.ffn(self.ffn_norm(hidden)))
+        return Offsets(
+            means=self.heads["means"](hidden) * self.position_scale,
+            scales=self.heads["scales"](hidden),
+            quats=self.heads["quats"](hidden),
+            opacities=self.heads["opacities"](hidden),
+            colors=self.heads["colors"](hidden),
+        )
+
+
+__all__ = ["DeformationNetwork", "Offsets", "SpatialCache", "TokenEncoder", "N_TOKENS", "sinusoidal_encoding"]

@@ -1,0 +1,138 @@
+"""The model folder: what `train` writes and `render`/`eval`/`serve` read (nothing else of training needed).
+
+    MODEL_DIR/
+      model.json          format version, architecture (ModelSpec), audio encoder, output size, dataset path
+      model.pt            weights of the latest checkpoint (GaussianHead state dict), written atomically
+      poses.npz           pose sources: every frame's camera (train frames first, then val), K, eye blink
+      train_config.json   the TrainConfig tree it was trained with
+      checkpoints/        full training states (step_000123.pt) for --resume
+      logs/               TensorBoard
+
+Torso and background images are *referenced* from the dataset folder recorded in model.json (they are large:
+one torso image per frame); `TalkingHead.from_dir(..., dataset_dir=...)` accepts a moved dataset.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from egstalker.configs import atomic_write_text
+from egstalker.errors import EgstalkerError
+from egstalker.model.head import GaussianHead, ModelSpec
+
+MODEL_FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelInfo:
+    """Contents of model.json."""
+
+    spec: ModelSpec
+    encoder_name: str
+    width: int
+    height: int
+    dataset: str
+    """Absolute path of the dataset it was trained on (torso/background sources)."""
+    n_train_frames: int
+    step: int = 0
+    fps: float = 25.0
+    sample_rate: int = 16000
+    format_version: int = MODEL_FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return {"format_version": self.format_version, "step": self.step, "encoder_name": self.encoder_name,
+                "width": self.width, "height": self.height, "fps": self.fps, "sample_rate": self.sample_rate,
+                "dataset": self.dataset, "n_train_frames": self.n_train_frames, "spec": self.spec.to_json()}
+
+
+@dataclass
+class PoseSources:
+    """Per-frame pose sources (train frames first, then held-out ones)."""
+
+    frame_ids: np.ndarray   # [n] dataset image ids
+    audio_ids: np.ndarray   # [n] rows of the dataset's audio features
+    viewmats: np.ndarray    # [n, 4, 4] world-to-camera (OpenCV axes)
+    K: np.ndarray           # [3, 3] at the model's output size
+    au45: np.ndarray        # [n] eye blink in [0, 1]
+    n_train: int
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save through a temporary file + rename (an interrupted save never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_model(model_dir: Path, model: GaussianHead, info: ModelInfo, poses: PoseSources | None = None) -> None:
+    """Write model.pt (+ model.json, poses.npz) atomically."""
+    model_dir = Path(model_dir)
+    info.spec.n_gaussians = len(model.gaussians)
+    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, model_dir / "model.pt")
+    atomic_write_text(model_dir / "model.json", json.dumps(info.to_json(), indent=2) + "\n")
+    if poses is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, frame_ids=poses.frame_ids, audio_ids=poses.audio_ids, viewmats=poses.viewmats,
+                 K=poses.K, au45=poses.au45, n_train=np.int64(poses.n_train))
+        tmp = model_dir / ".poses.npz.tmp"
+        tmp.write_bytes(buffer.getvalue())
+        os.replace(tmp, model_dir / "poses.npz")
+
+
+def read_model_info(model_dir: str | Path) -> ModelInfo:
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise EgstalkerError(f"model folder {model_dir} does not exist; train one with `egstalker train DATASET -o {model_dir}`")
+    if not model_dir.is_dir():
+        raise EgstalkerError(f"{model_dir} is a file, not a model folder; give the folder `egstalker train -o` wrote")
+    path = model_dir / "model.json"
+    if not path.exists():
+        raise EgstalkerError(f"{model_dir} is not a model folder (no model.json); give the folder `egstalker train -o` wrote")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EgstalkerError(f"{path} is not valid JSON ({e}); the model folder is damaged, train again") from None
+    version = data.get("format_version")
+    if version != MODEL_FORMAT_VERSION:
+        raise EgstalkerError(f"model {model_dir} has format version {version}; this egstalker reads version "
+                             f"{MODEL_FORMAT_VERSION}: train the model again with this version")
+    try:
+        return ModelInfo(spec=ModelSpec.from_json(data["spec"]), encoder_name=data["encoder_name"],
+                         width=int(data["width"]), height=int(data["height"]), dataset=data["dataset"],
+                         n_train_frames=int(data["n_train_frames"]), step=int(data.get("step", 0)),
+                         fps=float(data.get("fps", 25.0)), sample_rate=int(data.get("sample_rate", 16000)))
+    except (KeyError, TypeError) as e:
+        raise EgstalkerError(f"{path} lacks field {e}; the model folder is damaged, train again") from None
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[GaussianHead, ModelInfo]:
+    """Rebuild the trained GaussianHead from a model folder (eval mode, on `device`)."""
+    model_dir = Path(model_dir)
+    info = read_model_info(model_dir)
+    weights = model_dir / "model.pt"
+    if not weights.exists():
+        raise EgstalkerError(f"{model_dir} has no model.pt (training never wrote one); train again or --resume")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model = GaussianHead.from_spec(info.spec)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise EgstalkerError(f"{weights} does not match model.json ({str(e).splitlines()[0]}); train again") from None
+    return model.to(device).eval(), info
+
+
+def read_poses(model_dir: str | Path) -> PoseSources:
+    path = Path(model_dir) / "poses.npz"
+    if not path.exists():
+        raise EgstalkerError(f"{path} is missing; the model folder is incomplete, train again")
+    with np.load(path) as z:
+        return PoseSources(frame_ids=z["frame_ids"], audio_ids=z["audio_ids"], viewmats=z["viewmats"], K=z["K"],
+                           au45=z["au45"], n_train=int(z["n_train"]))

@@ -1,0 +1,51 @@
+"""`egstalker train DATASET -o MODEL_DIR`: fit an audio-driven Gaussian head to a preprocessed dataset."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "train a talking head on a preprocessed dataset (writes a model folder)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", metavar="DATASET", help="dataset folder made by `egstalker preprocess`")
+    parser.add_argument("-o", "--output", required=True, metavar="MODEL_DIR",
+                        help="model folder to write (config, checkpoints, logs, weights)")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="training iterations (default: the config's, 6000); 0 writes the untrained model")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--resolution", type=int, default=None, metavar="PX",
+                        help="train at this size of the longer image side (default: the dataset's)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="JSON TrainConfig (e.g. a model folder's train_config.json); flags override it")
+    parser.add_argument("--resume", action="store_true", help="continue the run in MODEL_DIR exactly where it stopped")
+    parser.add_argument("--workers", type=int, default=None, help="data loading worker processes")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from egstalker.configs import load_config
+    from egstalker.errors import EgstalkerError
+    from egstalker.train.config import TrainConfig
+    from egstalker.train.trainer import train
+
+    config = load_config(TrainConfig, args.config) if args.config else TrainConfig()
+    if args.iterations is not None:
+        config.schedule.iterations = args.iterations
+    if args.resolution is not None:
+        config.data.resolution = args.resolution
+    if args.workers is not None:
+        config.data.num_workers = args.workers
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EgstalkerError("--device cuda was asked for but this PyTorch sees no CUDA GPU; use --device cpu")
+    if device == "cpu" and args.device is None and config.data.resolution is None:
+        print("egstalker train: no GPU found; training on the CPU (slow: consider --resolution 128)")
+    result = train(args.dataset, args.output, config, device=device, resume=args.resume,
+                   show_progress=not args.quiet)
+    psnr = f"{result.val_psnr:.2f} dB" if result.val_psnr is not None else "n/a"
+    print(f"model written to {result.model_dir}: {result.steps} iterations, {result.n_gaussians} Gaussians, "
+          f"held-out PSNR {psnr}, {result.seconds:.0f} s ({result.iterations_per_second:.1f} it/s)")
+    return 0

@@ -1,0 +1,172 @@
+"""Training configuration: one dataclass tree, saved as `train_config.json` in every model folder.
+
+Runtime values (the device, the dataset path) are passed when objects are built, never stored here.
+Defaults are for a real run on one GPU; CPU tests override the schedule and sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from egstalker.errors import EgstalkerError
+
+
+@dataclass
+class DataConfig:
+    resolution: int | None = None
+    """Train at this size (pixels of the longer side); None keeps the dataset's size."""
+    batch_size: int = 4
+    """Frames per iteration (one shared deformation/rasterisation call)."""
+    num_workers: int = 6
+    """DataLoader worker processes streaming frames from disk (0 = load in the training process)."""
+    prefetch_batches: int = 4
+    """Batches each worker keeps ready: bounds the memory held by loading."""
+    audio_window: int = 8
+    """Audio feature frames each video frame reads (8 = frames -4..+3 around it)."""
+
+
+@dataclass
+class InitConfig:
+    """Dense volumetric initialisation of the canonical Gaussians (see egstalker.model.init)."""
+
+    n_frames: int = 12
+    """Training frames (spread over the clip, so over head poses) whose head pixels are back-projected."""
+    surface_points: int = 40000
+    """Points on the visible head surface (head-mask pixels lifted to the depth of the tracked mesh)."""
+    volume_points: int = 20000
+    """Points filling the volume behind the visible surface (skull, hair, the sides of the head)."""
+    volume_depth: float = 0.8
+    """How deep behind the surface the volume points go, as a fraction of the head radius."""
+    initial_opacity: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    sh_degree: int = 1
+    """Spherical-harmonic degree of the Gaussians' colour (0 = view-independent colour)."""
+    plane_channels: int = 32
+    """Channels of each hex-plane grid (features of the 3 planes are multiplied, scales concatenated)."""
+    plane_resolutions: tuple[int, ...] = (64, 128)
+    d_model: int = 64
+    """Width of the per-frame tokens and of the spatial-audio attention."""
+    n_heads: int = 4
+    ffn_width: int = 128
+    dropout: float = 0.1
+    audio_width: int = 32
+    """Per-frame width of the audio adapter's output (before the window attention)."""
+    head_width: int = 128
+    """Hidden width of the offset heads (position, scale, rotation, opacity, colour)."""
+
+
+@dataclass
+class DensifyConfig:
+    start: int = 500
+    """First iteration that densifies or prunes."""
+    stop_fraction: float = 0.85
+    """Densification stops after this fraction of all iterations (then the count is frozen to converge)."""
+    every: int = 100
+    grad_threshold: float = 0.0002
+    """Mean screen-space gradient (normalised as in 3DGS) above which a Gaussian is cloned or split."""
+    dense_fraction: float = 0.01
+    """Gaussians larger than this fraction of the head radius are split, smaller ones cloned."""
+    prune_opacity: float = 0.005
+    max_scale_fraction: float = 0.5
+    """Gaussians larger than this fraction of the head radius are pruned."""
+    reset_opacity_every: int = 3000
+    """Opacity reset period (coarse stage only; 0 = never)."""
+    max_gaussians: int = 150000
+    """Hard cap: densification stops adding once the count reaches it (bounds memory and render time)."""
+
+
+@dataclass
+class OptimConfig:
+    means_lr: float = 1.6e-4
+    """Position learning rate, times the head radius (as in 3DGS: scale-free)."""
+    means_lr_final: float = 1.6e-6
+    scales_lr: float = 5e-3
+    quats_lr: float = 1e-3
+    opacities_lr: float = 5e-2
+    sh0_lr: float = 2.5e-3
+    shN_lr: float = 1.25e-4
+    planes_lr: float = 2e-3
+    network_lr: float = 5e-4
+    network_lr_final: float = 5e-5
+
+
+@dataclass
+class LossConfig:
+    l1: float = 0.8
+    dssim: float = 0.2
+    lip_l1: float = 0.4
+    """L1 on the lip box (landmarks 48-67), per pixel of the box: the mouth is small but matters most."""
+    perceptual: float = 0.01
+    """VGG16 perceptual term (0 disables it; it needs the offline VGG weights)."""
+    perceptual_from: float = 0.3
+    """Fraction of training after which the perceptual term is switched on (it is slow and fits detail)."""
+    alpha: float = 0.1
+    """L1 between the rendered head alpha and the head mask from parsing (keeps the head off the torso)."""
+    plane_tv: float = 1e-4
+    """Total-variation smoothness of the hex-plane grids."""
+    max_loss: float = 10.0
+    """A loss above this (or NaN) stops training with an error, keeping the last good checkpoint."""
+
+
+@dataclass
+class ScheduleConfig:
+    iterations: int = 6000
+    coarse_fraction: float = 0.15
+    """The first fraction of iterations trains the static head only (no deformation)."""
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    image_every: int = 500
+    eval_every: int = 1000
+    """Held-out PSNR every this many iterations (0 = only at the end)."""
+    eval_frames: int = 16
+    """Held-out frames used for the periodic PSNR."""
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    densify: DensifyConfig = field(default_factory=DensifyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def validate(self) -> "TrainConfig":
+        """Raise EgstalkerError naming the first value that cannot work."""
+        checks = [
+            (self.schedule.iterations >= 0, "schedule.iterations must be >= 0"),
+            (0.0 <= self.schedule.coarse_fraction <= 1.0, "schedule.coarse_fraction must be in [0, 1]"),
+            (self.schedule.checkpoint_every > 0, "schedule.checkpoint_every must be > 0"),
+            (self.data.batch_size >= 1, "data.batch_size must be >= 1"),
+            (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
+            (self.data.audio_window >= 1, "data.audio_window must be >= 1"),
+            (self.data.resolution is None or self.data.resolution >= 16, "data.resolution must be >= 16 pixels"),
+            (self.init.surface_points + self.init.volume_points >= 100, "init needs >= 100 points in total"),
+            (self.init.n_frames >= 1, "init.n_frames must be >= 1"),
+            (self.model.sh_degree in (0, 1, 2, 3), "model.sh_degree must be 0..3"),
+            (self.model.d_model % self.model.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
+            (len(self.model.plane_resolutions) >= 1, "model.plane_resolutions needs at least one resolution"),
+            (self.densify.max_gaussians >= 100, "densify.max_gaussians must be >= 100"),
+            (self.loss.max_loss > 0, "loss.max_loss must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EgstalkerError(f"invalid training config: {message}")
+        for name in ("means_lr", "scales_lr", "quats_lr", "opacities_lr", "sh0_lr", "planes_lr", "network_lr"):
+            if not getattr(self.optim, name) > 0:
+                raise EgstalkerError(f"invalid training config: optim.{name} must be > 0")
+        return self
+
+    @property
+    def coarse_iterations(self) -> int:
+        return int(round(self.schedule.iterations * self.schedule.coarse_fraction))
+
+    @property
+    def densify_stop(self) -> int:
+        return int(self.schedule.iterations * self.densify.stop_fraction)

@@ -1,0 +1,399 @@
+"""The training loop: stream frames, render, compute losses, densify, checkpoint, log.
+
+    result = train(dataset_dir, model_dir, TrainConfig(), device="cuda")
+
+Stages: the first `coarse_fraction` of the iterations fit the static canonical head (no deformation); the rest
+fit the audio-driven deformation together with the Gaussians. Densification runs through both stages.
+Checkpoints (every `checkpoint_every` iterations and at the end) hold everything needed to continue exactly:
+Gaussians (any count), network, optimiser moments, strategy statistics, the step and all random states; the
+data order is a pure function of (seed, step), so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from egstalker.configs import load_config, save_config, to_dict
+from egstalker.dataset.reader import FrameDataset, load_canonical_vertices, open_dataset
+from egstalker.errors import EgstalkerError
+from egstalker.model.folder import ModelInfo, PoseSources, atomic_torch_save, write_model
+from egstalker.model.gaussians import PARAM_NAMES
+from egstalker.model.head import GaussianHead, ModelSpec, build_head
+from egstalker.model.init import dense_head_points
+from egstalker.train import losses
+from egstalker.train.config import TrainConfig
+from egstalker.train.densify import DensifyStrategy
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    steps: int
+    n_gaussians: int
+    val_psnr: float | None
+    seconds: float
+    iterations_per_second: float
+    gaussian_counts: list[tuple[int, int]]
+    """(step, count) pairs logged over training."""
+
+
+class IterationBatchSampler(torch.utils.data.Sampler):
+    """Batches of frame indices for steps start+1..end: shuffled epochs, a pure function of (seed, step)."""
+
+    def __init__(self, n_frames: int, batch_size: int, seed: int, start_step: int, end_step: int):
+        self.n, self.batch_size, self.seed = n_frames, batch_size, seed
+        self.start, self.end = start_step, end_step
+
+    def batch_for_step(self, step: int) -> list[int]:
+        """Frames of 1-based step `step`."""
+        first = (step - 1) * self.batch_size
+        out = []
+        for position in range(first, first + self.batch_size):
+            epoch, offset = divmod(position, self.n)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            out.append(int(perm[offset]))
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start + 1, self.end + 1):
+            yield self.batch_for_step(step)
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def make_optimizer(model: GaussianHead, config: TrainConfig) -> torch.optim.Adam:
+    """One Adam group per Gaussian parameter (densification swaps them), plus planes and network."""
+    o, radius = config.optim, model.spec.head_radius
+    lrs = {"means": o.means_lr * radius, "scales": o.scales_lr, "quats": o.quats_lr,
+           "opacities": o.opacities_lr, "sh0": o.sh0_lr, "shN": o.shN_lr}
+    groups = [{"name": name, "params": [model.gaussians.params[name]], "lr": lrs[name]} for name in PARAM_NAMES]
+    planes = list(model.deformation.field.parameters())
+    plane_ids = {id(p) for p in planes}
+    network = [p for p in model.deformation.parameters() if id(p) not in plane_ids]
+    groups.append({"name": "planes", "params": planes, "lr": o.planes_lr})
+    groups.append({"name": "network", "params": network, "lr": o.network_lr})
+    return torch.optim.Adam(groups, lr=0.0, eps=1e-15)
+
+
+def _log_lerp(a: float, b: float, t: float) -> float:
+    t = min(max(t, 0.0), 1.0)
+    return math.exp(math.log(a) * (1 - t) + math.log(b) * t)
+
+
+def update_learning_rates(optimizer, config: TrainConfig, radius: float, step: int) -> None:
+    """Exponential decay of the position and network learning rates (as in 3DGS / GaussianTalker)."""
+    o = config.optim
+    total = max(1, config.schedule.iterations)
+    coarse = config.coarse_iterations
+    fine_t = (step - coarse) / max(1, total - coarse)
+    for group in optimizer.param_groups:
+        if group["name"] == "means":
+            group["lr"] = _log_lerp(o.means_lr * radius, o.means_lr_final * radius, step / total)
+        elif group["name"] == "network":
+            group["lr"] = _log_lerp(o.network_lr, o.network_lr_final, fine_t)
+        elif group["name"] == "planes":
+            group["lr"] = _log_lerp(o.planes_lr, o.planes_lr * o.network_lr_final / o.network_lr, fine_t)
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+    mse = torch.mean((pred.float() - target.float()) ** 2).item()
+    return float(10.0 * math.log10(1.0 / max(mse, 1e-12)))
+
+
+class Trainer:
+    """Owns the data, the model, the optimiser and the strategy of one training run."""
+
+    def __init__(self, dataset_dir: str | Path, model_dir: str | Path, config: TrainConfig,
+                 device: str | torch.device = "cpu", resume: bool = False, show_progress: bool = True,
+                 backend: str = "auto"):
+        self.dataset_dir = Path(dataset_dir).resolve()
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device)
+        self.show_progress = show_progress
+        self.backend = backend
+        self.checkpoint_dir = self.model_dir / "checkpoints"
+        latest = self.latest_checkpoint()
+        if resume:
+            if latest is None:
+                raise EgstalkerError(f"nothing to resume in {self.model_dir} (no checkpoints/); drop --resume to start")
+            saved = load_config(TrainConfig, self.model_dir / "train_config.json")
+            saved.schedule.iterations = config.schedule.iterations  # the one value a resume may change
+            config = saved
+        elif latest is not None:
+            raise EgstalkerError(f"{self.model_dir} already holds a training run ({latest.name}); add --resume to "
+                                 "continue it, or choose a new output folder")
+        self.config = config.validate()
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir.mkdir(exist_ok=True)
+
+        res = config.data.resolution
+        self.train_data = open_dataset(self.dataset_dir, "train", resolution=res)
+        self.val_data = open_dataset(self.dataset_dir, "val", resolution=res)
+        self.width, self.height = self.train_data.size
+        self.step = 0
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        random.seed(config.seed)
+
+        if resume:
+            state = torch.load(latest, map_location="cpu", weights_only=False)
+            if state.get("version") != CHECKPOINT_VERSION:
+                raise EgstalkerError(f"{latest} was written by an incompatible egstalker; start a new training")
+            spec = ModelSpec.from_json(state["spec"])
+            self.model = GaussianHead.from_spec(spec)
+            self.model.load_state_dict(state["model"])
+        else:
+            self.model = self._initial_model()
+        self.model.to(self.device)
+        self.optimizer = make_optimizer(self.model, config)
+        self.strategy = DensifyStrategy(config.densify, self.model.spec.head_radius, stop=config.densify_stop,
+                                        reset_until=config.coarse_iterations)
+        if resume:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.strategy.load_state_dict({k: (v.to(self.device) if torch.is_tensor(v) else v)
+                                           for k, v in state["strategy"].items()})
+            self.step = int(state["step"])
+            self.gaussian_counts = [tuple(x) for x in state.get("gaussian_counts", [])]
+            self._rng_to_restore = state["rng"]
+        else:
+            self.gaussian_counts = [(0, len(self.model.gaussians))]
+            self._rng_to_restore = None
+        save_config(self.config, self.model_dir / "train_config.json")
+        self._perceptual = None
+
+    # --- setup
+    def _initial_model(self) -> GaussianHead:
+        c = self.config
+        vertices = load_canonical_vertices(self.train_data.layout)
+        points = dense_head_points(self.train_data, vertices, n_frames=c.init.n_frames,
+                                   surface_points=c.init.surface_points, volume_points=c.init.volume_points,
+                                   volume_depth=c.init.volume_depth, seed=c.seed, show_progress=self.show_progress)
+        from egstalker.model.gaussians import log_scale_from_neighbours
+
+        scales = log_scale_from_neighbours(points.means).clamp_max(0.05 * points.head_radius)
+        m = c.model
+        spec = ModelSpec(feature_shape=self.train_data.feature_shape, audio_window=c.data.audio_window,
+                         n_gaussians=len(points.means), sh_degree=m.sh_degree, plane_channels=m.plane_channels,
+                         plane_resolutions=tuple(m.plane_resolutions), d_model=m.d_model, n_heads=m.n_heads,
+                         ffn_width=m.ffn_width, dropout=m.dropout, audio_width=m.audio_width,
+                         head_width=m.head_width, head_radius=points.head_radius)
+        model = build_head(spec, points.means, points.rgb, scales, c.init.initial_opacity,
+                           points.box_center, points.box_half_size)
+        train_rows = np.unique(self.train_data.audio_ids)
+        model.deformation.token_encoder.audio.set_statistics(
+            torch.from_numpy(np.asarray(self.train_data.features[train_rows], np.float32)))
+        model.deformation.token_encoder.set_pose_statistics(torch.from_numpy(self.train_data.viewmats))
+        return model
+
+    def latest_checkpoint(self) -> Path | None:
+        if not self.checkpoint_dir.is_dir():
+            return None
+        found = sorted(self.checkpoint_dir.glob("step_*.pt"))
+        return found[-1] if found else None
+
+    def _loader(self, start: int, end: int) -> torch.utils.data.DataLoader:
+        c = self.config.data
+        sampler = IterationBatchSampler(len(self.train_data), c.batch_size, self.config.seed, start, end)
+        kwargs = {}
+        if c.num_workers > 0:
+            kwargs = {"prefetch_factor": c.prefetch_batches, "persistent_workers": False}
+        # A private generator: creating the loader must not consume the global RNG (exact resume).
+        return torch.utils.data.DataLoader(
+            FrameDataset(self.train_data, c.audio_window), batch_sampler=sampler, num_workers=c.num_workers,
+            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.config.seed),
+            **kwargs)
+
+    # --- writing
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(spec=self.model.spec, encoder_name=self.train_data.encoder_name, width=self.width,
+                         height=self.height, dataset=str(self.dataset_dir), n_train_frames=len(self.train_data),
+                         step=self.step)
+
+    def pose_sources(self) -> PoseSources:
+        t, v = self.train_data, self.val_data
+        return PoseSources(frame_ids=np.concatenate([t.frame_ids, v.frame_ids]),
+                           audio_ids=np.concatenate([t.audio_ids, v.audio_ids]),
+                           viewmats=np.concatenate([t.viewmats, v.viewmats]), K=t.K,
+                           au45=np.concatenate([t.au45, v.au45]), n_train=len(t))
+
+    def save_checkpoint(self) -> Path:
+        """Full training state + the inference files, atomically; keeps the newest `keep_checkpoints`."""
+        state = {
+            "version": CHECKPOINT_VERSION, "step": self.step, "spec": self.model.spec.to_json(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "strategy": self.strategy.state_dict(), "rng": _rng_state(), "config": to_dict(self.config),
+            "gaussian_counts": self.gaussian_counts,
+        }
+        self.model.spec.n_gaussians = len(self.model.gaussians)
+        state["spec"] = self.model.spec.to_json()
+        path = self.checkpoint_dir / f"step_{self.step:07d}.pt"
+        atomic_torch_save(state, path)
+        write_model(self.model_dir, self.model, self.model_info(), self.pose_sources())
+        for old in sorted(self.checkpoint_dir.glob("step_*.pt"))[:-max(1, self.config.schedule.keep_checkpoints)]:
+            old.unlink()
+        return path
+
+    # --- evaluation
+    @torch.no_grad()
+    def evaluate(self, n_frames: int | None = None) -> float:
+        """Mean PSNR over (up to n_frames evenly spaced) held-out frames, full image."""
+        self.model.eval()
+        data = self.val_data
+        n = len(data) if n_frames is None else min(n_frames, len(data))
+        picks = np.unique(np.linspace(0, len(data) - 1, n).round().astype(int))
+        dataset = FrameDataset(data, self.config.data.audio_window)
+        values = []
+        dynamic = self.step > self.config.coarse_iterations
+        bs = self.config.data.batch_size
+        for i in range(0, len(picks), bs):
+            samples = [dataset[int(k)] for k in picks[i:i + bs]]
+            batch = _to_device(torch.utils.data.default_collate(samples), self.device)
+            out = self._render(batch, dynamic)
+            for b in range(out.image.shape[0]):
+                values.append(psnr(out.image[b], batch["image"][b]))
+        self.model.train()
+        return float(np.mean(values))
+
+    def _render(self, batch: dict, dynamic: bool, track: bool = False):
+        return self.model.render(batch["viewmat"], batch["K"], self.width, self.height, batch["background"],
+                                 audio=batch["audio"], au45=batch["au45"], dynamic=dynamic, backend=self.backend,
+                                 track_means2d_grad=track)
+
+    # --- the loop
+    def compute_loss(self, out, batch: dict, step: int, dynamic: bool) -> tuple[torch.Tensor, dict]:
+        lc = self.config.loss
+        pred = out.image.permute(0, 3, 1, 2)
+        gt = batch["image"].permute(0, 3, 1, 2)
+        terms = {"l1": losses.l1(pred, gt), "dssim": losses.d_ssim(pred, gt),
+                 "lip_l1": losses.crop_l1(pred, gt, batch["lip_box"]),
+                 "alpha": (out.alpha - batch["head_mask"]).abs().mean()}
+        weights = {"l1": lc.l1, "dssim": lc.dssim, "lip_l1": lc.lip_l1, "alpha": lc.alpha}
+        if lc.perceptual > 0 and step > lc.perceptual_from * self.config.schedule.iterations:
+            if self._perceptual is None:
+                with torch.random.fork_rng(devices=[]):  # building VGG must not shift the training RNG (resume)
+                    self._perceptual = losses.PerceptualLoss().to(self.device).eval()
+            terms["perceptual"] = self._perceptual(pred, gt)
+            weights["perceptual"] = lc.perceptual
+        if dynamic and lc.plane_tv > 0:
+            terms["plane_tv"] = self.model.deformation.field.total_variation()
+            weights["plane_tv"] = lc.plane_tv
+        total = sum(weights[k] * terms[k] for k in terms)
+        return total, terms
+
+    def run(self) -> TrainResult:
+        c = self.config
+        end = c.schedule.iterations
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(self.model_dir / "logs"))
+        if self.step == 0:
+            self.save_checkpoint()
+        if self._rng_to_restore is not None:
+            _set_rng_state(self._rng_to_restore)
+        start_step, t0 = self.step, time.perf_counter()
+        val_psnr = None
+        progress = None
+        if self.show_progress and end > self.step:
+            from tqdm import tqdm
+
+            progress = tqdm(total=end, initial=self.step, desc="training", unit="it", dynamic_ncols=True)
+        self.model.train()
+        last_good = self.latest_checkpoint()
+        try:
+            for batch in (self._loader(self.step, end) if end > self.step else []):
+                step = self.step + 1
+                batch = _to_device(batch, self.device)
+                dynamic = step > c.coarse_iterations
+                update_learning_rates(self.optimizer, c, self.model.spec.head_radius, step)
+                track = self.strategy.pre_backward(step)
+                out = self._render(batch, dynamic, track)
+                loss, terms = self.compute_loss(out, batch, step, dynamic)
+                loss_value = float(loss.item())
+                if not math.isfinite(loss_value) or loss_value > c.loss.max_loss:
+                    raise EgstalkerError(
+                        f"training diverged at iteration {step} (loss {loss_value:.4g}); the last good checkpoint "
+                        f"{last_good} is kept: lower the learning rates (--config) and run again with --resume")
+                loss.backward()
+                info = self.strategy.post_backward(step, self.model.gaussians, self.optimizer, out.raster,
+                                                   self.width, self.height)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step = step
+                n = len(self.model.gaussians)
+                if info or step % c.schedule.log_every == 0:
+                    self.gaussian_counts.append((step, n))
+                if step % c.schedule.log_every == 0 or step == end:
+                    for k, v in terms.items():
+                        writer.add_scalar(f"loss/{k}", float(v.detach()), step)
+                    writer.add_scalar("loss/total", loss_value, step)
+                    writer.add_scalar("train/psnr", psnr(out.image.detach(), batch["image"]), step)
+                    writer.add_scalar("gaussians/count", n, step)
+                    writer.add_scalar("train/stage_fine", float(dynamic), step)
+                if c.schedule.image_every and step % c.schedule.image_every == 0:
+                    side = torch.cat([out.image[0].detach(), batch["image"][0]], dim=1).clamp(0, 1)
+                    writer.add_image("train/render_vs_gt", side.cpu(), step, dataformats="HWC")
+                if c.schedule.eval_every and step % c.schedule.eval_every == 0 and step < end:
+                    val_psnr = self.evaluate(c.schedule.eval_frames)
+                    writer.add_scalar("val/psnr", val_psnr, step)
+                if step % c.schedule.checkpoint_every == 0 and step < end:
+                    last_good = self.save_checkpoint()
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss_value:.4f}", gaussians=n, stage="fine" if dynamic else "coarse")
+        finally:
+            if progress is not None:
+                progress.close()
+        seconds = time.perf_counter() - t0
+        if self.step > start_step or self.step == 0:
+            self.save_checkpoint()
+        val_psnr = self.evaluate(c.schedule.eval_frames)
+        writer.add_scalar("val/psnr", val_psnr, self.step)
+        writer.add_scalar("gaussians/count", len(self.model.gaussians), self.step)
+        writer.close()
+        steps_done = self.step - start_step
+        return TrainResult(model_dir=self.model_dir, steps=self.step, n_gaussians=len(self.model.gaussians),
+                           val_psnr=val_psnr, seconds=seconds,
+                           iterations_per_second=steps_done / seconds if seconds > 0 and steps_done else 0.0,
+                           gaussian_counts=list(self.gaussian_counts))
+
+
+def train(dataset_dir: str | Path, model_dir: str | Path, config: TrainConfig | None = None,
+          device: str | torch.device = "cpu", resume: bool = False, show_progress: bool = True,
+          backend: str = "auto") -> TrainResult:
+    """Train (or resume) a talking head on a preprocessed dataset; write the model folder. See the module doc."""
+    trainer = Trainer(dataset_dir, model_dir, config or TrainConfig(), device=device, resume=resume,
+                      show_progress=show_progress, backend=backend)
+    return trainer.run()
+
+
+__all__ = ["Trainer", "TrainResult", "train", "IterationBatchSampler", "make_optimizer"]
