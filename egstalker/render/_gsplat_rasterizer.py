@@ -41,8 +41,14 @@ def _use_prebuilt_extension() -> None:
     if path is None:
         return
     spec = importlib.util.spec_from_file_location(EXTENSION_NAME, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # needs torch imported first: the .so links against libtorch
+    try:  # module_from_spec dlopens the .so; it links against libtorch, already loaded by our torch import
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError) as exc:  # built for another torch/CUDA: let gsplat build a fresh one
+        import warnings
+
+        warnings.warn(f"ignoring prebuilt {path} ({exc}); gsplat will compile its CUDA code", stacklevel=3)
+        return
     sys.modules["gsplat.csrc"] = module
 
 
