@@ -37,12 +37,23 @@ class FaceConfig:
     """Refuse the clip when a face is found in fewer than this fraction of frames."""
     max_dropout_frames: int = 12
     """Tracking drop-outs up to this many consecutive frames are interpolated (and listed in meta.json)."""
+    parser: str = "landmarks"
+    """Face parser: 'landmarks' (licence-free, from MediaPipe landmarks and image cues) or 'bisenet'."""
+    bisenet_weights: str | None = None
+    """Path of user-supplied BiSeNet face-parsing weights (79999_iter.pth); only with parser='bisenet'."""
+    parsing_samples: int = 40
+    """Frames the parser learns the clip's background and colours from."""
+    background_samples: int = 60
+    """Frames whose background pixels are median-combined into bc.jpg."""
+    workers: int = 0
+    """Processes for the per-frame work of tasks 4 and 6 (0: one per CPU core, at most 4)."""
 
 
 @dataclass
 class TrackingConfig:
-    smoothing: str = "one_euro"
-    """Temporal smoother for head pose and vertices: 'none', 'ema' (the seed's, alpha 0.7) or 'one_euro'."""
+    smoothing: str = "savgol"
+    """Temporal smoother for the head pose: 'savgol' (centred Savitzky-Golay: no lag), 'gaussian', 'one_euro',
+    'ema' (the seed's, alpha `ema_alpha`) or 'none'. benchmarks/tracking_jitter.py compares them."""
     ema_alpha: float = 0.7
 
 

@@ -55,10 +55,11 @@ def _box(points: np.ndarray) -> list[float]:
 
 
 def _square_box(points: np.ndarray, width: int, height: int) -> list[float]:
+    points = points.astype(np.float64)
     centre = (points.min(0) + points.max(0)) / 2
     half = max(float(np.ptp(points[:, 0])), float(np.ptp(points[:, 1]))) / 2
-    x0, y0 = max(0.0, centre[0] - half), max(0.0, centre[1] - half)
-    x1, y1 = min(float(width), centre[0] + half), min(float(height), centre[1] + half)
+    x0, y0 = max(0.0, float(centre[0]) - half), max(0.0, float(centre[1]) - half)
+    x1, y1 = min(float(width), float(centre[0]) + half), min(float(height), float(centre[1]) + half)
     return [round(x0, 2), round(y0, 2), round(x1, 2), round(y1, 2)]
 
 

