@@ -124,6 +124,11 @@ class ScheduleConfig:
     eval_frames: int = 16
     """Held-out frames used for the periodic PSNR."""
     keep_checkpoints: int = 2
+    time_budget_minutes: float | None = None
+    """If set, the iteration count shrinks (after `budget_probe` iterations and then every 100, from the
+    measured speed) so that the training loop ends within about this many minutes; the count reached is saved
+    in train_config.json. (A budgeted run resumes, but not bit-exactly.)"""
+    budget_probe: int = 200
 
 
 @dataclass
@@ -154,6 +159,8 @@ class TrainConfig:
             (len(self.model.plane_resolutions) >= 1, "model.plane_resolutions needs at least one resolution"),
             (self.densify.max_gaussians >= 100, "densify.max_gaussians must be >= 100"),
             (self.loss.max_loss > 0, "loss.max_loss must be > 0"),
+            (self.schedule.time_budget_minutes is None or self.schedule.time_budget_minutes > 0,
+             "schedule.time_budget_minutes must be > 0 (or null)"),
         ]
         for ok, message in checks:
             if not ok:

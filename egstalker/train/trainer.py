@@ -48,9 +48,10 @@ class TrainResult:
 
 
 class IterationBatchSampler(torch.utils.data.Sampler):
-    """Batches of frame indices for steps start+1..end: shuffled epochs, a pure function of (seed, step)."""
+    """Batches of frame indices for steps start+1..end (None: endless): shuffled epochs, a pure function of
+    (seed, step)."""
 
-    def __init__(self, n_frames: int, batch_size: int, seed: int, start_step: int, end_step: int):
+    def __init__(self, n_frames: int, batch_size: int, seed: int, start_step: int, end_step: int | None):
         self.n, self.batch_size, self.seed = n_frames, batch_size, seed
         self.start, self.end = start_step, end_step
 
@@ -65,11 +66,10 @@ class IterationBatchSampler(torch.utils.data.Sampler):
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start + 1, self.end + 1):
+        step = self.start
+        while self.end is None or step < self.end:
+            step += 1
             yield self.batch_for_step(step)
-
-    def __len__(self) -> int:
-        return max(0, self.end - self.start)
 
 
 def _rng_state() -> dict:
@@ -221,7 +221,7 @@ class Trainer:
         found = sorted(self.checkpoint_dir.glob("step_*.pt"))
         return found[-1] if found else None
 
-    def _loader(self, start: int, end: int) -> torch.utils.data.DataLoader:
+    def _loader(self, start: int, end: int | None) -> torch.utils.data.DataLoader:
         c = self.config.data
         sampler = IterationBatchSampler(len(self.train_data), c.batch_size, self.config.seed, start, end)
         kwargs = {}
@@ -310,6 +310,18 @@ class Trainer:
         total = sum(weights[k] * terms[k] for k in terms)
         return total, terms
 
+    def _fit_time_budget(self, remaining_s: float, per_step_s: float, safety: float) -> int:
+        """Shrink the iteration count (never grow it) so the run ends within `remaining_s` at `per_step_s`."""
+        c = self.config
+        fitted = self.step + int(max(0.0, remaining_s) / max(per_step_s, 1e-6) * safety)
+        fitted = max(self.step + 1, min(fitted, c.schedule.iterations))
+        if fitted != c.schedule.iterations:
+            c.schedule.iterations = fitted
+            self.strategy.stop = c.densify_stop
+            self.strategy.reset_until = c.coarse_iterations
+            save_config(c, self.model_dir / "train_config.json")
+        return c.schedule.iterations
+
     def run(self) -> TrainResult:
         c = self.config
         end = c.schedule.iterations
@@ -329,8 +341,13 @@ class Trainer:
             progress = tqdm(total=end, initial=self.step, desc="training", unit="it", dynamic_ncols=True)
         self.model.train()
         last_good = self.latest_checkpoint()
+        budget = c.schedule.time_budget_minutes
+        probe_at = start_step + c.schedule.budget_probe if budget else None
+        budget_mark = (t0, start_step)
         try:
-            for batch in (self._loader(self.step, end) if end > self.step else []):
+            for batch in (self._loader(self.step, None) if end > self.step else []):
+                if self.step >= end:
+                    break
                 step = self.step + 1
                 batch = _to_device(batch, self.device)
                 dynamic = step > c.coarse_iterations
@@ -367,6 +384,20 @@ class Trainer:
                     writer.add_scalar("val/psnr", val_psnr, step)
                 if step % c.schedule.checkpoint_every == 0 and step < end:
                     last_good = self.save_checkpoint()
+                if probe_at is not None and step >= probe_at and (step == probe_at or step % 100 == 0):
+                    # Fit the count to the time left, from the speed of the last steps (the fine stage and the
+                    # perceptual term are slower than the first steps, so it is re-fitted as they start).
+                    now = time.perf_counter()
+                    if step == probe_at:
+                        per_step = (now - t0) / max(1, step - start_step)
+                    else:
+                        per_step = (now - budget_mark[0]) / max(1, step - budget_mark[1])
+                    budget_mark = (now, step)
+                    safety = 0.5 if step <= c.coarse_iterations else 0.95
+                    end = self._fit_time_budget(budget * 60.0 - (now - t0), per_step, safety)
+                    if progress is not None:
+                        progress.total = end
+                        progress.refresh()
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss_value:.4f}", gaussians=n, stage="fine" if dynamic else "coarse")
