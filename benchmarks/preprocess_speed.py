@@ -4,7 +4,7 @@ Runs the whole `preprocess` (all available tasks) on each video in a fresh subpr
 frames/s, total time, peak RSS of that process and the dataset's size on disk. Long videos (8000 frames,
 5 min 20 s) are made by looping a clip with stream copy into a temporary folder (not the repo).
 
-    python benchmarks/preprocess_speed.py [--long-only] [--keep DIR]
+    python benchmarks/preprocess_speed.py [--tasks 1,2,3] [--long-only] [--keep DIR]
 
 Raw output goes to stdout; the committed copy is benchmarks/results/preprocess_speed.txt.
 """
@@ -28,7 +28,8 @@ CHILD = r"""
 import json, resource, sys, time
 from egstalker.preprocess.pipeline import preprocess
 started = time.perf_counter()
-root = preprocess(sys.argv[1], sys.argv[2], show_progress=False)
+tasks = [int(t) for t in sys.argv[3].split(",")] if sys.argv[3] else None
+root = preprocess(sys.argv[1], sys.argv[2], tasks=tasks, show_progress=False)
 total = time.perf_counter() - started
 meta = json.loads((root / "meta.json").read_text())
 print(json.dumps({"total_s": total, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -74,10 +75,10 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def run_one(video: Path, work: Path) -> dict:
+def run_one(video: Path, work: Path, tasks: str = "") -> dict:
     output = work / (video.stem + "_dataset")
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(video), str(output)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(video), str(output), tasks], cwd=REPO,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"preprocess failed on {video}:\n{proc.stderr[-3000:]}")
@@ -102,6 +103,7 @@ def report(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--long-only", action="store_true", help="only the synthetic 8000-frame videos")
+    parser.add_argument("--tasks", default="", help="comma-separated task numbers (default: all available)")
     parser.add_argument("--keep", type=Path, help="keep datasets in this folder (default: a temp dir)")
     args = parser.parse_args()
 
@@ -111,7 +113,8 @@ def main() -> None:
     print(f"# egstalker preprocess benchmark, {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"# machine: {platform.machine()}, {os.cpu_count()} CPU cores visible ({platform.processor() or '?'}), "
           f"load average {os.getloadavg()[0]:.1f} at start; python {platform.python_version()}")
-    print(f"# tasks: {', '.join(f'{t.number} {t.name}' for t in all_tasks())}")
+    chosen = {int(t) for t in args.tasks.split(",")} if args.tasks else None
+    print(f"# tasks run: {', '.join(f'{t.number} {t.name}' for t in all_tasks() if not chosen or t.number in chosen)}")
     print(f"# command: python benchmarks/preprocess_speed.py {' '.join(sys.argv[1:])}")
     with tempfile.TemporaryDirectory(prefix="egstalker-bench-") as tmp:
         work = args.keep or Path(tmp)
@@ -120,7 +123,7 @@ def main() -> None:
         long_lieu = loop_video(VIDEOS / "lieu_60s_256.mp4", Path(tmp) / "lieu_loop_8000f_256.mp4", 8000)
         long_512 = loop_video(VIDEOS / "hill_8s_512.mp4", Path(tmp) / "hill_loop_8000f_512.mp4", 8000)
         for video in videos + [long_lieu, long_512]:
-            print(report(run_one(video, work)), flush=True)
+            print(report(run_one(video, work, args.tasks)), flush=True)
     print("# peak RSS is the whole preprocess process (Python + libraries + models); compare short vs 8000-frame "
           "rows of the same resolution to see growth with length")
 
