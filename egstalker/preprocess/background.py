@@ -44,22 +44,26 @@ def estimate_background(frames: list[np.ndarray], labels: list[np.ndarray], marg
 
 
 def fill_unseen(image: np.ndarray, seen: np.ndarray) -> np.ndarray:
-    """Fill pixels where `seen` is False by their nearest seen pixel, then blur the filled area."""
+    """Fill pixels where `seen` is False smoothly from the seen ones (push-pull: mask-weighted image pyramid,
+    coarse levels fill the holes of finer ones), so large holes get a soft gradient rather than streaks."""
     if seen.all() or not seen.any():
         return image
-    # distance transform to the nearest seen pixel, with its label giving the source pixel
-    _, nearest = cv2.distanceTransformWithLabels((~seen).astype(np.uint8), cv2.DIST_L2, 5,
-                                                 labelType=cv2.DIST_LABEL_PIXEL)
-    seen_ys, seen_xs = np.nonzero(seen)
-    # labels number the zero (seen) pixels in row-major scan order, starting at 1
-    order = np.zeros(nearest.max() + 1, np.int64)
-    zero_labels = nearest[seen]
-    order[zero_labels] = np.arange(len(seen_ys))
-    source = order[nearest]
-    filled = image.copy()
-    holes = ~seen
-    filled[holes] = image[seen_ys[source[holes]], seen_xs[source[holes]]]
-    size = max(3, int(0.03 * max(image.shape[:2])) | 1)
-    blurred = cv2.GaussianBlur(filled, (size, size), 0)
-    filled[holes] = blurred[holes]
-    return filled
+    weight = seen.astype(np.float32)
+    colour = image.astype(np.float32) * weight[..., None]
+    levels = []
+    while True:  # push: average the seen pixels down to a level with no holes
+        levels.append((colour, weight))
+        if min(weight.shape) <= 2 or weight.min() > 0:
+            break
+        colour = cv2.pyrDown(colour)
+        weight = cv2.pyrDown(weight)
+    colour, weight = levels[-1]
+    filled = colour / np.maximum(weight, 1e-6)[..., None]
+    for colour, weight in reversed(levels[:-1]):  # pull: holes take the upsampled coarser estimate
+        up = cv2.resize(filled, (weight.shape[1], weight.shape[0]), interpolation=cv2.INTER_LINEAR)
+        known = colour / np.maximum(weight, 1e-6)[..., None]
+        w = np.clip(weight, 0.0, 1.0)[..., None]
+        filled = known * w + up * (1 - w)
+    out = image.copy()
+    out[~seen] = np.clip(filled[~seen], 0, 255).astype(np.uint8)
+    return out

@@ -234,7 +234,7 @@ def skin_distance(image: np.ndarray, model: ClipModel) -> np.ndarray:
     ycc = cv2.cvtColor(image, cv2.COLOR_BGR2YCrCb).astype(np.float32)
     d = ycc[..., 1:] - model.skin_mean[1:]
     dist = np.sqrt(np.einsum("...i,ij,...j->...", d, model.skin_inv_cov, d))
-    dist[ycc[..., 0] < 0.3 * model.skin_mean[0]] = 99.0
+    dist[ycc[..., 0] < 0.2 * model.skin_mean[0]] = 99.0
     return dist
 
 
@@ -286,7 +286,7 @@ def parse_frame(image_small: np.ndarray, landmarks: np.ndarray, model: ClipModel
     soft = np.where(small_person, np.maximum(score, 0.5), np.minimum(score, -0.5)).astype(np.float32)
     person = cv2.resize(soft, (width, height), interpolation=cv2.INTER_LINEAR) > 0
 
-    skin = cv2.resize(cv2.GaussianBlur(skin_distance(image_small, model), (0, 0), 1.0), (width, height)) < 3.0
+    skin_d = cv2.resize(cv2.GaussianBlur(skin_distance(image_small, model), (0, 0), 1.0), (width, height))
 
     g = FaceGeometry.from_landmarks(landmarks)
     shape = (height, width)
@@ -300,6 +300,9 @@ def parse_frame(image_small: np.ndarray, landmarks: np.ndarray, model: ClipModel
         bins = _colour_bins(image_small)
         hair = cv2.resize(cv2.GaussianBlur(model.hair_lut[bins], (0, 0), 1.2), (width, height)) > 0.5
         hanging = person & ~head & hair & side
+        # long hair falls beside the neck, not in front of it (a shadowed neck can look hair-coloured)
+        centre_band = slice(int(max(0, g.chin[0] - 0.35 * g.width)), int(max(0, g.chin[0] + 0.35 * g.width)))
+        hanging[int(max(0, g.chin[1])):, centre_band] = False
     if hanging.any():
         hanging = _keep_connected(hanging | head, head) & ~head & hanging
         head |= hanging
@@ -307,6 +310,10 @@ def parse_frame(image_small: np.ndarray, landmarks: np.ndarray, model: ClipModel
                           [g.chin[0] + 0.42 * g.width, g.chin[1] - 0.3 * g.height],
                           [g.chin[0] + 0.5 * g.width, g.chin[1] + 0.9 * g.height],
                           [g.chin[0] - 0.5 * g.width, g.chin[1] + 0.9 * g.height]])
+    # skin-coloured; right under the jaw the neck is in shadow: a looser colour match there
+    skin = skin_d < 3.0
+    upper = int(np.clip(g.chin[1] + 0.2 * g.height, 0, height))
+    skin[:upper] |= skin_d[:upper] < 4.5
     neck = person & ~head & skin & _poly_mask(shape, neck_band)
     if neck.any():
         neck = _keep_connected(neck, cv2.dilate(head.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool))

@@ -1,0 +1,267 @@
+"""Face tasks 4-9 on real clips (the first 3 s of hill_8s_512 and aoc_8s_512), and their bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from egstalker.dataset.layout import DatasetLayout
+from egstalker.errors import EgstalkerError
+from egstalker.preprocess.config import PreprocessConfig
+from egstalker.preprocess.face import FaceTrack, face_cache_path, frame_ranges
+from egstalker.preprocess.landmarks68 import to_ibug68
+from egstalker.preprocess.parsing import BACKGROUND, HEAD, NECK, TORSO, PALETTE, load_labels
+from egstalker.preprocess.pipeline import preprocess
+from egstalker.preprocess.tracking import canonical_face, eye_aspect_ratio
+from egstalker.preprocess.transforms import split_index
+from tests.conftest import shared_media
+from tests.test_preprocess_pipeline import remux
+
+FAST = PreprocessConfig()
+FAST.audio.encoder = "mel"
+SECONDS = 3.0
+
+
+def _dataset(tmp_path_factory, clip: str) -> DatasetLayout:
+    folder = tmp_path_factory.mktemp(clip)
+    video = remux(shared_media(f"video/{clip}.mp4"), folder / "clip.mp4", SECONDS)
+    return DatasetLayout(preprocess(video, folder / "ds", config=FAST, show_progress=False))
+
+
+@pytest.fixture(scope="module")
+def hill(tmp_path_factory) -> DatasetLayout:
+    return _dataset(tmp_path_factory, "hill_8s_512")
+
+
+@pytest.fixture(scope="module")
+def aoc(tmp_path_factory) -> DatasetLayout:
+    return _dataset(tmp_path_factory, "aoc_8s_512")
+
+
+def _meta(layout: DatasetLayout) -> dict:
+    return json.loads(layout.meta.read_text())
+
+
+@pytest.mark.parametrize("clip", ["hill", "aoc"])
+def test_every_output_agrees_in_count_and_shape(clip, request):
+    layout: DatasetLayout = request.getfixturevalue(clip)
+    meta = _meta(layout)
+    n = meta["n_frames"]
+    assert abs(n - SECONDS * 25) <= 1 and sorted(meta["tasks_complete"]) == list(range(1, 10))
+    for folder, suffix in ((layout.parsing_dir, ".png"), (layout.torso_dir, ".png"), (layout.gt_dir, ".jpg")):
+        assert sorted(int(p.stem) for p in folder.iterdir() if p.suffix == suffix) == list(range(n))
+    assert len(list(layout.frames_dir.glob("*.lms"))) == n
+    assert cv2.imread(str(layout.background)).shape == (512, 512, 3)
+    for i in (0, n - 1):
+        assert cv2.imread(str(layout.gt(i))).shape == (512, 512, 3)
+        torso = cv2.imread(str(layout.torso(i)), cv2.IMREAD_UNCHANGED)
+        assert torso.shape == (512, 512, 4) and set(np.unique(torso[..., 3])) <= {0, 255}
+        assert (torso[..., :3][torso[..., 3] == 0] == 0).all()
+        assert np.loadtxt(layout.landmarks(i)).shape == (68, 2)
+    params = torch.load(layout.track_params, weights_only=True)
+    assert params["vertices"].shape == (n, 478, 3) and params["rotation"].shape == (n, 3, 3)
+    assert params["euler"].shape == (n, 3) and params["trans"].shape == (n, 3)
+    assert params["focal"].shape == (1,) and tuple(params["image_size"].tolist()) == (512, 512)
+    assert torch.allclose(params["rotation"] @ params["rotation"].transpose(1, 2), torch.eye(3).expand(n, 3, 3),
+                          atol=1e-4)
+    assert (params["trans"][:, 2] < -10).all()  # head in front of the camera, tens of cm away
+    track = FaceTrack.load(face_cache_path(layout))
+    assert len(track) == n and track.detected.all() and track.landmarks.shape == (n, 478, 3)
+    assert meta["face"]["dropouts_interpolated"] == []
+
+
+@pytest.mark.parametrize("clip", ["hill", "aoc"])
+def test_parsing_has_four_plausible_classes(clip, request):
+    layout: DatasetLayout = request.getfixturevalue(clip)
+    n = _meta(layout)["n_frames"]
+    track = FaceTrack.load(face_cache_path(layout))
+    for i in (0, n // 2, n - 1):
+        labels = load_labels(layout.parsing(i))
+        # the same colours through PIL (RGB) and cv2 (BGR), as the peers' readers use them
+        rgb = np.asarray(Image.open(layout.parsing(i)).convert("RGB"))
+        assert np.array_equal(rgb, PALETTE[labels])
+        assert np.array_equal(cv2.imread(str(layout.parsing(i)))[..., ::-1], PALETTE[labels])
+        area = {k: (labels == k).mean() for k in (BACKGROUND, HEAD, NECK, TORSO)}
+        assert all(a > 0.005 for a in area.values()), area
+        assert 0.15 < area[HEAD] < 0.75 and area[BACKGROUND] > 0.1
+        assert labels[:20, :20].max() == BACKGROUND and labels[:20, -20:].max() == BACKGROUND  # top corners
+        # the face (inside the jaw) is head; the pixels just under the chin are neck
+        oval = np.round(track.landmarks[i][[1, 4, 6, 168, 13, 14, 152 - 1], :2]).astype(int)
+        assert (labels[oval[:, 1], oval[:, 0]] == HEAD).all()
+        chin = track.landmarks[i][152, :2]
+        face_height = np.linalg.norm(track.landmarks[i][10, :2] - chin)
+        x, y = int(chin[0]), int(min(chin[1] + 0.15 * face_height, (chin[1] + labels.shape[0]) / 2))
+        assert labels[y, x] == NECK
+        # head lies above the torso
+        rows = np.arange(labels.shape[0])[:, None]
+        assert (rows * (labels == HEAD)).sum() / (labels == HEAD).sum() < \
+            (rows * (labels == TORSO)).sum() / (labels == TORSO).sum()
+
+
+def test_gt_and_torso_use_the_background(hill):
+    bc = cv2.imread(str(hill.background)).astype(np.float32)
+    labels = load_labels(hill.parsing(10))
+    gt = cv2.imread(str(hill.gt(10))).astype(np.float32)
+    frame = cv2.imread(str(hill.frame(10))).astype(np.float32)
+    bg = labels == BACKGROUND
+    assert np.abs(gt[bg] - bc[bg]).mean() < 4  # JPEG round trip
+    assert np.abs(gt[labels == HEAD] - frame[labels == HEAD]).mean() < 4
+    torso = cv2.imread(str(hill.torso(10)), cv2.IMREAD_UNCHANGED)
+    alpha = torso[..., 3] > 0
+    assert alpha[(labels == NECK) | (labels == TORSO)].all()
+    assert alpha[labels == HEAD].mean() < 0.15  # only the neck's continuation under the jaw
+    # the background where the person always stands is filled, not black
+    assert bc.mean() > 40 and bc[300:, 200:300].mean() > 40
+
+
+@pytest.mark.parametrize("clip", ["hill", "aoc"])
+def test_landmarks_fall_inside_the_face(clip, request):
+    layout: DatasetLayout = request.getfixturevalue(clip)
+    n = _meta(layout)["n_frames"]
+    track = FaceTrack.load(face_cache_path(layout))
+    for i in range(0, n, 7):
+        points = np.loadtxt(layout.landmarks(i))
+        assert np.allclose(points, to_ibug68(track.landmarks[i])[:, :2], atol=0.01)
+        hull = cv2.convexHull(track.landmarks[i][:, :2].astype(np.float32))
+        inside = [cv2.pointPolygonTest(hull, (float(x), float(y)), True) >= -1.0 for x, y in points]
+        assert all(inside)
+        labels = load_labels(layout.parsing(i))
+        assert (labels[points[:, 1].astype(int), points[:, 0].astype(int)] == HEAD).mean() >= 0.95
+        # iBUG geometry: eyes above the nose tip above the mouth above the chin; right eye (36) left of 45
+        assert points[36:48, 1].mean() < points[30, 1] < points[48:68, 1].mean() < points[8, 1]
+        assert points[36, 0] < points[45, 0]
+
+
+@pytest.mark.parametrize("clip, blink_frame", [("hill", 32), ("aoc", 35)])
+def test_au45_varies_and_peaks_at_eye_closure(clip, blink_frame, request):
+    layout: DatasetLayout = request.getfixturevalue(clip)
+    with open(layout.action_units) as f:
+        header = f.readline().strip()
+        assert " " not in header and "AU45_r" in header.split(",")
+        f.seek(0)
+        au45 = np.array([float(row["AU45_r"]) for row in csv.DictReader(f)])
+    assert len(au45) == _meta(layout)["n_frames"] and au45.std() > 0.1 and au45.min() >= 0
+    track = FaceTrack.load(face_cache_path(layout))
+    ear = eye_aspect_ratio(track.landmarks)
+    assert abs(int(np.argmax(au45)) - int(np.argmin(ear))) <= 1
+    assert abs(int(np.argmax(au45)) - blink_frame) <= 2 and au45.max() > 1.5  # the blink seen in the video
+    assert np.median(au45) < 0.5  # eyes open most of the time
+
+
+def test_tracking_reprojects_onto_the_landmarks(hill):
+    meta = _meta(hill)["tracking"]
+    assert meta["mediapipe_matrix_reprojection_px"]["median"] < 10  # MediaPipe's 63 deg camera is consistent
+    assert meta["smoothed_reprojection_px"]["median"] < 3.0
+    assert meta["jitter_translation_cm"]["smoothed"] < meta["jitter_translation_cm"]["raw"]
+    params = torch.load(hill.track_params, weights_only=True)
+    focal = float(params["focal"][0])
+    # canonical vertices (mean over frames) under each frame's pose land on the detected landmarks
+    vertices = params["vertices"].numpy().astype(np.float64)
+    mean_shape = vertices.mean(0)
+    camera = np.einsum("nij,vj->nvi", params["rotation"].numpy(), mean_shape) + params["trans"].numpy()[:, None]
+    u = 256 + focal * camera[..., 0] / -camera[..., 2]
+    v = 256 - focal * camera[..., 1] / -camera[..., 2]
+    track = FaceTrack.load(face_cache_path(hill))
+    error = np.hypot(u - track.landmarks[..., 0], v - track.landmarks[..., 1])
+    assert np.median(error) < 3.0
+    # the person's mean shape resembles MediaPipe's canonical face in size (cm)
+    assert 0.7 < np.ptp(mean_shape[:468, 0]) / np.ptp(canonical_face()[:, 0]) < 1.4
+
+
+def test_transforms_split_and_camera(hill):
+    n = _meta(hill)["n_frames"]
+    train = json.loads(hill.transforms("train").read_text())
+    val = json.loads(hill.transforms("val").read_text())
+    n_train = int(n * 10 / 11)
+    assert split_index(n, 1 / 11) == n_train
+    assert [f["img_id"] for f in train["frames"]] == list(range(n_train))
+    assert [f["img_id"] for f in val["frames"]] == list(range(n_train, n))
+    assert all(f["aud_id"] == f["img_id"] for f in train["frames"] + val["frames"])
+    for key in ("focal_len", "cx", "cy", "w", "h"):
+        assert train[key] == val[key]
+    assert train["cx"] == 256 and train["w"] == 512
+    params = torch.load(hill.track_params, weights_only=True)
+    c2w = np.array(train["frames"][5]["transform_matrix"])
+    # world-to-camera inverse of the tracked pose; the camera looks at the head (world origin) along -z
+    w2c = np.linalg.inv(c2w)
+    assert np.allclose(w2c[:3, :3], params["rotation"][5].numpy(), atol=1e-5)
+    assert np.allclose(w2c[:3, 3], params["trans"][5].numpy(), atol=1e-4)
+    to_head = -c2w[:3, 3] / np.linalg.norm(c2w[:3, 3])
+    assert to_head @ -c2w[:3, 2] > 0.95
+    x0, y0, x1, y1 = train["frames"][5]["lips_box"]
+    assert 0 <= x0 < x1 <= 512 and 0 <= y0 < y1 <= 512
+    audio = np.load(hill.audio_features)
+    assert np.array_equal(np.load(hill.root / "aud_train.npy"), audio[:n_train])
+    assert np.array_equal(np.load(hill.root / "aud_novel.npy"), audio[n_train:])
+
+
+# --- bad input and drop-outs -----------------------------------------------------------------------------
+
+def _frames_only(tmp_path, clip="aoc_8s_512", seconds=2.5) -> tuple:
+    video = remux(shared_media(f"video/{clip}.mp4"), tmp_path / "clip.mp4", seconds)
+    root = preprocess(video, tmp_path / "ds", tasks=[1, 2, 3], config=FAST, show_progress=False)
+    return video, DatasetLayout(root)
+
+
+def test_short_dropout_is_interpolated_and_listed(tmp_path):
+    video, layout = _frames_only(tmp_path)
+    grey = np.full((512, 512, 3), 128, np.uint8)
+    for i in (20, 21, 22):
+        cv2.imwrite(str(layout.frame(i)), grey)
+    preprocess(video, layout.root, tasks=[4], config=FAST, show_progress=False)
+    assert _meta(layout)["face"]["dropouts_interpolated"] == [[20, 22]]
+    track = FaceTrack.load(face_cache_path(layout))
+    assert frame_ranges(~track.detected) == [(20, 22)]
+    expected = track.landmarks[19] + (track.landmarks[23] - track.landmarks[19]) * 2 / 4
+    assert np.allclose(track.landmarks[21], expected, atol=1e-3)
+    assert load_labels(layout.parsing(21)).max() > BACKGROUND  # parsed with the interpolated landmarks
+
+
+def test_no_face_names_the_frames(tmp_path):
+    video, layout = _frames_only(tmp_path)
+    n = _meta(layout)["n_frames"]
+    for i in range(10, n):  # the head turned away: a blank wall
+        cv2.imwrite(str(layout.frame(i)), np.full((512, 512, 3), 90, np.uint8))
+    with pytest.raises(EgstalkerError, match=f"no face found in {n - 10} of {n} frames \\(frames 10-{n - 1}\\)"):
+        preprocess(video, layout.root, tasks=[4], config=FAST, show_progress=False)
+    assert not layout.parsing_dir.exists() and not face_cache_path(layout).exists()
+    assert not list(layout.root.glob(".staging*"))
+
+
+def test_long_dropout_is_refused(tmp_path):
+    video, layout = _frames_only(tmp_path)
+    for i in range(20, 40):
+        cv2.imwrite(str(layout.frame(i)), np.full((512, 512, 3), 90, np.uint8))
+    with pytest.raises(EgstalkerError, match="no face in frames 20-39"):
+        preprocess(video, layout.root, tasks=[4], config=FAST, show_progress=False)
+
+
+def test_two_faces_are_refused(tmp_path):
+    video, layout = _frames_only(tmp_path)
+    other = remux(shared_media("video/hill_8s_512.mp4"), tmp_path / "other.mp4", 2.5)
+    other_layout = DatasetLayout(preprocess(other, tmp_path / "other", tasks=[3], config=FAST,
+                                            show_progress=False))
+    n = _meta(layout)["n_frames"]
+    for i in range(n):  # two people side by side
+        pair = np.hstack([cv2.imread(str(layout.frame(i))), cv2.imread(str(other_layout.frame(i)))])
+        cv2.imwrite(str(layout.frame(i)), cv2.resize(pair, (512, 256), interpolation=cv2.INTER_AREA))
+    with pytest.raises(EgstalkerError, match="more than one face in frames 0-"):
+        preprocess(video, layout.root, tasks=[4], config=FAST, show_progress=False)
+
+
+def test_bisenet_without_support_is_a_clear_error(tmp_path):
+    video, layout = _frames_only(tmp_path, seconds=2.2)
+    config = PreprocessConfig()
+    config.audio.encoder = "mel"
+    config.face.parser = "bisenet"
+    config.face.bisenet_weights = str(tmp_path / "79999_iter.pth")
+    with pytest.raises(EgstalkerError, match="BiSeNet parser is not supported yet"):
+        preprocess(video, layout.root, tasks=[4], config=config, show_progress=False)
+    shutil.rmtree(layout.root)
