@@ -33,6 +33,7 @@ root = preprocess(sys.argv[1], sys.argv[2], tasks=tasks, show_progress=False)
 total = time.perf_counter() - started
 meta = json.loads((root / "meta.json").read_text())
 print(json.dumps({"total_s": total, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
                   "meta": meta}))
 """
 
@@ -95,7 +96,8 @@ def report(result: dict) -> str:
     tasks = " ".join(f"t{k}={n / max(v, 1e-9):.0f}fps({v:.1f}s)" for k, v in sorted(
         meta.get("task_seconds", {}).items(), key=lambda kv: int(kv[0])))
     return (f"{result['video']:<28} {meta['width']}x{meta['height']} {n:>5} frames  total {result['total_s']:6.1f} s "
-            f"({n / result['total_s']:5.0f} frames/s)  peak RSS {result['peak_rss_mb']:6.0f} MB  "
+            f"({n / result['total_s']:5.0f} frames/s)  peak RSS {result['peak_rss_mb']:6.0f} MB "
+            f"(largest worker process {result.get('worker_peak_rss_mb', 0):4.0f} MB)  "
             f"disk {result['bytes'] / 1e6:7.1f} MB ({result['bytes'] / n / 1e3:.1f} kB/frame)  "
             f"worst A/V offset {meta.get('sync', {}).get('worst_offset_ms')} ms\n    per task: {tasks}")
 
@@ -124,8 +126,8 @@ def main() -> None:
         long_512 = loop_video(VIDEOS / "hill_8s_512.mp4", Path(tmp) / "hill_loop_8000f_512.mp4", 8000)
         for video in videos + [long_lieu, long_512]:
             print(report(run_one(video, work, args.tasks)), flush=True)
-    print("# peak RSS is the whole preprocess process (Python + libraries + models); compare short vs 8000-frame "
-          "rows of the same resolution to see growth with length")
+    print("# peak RSS: the preprocess process (Python + libraries + models) and, separately, the largest of its "
+          "worker processes; compare short vs 8000-frame rows of the same resolution to see growth with length")
 
 
 if __name__ == "__main__":
