@@ -259,15 +259,16 @@ def person_score(image_small: np.ndarray, geometry_small: FaceGeometry, model: C
 def _keep_connected(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
     """Components of `mask` touching `seed`, holes filled."""
     count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=4)
-    keep = np.unique(labels[seed & mask])
-    keep = keep[keep > 0]
-    out = np.isin(labels, keep)
+    keep = np.zeros(count, bool)  # a lookup table: much faster than np.isin on every pixel
+    keep[labels[seed & mask]] = True
+    keep[0] = False
+    out = keep[labels]
     # fill holes: background components not touching the border
-    inverse = (~out).astype(np.uint8)
-    count, labels = cv2.connectedComponents(inverse, connectivity=4)
-    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    holes = (labels > 0) & ~np.isin(labels, border)
-    return out | holes
+    count, labels = cv2.connectedComponents((~out).astype(np.uint8), connectivity=4)
+    hole = np.ones(count, bool)
+    hole[0] = False
+    hole[labels[0]] = hole[labels[-1]] = hole[labels[:, 0]] = hole[labels[:, -1]] = False
+    return out | hole[labels]
 
 
 def parse_frame(image_small: np.ndarray, landmarks: np.ndarray, model: ClipModel,
