@@ -21,7 +21,6 @@ Raw output is committed under benchmarks/results/train_*.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -194,6 +193,25 @@ def setup_device_weights(carry: Path) -> None:
 # --- on the GPU
 def device_run(clips: list[str], minutes: float, out: Path, carry: Path, iterations: int | None,
                device: str = "cuda", val_frames: int | None = None, resolution: int | None = None) -> None:
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    setup_device_weights(carry)
+    cuda = device.startswith("cuda")
+    summary = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
+               "command": " ".join(sys.argv), "clips": {}}
+    for clip in clips:
+        try:
+            _device_clip(clip, minutes, out, carry, iterations, device, val_frames, resolution, summary)
+        except Exception as e:  # noqa: BLE001 - keep going with the next clip; the error is in the summary
+            import traceback
+
+            traceback.print_exc()
+            summary["clips"][clip] = {"error": f"{e.__class__.__name__}: {e}"}
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def _device_clip(clip, minutes, out, carry, iterations, device, val_frames, resolution, summary) -> None:
     import cv2
     import torch
 
@@ -202,87 +220,86 @@ def device_run(clips: list[str], minutes: float, out: Path, carry: Path, iterati
     from egstalker.train.config import TrainConfig
     from egstalker.train.trainer import train
 
-    out.mkdir(parents=True, exist_ok=True)
-    setup_device_weights(carry)
     cuda = device.startswith("cuda")
-    summary = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
-               "command": " ".join(sys.argv), "clips": {}}
-    for clip in clips:
-        t0 = time.perf_counter()
-        ds = Path("/tmp/egs_ds") / clip
-        unpack(carry / clip, ds)
-        unpack_s = time.perf_counter() - t0
-        config = TrainConfig()
-        config.data.num_workers = min(12, (os.cpu_count() or 4) - 2)
-        if iterations:
-            config.schedule.iterations = iterations
-        config.schedule.time_budget_minutes = minutes
-        config.data.resolution = resolution
-        model_dir = Path("/tmp/egs_models") / clip
-        shutil.rmtree(model_dir, ignore_errors=True)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        t1 = time.perf_counter()
-        result = train(ds, model_dir, config, device=device, show_progress=False)
-        wall = time.perf_counter() - t1
-        peak_train = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    t0 = time.perf_counter()
+    ds = Path("/tmp/egs_ds") / clip
+    unpack(carry / clip, ds)
+    unpack_s = time.perf_counter() - t0
+    config = TrainConfig()
+    config.data.num_workers = min(12, (os.cpu_count() or 4) - 2)
+    if iterations:
+        config.schedule.iterations = iterations
+    config.schedule.time_budget_minutes = minutes
+    config.data.resolution = resolution
+    model_dir = Path("/tmp/egs_models") / clip
+    shutil.rmtree(model_dir, ignore_errors=True)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t1 = time.perf_counter()
+    result = train(ds, model_dir, config, device=device, show_progress=False)
+    wall = time.perf_counter() - t1
+    peak_train = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
 
-        head = TalkingHead.from_dir(model_dir, device=device)
-        poses = head.poses
-        positions = np.arange(poses.n_train, len(poses.frame_ids))[:val_frames]
-        features = np.load(ds / "aud.npy")
-        renders = []
-        if cuda:
-            torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        for lo in range(0, len(positions), 8):
-            p = positions[lo:lo + 8]
-            renders.append(head.render_frames(features, poses.audio_ids[p], p))
-        if cuda:
-            torch.cuda.synchronize()
-        render_s = time.perf_counter() - t2
-        renders = np.concatenate(renders)
-        truths = []
-        for fid in poses.frame_ids[positions]:
-            bgr = cv2.imread(str(ds / "gt_imgs" / f"{fid}.jpg"))
-            truths.append(cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (head.width, head.height),
-                                     interpolation=cv2.INTER_AREA))
-        truths = np.stack(truths)
-        psnr = metrics.psnr(renders, truths)
-        ssim = metrics.ssim(renders, truths)
-        try:
-            lp = metrics.lpips(renders, truths, device=device)
-            lpips_mean = float(np.mean(lp))
-        except Exception as e:  # noqa: BLE001 - weights may be absent on the device; scored locally then
-            print(f"LPIPS not computed here: {e}")
-            lpips_mean = None
-        cfg = json.loads((model_dir / "train_config.json").read_text())
-        info = {
-            "frames_val": int(len(positions)), "size": [head.width, head.height],
-            "psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "lpips_alex": lpips_mean,
-            "n_gaussians": result.n_gaussians, "iterations": result.steps,
-            "train_loop_seconds": round(result.seconds, 1), "train_wall_seconds_incl_init_eval": round(wall, 1),
-            "iterations_per_second": round(result.iterations_per_second, 2),
-            "peak_gpu_memory_gib_train": round(peak_train, 2),
-            "val_render_fps_batch8": round(len(positions) / render_s, 1),
-            "gaussian_counts": result.gaussian_counts[:: max(1, len(result.gaussian_counts) // 40)]
-            + result.gaussian_counts[-1:],
-            "unpack_seconds": round(unpack_s, 1), "config": cfg,
-        }
-        summary["clips"][clip] = info
-        print(json.dumps({k: v for k, v in info.items() if k not in ("config", "gaussian_counts")}), flush=True)
-        pngs = [(f"{i}.png", cv2.imencode(".png", cv2.cvtColor(r, cv2.COLOR_RGB2BGR))[1].tobytes())
-                for i, r in zip(poses.frame_ids[positions], renders)]
-        chunk, part = {}, 0
-        for name, data in pngs:  # lossless renders, in files under the 16 MB a returned file may have
-            chunk[name] = data
-            if sum(map(len, chunk.values())) > 12 * 2**20 or name == pngs[-1][0]:
-                save_blob(out / f"{clip}_renders{part}.npz", chunk)
-                chunk, part = {}, part + 1
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        del head
-        if cuda:
-            torch.cuda.empty_cache()
+    print(json.dumps({"clip": clip, "iterations": result.steps, "n_gaussians": result.n_gaussians,
+                      "loop_s": round(result.seconds, 1), "it_s": round(result.iterations_per_second, 2),
+                      "val_psnr_16": result.val_psnr, "peak_gib": round(peak_train, 2)}), flush=True)
+    # The dataset's own features are rendered: the encoder (openwakeword) need not be installed here.
+    head = TalkingHead.from_dir(model_dir, device=device, check_encoder=False)
+    poses = head.poses
+    positions = np.arange(poses.n_train, len(poses.frame_ids))[:val_frames]
+    features = np.load(ds / "aud.npy")
+    renders = []
+    if cuda:
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    for lo in range(0, len(positions), 8):
+        p = positions[lo:lo + 8]
+        renders.append(head.render_frames(features, poses.audio_ids[p], p))
+    if cuda:
+        torch.cuda.synchronize()
+    render_s = time.perf_counter() - t2
+    renders = np.concatenate(renders)
+    truths = []
+    for fid in poses.frame_ids[positions]:
+        bgr = cv2.imread(str(ds / "gt_imgs" / f"{fid}.jpg"))
+        truths.append(cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (head.width, head.height),
+                                 interpolation=cv2.INTER_AREA))
+    truths = np.stack(truths)
+    psnr = metrics.psnr(renders, truths)
+    ssim = metrics.ssim(renders, truths)
+    try:
+        lp = metrics.lpips(renders, truths, device=device)
+        lpips_mean = float(np.mean(lp))
+    except Exception as e:  # noqa: BLE001 - weights may be absent on the device; scored locally then
+        print(f"LPIPS not computed here: {e}")
+        lpips_mean = None
+    cfg = json.loads((model_dir / "train_config.json").read_text())
+    info = {
+        "frames_val": int(len(positions)), "size": [head.width, head.height],
+        "psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "lpips_alex": lpips_mean,
+        "n_gaussians": result.n_gaussians, "iterations": result.steps,
+        "train_loop_seconds": round(result.seconds, 1), "train_wall_seconds_incl_init_eval": round(wall, 1),
+        "iterations_per_second": round(result.iterations_per_second, 2),
+        "peak_gpu_memory_gib_train": round(peak_train, 2),
+        "val_render_fps_batch8": round(len(positions) / render_s, 1),
+        "gaussian_counts": result.gaussian_counts[:: max(1, len(result.gaussian_counts) // 40)]
+        + result.gaussian_counts[-1:],
+        "unpack_seconds": round(unpack_s, 1), "config": cfg,
+    }
+    summary["clips"][clip] = info
+    print(json.dumps({k: v for k, v in info.items() if k not in ("config", "gaussian_counts")}), flush=True)
+    pngs = [(f"{i}.png", cv2.imencode(".png", cv2.cvtColor(r, cv2.COLOR_RGB2BGR))[1].tobytes())
+            for i, r in zip(poses.frame_ids[positions], renders)]
+    chunk, part = {}, 0
+    for name, data in pngs:  # lossless renders, in files under the 16 MB a returned file may have
+        chunk[name] = data
+        if sum(map(len, chunk.values())) > 12 * 2**20 or name == pngs[-1][0]:
+            save_blob(out / f"{clip}_renders{part}.npz", chunk)
+            chunk, part = {}, part + 1
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    del head
+    if cuda:
+        torch.cuda.empty_cache()
 
 
 def score(renders_dir: Path, datasets: dict[str, Path]) -> dict:

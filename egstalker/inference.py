@@ -55,11 +55,13 @@ class TalkingHead:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str | torch.device = "cpu",
-                 dataset_dir: str | Path | None = None) -> "TalkingHead":
+                 dataset_dir: str | Path | None = None, check_encoder: bool = True) -> "TalkingHead":
         """Load a model folder written by `egstalker train`.
 
         Raises EgstalkerError for a missing folder, a folder that is not a model, an incompatible format
-        version, a missing dataset (torso/background source) or an audio encoder whose weights are absent.
+        version, a missing dataset (torso/background source) or (with `check_encoder`) an audio encoder whose
+        weights are absent. check_encoder=False serves callers that bring their own features (evaluation of
+        the dataset's features on a machine without the encoder).
         """
         model_dir = Path(model_dir)
         model, info = load_model(model_dir, device)
@@ -70,7 +72,8 @@ class TalkingHead:
             raise EgstalkerError(f"the model's torso/background source, dataset {dataset}, is missing or incomplete; "
                                  "pass the dataset folder it was trained on (dataset_dir=...)")
         head = cls(model, info, poses, dataset, model_dir, torch.device(device))
-        head.encoder  # fail early (clear error) when the encoder's weights are unavailable here
+        if check_encoder:
+            head.encoder  # fail early (clear error) when the encoder's weights are unavailable here
         return head
 
     # --- audio
