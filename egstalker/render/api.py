@@ -105,7 +105,7 @@ def render(head: "TalkingHead", audio: np.ndarray | str | os.PathLike, pose: Pos
         head: a loaded model (`TalkingHead.from_dir`).
         audio: 16 kHz mono float32 samples, or the path of any audio/video file with speech.
         pose: head pose, eye blink and torso source: 'loop' ping-pongs over the training frames (no jump at the
-            turn), 'static' holds one frame, 'dataset' plays the training frames in order (and then loops).
+            turn), 'static' holds one frame, 'dataset' plays the training frames in order (holding the last one).
         background: uint8 [H, W, 3] replacing the dataset background (see `parse_background`), or None.
         batch_size: frames rendered per model call.
     """

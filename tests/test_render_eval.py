@@ -1,0 +1,177 @@
+"""`egstalker render` / `eval` / `run` on a small CPU-trained model, the mp4 writer, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import av
+import numpy as np
+import pytest
+
+from conftest import shared_media
+from fixtures_models import short_clip, small_dataset, small_model, write_speech  # noqa: F401 (fixtures)
+from egstalker.cli import main
+from egstalker.errors import EgstalkerError
+from egstalker.render.api import load_speech, n_frames_for, parse_background
+from egstalker.render.video import Mp4Writer
+
+
+def probe_mp4(path) -> dict:
+    """Streams of an mp4 by decoding it: codec names, frame count, durations, audio rate."""
+    with av.open(str(path)) as c:
+        video, audio = c.streams.video[0], (c.streams.audio[0] if c.streams.audio else None)
+        info = {"video_codec": video.codec_context.name, "pix_fmt": video.codec_context.pix_fmt,
+                "width": video.width, "height": video.height,
+                "audio_codec": audio.codec_context.name if audio else None,
+                "audio_rate": audio.rate if audio else None}
+        info["frames"] = sum(1 for _ in c.decode(video=0))
+    with av.open(str(path)) as c:
+        samples = sum(f.samples for f in c.decode(audio=0)) if c.streams.audio else 0
+        info["audio_seconds"] = samples / info["audio_rate"] if info["audio_rate"] else 0.0
+    with open(path, "rb") as f:
+        head = f.read(64)
+    info["moov_first"] = head.find(b"moov") != -1  # +faststart: the index precedes the media data
+    return info
+
+
+# --- the writer on its own (fast)
+
+def test_mp4_writer_streams_h264_and_aac(tmp_path):
+    audio = np.sin(np.linspace(0, 2000 * np.pi, 48000 * 2)).astype(np.float32) * 0.3
+    out = tmp_path / "odd.mp4"
+    with Mp4Writer(out, width=101, height=67, fps=25, audio=audio, audio_rate=48000) as writer:
+        for i in range(50):
+            writer.write(np.full((67, 101, 3), i * 5, np.uint8))
+    info = probe_mp4(out)
+    assert info["video_codec"] == "h264" and info["pix_fmt"] == "yuv420p" and info["audio_codec"] == "aac"
+    assert info["frames"] == 50 and (info["width"], info["height"]) == (102, 68)  # odd sizes padded to even
+    assert abs(info["audio_seconds"] - 2.0) < 0.05 and info["moov_first"]
+    assert [p.name for p in tmp_path.iterdir()] == ["odd.mp4"], "no temporary file may be left behind"
+
+
+def test_mp4_writer_leaves_nothing_when_interrupted(tmp_path):
+    out = tmp_path / "broken.mp4"
+    with pytest.raises(RuntimeError):
+        with Mp4Writer(out, 64, 64) as writer:
+            writer.write(np.zeros((64, 64, 3), np.uint8))
+            raise RuntimeError("simulated crash mid-render")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- speech and option checks (fast)
+
+def test_bad_speech_gets_one_line_errors(tmp_path):
+    silent = tmp_path / "silence.wav"
+    import soundfile
+
+    soundfile.write(silent, np.zeros(16000 * 3, np.float32), 16000)
+    with pytest.raises(EgstalkerError, match="silent"):
+        load_speech(silent)
+    garbage = tmp_path / "notes.wav"
+    garbage.write_text("this is not audio\n" * 100)
+    with pytest.raises(EgstalkerError, match="not a readable"):
+        load_speech(garbage)
+    with pytest.raises(EgstalkerError, match="does not exist"):
+        load_speech(tmp_path / "missing.wav")
+    # speech at another rate and format decodes to 16 kHz with the right length
+    speech = load_speech(write_speech(tmp_path / "s.flac", 3.0, rate=44100))
+    assert abs(len(speech) - 48000) <= 2 and np.abs(speech).max() > 0.05
+
+
+def test_background_option():
+    assert parse_background("dataset", 8, 6) is None
+    assert parse_background("green", 8, 6).shape == (6, 8, 3)
+    assert tuple(parse_background("#ff8000", 8, 6)[0, 0]) == (255, 128, 0)
+    assert tuple(parse_background("10,20,30", 8, 6)[5, 7]) == (10, 20, 30)
+    with pytest.raises(EgstalkerError, match="neither"):
+        parse_background("no-such-file.png", 8, 6)
+
+
+def test_cli_bad_inputs_print_one_line(tmp_path, capsys):
+    speech = write_speech(tmp_path / "speech.wav", 1.0)
+    assert main(["render", str(tmp_path / "no_model"), "--audio", str(speech)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("egstalker render: error:") and "does not exist" in err and "\n" not in err
+    silent = tmp_path / "silence.wav"
+    import soundfile
+
+    soundfile.write(silent, np.zeros(16000, np.float32), 16000)
+    assert main(["render", str(tmp_path), "--audio", str(silent)]) == 2
+    assert "silent" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "no_model"), "--json"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --- a real small model (built once per session)
+
+def test_render_ten_seconds_gives_250_frames_with_sound(small_model, tmp_path):
+    speech = write_speech(tmp_path / "speech_10s.ogg", 10.0, rate=22050)
+    out = tmp_path / "talk.mp4"
+    frames_dir = tmp_path / "frames"
+    assert main(["render", str(small_model), "--audio", str(speech), "-o", str(out), "--device", "cpu",
+                 "--frames-dir", str(frames_dir), "--background", "white"]) == 0
+    info = probe_mp4(out)
+    assert info["video_codec"] == "h264" and info["audio_codec"] == "aac" and info["pix_fmt"] == "yuv420p"
+    assert info["frames"] == 250 == n_frames_for(160000)
+    assert abs(info["audio_seconds"] - 10.0) < 0.05 and info["moov_first"]
+    pngs = sorted(frames_dir.glob("*.png"))
+    assert len(pngs) == 250 and pngs[0].name == "000000.png"
+
+
+def test_render_api_streams_what_the_talking_head_renders(small_model):
+    from egstalker.inference import TalkingHead
+    from egstalker.render.api import render
+
+    head = TalkingHead.from_dir(small_model)
+    wav = load_speech(shared_media("audio/speech_8s_16k_stereo.wav"))[: 16000 * 2]
+    frames = list(render(head, wav, pose="loop", batch_size=3))
+    assert len(frames) == 50 and frames[0].shape == (head.height, head.width, 3) and frames[0].dtype == np.uint8
+    # the same frames as the inference object's own call (another batch size), in the same order
+    reference = list(head(wav, pose="loop", batch_size=8))
+    assert len(reference) == 50
+    assert max(np.abs(a.astype(int) - b).max() for a, b in zip(frames, reference)) <= 1
+
+
+def test_eval_psnr_equals_independent_computation(small_model, tmp_path, capsys):
+    from egstalker.evaluate.evaluate import evaluate, heldout_frames
+    from egstalker.inference import TalkingHead
+
+    head = TalkingHead.from_dir(small_model)
+    result = evaluate(head, split="val", report_dir=tmp_path / "report", show_progress=False)
+    held = heldout_frames(head, "val")
+    assert result.n_frames == len(held.frame_ids) > 10
+    # independent: render the same frames, read the filmed frames with OpenCV, PSNR with numpy
+    import cv2
+
+    renders = head.render_frames(held.features, held.audio_ids, held.pose_indices).astype(np.float64)
+    psnrs = []
+    for render, frame_id in zip(renders, held.frame_ids):
+        bgr = cv2.imread(str(held.dataset_dir / "gt_imgs" / f"{frame_id}.jpg"))
+        truth = cv2.cvtColor(cv2.resize(bgr, (head.width, head.height), interpolation=cv2.INTER_AREA),
+                             cv2.COLOR_BGR2RGB).astype(np.float64)
+        psnrs.append(10 * np.log10(255.0**2 / np.mean((render - truth) ** 2)))
+    assert result.psnr == pytest.approx(float(np.mean(psnrs)), abs=1e-6)
+    assert 0 < result.ssim <= 1 and 0 < result.lpips < 1 and result.fps > 0
+    # the report exists with its plots, frames and video
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert page.count("<svg") == 2 and "side_by_side.mp4" in page
+    assert len(list((tmp_path / "report" / "frames").glob("*.png"))) == 6
+    assert probe_mp4(tmp_path / "report" / "side_by_side.mp4")["frames"] == min(result.n_frames, 200)
+    # the CLI's JSON has the agreed keys
+    assert main(["eval", str(small_model), "--json", "--device", "cpu"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"psnr", "ssim", "lpips", "lmd", "mouth_corr", "fps"} <= set(data)
+    assert data["psnr"] == pytest.approx(result.psnr, abs=1e-4)
+
+
+def test_incompatible_model_version_is_refused(small_model, tmp_path, capsys):
+    old = tmp_path / "old_model"
+    shutil.copytree(small_model, old, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    meta = json.loads((old / "model.json").read_text())
+    meta["format_version"] = 999
+    (old / "model.json").write_text(json.dumps(meta))
+    speech = write_speech(tmp_path / "speech.wav", 1.0)
+    assert main(["render", str(old), "--audio", str(speech), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "version" in err and err.count("\n") == 1
