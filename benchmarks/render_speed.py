@@ -14,6 +14,10 @@ Measured on one device, for the model folder given:
     frames/s and real-time factor;
   - peak GPU memory (torch.cuda.max_memory_allocated) of each measurement.
 
+--features F.npy uses a dataset's audio features (e.g. DATASET/aud.npy) instead of encoding the speech, for
+machines without the audio encoder's packages; the speech is then only needed for the mp4 run, which is skipped
+(with a note) when PyAV is not installed.
+
 --size S renders at S px on the longer side (intrinsics scaled; the torso/background images resized), so a model
 trained at 450 px can be timed at 512x512. The Gaussian count is the trained model's.
 
@@ -31,6 +35,7 @@ import platform
 import sys
 import tempfile
 import time
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +133,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, default=None, help="render at this size of the longer side")
     parser.add_argument("--audio", default=str(DEFAULT_AUDIO))
+    parser.add_argument("--features", default=None, help="audio features .npy to use instead of encoding --audio")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--frames", type=int, default=512, help="frames per model-only measurement")
     parser.add_argument("--e2e-seconds", type=float, default=60.0, help="seconds of speech for the mp4 run")
@@ -137,17 +143,14 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import soundfile
-
     from egstalker.inference import TalkingHead
-    from egstalker.render.api import load_speech, n_frames_for, render, render_to_file
 
     device = torch.device(args.device)
     results: dict = {"command": " ".join(["python", "benchmarks/render_speed.py"] + sys.argv[1:]),
                      "device": device_name(device), "torch": torch.__version__}
 
     t0 = time.perf_counter()
-    head = TalkingHead.from_dir(args.model_dir, device=device)
+    head = TalkingHead.from_dir(args.model_dir, device=device, check_encoder=args.features is None)
     _sync(device)
     results["load_s"] = time.perf_counter() - t0
     results["trained_size"] = f"{head.width}x{head.height}"
@@ -157,18 +160,35 @@ def main() -> int:
     results["gaussians"] = len(head.model.gaussians)
     results["encoder"] = head.encoder_name
 
-    wav = load_speech(args.audio)
-    t0 = time.perf_counter()
-    features = head.encode_audio(wav)
-    results["features_s"] = time.perf_counter() - t0
-    results["features_realtime_factor"] = len(wav) / 16000 / results["features_s"]
+    try:
+        import av  # noqa: F401 (PyAV: audio decoding and the mp4 writer)
+        has_av = True
+    except ImportError:
+        has_av = False
+    wav = None
+    if args.features is None:
+        from egstalker.render.api import load_speech, render
 
-    for label in ("first_frame_cold_s", "first_frame_warm_s"):
-        _sync(device)
+        wav = load_speech(args.audio)
         t0 = time.perf_counter()
-        next(iter(render(head, wav[: 16000 * 2], batch_size=1)))
-        _sync(device)
-        results[label] = time.perf_counter() - t0
+        features = head.encode_audio(wav)
+        results["features_s"] = time.perf_counter() - t0
+        results["features_realtime_factor"] = len(wav) / 16000 / results["features_s"]
+        for label in ("first_frame_cold_s", "first_frame_warm_s"):  # features of 2 s + the first frame
+            _sync(device)
+            t0 = time.perf_counter()
+            next(iter(render(head, wav[: 16000 * 2], batch_size=1)))
+            _sync(device)
+            results[label] = time.perf_counter() - t0
+    else:
+        features = np.load(args.features).astype(np.float32)
+        results["features"] = f"{args.features} ({len(features)} frames; encoder not timed)"
+        for label in ("first_frame_cold_s", "first_frame_warm_s"):  # one frame, features given
+            _sync(device)
+            t0 = time.perf_counter()
+            head.render_frames(features, [0], [0])
+            _sync(device)
+            results[label] = time.perf_counter() - t0
 
     poses = head.pose_schedule(max(args.frames, 2), "loop")
     results["model_only"], results["render_frames"] = {}, {}
@@ -180,18 +200,29 @@ def main() -> int:
               f"render_frames {results['render_frames'][str(batch)]['fps']:.1f} frames/s", file=sys.stderr)
 
     best = max(results["render_frames"], key=lambda b: results["render_frames"][b]["fps"])
-    e2e_wav = wav[: int(args.e2e_seconds * 16000)]
-    with tempfile.TemporaryDirectory() as tmp:
-        speech = Path(tmp) / "speech.wav"
-        soundfile.write(speech, e2e_wav, 16000)
-        _reset_peak(device)
-        result = render_to_file(head, speech, Path(tmp) / "out.mp4", batch_size=int(best), show_progress=False)
-        size_mb = (Path(tmp) / "out.mp4").stat().st_size / 1e6
-    assert result.n_frames == n_frames_for(len(e2e_wav))
-    results["end_to_end"] = {"batch_size": int(best), "frames": result.n_frames, "audio_s": result.audio_seconds,
-                             "seconds": result.render_seconds, "fps": result.fps,
-                             "realtime_factor": result.audio_seconds / result.render_seconds,
-                             "peak_gpu_mib": _peak_mib(device), "mp4_mb": size_mb}
+    if has_av and wav is not None:
+        from egstalker.render.api import n_frames_for, render_to_file
+
+        e2e_wav = wav[: int(args.e2e_seconds * 16000)]
+        with tempfile.TemporaryDirectory() as tmp:
+            speech = Path(tmp) / "speech.wav"
+            with wave.open(str(speech), "wb") as f:
+                f.setnchannels(1)
+                f.setsampwidth(2)
+                f.setframerate(16000)
+                f.writeframes((np.clip(e2e_wav, -1, 1) * 32767).astype("<i2").tobytes())
+            _reset_peak(device)
+            result = render_to_file(head, speech, Path(tmp) / "out.mp4", batch_size=int(best),
+                                    show_progress=False)
+            size_mb = (Path(tmp) / "out.mp4").stat().st_size / 1e6
+        assert result.n_frames == n_frames_for(len(e2e_wav))
+        results["end_to_end"] = {"batch_size": int(best), "frames": result.n_frames,
+                                 "audio_s": result.audio_seconds, "seconds": result.render_seconds,
+                                 "fps": result.fps, "realtime_factor": result.audio_seconds / result.render_seconds,
+                                 "peak_gpu_mib": _peak_mib(device), "mp4_mb": size_mb}
+    else:
+        results["end_to_end"] = ("skipped: needs PyAV" if not has_av else "skipped: needs the audio encoder "
+                                 "(run without --features)")
 
     text = json.dumps(results, indent=2)
     print(text)

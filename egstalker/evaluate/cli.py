@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LPIPS backbone (default alexnet, what papers usually report)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--batch-size", type=int, default=8, help="frames per model call (default 8)")
+    parser.add_argument("--dataset", metavar="DIR", default=None,
+                        help="the dataset the model was trained on, if it moved since training")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
     from egstalker.inference import TalkingHead
     from egstalker.render.cli import default_device
 
-    head = TalkingHead.from_dir(args.model_dir, device=args.device or default_device())
+    # the held-out frames come with their dataset's audio features: the encoder itself is not needed
+    head = TalkingHead.from_dir(args.model_dir, device=args.device or default_device(), dataset_dir=args.dataset,
+                                check_encoder=False)
     result = evaluate(head, split=args.split, max_frames=args.max_frames, batch_size=args.batch_size,
                       lpips_net=args.lpips_net, report_dir=args.report, show_progress=not args.json)
     if args.json:

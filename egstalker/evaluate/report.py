@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -24,14 +25,17 @@ PLOT_WIDTH, PLOT_HEIGHT = 860, 220
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 56, 16, 14, 34
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+def _nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
     if not math.isfinite(lo) or not math.isfinite(hi):
         return []
     if hi <= lo:
         hi = lo + 1.0
     raw = (hi - lo) / n
     magnitude = 10 ** math.floor(math.log10(raw))
-    step = min((m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw), default=raw)
+    multiples = (1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)
+    step = min((m * magnitude for m in multiples if m * magnitude >= raw), default=raw)
+    if integer:
+        step = max(1.0, round(step))
     start = math.ceil(lo / step) * step
     return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
 
@@ -64,7 +68,7 @@ def svg_line_plot(series: Sequence[tuple[str, np.ndarray, str]], title: str, y_l
         parts.append(f'<line x1="{MARGIN_LEFT}" x2="{MARGIN_LEFT + inner_w}" y1="{y:.1f}" y2="{y:.1f}" '
                      'stroke="#e3e3e3"/>')
         parts.append(f'<text x="{MARGIN_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>')
-    for tick in _nice_ticks(0, max(n - 1, 1), 8):
+    for tick in _nice_ticks(0, max(n - 1, 1), 8, integer=True):
         x = x_of(tick)
         parts.append(f'<text x="{x:.1f}" y="{PLOT_HEIGHT - MARGIN_BOTTOM + 14}" text-anchor="middle">'
                      f'{int(tick) + x_offset}</text>')
@@ -134,12 +138,19 @@ def write_report(report_dir: str | Path, summary: dict, per_frame: dict[str, np.
     frames_dir = report_dir / "frames"
     frames_dir.mkdir(parents=True, exist_ok=True)
     rows = []
+    scale = max(1, int(round(256 / samples[0][1].shape[0]))) if samples else 1  # show small renders larger
+    poster = None
+    if samples:
+        position, render, truth = samples[0]
+        poster = "frames/poster.png"
+        cv2.imwrite(str(report_dir / poster), cv2.cvtColor(side_by_side(render, truth), cv2.COLOR_RGB2BGR))
     for position, render, truth in samples:
         name = f"frames/{position:06d}.png"
         image = side_by_side(render, truth, error_image(render, truth))
         cv2.imwrite(str(report_dir / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         psnr_value = per_frame["psnr"][position]
-        rows.append(f'<figure><img src="{name}" alt="frame {position}"><figcaption>held-out frame {position} '
+        rows.append(f'<figure><img src="{name}" width="{image.shape[1] * scale}" alt="frame {position}">'
+                    f'<figcaption>held-out frame {position} '
                     f'(PSNR {psnr_value:.2f} dB): render | ground truth | error x4</figcaption></figure>')
 
     def fmt(value) -> str:
@@ -152,8 +163,10 @@ def write_report(report_dir: str | Path, summary: dict, per_frame: dict[str, np.
     mouth_plot = svg_line_plot([("render", per_frame["opening_pred"], "#d9480f"),
                                 ("ground truth", per_frame["opening_true"], "#2b8a3e")],
                                "Mouth opening per frame", "opening / eye distance")
-    video = (f'<video src="{html.escape(video_name)}" controls muted playsinline loop></video>'
-             if video_name else "<p>(no video)</p>")
+    video_width = (2 * samples[0][1].shape[1] + 4) * scale if samples else 512
+    poster_attr = f' poster="{poster}"' if poster else ""
+    video = (f'<video src="{html.escape(video_name)}" width="{video_width}"{poster_attr} controls muted playsinline '
+             'loop preload="metadata"></video>' if video_name else "<p>(no video)</p>")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -184,4 +197,5 @@ mouth_corr = correlation of mouth opening, render vs ground truth; fps = model f
 """
     path = report_dir / "index.html"
     atomic_write_text(path, page)
+    os.chmod(path, 0o644)  # the atomic write's temporary file is private; the page is meant to be shared
     return path

@@ -173,7 +173,9 @@ def render_to_file(head: "TalkingHead", audio_path: str | os.PathLike, output: s
         writer = Mp4Writer(output, head.width, head.height, head.fps, audio=mux_audio, audio_rate=MUX_RATE)
     try:
         with tqdm(total=n_frames, desc="render", unit="frame", disable=not show_progress) as bar:
-            for i, frame in enumerate(render(head, wav, pose=pose, background=background, batch_size=batch_size)):
+            frames = render(head, wav, pose=pose, background=background, batch_size=batch_size)
+            # render the next batches on a worker thread while this one encodes (both release the GIL)
+            for i, frame in enumerate(prefetch(frames, max_items=2 * batch_size)):
                 if writer is not None:
                     writer.write(frame)
                 if frames_path is not None:
@@ -186,6 +188,53 @@ def render_to_file(head: "TalkingHead", audio_path: str | os.PathLike, output: s
         raise
     return RenderResult(path=path, n_frames=n_frames, audio_seconds=len(wav) / FEATURE_RATE,
                         render_seconds=time.perf_counter() - start, frames_dir=frames_path)
+
+
+def prefetch(items: Iterator, max_items: int) -> Iterator:
+    """Yield `items`, produced ahead on a worker thread (at most `max_items` waiting); errors are re-raised here.
+
+    Leaving the loop early (or an error in the consumer) stops the worker after its current item.
+    """
+    import queue
+    import threading
+
+    buffer: queue.Queue = queue.Queue(maxsize=max(1, max_items))
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put((done, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            buffer.put((done, e))
+
+    worker = threading.Thread(target=produce, name="egstalker-render", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                pass
+            worker.join(timeout=0.05)
 
 
 def _write_png(path: Path, frame: np.ndarray) -> None:

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                        "available)")
     parser.add_argument("--frames-dir", metavar="DIR", help="also write every frame as a PNG into DIR")
     parser.add_argument("--batch-size", type=int, default=8, help="frames per model call (default 8)")
+    parser.add_argument("--dataset", metavar="DIR", default=None,
+                        help="the dataset the model was trained on (torso/background source), if it moved")
     parser.add_argument("--no-video", action="store_true", help="write only the PNG frames (needs --frames-dir)")
 
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     load_speech(args.audio)  # check the audio before the (slower) model load
     output = None if args.no_video else Path(args.output) if args.output else default_output(args.model_dir,
                                                                                               args.audio)
-    head = TalkingHead.from_dir(args.model_dir, device=args.device or default_device())
+    head = TalkingHead.from_dir(args.model_dir, device=args.device or default_device(), dataset_dir=args.dataset)
     result = render_to_file(head, args.audio, output, pose=args.pose, background=args.background,
                             frames_dir=args.frames_dir, batch_size=args.batch_size)
     where = ", ".join(str(p) for p in (result.path, result.frames_dir) if p is not None)
