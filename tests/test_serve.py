@@ -1,0 +1,371 @@
+"""`egstalker serve` / `egstalker client` end to end on CPU: a server on 127.0.0.1, real clients, real speech."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.request
+
+import cv2
+import numpy as np
+import pytest
+import soundfile as sf
+
+from egstalker.audio import get_encoder
+from egstalker.errors import EgstalkerError
+from egstalker.serve import protocol
+from egstalker.serve.client import stream_speech
+from egstalker.serve.features import SessionSpeech
+from egstalker.serve.scheduler import ServeConfig
+from egstalker.serve.server import TalkingHeadServer, check_bind
+from conftest import shared_media
+from fixtures_models import short_clip, small_dataset, small_model  # noqa: F401  (shared, built once)
+
+
+@pytest.fixture(scope="module")
+def small_head(request):
+    """The shared small CPU-trained model (EGSTALKER_TEST_MODEL=DIR reuses a model folder built earlier)."""
+    from egstalker.inference import TalkingHead
+
+    model_dir = os.environ.get("EGSTALKER_TEST_MODEL") or request.getfixturevalue("small_model")
+    return TalkingHead.from_dir(model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    wav, rate = sf.read(shared_media("audio/speech_10s_16k.wav"), dtype="float32")
+    assert rate == 16000 and wav.ndim == 1
+    return wav[:160000]  # exactly 10 s -> 250 frames
+
+
+class RunningServer:
+    """A TalkingHeadServer on a free 127.0.0.1 port, in its own thread and event loop."""
+
+    def __init__(self, head, config: ServeConfig | None = None, token: str | None = None):
+        from aiohttp import web
+
+        self.server = None
+        started = threading.Event()
+
+        async def main() -> None:
+            self.server = TalkingHeadServer(head, config, token=token)
+            runner = web.AppRunner(self.server.app(), access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = runner.addresses[0][1]
+            self.stop = asyncio.Event()
+            started.set()
+            await self.stop.wait()
+            await runner.cleanup()
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(main(),), daemon=True)
+        self.thread.start()
+        assert started.wait(30), "server did not start"
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(f"{self.url}/health", timeout=10) as response:
+            return json.loads(response.read())
+
+    def wait_sessions(self, n: int, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            health = self.health()
+            if health["sessions"] == n or time.monotonic() > deadline:
+                return health
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(30)
+
+
+@pytest.fixture
+def running(small_head):
+    servers = []
+
+    def start(config: ServeConfig | None = None, token: str | None = None) -> RunningServer:
+        servers.append(RunningServer(small_head, config, token))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def assert_frames_match_offline(head, wav: np.ndarray, stream, frames) -> None:
+    """Streamed frames (JPEG) at indices `frames` equal the model's whole-clip render of the same speech: the
+    streamed features, the per-session feature windows and the cross-session batches change nothing."""
+    features = head.encode_audio(wav)
+    frames = np.asarray(sorted(set(int(f) for f in frames)))
+    poses = head.pose_schedule(len(features), mode="loop")
+    reference = head.render_frames(features, frames, poses[frames]).astype(np.float32)
+    streamed = np.stack([cv2.imdecode(np.frombuffer(stream.frames[f].jpeg, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+                         for f in frames]).astype(np.float32)
+    difference = np.abs(streamed - reference).mean(axis=(1, 2, 3))
+    assert difference.max() < 3.0, f"streamed frames differ from the offline render by up to {difference.max():.1f}"
+    # and the frames are not all alike (a constant image would match nothing above by accident)
+    assert np.abs(reference - reference.mean(axis=0)).mean() > 0.05
+
+
+def stream(url: str, audio: np.ndarray, **kwargs):
+    """Stream speech through the server; CPU rendering is slower than real time, so allow plenty of time."""
+    kwargs.setdefault("timeout_s", 600.0)
+    return asyncio.run(stream_speech(url, audio, **kwargs))
+
+
+# ------------------------------------------------------------------------------------------------ streams
+def test_ten_seconds_of_speech_stream_250_frames(running, small_head, speech):
+    server = running()
+    received = stream(server.url, speech, realtime=True, chunk_ms=20)
+    assert received.error is None
+    assert received.done_frames == 250 and len(received.frames) == 250
+    assert [f.index for f in received.frames] == list(range(250))
+    # It streams: frame 0 arrived long before the 10 s of speech had been sent.
+    assert received.received[0] - received.started < 5.0
+    # Each frame carries exactly the speech of its own 40 ms slot (A/V offset 0 by construction).
+    sent = np.round(np.clip(speech, -1, 1) * 32767) / 32768
+    assert np.abs(received.returned_audio() - sent).max() < 1e-4
+    assert received.timing()["av_offset_ms"] == 0.0
+    assert_frames_match_offline(small_head, speech, received, [0, 1, 2, 3, 4, 5, 124, 125, 246, 247, 248, 249])
+    assert server.wait_sessions(0)["sessions"] == 0
+
+
+def test_concurrent_clients_get_their_own_streams(running, small_head, speech):
+    server = running(ServeConfig(max_sessions=4))
+    pieces = [speech[16000:24000], speech[40000:46400], speech[80000:89600]]  # 13, 10 and 15 frames
+
+    async def all_clients():
+        return await asyncio.gather(*(stream_speech(server.url, piece, realtime=True, timeout_s=600)
+                                      for piece in pieces))
+
+    streams = asyncio.run(all_clients())
+    for piece, received in zip(pieces, streams):
+        n = (len(piece) + 320) // 640
+        assert received.error is None and len(received.frames) == n == received.done_frames
+        assert np.abs(received.returned_audio()[:len(piece)] - piece).max() < 1e-3  # its own speech
+        assert_frames_match_offline(small_head, piece, received, [0, n // 2, n - 1])
+    assert len({received.ready["session"] for received in streams}) == 3
+    health = server.wait_sessions(0)
+    assert health["frames_rendered"] == sum(len(s.frames) for s in streams)
+    assert health["shared_batches"] > 0, "no render call carried frames of several sessions"
+
+
+def test_an_upload_faster_than_real_time_is_paced(running, speech):
+    server = running(ServeConfig(max_ahead_s=0.2))
+    received = stream(server.url, speech[:12800], realtime=False)  # 0.8 s sent at once
+    assert len(received.frames) == 20 and received.error is None
+    # frames are rendered no earlier than real time allows (+ the 0.2 s head start)
+    assert received.received[-1] - received.received[0] > 19 / 25 - 0.2 - 0.05
+
+
+# ------------------------------------------------------------------------------------------------ robustness
+async def _raw_session(url: str, first: str | bytes | None = '{"type": "start"}', then: list = ()) -> list[dict]:
+    """Open a socket, send `first` then `then`, return the JSON messages received until it closes."""
+    import aiohttp
+
+    got = []
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{url}/ws") as ws:
+            for message in ([first] if first is not None else []) + list(then):
+                if isinstance(message, bytes):
+                    await ws.send_bytes(message)
+                else:
+                    await ws.send_str(message)
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    got.append(json.loads(msg.data))
+    return got
+
+
+def test_bad_messages_and_abrupt_disconnects_leave_others_streaming(running, speech):
+    import aiohttp
+
+    server = running(ServeConfig(max_sessions=8))
+    good_audio = speech[16000:28800]  # 20 frames
+
+    async def abrupt_disconnect():
+        session = aiohttp.ClientSession()
+        ws = await session.ws_connect(f"{server.url}/ws")
+        await ws.send_str('{"type": "start"}')
+        await ws.send_bytes(protocol.encode_pcm(speech[:16000]))
+        await asyncio.sleep(0.3)
+        ws._response.connection.transport.abort()  # no close handshake: like a crashed browser tab
+        await session.close()
+
+    async def scenario():
+        good = asyncio.create_task(stream_speech(server.url, good_audio, realtime=True, timeout_s=600))
+        await asyncio.sleep(0.3)
+        bad = await asyncio.gather(
+            _raw_session(server.url, then=[b"\x01\x02\x03"]),                      # odd byte count
+            _raw_session(server.url, first=b"\x00\x00"),                          # audio before start
+            _raw_session(server.url, first="hello"),                              # not JSON
+            _raw_session(server.url, then=['{"type": "dance"}']),                 # unknown control
+            _raw_session(server.url, then=[bytes(protocol.MAX_AUDIO_BYTES + 2)]),  # too big
+            _raw_session(server.url, then=[bytes(2**20)]),                        # far too big: dropped
+            abrupt_disconnect(),
+        )
+        return await good, bad
+
+    good, bad = asyncio.run(scenario())
+    assert good.error is None and len(good.frames) == 20 == good.done_frames
+    odd, early, not_json, unknown, too_big, giant, _ = bad
+    assert odd[-1]["type"] == "error" and "int16" in odd[-1]["message"]
+    assert early[-1]["type"] == "error" and "start" in early[-1]["message"]
+    assert not_json[-1]["type"] == "error" and "JSON" in not_json[-1]["message"]
+    assert unknown[-1]["type"] == "error" and "unknown" in unknown[-1]["message"]
+    assert too_big[-1]["type"] == "error" and "byte limit" in too_big[-1]["message"]
+    assert giant[-1]["type"] == "ready"  # closed by the WebSocket layer (1009) after `ready`, nothing else
+    health = server.wait_sessions(0)
+    assert health["status"] == "ok" and health["sessions"] == 0
+    # and it still serves
+    again = stream(server.url, speech[:3200], realtime=False)
+    assert len(again.frames) == 5 and again.error is None
+
+
+def test_over_limit_sessions_are_refused_with_a_message(running, speech):
+    import aiohttp
+
+    server = running(ServeConfig(max_sessions=2))
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            holders = [await session.ws_connect(f"{server.url}/ws") for _ in range(2)]
+            for ws in holders:
+                await ws.send_str('{"type": "start"}')
+                assert json.loads((await ws.receive()).data)["type"] == "ready"
+            refused = await _raw_session(server.url)
+            await holders[0].close()
+            for _ in range(100):  # the freed slot becomes available
+                if server.server.health()["sessions"] < 2:
+                    break
+                await asyncio.sleep(0.05)
+            accepted = await stream_speech(server.url, speech[:3200], realtime=False, session=session,
+                                           timeout_s=600)
+            await holders[1].close()
+            return refused, accepted
+
+    refused, accepted = asyncio.run(scenario())
+    assert refused == [{"type": "error", "message": "server full: all 2 sessions are in use; try again later"}]
+    assert accepted.error is None and len(accepted.frames) == 5
+
+
+def test_token_is_enforced(running, speech):
+    server = running(token="s3cret")
+    assert server.health()["token_required"] is True
+    missing = asyncio.run(_raw_session(server.url))
+    wrong = asyncio.run(_raw_session(server.url, first='{"type": "start", "token": "guess"}'))
+    assert "token" in missing[-1]["message"] and "token" in wrong[-1]["message"]
+    ok = stream(server.url, speech[:3200], token="s3cret", realtime=False)
+    assert ok.error is None and len(ok.frames) == 5
+
+
+def test_binding_beyond_localhost_needs_a_token():
+    check_bind("127.0.0.1", None)
+    check_bind("0.0.0.0", "s3cret")
+    with pytest.raises(EgstalkerError, match="--token"):
+        check_bind("0.0.0.0", None)
+    from egstalker.cli import main
+
+    assert main(["serve", "no/such/model", "--host", "0.0.0.0", "--token", ""]) == 2
+
+
+def test_cross_origin_pages_cannot_open_sessions_without_a_token(running):
+    import aiohttp
+
+    server = running()
+
+    async def connect(origin: str) -> int:
+        async with aiohttp.ClientSession() as session:
+            try:
+                async with session.ws_connect(f"{server.url}/ws", headers={"Origin": origin}):
+                    return 101
+            except aiohttp.WSServerHandshakeError as e:
+                return e.status
+
+    assert asyncio.run(connect("http://evil.example")) == 403
+    assert asyncio.run(connect(server.url)) == 101
+
+
+# ------------------------------------------------------------------------------------------------ parts
+def test_streamed_features_equal_whole_clip_features(speech):
+    encoder = get_encoder("oww")
+    wav = speech[:40000]
+    whole = encoder.encode(wav)
+    session = SessionSpeech(encoder.encode_stream())
+    rng = np.random.default_rng(0)
+    at = 0
+    while at < len(wav):  # ragged chunks, encoded whenever a few arrived
+        step = int(rng.integers(100, 5000))
+        session.push(wav[at:at + step])
+        at += step
+        if rng.random() < 0.5:
+            session.update()
+    session.finish()
+    session.update()
+    assert session.n_final == len(whole) == session.n_frames_total
+    np.testing.assert_allclose(session.rows(np.arange(len(whole))), whole, atol=1e-4)
+    np.testing.assert_array_equal(session.frame_audio(3), wav[1920:2560])
+
+
+def test_client_cli_saves_an_mp4_with_audio(running, speech, tmp_path, capsys):
+    import av
+
+    from egstalker.cli import main
+
+    server = running()
+    wav_path = tmp_path / "speech.wav"
+    sf.write(wav_path, speech[16000:24000], 16000)
+    out = tmp_path / "received.mp4"
+    assert main(["client", server.url, "--audio", str(wav_path), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "frames: 13 of 13" in printed and "first frame:" in printed and "audio/video offset: 0.0 ms" in printed
+    with av.open(str(out)) as container:
+        assert container.streams.video and container.streams.audio
+        assert sum(1 for _ in container.decode(video=0)) == 13
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless test needs a system chromium")
+def test_page_streams_a_file_in_headless_chromium(running, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    server = running()
+    wav_path = tmp_path / "speech.wav"
+    wav, _ = sf.read(shared_media("audio/speech_10s_16k.wav"), dtype="float32")
+    sf.write(wav_path, wav[16000:32000], 16000)  # 1 s: 25 frames
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('server').textContent.includes('fps')")
+            page.set_input_files("#file", str(wav_path))
+            page.click("#play")
+            page.wait_for_function("window.egsStats.framesPainted >= 3", timeout=120000)
+            first = page.evaluate(CANVAS_DIGEST)
+            page.wait_for_function("window.egsStats.framesPainted >= 15", timeout=120000)
+            second = page.evaluate(CANVAS_DIGEST)
+            if os.environ.get("EGSTALKER_SERVE_SCREENSHOT"):  # docs/serve_page.png is made this way
+                page.screenshot(path=os.environ["EGSTALKER_SERVE_SCREENSHOT"])
+            page.wait_for_function("window.egsStats.state === 'done'", timeout=120000)
+            stats = page.evaluate("window.egsStats")
+        finally:
+            browser.close()
+    assert not errors
+    assert stats["framesReceived"] == 25 and stats["error"] is None
+    assert first != second, "the canvas did not change: frames are not moving"
+
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--autoplay-policy=no-user-gesture-required"]
+CANVAS_DIGEST = """() => { const c = document.getElementById('stage');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let h = 0; for (let i = 0; i < d.length; i += 7) h = (h * 31 + d[i]) >>> 0; return h; }"""
