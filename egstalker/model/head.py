@@ -36,6 +36,8 @@ class ModelSpec:
     dropout: float = 0.1
     audio_width: int = 32
     head_width: int = 128
+    pose_dropout: float = 0.0
+    """Training only: probability of replacing a frame's pose token with the null token."""
     head_radius: float = 1.0
     """Radius of the head in canonical units (sets the scale of position offsets and learning rates)."""
 
@@ -90,7 +92,8 @@ class GaussianHead(nn.Module):
         self.deformation = DeformationNetwork(
             field, spec.feature_shape, spec.audio_window, d_model=spec.d_model, n_heads=spec.n_heads,
             ffn_width=spec.ffn_width, dropout=spec.dropout, audio_width=spec.audio_width,
-            head_width=spec.head_width, n_color=3, position_scale=0.1 * spec.head_radius)
+            head_width=spec.head_width, n_color=3, position_scale=0.1 * spec.head_radius,
+            pose_dropout=spec.pose_dropout)
         self._cache: SpatialCache | None = None
 
     @classmethod

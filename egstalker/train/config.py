@@ -56,6 +56,10 @@ class ModelConfig:
     """Per-frame width of the audio adapter's output (before the window attention)."""
     head_width: int = 128
     """Hidden width of the offset heads (position, scale, rotation, opacity, colour)."""
+    pose_dropout: float = 0.0
+    """Probability of hiding a training frame's pose token (so the mouth cannot key on memorised poses).
+    Measured once on the H100 (with lip_l1 1.0, coarse 0.1): mouth corr obama 0.73 -> 0.90 but lieu
+    0.69 -> 0.58 and PSNR -0.6/-1.2 dB (benchmarks/results/train_quality_h100_ablation_*): off by default."""
 
 
 @dataclass
