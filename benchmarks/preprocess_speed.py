@@ -32,9 +32,9 @@ tasks = [int(t) for t in sys.argv[3].split(",")] if sys.argv[3] else None
 root = preprocess(sys.argv[1], sys.argv[2], tasks=tasks, show_progress=False)
 total = time.perf_counter() - started
 meta = json.loads((root / "meta.json").read_text())
-print(json.dumps({"total_s": total, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-                  "meta": meta}))
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"total_s": total, "peak_rss_mb": me.ru_maxrss / 1024, "worker_peak_rss_mb": kids.ru_maxrss / 1024,
+                  "cpu_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime, "meta": meta}))
 """
 
 
@@ -86,8 +86,17 @@ def run_one(video: Path, work: Path, tasks: str = "") -> dict:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.perf_counter() - started
     result["bytes"] = dir_size(output)
+    result["folders"] = folder_sizes(output)
     result["video"] = video.name
     return result
+
+
+def folder_sizes(root: Path) -> str:
+    sizes = {}
+    for entry in root.iterdir():
+        sizes[entry.name] = dir_size(entry) if entry.is_dir() else entry.stat().st_size
+    big = sorted(sizes.items(), key=lambda kv: -kv[1])[:5]
+    return ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in big)
 
 
 def report(result: dict) -> str:
@@ -99,7 +108,10 @@ def report(result: dict) -> str:
             f"({n / result['total_s']:5.0f} frames/s)  peak RSS {result['peak_rss_mb']:6.0f} MB "
             f"(largest worker process {result.get('worker_peak_rss_mb', 0):4.0f} MB)  "
             f"disk {result['bytes'] / 1e6:7.1f} MB ({result['bytes'] / n / 1e3:.1f} kB/frame)  "
-            f"worst A/V offset {meta.get('sync', {}).get('worst_offset_ms')} ms\n    per task: {tasks}")
+            f"worst A/V offset {meta.get('sync', {}).get('worst_offset_ms')} ms\n    per task: {tasks}\n"
+            f"    CPU time {result.get('cpu_s', 0):.0f} s (this process and its workers: on 2 idle cores the wall time "
+            f"would be about {result.get('cpu_s', 0) / 2:.0f}-{result.get('cpu_s', 0):.0f} s)\n"
+            f"    largest: {result['folders']}; load average {os.getloadavg()[0]:.1f} at the end")
 
 
 def main() -> None:
@@ -107,6 +119,7 @@ def main() -> None:
     parser.add_argument("--long-only", action="store_true", help="only the synthetic 8000-frame videos")
     parser.add_argument("--tasks", default="", help="comma-separated task numbers (default: all available)")
     parser.add_argument("--keep", type=Path, help="keep datasets in this folder (default: a temp dir)")
+    parser.add_argument("--match", default="", help="only videos whose file name contains this text")
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -122,9 +135,10 @@ def main() -> None:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         videos = [] if args.long_only else sorted(VIDEOS.glob("*.mp4"))
-        long_lieu = loop_video(VIDEOS / "lieu_60s_256.mp4", Path(tmp) / "lieu_loop_8000f_256.mp4", 8000)
-        long_512 = loop_video(VIDEOS / "hill_8s_512.mp4", Path(tmp) / "hill_loop_8000f_512.mp4", 8000)
-        for video in videos + [long_lieu, long_512]:
+        long_names = {"lieu_loop_8000f_256.mp4": "lieu_60s_256.mp4", "hill_loop_8000f_512.mp4": "hill_8s_512.mp4"}
+        longs = [loop_video(VIDEOS / source, Path(tmp) / name, 8000) for name, source in long_names.items()
+                 if args.match in name]
+        for video in [v for v in videos if args.match in v.name] + longs:
             print(report(run_one(video, work, args.tasks)), flush=True)
     print("# peak RSS: the preprocess process (Python + libraries + models) and, separately, the largest of its "
           "worker processes; compare short vs 8000-frame rows of the same resolution to see growth with length")

@@ -117,6 +117,10 @@ def test_gt_and_torso_use_the_background(hill):
     alpha = torso[..., 3] > 0
     assert alpha[(labels == NECK) | (labels == TORSO)].all()
     assert alpha[labels == HEAD].mean() < 0.15  # only the neck's continuation under the jaw
+    # torso colours are gt's (rounded to multiples of 4 for a smaller PNG: a trainer-invisible error)
+    inside = labels == TORSO
+    assert (torso[..., :3][inside] % 4 == 0).all()
+    assert np.abs(torso[..., :3][inside].astype(np.float32) - gt[inside]).mean() < 3
     # the background where the person always stands is filled, not black
     assert bc.mean() > 40 and bc[300:, 200:300].mean() > 40
 
@@ -239,8 +243,11 @@ def test_long_dropout_is_refused(tmp_path):
     video, layout = _frames_only(tmp_path)
     for i in range(20, 40):
         cv2.imwrite(str(layout.frame(i)), np.full((512, 512, 3), 90, np.uint8))
+    # task 7 alone (it reads only the frames and the face cache, not tasks 4-6) runs the landmarker and refuses
     with pytest.raises(EgstalkerError, match="no face in frames 20-39"):
-        preprocess(video, layout.root, tasks=[4], config=FAST, show_progress=False)
+        preprocess(video, layout.root, tasks=[7], config=FAST, show_progress=False)
+    with pytest.raises(EgstalkerError, match="task 6 needs task"):
+        preprocess(video, layout.root, tasks=[6], config=FAST, show_progress=False)
 
 
 def test_two_faces_are_refused(tmp_path):

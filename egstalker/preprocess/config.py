@@ -25,8 +25,9 @@ class AudioConfig:
 class FramesConfig:
     fps: float = 25.0
     """Output frame rate; 30 fps and variable-rate input are resampled to it."""
-    jpeg_quality: int = 90
-    """ori_imgs/N.jpg quality (JPEG: frames are photographs; exact pixels are not needed, disk size is)."""
+    jpeg_quality: int = 85
+    """ori_imgs/N.jpg and gt_imgs/N.jpg quality (frames are photographs; exact pixels are not needed, disk size
+    is). 85 vs 90: 43.2 vs 44.2 dB PSNR against the decoded video, 17 % smaller (hill, 512 px)."""
     min_duration: float = 2.0
     """Clips shorter than this many seconds are refused."""
 

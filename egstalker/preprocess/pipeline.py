@@ -150,14 +150,18 @@ def _is_complete(task: Task, layout: DatasetLayout, meta: dict, config: Preproce
     return all(Path(p).exists() for p in task.outputs(layout, meta))
 
 
+# what each task reads besides the face cache, which the first of tasks 4/7/8 to run computes from the frames
+_READS = {4: {3}, 5: {3, 4}, 6: {3, 4, 5}, 7: {3}, 8: {3}, 9: {3, 8}}
+
+
 def _requirements(number: int, by_number: dict[int, Task]) -> set[int]:
-    """Tasks whose outputs task `number` reads: the audio chain (1 -> 2) and the frames chain (3 -> 4 ... 9)
-    are independent; a face task needs the frames and every face task before it."""
+    """Tasks whose outputs task `number` reads: the audio chain (1 -> 2) and the frames chain (3 -> 4 -> 5 -> 6;
+    3 -> 7; 3 -> 8 -> 9) are independent."""
     if number == AUDIO_TASK.number or number == FRAMES_TASK.number:
         return set()
     if number == FEATURES_TASK.number:
         return {AUDIO_TASK.number}
-    return {n for n in by_number if FRAMES_TASK.number <= n < number}
+    return {n for n in _READS.get(number, {FRAMES_TASK.number}) if n in by_number}
 
 
 def _move_into(staging: Path, target: Path) -> None:

@@ -18,8 +18,7 @@ from egstalker.preprocess.parsing import BACKGROUND, HEAD, NECK, TORSO
 def ground_truth_image(frame: np.ndarray, labels: np.ndarray, background: np.ndarray) -> np.ndarray:
     """[H, W, 3]: frame with background pixels from `background` (same channel order as frame)."""
     out = frame.copy()
-    bg = labels == BACKGROUND
-    out[bg] = background[bg]
+    np.copyto(out, background, where=(labels == BACKGROUND)[..., None])  # ~5x faster than boolean indexing
     return out
 
 
@@ -47,30 +46,43 @@ def extend_upwards(region: np.ndarray, into: np.ndarray, length: int) -> np.ndar
     return out
 
 
-def torso_image(gt: np.ndarray, labels: np.ndarray, background: np.ndarray, extension: int) -> np.ndarray:
+def torso_image(gt: np.ndarray, labels: np.ndarray, background: np.ndarray, extension: int,
+                colour_step: int = 1) -> np.ndarray:
     """[H, W, 4] uint8 torso image (channel order of `gt`, alpha last), see the module docstring.
 
     Args:
         extension: how far (px) the neck continues under the head, e.g. 15 % of the face height.
+        colour_step: 1 keeps colours exact; 4 rounds them to multiples of 4 (error <= 2 levels, ~50 dB: far
+            below the JPEG noise of gt itself) so the PNG is ~40 % smaller.
     """
     neck = labels == NECK
     torso = labels == TORSO
     head = labels == HEAD
-    colour = gt.copy()
-    colour[head] = background[head]
     # continue the neck (or, without a neck, the torso) under the head, in its own colour
     base = neck if neck.any() else torso
     grown = extend_upwards(base, head, extension)
+    alpha = neck | torso | grown
+    colour = np.zeros_like(gt)
+    np.copyto(colour, gt, where=alpha[..., None])
     if grown.any():
-        height = gt.shape[0]
+        height, width = gt.shape[:2]
         has = base.any(0)
         top = np.where(has, base.argmax(0), height - 1)
         ys, xs = np.nonzero(grown)
         source_rows = np.minimum(top[xs] + 2, height - 1)  # a little inside, away from the jaw's shadow edge
         darken = 0.985 ** (top[xs] - ys)
-        colour[ys, xs] = (gt[source_rows, xs].astype(np.float32) * darken[:, None]).astype(np.uint8)
-        blurred = cv2.GaussianBlur(colour, (5, 5), 0)
-        colour[grown] = blurred[grown]
-    alpha = neck | torso | grown
-    colour[~alpha] = 0
+        # smooth the continued colours in a box around them (over the frame with its head on the background)
+        y0, y1 = max(0, ys.min() - 3), min(height, ys.max() + 4)
+        x0, x1 = max(0, xs.min() - 3), min(width, xs.max() + 4)
+        box = gt[y0:y1, x0:x1].copy()
+        np.copyto(box, background[y0:y1, x0:x1], where=head[y0:y1, x0:x1, None])
+        box[ys - y0, xs - x0] = (gt[source_rows, xs].astype(np.float32) * darken[:, None]).astype(np.uint8)
+        blurred = cv2.GaussianBlur(box, (5, 5), 0)
+        colour[ys, xs] = blurred[ys - y0, xs - x0]
+    if colour_step > 1:
+        shift = colour_step.bit_length() - 1  # a power of two
+        quantised = np.minimum(colour, 255 - colour_step // 2) + colour_step // 2
+        quantised >>= shift
+        quantised <<= shift
+        np.copyto(colour, quantised, where=alpha[..., None])
     return np.dstack([colour, alpha.astype(np.uint8) * 255])
