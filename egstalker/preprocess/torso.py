@@ -18,7 +18,7 @@ from egstalker.preprocess.parsing import BACKGROUND, HEAD, NECK, TORSO
 def ground_truth_image(frame: np.ndarray, labels: np.ndarray, background: np.ndarray) -> np.ndarray:
     """[H, W, 3]: frame with background pixels from `background` (same channel order as frame)."""
     out = frame.copy()
-    np.copyto(out, background, where=(labels == BACKGROUND)[..., None])  # ~5x faster than boolean indexing
+    cv2.copyTo(background, (labels == BACKGROUND).view(np.uint8), out)  # in place; ~40x faster than numpy masks
     return out
 
 
@@ -61,9 +61,8 @@ def torso_image(gt: np.ndarray, labels: np.ndarray, background: np.ndarray, exte
     # continue the neck (or, without a neck, the torso) under the head, in its own colour
     base = neck if neck.any() else torso
     grown = extend_upwards(base, head, extension)
-    alpha = neck | torso | grown
-    colour = np.zeros_like(gt)
-    np.copyto(colour, gt, where=alpha[..., None])
+    alpha = (neck | torso | grown).view(np.uint8)
+    colour = cv2.bitwise_and(gt, gt, mask=alpha)  # cv2 masked ops: numpy's broadcast masks cost ~3 ms each
     if grown.any():
         height, width = gt.shape[:2]
         has = base.any(0)
@@ -75,14 +74,15 @@ def torso_image(gt: np.ndarray, labels: np.ndarray, background: np.ndarray, exte
         y0, y1 = max(0, ys.min() - 3), min(height, ys.max() + 4)
         x0, x1 = max(0, xs.min() - 3), min(width, xs.max() + 4)
         box = gt[y0:y1, x0:x1].copy()
-        np.copyto(box, background[y0:y1, x0:x1], where=head[y0:y1, x0:x1, None])
+        cv2.copyTo(np.ascontiguousarray(background[y0:y1, x0:x1]),
+                   np.ascontiguousarray(head[y0:y1, x0:x1]).view(np.uint8), box)
         box[ys - y0, xs - x0] = (gt[source_rows, xs].astype(np.float32) * darken[:, None]).astype(np.uint8)
         blurred = cv2.GaussianBlur(box, (5, 5), 0)
         colour[ys, xs] = blurred[ys - y0, xs - x0]
-    if colour_step > 1:
-        shift = colour_step.bit_length() - 1  # a power of two
-        quantised = np.minimum(colour, 255 - colour_step // 2) + colour_step // 2
-        quantised >>= shift
-        quantised <<= shift
-        np.copyto(colour, quantised, where=alpha[..., None])
-    return np.dstack([colour, alpha.astype(np.uint8) * 255])
+    if colour_step > 1:  # round to the nearest multiple (a power of two); 0 outside alpha stays 0
+        if colour_step & (colour_step - 1):
+            raise ValueError(f"colour_step must be a power of two, not {colour_step}")
+        half = colour_step // 2  # cv2 scalars must name every channel (a bare int only reaches the first)
+        colour = cv2.add(cv2.min(colour, (255 - half,) * 4), (half,) * 4)
+        colour = cv2.bitwise_and(colour, (256 - colour_step,) * 4)
+    return cv2.merge([*cv2.split(colour), alpha * 255])
