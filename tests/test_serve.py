@@ -53,7 +53,7 @@ class RunningServer:
 
         async def main() -> None:
             self.server = TalkingHeadServer(head, config, token=token)
-            runner = web.AppRunner(self.server.app(), access_log=None)
+            runner = web.AppRunner(self.server.app(), access_log=None, shutdown_timeout=5.0)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
@@ -91,7 +91,9 @@ def running(small_head):
     servers = []
 
     def start(config: ServeConfig | None = None, token: str | None = None) -> RunningServer:
-        servers.append(RunningServer(small_head, config, token))
+        # CPU rendering is slower than real time: the overload policy (skip images) is off unless a test
+        # asks for it, so every frame is rendered and can be compared with an offline render.
+        servers.append(RunningServer(small_head, config or ServeConfig(max_lag_s=None), token))
         return servers[-1]
 
     yield start
@@ -138,7 +140,7 @@ def test_ten_seconds_of_speech_stream_250_frames(running, small_head, speech):
 
 
 def test_concurrent_clients_get_their_own_streams(running, small_head, speech):
-    server = running(ServeConfig(max_sessions=4))
+    server = running(ServeConfig(max_sessions=4, max_lag_s=None))
     pieces = [speech[16000:24000], speech[40000:46400], speech[80000:89600]]  # 13, 10 and 15 frames
 
     async def all_clients():
@@ -158,11 +160,27 @@ def test_concurrent_clients_get_their_own_streams(running, small_head, speech):
 
 
 def test_an_upload_faster_than_real_time_is_paced(running, speech):
-    server = running(ServeConfig(max_ahead_s=0.2))
+    server = running(ServeConfig(max_ahead_s=0.2, max_lag_s=None))
     received = stream(server.url, speech[:12800], realtime=False)  # 0.8 s sent at once
     assert len(received.frames) == 20 and received.error is None
     # frames are rendered no earlier than real time allows (+ the 0.2 s head start)
     assert received.received[-1] - received.received[0] > 19 / 25 - 0.2 - 0.05
+
+
+def test_an_overloaded_device_skips_images_not_speech(running, speech):
+    """The CPU renders far slower than 25 fps: with the overload policy a real-time session still gets every
+    frame's speech in time (frames without a new image), instead of falling further and further behind."""
+    server = running(ServeConfig(max_lag_s=0.3))
+    piece = speech[16000:48000]  # 2 s, 50 frames
+    received = stream(server.url, piece, realtime=True)
+    assert received.error is None and len(received.frames) == 50
+    assert [f.index for f in received.frames] == list(range(50))
+    assert np.abs(received.returned_audio() - piece).max() < 1e-3
+    timing = received.timing()
+    assert 0 < timing["skipped_frames"] < 50 and received.frames[0].jpeg
+    # bounded lag: the last frame comes soon after the speech ends (rendering all 50 would take far longer)
+    assert received.received[-1] - received.chunk_sent[-1] < 3.0
+    assert server.health()["frames_skipped"] == timing["skipped_frames"]
 
 
 # ------------------------------------------------------------------------------------------------ robustness
@@ -187,7 +205,7 @@ async def _raw_session(url: str, first: str | bytes | None = '{"type": "start"}'
 def test_bad_messages_and_abrupt_disconnects_leave_others_streaming(running, speech):
     import aiohttp
 
-    server = running(ServeConfig(max_sessions=8))
+    server = running(ServeConfig(max_sessions=8, max_lag_s=None))
     good_audio = speech[16000:28800]  # 20 frames
 
     async def abrupt_disconnect():
@@ -232,7 +250,7 @@ def test_bad_messages_and_abrupt_disconnects_leave_others_streaming(running, spe
 def test_over_limit_sessions_are_refused_with_a_message(running, speech):
     import aiohttp
 
-    server = running(ServeConfig(max_sessions=2))
+    server = running(ServeConfig(max_sessions=2, max_lag_s=None))
 
     async def scenario():
         async with aiohttp.ClientSession() as session:

@@ -83,6 +83,7 @@ class ReceivedStream:
             "late_frames": int((recv > playout + 1e-3).sum()),
             "playout_buffer_ms": playout_buffer_s * 1000,
             "in_order": all(f.index == i for i, f in enumerate(self.frames)),
+            "skipped_frames": sum(1 for f in self.frames if not f.jpeg),
             "av_offset_ms": self.av_offset_ms(),
         })
         if self.ready:
@@ -209,6 +210,8 @@ def save_received(stream: ReceivedStream, path: str | Path) -> None:
     height, width = stream.ready["height"], stream.ready["width"]
     with Mp4Writer(path, width=width, height=height, fps=protocol.FPS, audio=stream.returned_audio(),
                    audio_rate=protocol.SAMPLE_RATE) as writer:
+        image = np.zeros((height, width, 3), np.uint8)
         for frame in stream.frames:
-            image = cv2.imdecode(np.frombuffer(frame.jpeg, np.uint8), cv2.IMREAD_COLOR)
-            writer.write(np.ascontiguousarray(image[..., ::-1]))
+            if frame.jpeg:  # an empty JPEG (server overload) repeats the previous image
+                image = np.ascontiguousarray(cv2.imdecode(np.frombuffer(frame.jpeg, np.uint8), cv2.IMREAD_COLOR)[..., ::-1])
+            writer.write(image)

@@ -62,7 +62,8 @@ def _print_stats(s: dict) -> None:
           f"max {lat['max']:.0f} ms")
     print(f"frame interval: p50 {gap['p50']:.1f} ms, p95 {gap['p95']:.1f} ms, max {gap['max']:.1f} ms; "
           f"received at {s['received_fps']} fps; {s['late_frames']} frames late for a "
-          f"{s['playout_buffer_ms']:.0f} ms playout buffer")
+          f"{s['playout_buffer_ms']:.0f} ms playout buffer; {s['skipped_frames']} without a new image "
+          "(server overloaded)")
     offset = s["av_offset_ms"]
     print(f"audio/video offset: {'n/a' if offset is None else f'{offset:.1f} ms'} "
           f"(each frame carries its own speech samples); in order: {s['in_order']}")

@@ -18,7 +18,8 @@ Server -> client
 - text  `{"type": "ready", ...}`: session accepted; geometry, frame rate and the look-ahead (see `ReadyMessage`).
 - binary frame: `FRAME_HEADER` (magic, frame index, number of PCM samples, JPEG byte count) + PCM int16 (the speech
   samples of this frame's 40 ms slot, i.e. samples [index*640, (index+1)*640)) + JPEG. Frame k is shown while its
-  samples play, at time k/fps on the session clock.
+  samples play, at time k/fps on the session clock. A JPEG of 0 bytes means "no new image, keep showing the
+  previous one": the server sends those when its device cannot keep up (overload), so the speech never stops.
 - text  `{"type": "done", "frames": N}` after `end`, once every frame has been sent.
 - text  `{"type": "error", "message": "..."}`: one line saying what is wrong; the server then closes the socket.
 """

@@ -11,6 +11,7 @@ edge clamping, so for every frame we gather its window rows (clamped at its own 
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,10 @@ class ServeConfig:
     """Rendered frames waiting to be sent per session (2 s); rendering for a session pauses when full."""
     pose: str = "loop"
     """Default pose source: 'loop' (ping-pong over training frames) or 'static'."""
+    max_lag_s: float | None = 0.5
+    """Overload policy: a frame that could have been rendered this long ago but was not (the device is
+    saturated) is sent with its speech and no new image; the viewer keeps the previous image. Video then
+    stutters, but speech, sync and latency stay intact instead of falling further behind. None: never skip."""
 
 
 class PoseClock:
@@ -77,6 +82,10 @@ class StreamSession:
     """When frame 0 became renderable: the session clock's origin for deadlines."""
     closed: bool = False
     error: str | None = None
+    skipped: int = 0
+    """Frames sent without a new image (overload)."""
+    _ready_marks: collections.deque = field(default_factory=collections.deque)
+    """(renderable limit, time it was first seen): when each frame became renderable."""
 
     def renderable_limit(self) -> int:
         """Frames [0, limit) have every feature row they read."""
@@ -95,11 +104,43 @@ class StreamSession:
         limit = self.renderable_limit()
         if limit > self.next_render and self.t_first_ready is None:
             self.t_first_ready = now
+        self.note_ready(now)
         room = config.send_queue_frames - self.in_flight - self.queued
         stop = min(limit, self.next_render + max(0, room))
         if self.t_first_ready is not None:  # pace faster-than-real-time input
             stop = min(stop, int(math.floor((now - self.t_first_ready + config.max_ahead_s) * 25.0)) + 1)
         return list(range(self.next_render, max(stop, self.next_render)))
+
+    def note_ready(self, now: float) -> None:
+        """Record when frames became renderable (call after each feature update, so frames that became
+        ready while a long render call ran carry their true time)."""
+        limit = self.renderable_limit()
+        if limit > (self._ready_marks[-1][0] if self._ready_marks else 0):
+            self._ready_marks.append((limit, now))
+
+    def eligible_since(self, frame: int, config: ServeConfig) -> float:
+        """When `frame` could first have been rendered: its features were final and pacing allowed it."""
+        while self._ready_marks and self._ready_marks[0][0] <= self.next_render:
+            self._ready_marks.popleft()
+        ready = next((t for limit, t in self._ready_marks if limit > frame), math.inf)
+        return max(ready, self.deadline(frame) - config.max_ahead_s)
+
+    def take_overdue(self, now: float, config: ServeConfig) -> list[int]:
+        """Frames to send without rendering because the device fell behind (see ServeConfig.max_lag_s).
+
+        Skips up to the first frame that is not overdue, so the session resumes rendering on time."""
+        if config.max_lag_s is None or self.closed:
+            return []
+        frames = []
+        for frame in self.candidates(now, config):
+            if now - self.eligible_since(frame, config) <= config.max_lag_s:
+                break
+            frames.append(frame)
+        if frames:
+            self.next_render = frames[-1] + 1
+            self.in_flight += len(frames)
+            self.skipped += len(frames)
+        return frames
 
     @property
     def done(self) -> bool:
@@ -122,14 +163,17 @@ class Batch:
     """B float32 [samples_per_frame] speech of each frame's slot."""
 
 
-def pick_frames(sessions: Sequence[StreamSession], now: float, config: ServeConfig) -> list[tuple[StreamSession, int]]:
-    """Earliest-deadline-first choice of at most `max_batch` frames over all sessions."""
+def pick_frames(sessions: Sequence[StreamSession], now: float, config: ServeConfig,
+                max_batch: int | None = None) -> list[tuple[StreamSession, int]]:
+    """Earliest-deadline-first choice of at most `max_batch` (default config.max_batch) frames over all
+    sessions."""
+    max_batch = max_batch or config.max_batch
     pool = []
     for session in sessions:
-        for frame in session.candidates(now, config)[:config.max_batch]:
+        for frame in session.candidates(now, config)[:max_batch]:
             pool.append((session.deadline(frame), session.id, frame, session))
     pool.sort(key=lambda item: item[:3])
-    chosen = pool[:config.max_batch]
+    chosen = pool[:max_batch]
     # Keep each session's frames contiguous from next_render (EDF already takes them in order per session).
     return [(session, frame) for _, _, frame, session in chosen]
 

@@ -106,6 +106,8 @@ class TalkingHeadServer:
         """(finish time, batch size, render seconds) of recent render calls."""
         self.frames_rendered = 0
         self.shared_batches = 0
+        self.frames_skipped = 0
+        """Frames sent without a new image because the device fell behind (overload)."""
         """Render calls that carried frames of more than one session."""
         self.sessions_served = 0
 
@@ -123,8 +125,10 @@ class TalkingHeadServer:
         return app
 
     async def _start(self, app) -> None:
-        self._deliveries = asyncio.Queue(maxsize=3)
+        self._deliveries = asyncio.Queue()  # bounded by each session's send_queue_frames
         self._tasks = [asyncio.create_task(self._render_loop()), asyncio.create_task(self._deliver_loop())]
+        if self.config.max_lag_s is not None:
+            self._tasks.append(asyncio.create_task(self._overdue_loop()))
 
     async def _shutdown(self, app) -> None:
         for conn in list(self.connections.values()):
@@ -164,6 +168,7 @@ class TalkingHeadServer:
             "mean_render_ms_per_call": round(1000 * sum(s for *_, s in recent) / len(recent), 2) if recent else 0.0,
             "frames_rendered": self.frames_rendered,
             "shared_batches": self.shared_batches,
+            "frames_skipped": self.frames_skipped,
             "sessions_served": self.sessions_served,
             "token_required": self.token is not None,
             "config": asdict(self.config),
@@ -189,7 +194,7 @@ class TalkingHeadServer:
                                          "or start the server with --token\n")
         # Messages up to 4x the limit are read and refused with a message; beyond that aiohttp drops the
         # connection (close code 1009) without buffering them.
-        ws = web.WebSocketResponse(max_msg_size=4 * protocol.MAX_AUDIO_BYTES, heartbeat=20.0)
+        ws = web.WebSocketResponse(max_msg_size=4 * protocol.MAX_AUDIO_BYTES, heartbeat=20.0, timeout=3.0)
         await ws.prepare(request)
         if len(self.connections) + self.reserved >= self.config.max_sessions:
             await _refuse(ws, f"server full: all {self.config.max_sessions} sessions are in use; try again later",
@@ -302,6 +307,7 @@ class TalkingHeadServer:
                     log.exception("session %s: audio encoding failed", conn.state.id)
                     await _refuse(conn.ws, f"audio encoding failed: {e}", WSCloseCode.INTERNAL_ERROR)
                     return
+                conn.state.note_ready(time.monotonic())
                 self._wake.set()
                 conn.sendable.set()
 
@@ -330,7 +336,7 @@ class TalkingHeadServer:
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
-            picks = pick_frames(self._live_sessions(), time.monotonic(), self.config)
+            picks = pick_frames(self._live_sessions(), time.monotonic(), self.config, self._batch_cap())
             if not picks:
                 with contextlib.suppress(asyncio.TimeoutError):
                     # the timeout releases paced (faster than real time) sessions as their clock advances
@@ -338,13 +344,15 @@ class TalkingHeadServer:
                 continue
             batch = gather_batch(picks, self.left_reach)
             started = time.monotonic()
+            rendered = loop.run_in_executor(self._render_pool, self.head.render_frames, batch.features,
+                                            batch.frame_rows, batch.pose_indices)
+            # Queued for delivery before it renders: frames skipped meanwhile (overload) stay behind it.
+            self._deliveries.put_nowait((batch, asyncio.ensure_future(self._encode_frames(batch, rendered))))
             try:
-                images = await loop.run_in_executor(self._render_pool, self.head.render_frames, batch.features,
-                                                    batch.frame_rows, batch.pose_indices)
+                await rendered
             except Exception as e:  # noqa: BLE001 - fail the sessions of this batch, keep serving the rest
                 log.exception("render call failed")
                 for session in {s.id: s for s in batch.sessions}.values():
-                    session.in_flight = 0
                     conn = self.connections.get(session.id)
                     if conn is not None:
                         await _refuse(conn.ws, f"rendering failed: {e}", WSCloseCode.INTERNAL_ERROR)
@@ -353,26 +361,67 @@ class TalkingHeadServer:
             self._render_log.append((finished, len(picks), finished - started))
             self.frames_rendered += len(picks)
             self.shared_batches += len({s.id for s in batch.sessions}) > 1
-            jpegs = [loop.run_in_executor(self._jpeg_pool, _frame_message, int(frame), pcm, image,
-                                          self.config.jpeg_quality)
-                     for frame, pcm, image in zip(batch.frames, batch.pcm, images)]
-            await self._deliveries.put((batch, asyncio.gather(*jpegs)))
             for session in {s.id: s for s in batch.sessions}.values():
                 session.features.release(max(0, session.next_render - self.left_reach))
+
+    def _batch_cap(self) -> int:
+        """Frames per render call: max_batch, or fewer when the overload policy is on and a call that size
+        would take longer than max_lag_s (from recent calls' cost per frame), so the lag stays bounded."""
+        if self.config.max_lag_s is None or not self._render_log:
+            return self.config.max_batch
+        recent = list(self._render_log)[-8:]
+        per_frame = sum(s for *_, s in recent) / sum(n for _, n, _ in recent)
+        return max(1, min(self.config.max_batch, int(self.config.max_lag_s / max(per_frame, 1e-6))))
+
+    async def _encode_frames(self, batch, rendered: asyncio.Future) -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        images = await rendered
+        return await asyncio.gather(*(
+            loop.run_in_executor(self._jpeg_pool, _frame_message, int(frame), pcm, image, self.config.jpeg_quality)
+            for frame, pcm, image in zip(batch.frames, batch.pcm, images)))
+
+    async def _overdue_loop(self) -> None:
+        """Overload: frames the device could not render in time go out with their speech and no new image
+        (checked every 20 ms, also while a long render call runs)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.02)
+            now = time.monotonic()
+            sessions, messages = [], []
+            for session in self._live_sessions():
+                for frame in session.take_overdue(now, self.config):
+                    pcm = protocol.encode_pcm(session.features.frame_audio(frame))
+                    sessions.append(session)
+                    messages.append(protocol.pack_frame(frame, pcm, b""))
+            if messages:
+                self.frames_skipped += len(messages)
+                done = loop.create_future()
+                done.set_result(messages)
+                self._deliveries.put_nowait((_Skipped(sessions), done))
 
     async def _deliver_loop(self) -> None:
         """Hand encoded frames to their sessions' send queues, batch by batch (so each session stays in order)."""
         while True:
             batch, pending = await self._deliveries.get()
-            messages = await pending
+            try:
+                messages = await pending
+            except Exception:  # noqa: BLE001 - a failed render; its sessions were told and closed
+                messages = [None] * len(batch.sessions)
             for session, message in zip(batch.sessions, messages):
                 session.in_flight -= 1
                 conn = self.connections.get(session.id)
-                if conn is None or session.closed:
+                if conn is None or session.closed or message is None:
                     continue
                 session.queued += 1
                 conn.outbox.put_nowait(message)
                 conn.sendable.set()
+
+
+class _Skipped:
+    """A delivery of frames sent without rendering (only `sessions` is read)."""
+
+    def __init__(self, sessions: list[StreamSession]):
+        self.sessions = sessions
 
 
 def _frame_message(frame: int, pcm: np.ndarray, image: np.ndarray, quality: int) -> bytes:
@@ -411,7 +460,7 @@ async def serve_forever(head, host: str, port: int, config: ServeConfig, token: 
                         ready: asyncio.Event | None = None) -> None:
     check_bind(host, token)
     server = TalkingHeadServer(head, config, token=token, device=device)
-    runner = web.AppRunner(server.app(), access_log=None)
+    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

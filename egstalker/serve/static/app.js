@@ -13,7 +13,7 @@ const HEADER = 16;               // "EGF1", index, pcm samples, jpeg bytes (uint
 const $ = (id) => document.getElementById(id);
 const stats = {
   state: "idle", framesReceived: 0, framesPainted: 0, lastIndex: -1, stalls: 0, error: null,
-  latencyMs: null, paintedFps: 0, lookaheadMs: null,
+  latencyMs: null, paintedFps: 0, lookaheadMs: null, skipped: 0,
 };
 window.egsStats = stats;  // read by the browser test
 
@@ -58,7 +58,7 @@ function openSession(onReady) {
   gain.connect(playCtx.destination);
   base = null; queue = []; sentLog = []; samplesSent = 0; latencies = []; paintTimes = [];
   Object.assign(stats, { state: "connecting", framesReceived: 0, framesPainted: 0, lastIndex: -1, stalls: 0,
-                         error: null, latencyMs: null });
+                         error: null, latencyMs: null, skipped: 0 });
   ws = new WebSocket(wsUrl());
   ws.binaryType = "arraybuffer";
   ws.onopen = () => {
@@ -151,6 +151,7 @@ function onFrame(buffer) {
   source.buffer = audio;
   source.connect(gain);
   source.start(playAt);
+  if (nJpeg === 0) { stats.skipped++; return; }  // server overloaded: keep showing the previous image
   createImageBitmap(new Blob([jpeg], { type: "image/jpeg" })).then((bitmap) => {
     let at = queue.length;  // decodes can finish out of order: keep the queue sorted by index
     while (at > 0 && queue[at - 1].index > index) at--;
@@ -189,7 +190,7 @@ function paint() {
   $("stats").textContent =
     `frame ${show.index}   received ${stats.framesReceived}   painted ${stats.framesPainted}   ` +
     `${stats.paintedFps} fps\nlatency ${stats.latencyMs ?? "-"} ms (look-ahead ${stats.lookaheadMs} ms)   ` +
-    `stalls ${stats.stalls}`;
+    `stalls ${stats.stalls}   frames without image ${stats.skipped}`;
 }
 requestAnimationFrame(paint);
 
