@@ -2,8 +2,8 @@
 
 For each level N it starts N clients together (start times spread over 1 s), each streaming a different
 `--seconds` piece of speech in real time in 20 ms chunks, exactly as the browser page does, and records per stream:
-  - held 25 fps: every frame arrived, none later than a player that starts 150 ms after the first frame would
-    need it (no stall);
+  - held 25 fps: every frame arrived with a new image (none skipped by the server's overload policy) and none
+    later than a player that starts 150 ms after the first frame would need it (no stall);
   - first-frame latency: arrival of frame 0 - the end of its 40 ms of speech (includes the model's look-ahead);
   - per-frame latency percentiles (same definition), frame-interval jitter;
 plus, from the server's /health, the accelerator memory, render throughput and mean batch size. Only 127.0.0.1
@@ -95,7 +95,7 @@ async def run_level(url: str, speech: np.ndarray, n: int, seconds: float, rng: n
 def summarise(n: int, streams: list, health: dict, rss: float | None) -> dict:
     timings = [s.timing(playout_buffer_s=PLAYOUT_BUFFER_S) for s in streams]
     complete = [t for t in timings if t["frames"] == t["expected_frames"] and not t["error"]]
-    held = [t for t in complete if t["late_frames"] == 0]
+    held = [t for t in complete if t["late_frames"] == 0 and t["skipped_frames"] == 0]
     first = np.array([t["first_frame_latency_ms"] for t in timings if t["frames"]])
     latency = np.concatenate([
         np.array([(s.received[i] - s.slot_complete_time(f.index)) * 1000 for i, f in enumerate(s.frames)])
@@ -118,6 +118,9 @@ def summarise(n: int, streams: list, health: dict, rss: float | None) -> dict:
         "frame_latency_ms": pct(latency),
         "frame_interval_ms": pct(gaps),
         "late_frames_total": int(sum(t.get("late_frames", 0) for t in timings)),
+        "frames_without_image_total": int(sum(t.get("skipped_frames", 0) for t in timings)),
+        "frames_total": int(sum(t["frames"] for t in timings)),
+        "processing_after_lookahead_ms": pct(latency - float(health.get("lookahead_ms") or 0.0)),
         "received_fps_min": min((t["received_fps"] or 0.0) for t in timings if t["frames"]) if first.size else 0,
         "av_offset_ms_max": max((abs(t["av_offset_ms"] or 0.0) for t in timings if t["frames"]), default=None),
         "server": {key: health.get(key) for key in ("render_fps", "mean_batch", "mean_render_ms_per_call",
