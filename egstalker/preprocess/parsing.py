@@ -235,6 +235,8 @@ def skin_distance(image: np.ndarray, model: ClipModel) -> np.ndarray:
     d = ycc[..., 1:] - model.skin_mean[1:]
     dist = np.sqrt(np.einsum("...i,ij,...j->...", d, model.skin_inv_cov, d))
     dist[ycc[..., 0] < 0.2 * model.skin_mean[0]] = 99.0
+    # a white collar has skin-like (neutral) chroma next to dark skin: far brighter than the face is not skin
+    dist[ycc[..., 0] > model.skin_mean[0] + 70.0] = 99.0
     return dist
 
 
