@@ -7,8 +7,6 @@ from the nearest uncovered pixel and blurred, so the fill has no streaks.
 
 from __future__ import annotations
 
-import warnings
-
 import cv2
 import numpy as np
 
@@ -34,11 +32,14 @@ def estimate_background(frames: list[np.ndarray], labels: list[np.ndarray], marg
     for top in range(0, height, rows_per_chunk):  # bounded memory for large frames
         rows = slice(top, top + rows_per_chunk)
         stack = np.stack([f[rows] for f in frames]).astype(np.float32)
-        stack[~is_bg[:, rows]] = np.nan
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            median = np.nanmedian(stack, axis=0)
-        background[rows] = np.nan_to_num(median, nan=0.0).round().clip(0, 255).astype(np.uint8)
+        stack[~is_bg[:, rows]] = np.inf  # sorted last; np.nanmedian's masked-array path is ~10x slower
+        stack.sort(axis=0)
+        valid = is_bg[:, rows].sum(0)[..., None]  # [rows, W, 1] frames in which the pixel is background
+        low = np.take_along_axis(stack, np.broadcast_to(np.maximum(valid - 1, 0) // 2, (1,) + stack.shape[1:]), 0)
+        high = np.take_along_axis(stack, np.broadcast_to(valid // 2, (1,) + stack.shape[1:]).clip(0, len(stack) - 1),
+                                  0)
+        median = np.where(valid > 0, 0.5 * (low[0] + high[0]), 0.0)
+        background[rows] = median.round().clip(0, 255).astype(np.uint8)
     seen = is_bg.any(0)
     return fill_unseen(background, seen), seen
 
