@@ -272,3 +272,21 @@ def test_bisenet_without_support_is_a_clear_error(tmp_path):
     with pytest.raises(EgstalkerError, match="BiSeNet parser is not supported yet"):
         preprocess(video, layout.root, tasks=[4], config=config, show_progress=False)
     shutil.rmtree(layout.root)
+
+
+def test_background_median_matches_nanmedian():
+    import warnings
+
+    from egstalker.preprocess.background import estimate_background
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (40, 30, 3), dtype=np.uint8) for _ in range(7)]
+    labels = [np.where(rng.random((40, 30)) < 0.4, HEAD, BACKGROUND).astype(np.uint8) for _ in range(7)]
+    background, seen = estimate_background(frames, labels, margin=0)
+    stack = np.stack(frames).astype(np.float32)
+    stack[np.stack(labels) != BACKGROUND] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = np.nanmedian(stack, axis=0)
+    assert seen.mean() > 0.9
+    assert np.abs(background[seen].astype(np.float32) - expected[seen].round()).max() <= 0.5
