@@ -42,6 +42,19 @@ PLAYOUT_BUFFER_S = 0.15
 FIRST_FRAME_BUDGET_MS = 300.0
 
 
+def read_speech(path: str) -> np.ndarray:
+    """16 kHz mono int16 wav through the standard library (the GPU image has no PyAV); anything else via PyAV."""
+    import wave
+
+    try:
+        with wave.open(path) as f:
+            if f.getframerate() == 16000 and f.getnchannels() == 1 and f.getsampwidth() == 2:
+                return np.frombuffer(f.readframes(f.getnframes()), "<i2").astype(np.float32) / 32768.0
+    except (wave.Error, EOFError):
+        pass
+    return load_speech(path)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -138,12 +151,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="speech per session")
     parser.add_argument("--audio", default=str(DEFAULT_AUDIO), help="speech the sessions take pieces of")
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--dataset", help="the model's dataset folder, if it moved (passed to serve)")
     parser.add_argument("--stop-below", type=float, default=0.5,
                         help="stop the ramp once fewer than this fraction of streams hold 25 fps")
     parser.add_argument("--out", help="result JSON (default benchmarks/results/serve_load_<device>_<time>.json)")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    speech = load_speech(args.audio)
+    speech = read_speech(args.audio)
 
     process = None
     if args.url:
@@ -155,7 +169,7 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "egstalker", "serve", args.model_dir, "--host", "127.0.0.1",
                    "--port", str(port), "--device", args.device, "--max-sessions", str(max(levels)),
-                   "--max-batch", str(args.max_batch)]
+                   "--max-batch", str(args.max_batch)] + (["--dataset", args.dataset] if args.dataset else [])
         print("starting:", " ".join(command), flush=True)
         process = subprocess.Popen(command, cwd=ROOT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
     try:

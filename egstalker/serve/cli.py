@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jpeg-quality", type=int, default=80, help="JPEG quality of streamed frames (default 80)")
     parser.add_argument("--pose", choices=("loop", "static"), default="loop",
                         help="head pose / torso source: ping-pong over training frames, or one frame")
+    parser.add_argument("--dataset", metavar="DIR",
+                        help="the dataset the model was trained on, if it moved (torso/background source)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     from egstalker.inference import TalkingHead
 
-    head = TalkingHead.from_dir(args.model_dir, device=device)
+    head = TalkingHead.from_dir(args.model_dir, device=device, dataset_dir=args.dataset)
     config = ServeConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, jpeg_quality=args.jpeg_quality,
                          pose=args.pose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

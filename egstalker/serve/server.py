@@ -17,6 +17,7 @@ import collections
 import contextlib
 import hmac
 import logging
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -100,8 +101,9 @@ class TalkingHeadServer:
         self._wake = asyncio.Event()
         self._deliveries: asyncio.Queue | None = None
         self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="egs-render")
-        self._encode_pool = ThreadPoolExecutor(4, thread_name_prefix="egs-audio")
-        self._jpeg_pool = ThreadPoolExecutor(4, thread_name_prefix="egs-jpeg")
+        workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # speech encoding and JPEG run on the CPU
+        self._encode_pool = ThreadPoolExecutor(workers, thread_name_prefix="egs-audio")
+        self._jpeg_pool = ThreadPoolExecutor(workers, thread_name_prefix="egs-jpeg")
         self._render_log: collections.deque = collections.deque(maxlen=2000)
         """(finish time, batch size, render seconds) of recent render calls."""
         self.frames_rendered = 0
