@@ -21,6 +21,13 @@ machines without the audio encoder's packages; the speech is then only needed fo
 --size S renders at S px on the longer side (intrinsics scaled; the torso/background images resized), so a model
 trained at 450 px can be timed at 512x512. The Gaussian count is the trained model's.
 
+On the GPU machine (no PyAV/openwakeword there), carry .carry/render_bench (made by
+`python benchmarks/render_speed.py --make-carry`: PyAV as tar.xz and openwakeword's two ONNX models) and run:
+  mkdir -p /tmp/site && tar xJf .carry/render_bench/av.tar.xz -C /tmp/site &&
+  PYTHONPATH=/tmp/site:.carry/render_bench/oww python benchmarks/render_speed.py MODEL_DIR --device cuda --size 512
+      --dataset DATASET_DIR --audio .carry/render_bench/speech_60s_16k.wav --json $OUT/render_gpu.json
+(copy ../shared/data/audio/speech_60s_16k.wav into .carry/render_bench: ../shared does not travel)
+
 Usage:
   python benchmarks/render_speed.py MODEL_DIR --device cuda --size 512 --json benchmarks/results/render_gpu.json
   python benchmarks/render_speed.py MODEL_DIR --device cpu --frames 24 --batch-sizes 1 8 --e2e-seconds 2
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -42,6 +50,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing (the GPU machine)
 DEFAULT_AUDIO = ROOT.parent / "shared" / "data" / "audio" / "speech_60s_16k.wav"
 
 
@@ -127,9 +136,32 @@ def time_render_frames(head, features: np.ndarray, poses: np.ndarray, batch: int
     return {"frames": frames, "seconds": elapsed, "fps": frames / elapsed, "peak_gpu_mib": _peak_mib(device)}
 
 
+def make_carry(target: Path) -> None:
+    """PyAV (its installed files, tar.xz: ~25 MB) and openwakeword's mel + embedding ONNX models (~2.5 MB) for a
+    machine that has neither; openwakeword is replaced by a stub package holding only those two models."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    target.mkdir(parents=True, exist_ok=True)
+    models = target / "oww" / "openwakeword" / "resources" / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    oww = Path(list(importlib.util.find_spec("openwakeword").submodule_search_locations)[0])
+    for name in ("melspectrogram.onnx", "embedding_model.onnx"):
+        shutil.copy2(oww / "resources" / "models" / name, models / name)
+    (target / "oww" / "openwakeword" / "__init__.py").write_text('"""Stub: the two ONNX models egstalker reads."""\n')
+    av_dir = Path(list(importlib.util.find_spec("av").submodule_search_locations)[0]).parent
+    members = [p.name for p in av_dir.iterdir() if p.name == "av" or p.name.startswith("av.libs")
+               or (p.name.startswith("av-") and p.name.endswith(".dist-info"))]
+    subprocess.run(["tar", "-cJf", str(target / "av.tar.xz"), "-C", str(av_dir), *members], check=True)
+    print(f"wrote {target}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir")
+    parser.add_argument("model_dir", nargs="?")
+    parser.add_argument("--dataset", default=None, help="the model's dataset folder, if it moved")
+    parser.add_argument("--make-carry", action="store_true", help="build .carry/render_bench here and exit")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, default=None, help="render at this size of the longer side")
     parser.add_argument("--audio", default=str(DEFAULT_AUDIO))
@@ -142,15 +174,22 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.make_carry:
+        make_carry(ROOT / ".carry" / "render_bench")
+        return 0
+    if not args.model_dir:
+        parser.error("MODEL_DIR is required")
 
     from egstalker.inference import TalkingHead
 
     device = torch.device(args.device)
     results: dict = {"command": " ".join(["python", "benchmarks/render_speed.py"] + sys.argv[1:]),
-                     "device": device_name(device), "torch": torch.__version__}
+                     "device": device_name(device), "torch": torch.__version__,
+                     "load_average_1min_at_start": os.getloadavg()[0]}
 
     t0 = time.perf_counter()
-    head = TalkingHead.from_dir(args.model_dir, device=device, check_encoder=args.features is None)
+    head = TalkingHead.from_dir(args.model_dir, device=device, dataset_dir=args.dataset,
+                                check_encoder=args.features is None)
     _sync(device)
     results["load_s"] = time.perf_counter() - t0
     results["trained_size"] = f"{head.width}x{head.height}"

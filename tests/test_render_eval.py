@@ -156,7 +156,7 @@ def test_eval_psnr_equals_independent_computation(small_model, tmp_path, capsys)
     # the report exists with its plots, frames and video
     page = (tmp_path / "report" / "index.html").read_text()
     assert page.count("<svg") == 2 and "side_by_side.mp4" in page
-    assert len(list((tmp_path / "report" / "frames").glob("*.png"))) == 6
+    assert len(list((tmp_path / "report" / "frames").glob("0*.png"))) == 6 and "poster.png" in page
     assert probe_mp4(tmp_path / "report" / "side_by_side.mp4")["frames"] == min(result.n_frames, 200)
     # the CLI's JSON has the agreed keys
     assert main(["eval", str(small_model), "--json", "--device", "cpu"]) == 0
@@ -175,3 +175,23 @@ def test_incompatible_model_version_is_refused(small_model, tmp_path, capsys):
     assert main(["render", str(old), "--audio", str(speech), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "version" in err and err.count("\n") == 1
+
+
+def test_run_reuses_finished_stages(short_clip, small_dataset, small_model, tmp_path):
+    from fixtures_models import SMALL_MODEL_ITERATIONS
+    from egstalker.pipeline_run import run_pipeline
+
+    speech = write_speech(tmp_path / "hello.wav", 1.0)
+    out = tmp_path / "hello.mp4"
+    weights_before = (small_model / "model.pt").stat().st_mtime_ns
+    first = run_pipeline(short_clip, speech, out, dataset_dir=small_dataset, model_dir=small_model,
+                         iterations=SMALL_MODEL_ITERATIONS, device="cpu", show_progress=False)
+    assert [(s.name, s.status) for s in first.stages] == [("preprocess", "reused"), ("train", "reused"),
+                                                          ("render", "done")]
+    assert (small_model / "model.pt").stat().st_mtime_ns == weights_before, "a finished model is not retrained"
+    assert probe_mp4(out)["frames"] == 25
+    second = run_pipeline(short_clip, speech, out, dataset_dir=small_dataset, model_dir=small_model,
+                          iterations=SMALL_MODEL_ITERATIONS, device="cpu", show_progress=False)
+    assert [s.status for s in second.stages] == ["reused", "reused", "reused"]
+    summary = second.summary()
+    assert str(out) in summary and str(small_model) in summary and str(small_dataset) in summary
