@@ -50,6 +50,18 @@ def test_mp4_writer_streams_h264_and_aac(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["odd.mp4"], "no temporary file may be left behind"
 
 
+def test_mp4_writer_streams_audio_chunks(tmp_path):
+    rng = np.random.default_rng(0)
+    audio = (rng.standard_normal(16000 * 3) * 0.1).astype(np.float32)
+    cuts = np.sort(rng.choice(len(audio), 40, replace=False))
+    chunks = iter(np.split(audio, cuts))  # uneven chunk sizes, as a decoder yields them
+    with Mp4Writer(tmp_path / "s.mp4", 64, 64, fps=25, audio=chunks, audio_rate=16000) as writer:
+        for _ in range(75):
+            writer.write(np.zeros((64, 64, 3), np.uint8))
+    info = probe_mp4(tmp_path / "s.mp4")
+    assert info["frames"] == 75 and abs(info["audio_seconds"] - 3.0) < 0.07
+
+
 def test_mp4_writer_leaves_nothing_when_interrupted(tmp_path):
     out = tmp_path / "broken.mp4"
     with pytest.raises(RuntimeError):

@@ -37,7 +37,8 @@ class Mp4Writer:
         path: output file (.mp4); its folder must exist or be creatable.
         width, height: frame size in pixels; odd sizes are padded by one edge pixel (yuv420p needs even sizes).
         fps: frames per second (25 for egstalker).
-        audio: [n_samples] float32 mono in [-1, 1] or None for a silent video.
+        audio: [n_samples] float32 mono in [-1, 1], or an iterator of such chunks (streamed: memory stays flat),
+            or None for a silent video.
         audio_rate: sample rate of `audio` (AAC supports 8-96 kHz; 16 kHz and 48 kHz both play in browsers).
         crf: x264 quality (lower is better; 18 is visually lossless for talking heads).
         preset: x264 speed/size trade-off ('veryfast' keeps encoding well above real time).
@@ -52,7 +53,13 @@ class Mp4Writer:
         self.width, self.height = int(width), int(height)
         self.fps = float(fps)
         self.frames_written = 0
-        self._audio = None if audio is None else np.asarray(audio, np.float32).reshape(-1)
+        self._audio_source = None  # an iterator of chunks when the audio is streamed
+        self._streamed = not (audio is None or isinstance(audio, np.ndarray))
+        if audio is None or isinstance(audio, np.ndarray):
+            self._audio = None if audio is None else np.asarray(audio, np.float32).reshape(-1)
+        else:
+            self._audio_source = iter(audio)
+            self._audio = np.zeros(0, np.float32)  # pending samples, starting at sample self._audio_done
         self._audio_rate = int(audio_rate)
         self._audio_done = 0
         self._closed = False
@@ -91,21 +98,39 @@ class Mp4Writer:
         self.frames_written += 1
         self._write_audio_until(self.frames_written / self.fps)
 
+    def _pending_audio(self, upto: int | None) -> np.ndarray:
+        """Samples from self._audio_done on, at least up to absolute sample `upto` (None: all) when available."""
+        if not self._streamed:
+            return self._audio[self._audio_done:] if upto is None else self._audio[self._audio_done:upto]
+        # streamed: self._audio holds only the samples not yet encoded
+        while self._audio_source is not None and (upto is None or self._audio_done + len(self._audio) < upto):
+            chunk = next(self._audio_source, None)
+            if chunk is None:
+                self._audio_source = None
+                break
+            self._audio = np.concatenate([self._audio, np.asarray(chunk, np.float32).reshape(-1)])
+        return self._audio if upto is None else self._audio[: max(0, upto - self._audio_done)]
+
     def _write_audio_until(self, seconds: float | None) -> None:
         """Encode the audio up to `seconds` (None: all of it), in whole AAC-sized chunks."""
         import av
 
         if self._audio is None:
             return
-        end = len(self._audio) if seconds is None else min(len(self._audio), int(seconds * self._audio_rate))
-        while self._audio_done < end and (seconds is None or end - self._audio_done >= AUDIO_CHUNK):
-            chunk = self._audio[self._audio_done:self._audio_done + AUDIO_CHUNK]
+        upto = None if seconds is None else int(seconds * self._audio_rate)
+        pending = self._pending_audio(upto)
+        start = 0
+        while len(pending) - start >= AUDIO_CHUNK or (seconds is None and start < len(pending)):
+            chunk = pending[start:start + AUDIO_CHUNK]
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk[None]), format="flt", layout="mono")
             frame.sample_rate = self._audio_rate
-            frame.pts = self._audio_done
+            frame.pts = self._audio_done + start
             frame.time_base = Fraction(1, self._audio_rate)
             self._container.mux(self._audio_stream.encode(frame))
-            self._audio_done += len(chunk)
+            start += len(chunk)
+        if self._streamed:
+            self._audio = self._audio[start:]  # drop what was encoded: memory stays bounded
+        self._audio_done += start
 
     def close(self) -> Path:
         """Flush the encoders, finish the file and move it to `path`. Returns `path`."""
