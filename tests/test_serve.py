@@ -84,6 +84,13 @@ class RunningServer:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.stop.set)
         self.thread.join(30)
+        if self.thread.is_alive() and os.environ.get("DEBUG_SERVE"):
+            import sys, traceback
+            for tid, frame in sys._current_frames().items():
+                if tid == self.thread.ident:
+                    traceback.print_stack(frame)
+            for task in asyncio.all_tasks(self.loop):
+                task.print_stack(limit=4)
 
 
 @pytest.fixture
@@ -272,6 +279,13 @@ def test_over_limit_sessions_are_refused_with_a_message(running, speech):
     refused, accepted = asyncio.run(scenario())
     assert refused == [{"type": "error", "message": "server full: all 2 sessions are in use; try again later"}]
     assert accepted.error is None and len(accepted.frames) == 5
+
+
+def test_idle_sessions_are_closed_and_free_their_slot(running):
+    server = running(ServeConfig(max_sessions=1, idle_timeout_s=0.5, max_lag_s=None))
+    silent = asyncio.run(_raw_session(server.url))  # starts, then sends nothing
+    assert silent[0]["type"] == "ready" and silent[-1]["type"] == "error" and "no message" in silent[-1]["message"]
+    assert server.wait_sessions(0)["sessions"] == 0
 
 
 def test_token_is_enforced(running, speech):

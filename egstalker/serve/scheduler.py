@@ -37,6 +37,8 @@ class ServeConfig:
     """Un-rendered speech a session may hold; reading its socket pauses beyond this (TCP back-pressure)."""
     max_session_s: float = 3600.0
     """Longest utterance per session."""
+    idle_timeout_s: float = 60.0
+    """A session that sends nothing for this long before `end` is closed (frees its slot)."""
     send_queue_frames: int = 50
     """Rendered frames waiting to be sent per session (2 s); rendering for a session pauses when full."""
     pose: str = "loop"

@@ -268,10 +268,18 @@ class TalkingHeadServer:
         state, ws = conn.state, conn.ws
         while True:
             # Back-pressure: stop reading while this session holds too much un-rendered speech.
-            while state.features.unsent_seconds(state.next_render) > self.config.max_buffered_s and not ws.closed:
+            while (state.features.unsent_seconds(state.next_render) > self.config.max_buffered_s
+                   and not ws.closed and not conn.tasks[1].done()):
                 conn.room.clear()
-                await conn.room.wait()
-            msg = await ws.receive()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(conn.room.wait(), 1.0)
+            if ws.closed or conn.tasks[1].done():  # the sender ended: `done` was sent or the client vanished
+                return
+            try:
+                msg = await ws.receive(timeout=None if state.features.finished else self.config.idle_timeout_s)
+            except asyncio.TimeoutError:
+                raise ProtocolError(f"no message for {self.config.idle_timeout_s:.0f} s; send speech, or "
+                                    "{\"type\": \"end\"} when done") from None
             if msg.type == WSMsgType.BINARY:
                 if state.features.finished:
                     raise ProtocolError("speech sent after {\"type\": \"end\"}")
@@ -314,6 +322,12 @@ class TalkingHeadServer:
                 conn.sendable.set()
 
     async def _send_loop(self, conn: _Connection) -> None:
+        try:
+            await self._send_frames(conn)
+        finally:
+            conn.room.set()  # wake a receive loop waiting for room, so it sees the sender has ended
+
+    async def _send_frames(self, conn: _Connection) -> None:
         state, ws = conn.state, conn.ws
         while True:
             if state.done:
