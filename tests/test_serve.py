@@ -84,13 +84,6 @@ class RunningServer:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.stop.set)
         self.thread.join(30)
-        if self.thread.is_alive() and os.environ.get("DEBUG_SERVE"):
-            import sys, traceback
-            for tid, frame in sys._current_frames().items():
-                if tid == self.thread.ident:
-                    traceback.print_stack(frame)
-            for task in asyncio.all_tasks(self.loop):
-                task.print_stack(limit=4)
 
 
 @pytest.fixture
