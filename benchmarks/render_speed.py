@@ -21,12 +21,12 @@ machines without the audio encoder's packages; the speech is then only needed fo
 --size S renders at S px on the longer side (intrinsics scaled; the torso/background images resized), so a model
 trained at 450 px can be timed at 512x512. The Gaussian count is the trained model's.
 
-On the GPU machine (no PyAV/openwakeword there), carry .carry/render_bench (made by
+On the GPU machine (no PyAV/openwakeword there), carry .render_bench (made by
 `python benchmarks/render_speed.py --make-carry`: PyAV as tar.xz and openwakeword's two ONNX models) and run:
-  mkdir -p /tmp/site && tar xJf .carry/render_bench/av.tar.xz -C /tmp/site &&
-  PYTHONPATH=/tmp/site:.carry/render_bench/oww python benchmarks/render_speed.py MODEL_DIR --device cuda --size 512
-      --dataset DATASET_DIR --audio .carry/render_bench/speech_60s_16k.wav --json $OUT/render_gpu.json
-(copy ../shared/data/audio/speech_60s_16k.wav into .carry/render_bench: ../shared does not travel)
+  mkdir -p /tmp/site && tar xJf .render_bench/av.tar.xz -C /tmp/site &&
+  PYTHONPATH=/tmp/site:.render_bench/oww python benchmarks/render_speed.py MODEL_DIR --device cuda --size 512
+      --dataset DATASET_DIR --audio .render_bench/speech_60s_16k.wav --json $OUT/render_gpu.json
+(copy ../shared/data/audio/speech_60s_16k.wav into .render_bench: ../shared does not travel)
 
 Usage:
   python benchmarks/render_speed.py MODEL_DIR --device cuda --size 512 --json benchmarks/results/render_gpu.json
@@ -161,7 +161,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", nargs="?")
     parser.add_argument("--dataset", default=None, help="the model's dataset folder, if it moved")
-    parser.add_argument("--make-carry", action="store_true", help="build .carry/render_bench here and exit")
+    parser.add_argument("--make-carry", action="store_true", help="build .render_bench here and exit")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, default=None, help="render at this size of the longer side")
     parser.add_argument("--audio", default=str(DEFAULT_AUDIO))
@@ -175,7 +175,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.make_carry:
-        make_carry(ROOT / ".carry" / "render_bench")
+        make_carry(ROOT / ".render_bench")
         return 0
     if not args.model_dir:
         parser.error("MODEL_DIR is required")
