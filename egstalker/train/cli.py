@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         print("egstalker train: no GPU found; training on the CPU (slow: consider --resolution 128)")
     result = train(args.dataset, args.output, config, device=device, resume=args.resume,
                    show_progress=not args.quiet)
-    psnr = f"{result.val_psnr:.2f} dB" if result.val_psnr is not None else "n/a"
+    psnr = (f"{result.val_psnr:.2f} dB (head {result.val_psnr_head:.2f} dB)" if result.val_psnr is not None
+            else "n/a")
     print(f"model written to {result.model_dir}: {result.steps} iterations, {result.n_gaussians} Gaussians, "
           f"held-out PSNR {psnr}, {result.seconds:.0f} s ({result.iterations_per_second:.1f} it/s)")
     return 0

@@ -41,6 +41,9 @@ class TrainResult:
     steps: int
     n_gaussians: int
     val_psnr: float | None
+    """Mean held-out PSNR (dB) on the full frame (up to schedule.eval_frames frames)."""
+    val_psnr_head: float | None
+    """The same inside the head mask."""
     seconds: float
     iterations_per_second: float
     gaussian_counts: list[tuple[int, int]]
@@ -153,12 +156,13 @@ class Trainer:
             raise EgstalkerError(f"{self.model_dir} already holds a training run ({latest.name}); add --resume to "
                                  "continue it, or choose a new output folder")
         self.config = config.validate()
-        self.model_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoint_dir.mkdir(exist_ok=True)
-
         res = config.data.resolution
         self.train_data = open_dataset(self.dataset_dir, "train", resolution=res)
         self.val_data = open_dataset(self.dataset_dir, "val", resolution=res)
+        try:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EgstalkerError(f"cannot create {self.model_dir} ({e.strerror}); choose a writable -o MODEL_DIR") from None
         self.width, self.height = self.train_data.size
         self.step = 0
         torch.manual_seed(config.seed)
@@ -265,14 +269,15 @@ class Trainer:
 
     # --- evaluation
     @torch.no_grad()
-    def evaluate(self, n_frames: int | None = None) -> float:
-        """Mean PSNR over (up to n_frames evenly spaced) held-out frames, full image."""
+    def evaluate(self, n_frames: int | None = None) -> dict[str, float]:
+        """Mean PSNR over (up to n_frames evenly spaced) held-out frames: 'psnr' on the full image, 'psnr_head'
+        inside the head mask (the part the model renders; the rest is the dataset's torso/background)."""
         self.model.eval()
         data = self.val_data
         n = len(data) if n_frames is None else min(n_frames, len(data))
         picks = np.unique(np.linspace(0, len(data) - 1, n).round().astype(int))
         dataset = FrameDataset(data, self.config.data.audio_window)
-        values = []
+        values, head_values = [], []
         dynamic = self.step > self.config.coarse_iterations
         bs = self.config.data.batch_size
         for i in range(0, len(picks), bs):
@@ -281,8 +286,11 @@ class Trainer:
             out = self._render(batch, dynamic)
             for b in range(out.image.shape[0]):
                 values.append(psnr(out.image[b], batch["image"][b]))
+                mask = batch["head_mask"][b, ..., 0] > 0.5
+                if mask.any():
+                    head_values.append(psnr(out.image[b][mask], batch["image"][b][mask]))
         self.model.train()
-        return float(np.mean(values))
+        return {"psnr": float(np.mean(values)), "psnr_head": float(np.mean(head_values)) if head_values else 0.0}
 
     def _render(self, batch: dict, dynamic: bool, track: bool = False):
         return self.model.render(batch["viewmat"], batch["K"], self.width, self.height, batch["background"],
@@ -333,7 +341,6 @@ class Trainer:
         if self._rng_to_restore is not None:
             _set_rng_state(self._rng_to_restore)
         start_step, t0 = self.step, time.perf_counter()
-        val_psnr = None
         progress = None
         if self.show_progress and end > self.step:
             from tqdm import tqdm
@@ -380,8 +387,9 @@ class Trainer:
                     side = torch.cat([out.image[0].detach(), batch["image"][0]], dim=1).clamp(0, 1)
                     writer.add_image("train/render_vs_gt", side.cpu(), step, dataformats="HWC")
                 if c.schedule.eval_every and step % c.schedule.eval_every == 0 and step < end:
-                    val_psnr = self.evaluate(c.schedule.eval_frames)
-                    writer.add_scalar("val/psnr", val_psnr, step)
+                    scores = self.evaluate(c.schedule.eval_frames)
+                    writer.add_scalar("val/psnr", scores["psnr"], step)
+                    writer.add_scalar("val/psnr_head", scores["psnr_head"], step)
                 if step % c.schedule.checkpoint_every == 0 and step < end:
                     last_good = self.save_checkpoint()
                 if probe_at is not None and step >= probe_at and (step == probe_at or step % 100 == 0):
@@ -407,13 +415,14 @@ class Trainer:
         seconds = time.perf_counter() - t0
         if self.step > start_step or self.step == 0:
             self.save_checkpoint()
-        val_psnr = self.evaluate(c.schedule.eval_frames)
-        writer.add_scalar("val/psnr", val_psnr, self.step)
+        scores = self.evaluate(c.schedule.eval_frames)
+        writer.add_scalar("val/psnr", scores["psnr"], self.step)
+        writer.add_scalar("val/psnr_head", scores["psnr_head"], self.step)
         writer.add_scalar("gaussians/count", len(self.model.gaussians), self.step)
         writer.close()
         steps_done = self.step - start_step
         return TrainResult(model_dir=self.model_dir, steps=self.step, n_gaussians=len(self.model.gaussians),
-                           val_psnr=val_psnr, seconds=seconds,
+                           val_psnr=scores["psnr"], val_psnr_head=scores["psnr_head"], seconds=seconds,
                            iterations_per_second=steps_done / seconds if seconds > 0 and steps_done else 0.0,
                            gaussian_counts=list(self.gaussian_counts))
 
