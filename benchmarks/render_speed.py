@@ -100,7 +100,7 @@ def time_model_only(head, features: np.ndarray, poses: np.ndarray, batch: int, n
     viewmats = head._viewmats[torch.from_numpy(pose_rows).to(device)]
     au45 = head._au45[torch.from_numpy(pose_rows).to(device)]
     Ks = head._K.expand(batch, 3, 3)
-    backgrounds = torch.from_numpy(np.stack([head._torso(int(p), None) for p in pose_rows[:batch]])).to(device)
+    backgrounds = head.torso_backgrounds(pose_rows[:batch])
     assert windows.shape[1] == w
 
     def call(k: int):

@@ -145,7 +145,8 @@ def pack_weights(out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     so = ROOT / ".torch_ext" / "gsplat_cuda" / "gsplat_cuda.so"
-    (out / "gsplat_cuda.so.xz").write_bytes(lzma.compress(so.read_bytes(), preset=6))
+    if so.is_file():  # without it the GPU machine builds gsplat once (~90 s) into $TORCH_EXTENSIONS_DIR
+        (out / "gsplat_cuda.so.xz").write_bytes(lzma.compress(so.read_bytes(), preset=6))
     with open(weights_dir() / "vgg16.ckpt", "rb") as f:
         tree = pickle.load(f)
 
@@ -169,10 +170,15 @@ def setup_device_weights(carry: Path) -> None:
     import lzma
     import pickle
 
-    ext = Path("/tmp/egs_torch_ext/gsplat_cuda")
-    ext.mkdir(parents=True, exist_ok=True)
-    (ext / "gsplat_cuda.so").write_bytes(lzma.decompress((carry / "gsplat_cuda.so.xz").read_bytes()))
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(ext.parent)
+    if (carry / "gsplat_cuda.so.xz").is_file():
+        ext = Path("/tmp/egs_torch_ext/gsplat_cuda")
+        ext.mkdir(parents=True, exist_ok=True)
+        (ext / "gsplat_cuda.so").write_bytes(lzma.decompress((carry / "gsplat_cuda.so.xz").read_bytes()))
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(ext.parent)
+    # else: gsplat's JIT build (or a prebuilt .so) under the caller's $TORCH_EXTENSIONS_DIR
+    if not (carry / "vgg16_int8.pkl").is_file():
+        print("no vgg16_int8.pkl carried: train with --perceptual 0; LPIPS is scored locally")
+        return
     with open(carry / "vgg16_int8.pkl", "rb") as f:
         tree = pickle.load(f)
 
@@ -192,7 +198,8 @@ def setup_device_weights(carry: Path) -> None:
 
 # --- on the GPU
 def device_run(clips: list[str], minutes: float, out: Path, carry: Path, iterations: int | None,
-               device: str = "cuda", val_frames: int | None = None, resolution: int | None = None) -> None:
+               device: str = "cuda", val_frames: int | None = None, resolution: int | None = None,
+               perceptual: float | None = None) -> None:
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +209,8 @@ def device_run(clips: list[str], minutes: float, out: Path, carry: Path, iterati
                "command": " ".join(sys.argv), "clips": {}}
     for clip in clips:
         try:
-            _device_clip(clip, minutes, out, carry, iterations, device, val_frames, resolution, summary)
+            _device_clip(clip, minutes, out, carry, iterations, device, val_frames, resolution, perceptual,
+                         summary)
         except Exception as e:  # noqa: BLE001 - keep going with the next clip; the error is in the summary
             import traceback
 
@@ -211,7 +219,8 @@ def device_run(clips: list[str], minutes: float, out: Path, carry: Path, iterati
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
-def _device_clip(clip, minutes, out, carry, iterations, device, val_frames, resolution, summary) -> None:
+def _device_clip(clip, minutes, out, carry, iterations, device, val_frames, resolution, perceptual,
+                 summary) -> None:
     import cv2
     import torch
 
@@ -231,6 +240,8 @@ def _device_clip(clip, minutes, out, carry, iterations, device, val_frames, reso
         config.schedule.iterations = iterations
     config.schedule.time_budget_minutes = minutes
     config.data.resolution = resolution
+    if perceptual is not None:  # 0 when the VGG16 weights stay behind (they do not fit the 64 MiB with PyAV)
+        config.loss.perceptual = perceptual
     model_dir = Path("/tmp/egs_models") / clip
     shutil.rmtree(model_dir, ignore_errors=True)
     if cuda:
@@ -346,6 +357,7 @@ def main() -> None:
     d.add_argument("--device", default="cuda")
     d.add_argument("--val-frames", type=int, default=None, help="score only the first N held-out frames (dry runs)")
     d.add_argument("--resolution", type=int, default=None)
+    d.add_argument("--perceptual", type=float, default=None, help="override the VGG16 loss weight (0: no weights)")
     w = sub.add_parser("pack-weights")
     w.add_argument("-o", "--out", type=Path, default=ROOT / ".carry")
     s = sub.add_parser("score")
@@ -359,7 +371,7 @@ def main() -> None:
         pack_weights(args.out)
     elif args.cmd == "device":
         device_run(args.clips, args.minutes, args.out, args.carry, args.iterations, args.device, args.val_frames,
-                   args.resolution)
+                   args.resolution, args.perceptual)
     else:
         summary = score(args.renders, {k: Path(v) for k, v in (x.split("=", 1) for x in args.datasets)})
         if args.output:

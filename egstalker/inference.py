@@ -12,6 +12,7 @@ The spatial features/queries of the Gaussians are computed once at load (they do
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from egstalker.dataset.layout import DatasetLayout
-from egstalker.dataset.reader import load_background, load_torso_composite
+from egstalker.dataset.reader import load_background, load_torso_rgba
 from egstalker.errors import EgstalkerError
 from egstalker.model.folder import ModelInfo, PoseSources, load_model, read_poses
 
@@ -30,7 +31,7 @@ class TalkingHead:
     """A trained person-specific head, rebuilt from a model folder alone."""
 
     def __init__(self, model, info: ModelInfo, poses: PoseSources, dataset_dir: Path, model_dir: Path,
-                 device: torch.device, torso_cache_size: int = 512):
+                 device: torch.device, torso_cache_mib: float = 1024.0):
         self.model = model
         self.info = info
         self.poses = poses
@@ -45,9 +46,12 @@ class TalkingHead:
         self.audio_window = int(info.spec.audio_window)
         self.n_pose_frames = int(poses.n_train)
         self._encoder = None
-        self._background = load_background(self.layout, (self.width, self.height))
-        self._torso_cache: dict[int, np.ndarray] = {}
-        self._torso_cache_size = torso_cache_size
+        self._background = torch.from_numpy(load_background(self.layout, (self.width, self.height))).to(self.device)
+        # Torso images stay on the device as uint8 RGBA (a 256 px clip of 1,500 frames: 390 MB), composited there:
+        # reading and compositing PNGs on the host per frame was most of a served frame's cost.
+        self._torso_cache: dict[int, torch.Tensor] = {}
+        self._torso_cache_frames = max(1, int(torso_cache_mib * 2**20 // (self.width * self.height * 4)))
+        self._torso_pool = None
         self._viewmats = torch.from_numpy(poses.viewmats).float().to(self.device)
         self._K = torch.from_numpy(poses.K).float().to(self.device)
         self._au45 = torch.from_numpy(poses.au45).float().to(self.device)
@@ -120,17 +124,37 @@ class TalkingHead:
             return np.where(phase < n, phase, period - phase).astype(np.int64)
         raise EgstalkerError(f"unknown pose mode {mode!r}; use 'dataset', 'loop' or 'static'")
 
-    def _torso(self, pose_index: int, background: np.ndarray | None) -> np.ndarray:
-        frame_id = int(self.poses.frame_ids[pose_index])
-        if background is not None:
-            return load_torso_composite(self.layout, frame_id, (self.width, self.height), background)
-        cached = self._torso_cache.get(frame_id)
-        if cached is None:
-            cached = load_torso_composite(self.layout, frame_id, (self.width, self.height), self._background)
-            if len(self._torso_cache) >= self._torso_cache_size:
-                self._torso_cache.pop(next(iter(self._torso_cache)))
-            self._torso_cache[frame_id] = cached
-        return cached
+    def torso_backgrounds(self, pose_indices: Sequence[int], background: torch.Tensor | None = None) -> torch.Tensor:
+        """What each frame's head is rendered over: its pose frame's torso/neck on the background.
+
+        Args:
+            pose_indices: [B] rows of `poses`.
+            background: optional float32 [H, W, 3] in [0, 1] on the device, replacing the dataset's bc.jpg.
+        Returns:
+            float32 [B, H, W, 3] in [0, 1] on the device.
+        """
+        frame_ids = [int(self.poses.frame_ids[int(p)]) for p in pose_indices]
+        batch = {f: self._torso_cache[f] for f in frame_ids if f in self._torso_cache}
+        missing = list(dict.fromkeys(f for f in frame_ids if f not in batch))
+        if missing:
+            size = (self.width, self.height)
+            if len(missing) > 1:  # cv2 decodes without the GIL: read a batch's new frames in parallel
+                if self._torso_pool is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self._torso_pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="egs-torso")
+                images = list(self._torso_pool.map(lambda f: load_torso_rgba(self.layout, f, size), missing))
+            else:
+                images = [load_torso_rgba(self.layout, missing[0], size)]
+            for f, image in zip(missing, images):
+                batch[f] = torch.from_numpy(image).to(self.device)
+                if len(self._torso_cache) >= self._torso_cache_frames:
+                    self._torso_cache.pop(next(iter(self._torso_cache)))  # oldest first
+                self._torso_cache[f] = batch[f]
+        rgba = torch.stack([batch[f] for f in frame_ids]).float() / 255.0
+        alpha = rgba[..., 3:]
+        bg = self._background if background is None else background
+        return rgba[..., :3] * alpha + bg * (1.0 - alpha)
 
     # --- rendering
     def _windows(self, features: np.ndarray, frame_indices: Sequence[int]) -> np.ndarray:
@@ -163,13 +187,13 @@ class TalkingHead:
             bg = np.asarray(background)
             if bg.shape != (self.height, self.width, 3):
                 raise EgstalkerError(f"background must be {self.height}x{self.width} RGB, got {list(bg.shape)}")
-            bg = bg.astype(np.float32) / 255.0
+            bg = torch.from_numpy(bg.astype(np.float32) / 255.0).to(self.device)
         dev = self.device
         audio = torch.from_numpy(self._windows(features, frame_indices)).to(dev)
         idx = torch.from_numpy(pose_indices).to(dev)
         viewmats = self._viewmats[idx]
         Ks = self._K.expand(len(idx), 3, 3)
-        backgrounds = torch.from_numpy(np.stack([self._torso(int(p), bg) for p in pose_indices])).to(dev)
+        backgrounds = self.torso_backgrounds(pose_indices, bg)
         out = self.model.render(viewmats, Ks, self.width, self.height, backgrounds, audio=audio,
                                 au45=self._au45[idx], dynamic=True)
         return (out.image * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()

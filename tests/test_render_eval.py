@@ -207,3 +207,26 @@ def test_run_reuses_finished_stages(short_clip, small_dataset, small_model, tmp_
     assert [s.status for s in second.stages] == ["reused", "reused", "reused"]
     summary = second.summary()
     assert str(out) in summary and str(small_model) in summary and str(small_dataset) in summary
+
+
+def test_torso_backgrounds_are_the_training_composites(small_model, small_dataset):
+    """The device-side torso cache composites exactly what the trainer rendered over, and stays within its bound."""
+    import torch
+
+    from egstalker.dataset.layout import DatasetLayout
+    from egstalker.dataset.reader import load_background, load_torso_composite
+    from egstalker.inference import TalkingHead
+
+    head = TalkingHead.from_dir(small_model)
+    head._torso_cache_frames = 3
+    size = (head.width, head.height)
+    layout = DatasetLayout(small_dataset)
+    background = load_background(layout, size)
+    poses = [0, 5, 5, 9, 2, 0]
+    got = head.torso_backgrounds(poses).numpy()
+    assert got.shape == (6, head.height, head.width, 3) and len(head._torso_cache) == 3
+    for image, p in zip(got, poses):
+        expected = load_torso_composite(layout, int(head.poses.frame_ids[p]), size, background)
+        np.testing.assert_allclose(image, expected, atol=1e-6)
+    black = head.torso_backgrounds([9], torch.zeros(head.height, head.width, 3)).numpy()[0]
+    assert black.mean() < got[3].mean()  # transparent torso pixels now show the given background

@@ -106,6 +106,17 @@ def load_background(layout: DatasetLayout, size: tuple[int, int]) -> np.ndarray:
     return _resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), size).astype(np.float32) / 255.0
 
 
+def load_torso_rgba(layout: DatasetLayout, frame_id: int, size: tuple[int, int]) -> np.ndarray:
+    """torso_imgs/N.png at `size` as uint8 RGBA [H, W, 4]; an RGB image (older tools) gets alpha 255."""
+    torso = _read_image(layout.torso(frame_id), cv2.IMREAD_UNCHANGED)
+    if torso.ndim == 2:
+        torso = cv2.cvtColor(torso, cv2.COLOR_GRAY2BGR)
+    torso = _resize(torso, size)
+    if torso.shape[2] == 4:
+        return cv2.cvtColor(torso, cv2.COLOR_BGRA2RGBA)
+    return cv2.cvtColor(torso, cv2.COLOR_BGR2RGBA)
+
+
 def load_torso_composite(layout: DatasetLayout, frame_id: int, size: tuple[int, int],
                          background: np.ndarray) -> np.ndarray:
     """What the head is rendered over for a pose frame: its torso/neck image on `background`.
@@ -113,15 +124,10 @@ def load_torso_composite(layout: DatasetLayout, frame_id: int, size: tuple[int, 
     torso_imgs/N.png is RGBA (torso and neck, transparent elsewhere) or, from older tools, RGB already on the
     background. background: float32 [H, W, 3] at `size`. Returns float32 [H, W, 3] in [0, 1].
     """
-    torso = _read_image(layout.torso(frame_id), cv2.IMREAD_UNCHANGED)
-    if torso.ndim == 2:
-        torso = cv2.cvtColor(torso, cv2.COLOR_GRAY2BGR)
-    torso = _resize(torso, size)
-    rgb = cv2.cvtColor(np.ascontiguousarray(torso[..., :3]), cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
-    if torso.shape[2] == 4:
-        alpha = torso[..., 3:4].astype(np.float32) / 255.0
-        return rgb * alpha + background * (1.0 - alpha)
-    return rgb
+    rgba = load_torso_rgba(layout, frame_id, size)
+    rgb = rgba[..., :3].astype(np.float32) / 255.0
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    return rgb * alpha + background * (1.0 - alpha)
 
 
 def head_mask_from_parsing(parsing_rgb: np.ndarray) -> np.ndarray:

@@ -38,8 +38,9 @@ NAMED_COLOURS = {"black": (0, 0, 0), "white": (255, 255, 255), "green": (0, 177,
 
 
 def n_frames_for(n_samples: int, rate: int = FEATURE_RATE, fps: float = 25.0) -> int:
-    """Frames a video needs to last as long as `n_samples` of audio: round(duration * fps)."""
-    return int(round(n_samples / rate * fps))
+    """Frames a video needs to last as long as `n_samples` of audio: round(duration * fps), halves rounded up
+    (as the audio encoders count frames; Python's round() would round 32.5 down to 32)."""
+    return int(np.floor(n_samples / rate * fps + 0.5))
 
 
 def load_speech(path: str | os.PathLike, rate: int = FEATURE_RATE, min_seconds: float = 0.1) -> np.ndarray:

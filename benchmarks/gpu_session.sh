@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One device call that measures everything the GPU issues ask for, on one freshly trained model:
+#   1. gsplat's one-time CUDA build (timed; skipped when .torch_ext holds a prebuilt gsplat_cuda.so),
+#   2. training on the packed lieu dataset under a time budget + held-out scores (train_quality_gpu.py),
+#   3. render speed at 512x512 of that model: model-only, API, end to end to mp4 (render_speed.py),
+#   4. real-time serving: concurrent sessions held at 25 fps, latency, GPU memory (serve_load.py),
+#   and the built gsplat_cuda.so back through $OUT right after step 1 (gzip, split under the 16 MiB limit).
+#
+# Prepared here (git-ignored folders, all carried):
+#   .whl/gsplat-1.5.3-py3-none-any.whl         pip download --no-deps gsplat==1.5.3 -d .whl
+#   .carry/lieu, .carry/vgg16_int8.pkl          train_quality_gpu.py pack DATASET lieu; ... pack-weights
+#   .render_bench/{av.tar.xz,oww/,speech_60s_16k.wav}   render_speed.py --make-carry; cp ../shared/.../speech_60s_16k.wav
+# Run through the device tool from the repo root:
+#   bash benchmarks/gpu_session.sh MINUTES      (carry: .whl .carry .render_bench [.torch_ext])
+set -uo pipefail
+MINUTES=${1:-3}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/site
+exec > >(tee "$OUT/gpu_session_log.txt") 2>&1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+tar xJf .render_bench/av.tar.xz -C /tmp/site || exit 1
+export PYTHONPATH=/tmp/site:$PWD:$PWD/.render_bench/oww
+export TORCH_EXTENSIONS_DIR=$PWD/.torch_ext TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"
+
+echo "== 1. gsplat build"
+SECONDS=0
+python3 - <<'EOF'
+import os, time, torch
+from egstalker.render.rasterize import rasterize
+dev, backend = ("cuda", "gsplat") if torch.cuda.is_available() else ("cpu", "torch")  # cpu: a dry run here
+t0 = time.perf_counter()
+n = 1000
+g = torch.Generator().manual_seed(0)
+means = torch.rand(1, n, 3, generator=g) - 0.5
+means[..., 2] += 3
+quats = torch.nn.functional.normalize(torch.randn(1, n, 4, generator=g), dim=-1)
+scales, opacities, colors = torch.full((1, n, 3), 0.02), torch.full((1, n), 0.5), torch.rand(1, n, 3, generator=g)
+K = torch.tensor([[[300.0, 0, 128], [0, 300.0, 128], [0, 0, 1]]])
+args = [t.to(dev) for t in (means, quats, scales, opacities, colors, torch.eye(4)[None], K)]
+out = rasterize(*args, 256, 256, backend=backend)
+if dev == "cuda":
+    torch.cuda.synchronize()
+print(f"first {backend} call (build or load) {time.perf_counter() - t0:.1f} s, alpha mean {out.alpha.mean().item():.4f}")
+EOF
+echo "gsplat ready after ${SECONDS} s"
+SO=.torch_ext/gsplat_cuda/gsplat_cuda.so  # back through $OUT at once, so a later cut cannot lose it
+[ -f "$SO" ] && sha256sum "$SO" && gzip -1 -c "$SO" | split -b 15M - "$OUT/gsplat_cuda.so.gz.part-"
+
+echo "== 2. train lieu (${MINUTES} min budget)"
+mkdir -p "$OUT/train"
+python3 benchmarks/train_quality_gpu.py device --clips lieu --minutes "$MINUTES" --out "$OUT/train" --carry .carry ${PERCEPTUAL:+--perceptual $PERCEPTUAL}
+
+MODEL=/tmp/egs_models/lieu
+DATA=/tmp/egs_ds/lieu
+echo "== 3. render speed at 512x512"
+python3 benchmarks/render_speed.py "$MODEL" --device cuda --size 512 --dataset "$DATA" \
+  --audio .render_bench/speech_60s_16k.wav --batch-sizes 1 8 32 --frames 512 --e2e-seconds 60 \
+  --json "$OUT/render_gpu.json"
+
+echo "== 4. serve load"
+python3 benchmarks/serve_load.py "$MODEL" --device cuda --dataset "$DATA" --audio .render_bench/speech_60s_16k.wav \
+  --levels 1,8,16,32,48 --seconds 8 --out "$OUT/serve_load_gpu.json"
+
+ls -la "$OUT" "$OUT/train"
