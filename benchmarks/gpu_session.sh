@@ -61,6 +61,6 @@ python3 benchmarks/render_speed.py "$MODEL" --device cuda --size 512 --dataset "
 
 echo "== 4. serve load"
 python3 benchmarks/serve_load.py "$MODEL" --device cuda --dataset "$DATA" --audio .render_bench/speech_60s_16k.wav \
-  --levels 1,8,16,32,48 --seconds 8 --out "$OUT/serve_load_gpu.json"
+  --levels 1,8,16,24,32,48 --seconds 8 --out "$OUT/serve_load_gpu.json"
 
 ls -la "$OUT" "$OUT/train"
