@@ -87,7 +87,7 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
                  dataset_dir: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None,
                  iterations: int | None = None, resolution: int | None = None, device: str = "cpu",
                  pose: str = "loop", show_progress: bool = True,
-                 log: Callable[[str], None] | None = None) -> RunResult:
+                 log: Callable[[str], None] | None = None, config=None) -> RunResult:
     """Preprocess `video`, train a head on it and render `audio` with it; reuse whatever is already finished.
 
     Args:
@@ -96,6 +96,7 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
         output: the mp4 to write (default: beside the video, <video>_<audio>.mp4).
         dataset_dir, model_dir: where the stages write (defaults: <video without extension>, <that>_model).
         iterations, resolution: training overrides (default: the training config's).
+        config: the TrainConfig to train with (default: TrainConfig(), the GPU defaults).
         device: torch device for training and rendering.
         pose: head pose mode of the render ('loop', 'static', 'dataset').
     """
@@ -121,12 +122,18 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
     from egstalker.train.config import TrainConfig
     from egstalker.train.trainer import train
 
-    config = TrainConfig()
+    config = TrainConfig() if config is None else config
     if iterations is not None:
         config.schedule.iterations = iterations
     if resolution is not None:
         config.data.resolution = resolution
     target = config.schedule.iterations
+    saved = paths.model / "train_config.json"
+    if config.schedule.time_budget_minutes and saved.is_file():
+        import json
+
+        # a budgeted run saves the iteration count it settled on: that is what "finished" means for it
+        target = min(target, int(json.loads(saved.read_text())["schedule"]["iterations"]))
     done_steps = _finished_model_steps(paths.model)
     has_checkpoint = (paths.model / "checkpoints").is_dir() and any((paths.model / "checkpoints").glob("step_*.pt"))
     if done_steps is not None and done_steps >= target and has_checkpoint:

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                      "training config's)")
     parser.add_argument("--resolution", type=int, default=None, metavar="PX",
                         help="train and render at this size of the longer side (default: the video's)")
+    parser.add_argument("--quality", choices=["auto", "preview", "full"], default="auto",
+                        help="training preset: 'full' (GPU defaults), 'preview' (CPU-sized: 128 px, about 10 "
+                             "minutes of training on 2 cores), 'auto' (default: preview on the CPU, full on a GPU)")
     parser.add_argument("--pose", choices=["loop", "static", "dataset"], default="loop",
                         help="head pose of the render (default loop)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
@@ -36,11 +39,14 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise EgstalkerError("--device cuda was asked for but this PyTorch sees no CUDA GPU; use --device cpu")
-    elif args.resolution is None and args.device is None:
-        print("egstalker run: no GPU found; everything runs on the CPU (slow: consider --resolution 128 "
-              "--iterations 2000)")
+    from egstalker.train.config import preset_config
+
+    config = preset_config(args.quality, device)
+    if config.data.resolution == 128 and args.quality == "auto" and not args.quiet:
+        print("egstalker run: no GPU here; training with the 'preview' preset (128 px, about 10 minutes on 2 "
+              "cores); --quality full for the GPU defaults")
     result = run_pipeline(args.video, args.audio, args.output, dataset_dir=args.dataset, model_dir=args.model,
                           iterations=args.iterations, resolution=args.resolution, device=device, pose=args.pose,
-                          show_progress=not args.quiet)
+                          show_progress=not args.quiet, config=config)
     print(result.summary())
     return 0

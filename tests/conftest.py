@@ -17,3 +17,8 @@ def shared_media(relative: str) -> Path:
     if not path.exists():
         pytest.fail(f"{path} is missing from the test media folder")
     return path
+
+
+# Session fixtures shared by several modules are registered here, once: imported into each test module instead,
+# pytest would build them once per module (the clip, its dataset and the small model three times over).
+from fixtures_models import short_clip, small_dataset, small_model  # noqa: E402,F401

@@ -1,6 +1,6 @@
 """Shared, session-scoped fixtures: a real short clip, its preprocessed dataset and a small CPU-trained model.
 
-Import the fixtures you need into a test module (`from fixtures_models import small_dataset, small_model`).
+conftest.py registers these fixtures for every test module (import only the helpers, never the fixtures).
 They are built once per test session (pytest caches session fixtures across modules):
   - short_clip: the first 8 s of video/lieu_60s_256.mp4 (200 frames at 256 px, with its sound);
   - small_dataset: `preprocess(short_clip)` (18 held-out frames);

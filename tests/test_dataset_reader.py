@@ -14,7 +14,6 @@ import torch
 from egstalker.dataset.reader import (FrameDataset, check_dataset, load_canonical_vertices, open_dataset,
                                       opengl_c2w_to_viewmat)
 from egstalker.errors import EgstalkerError
-from fixtures_models import short_clip, small_dataset  # noqa: F401 - session fixtures
 
 
 def test_splits_sizes_and_intrinsics(small_dataset):

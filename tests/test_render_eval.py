@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_media
-from fixtures_models import short_clip, small_dataset, small_model, write_speech  # noqa: F401 (fixtures)
+from fixtures_models import write_speech
 from egstalker.cli import main
 from egstalker.errors import EgstalkerError
 from egstalker.render.api import load_speech, n_frames_for, parse_background

@@ -14,7 +14,7 @@ from egstalker.errors import EgstalkerError
 from egstalker.train import trainer as trainer_module
 from egstalker.train.config import TrainConfig
 from egstalker.train.trainer import Trainer, train
-from fixtures_models import SMALL_MODEL_RESOLUTION, short_clip, small_dataset, small_model  # noqa: F401 - session fixtures
+from fixtures_models import SMALL_MODEL_RESOLUTION
 
 
 def tiny_config(iterations: int, resolution: int = 64, points: int = 3000) -> TrainConfig:
@@ -179,3 +179,15 @@ def test_inference_errors(tmp_path, small_model):
         TalkingHead.from_dir(tmp_path)
     with pytest.raises(EgstalkerError, match="torso/background source"):
         TalkingHead.from_dir(small_model, dataset_dir=tmp_path)
+
+
+def test_quality_presets():
+    from egstalker.train.config import preset_config
+
+    preview = preset_config("auto", "cpu").validate()
+    assert preview.data.resolution == 128 and preview.loss.perceptual == 0.0
+    assert preview.schedule.time_budget_minutes and preview.densify.max_gaussians <= 20000
+    assert preset_config("auto", "cuda") == TrainConfig() == preset_config("full", "cpu")
+    assert preset_config("preview", "cuda:0") == preview
+    with pytest.raises(EgstalkerError, match="unknown quality"):
+        preset_config("best", "cpu")

@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train at this size of the longer image side (default: the dataset's)")
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="JSON TrainConfig (e.g. a model folder's train_config.json); flags override it")
+    parser.add_argument("--quality", choices=["auto", "preview", "full"], default="auto",
+                        help="'full': the GPU defaults; 'preview': a CPU-sized run (128 px, <= 20k Gaussians, "
+                             "~10 min on 2 cores); 'auto' (default): preview on the CPU, full on a GPU. "
+                             "Ignored with --config; --iterations/--resolution override it")
     parser.add_argument("--resume", action="store_true", help="continue the run in MODEL_DIR exactly where it stopped")
     parser.add_argument("--workers", type=int, default=None, help="data loading worker processes")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -28,21 +32,25 @@ def run(args: argparse.Namespace) -> int:
 
     from egstalker.configs import load_config
     from egstalker.errors import EgstalkerError
-    from egstalker.train.config import TrainConfig
+    from egstalker.train.config import TrainConfig, preset_config
     from egstalker.train.trainer import train
 
-    config = load_config(TrainConfig, args.config) if args.config else TrainConfig()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EgstalkerError("--device cuda was asked for but this PyTorch sees no CUDA GPU; use --device cpu")
+    if args.config:
+        config = load_config(TrainConfig, args.config)
+    else:
+        config = preset_config(args.quality, device)
+        if config.data.resolution == 128 and args.quality == "auto" and not args.quiet:
+            print("egstalker train: training on the CPU with the 'preview' preset (128 px, about 10 minutes); "
+                  "--quality full for the GPU defaults")
     if args.iterations is not None:
         config.schedule.iterations = args.iterations
     if args.resolution is not None:
         config.data.resolution = args.resolution
     if args.workers is not None:
         config.data.num_workers = args.workers
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EgstalkerError("--device cuda was asked for but this PyTorch sees no CUDA GPU; use --device cpu")
-    if device == "cpu" and args.device is None and config.data.resolution is None:
-        print("egstalker train: no GPU found; training on the CPU (slow: consider --resolution 128)")
     result = train(args.dataset, args.output, config, device=device, resume=args.resume,
                    show_progress=not args.quiet)
     psnr = (f"{result.val_psnr:.2f} dB (head {result.val_psnr_head:.2f} dB)" if result.val_psnr is not None

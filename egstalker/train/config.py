@@ -181,3 +181,30 @@ class TrainConfig:
     @property
     def densify_stop(self) -> int:
         return int(self.schedule.iterations * self.densify.stop_fraction)
+
+
+QUALITY_PRESETS = ("auto", "preview", "full")
+
+
+def preset_config(quality: str, device: str) -> TrainConfig:
+    """The TrainConfig of a quality preset: 'full' (the defaults, sized for one GPU), 'preview' (a CPU-sized run:
+    128 px, ~8k Gaussians growing to at most 20k, no VGG term, about 10 minutes of training on 2 cores, enough to
+    see a lip-synced head), or 'auto' = preview on the CPU, full on a GPU."""
+    if quality not in QUALITY_PRESETS:
+        raise EgstalkerError(f"unknown quality {quality!r}; use one of {', '.join(QUALITY_PRESETS)}")
+    config = TrainConfig()
+    if quality == "full" or (quality == "auto" and not str(device).startswith("cpu")):
+        return config
+    config.data.resolution = 128
+    config.data.batch_size = 2
+    config.data.num_workers = 2
+    config.init.surface_points, config.init.volume_points = 6000, 2000
+    config.densify.start, config.densify.every, config.densify.max_gaussians = 100, 50, 20000
+    config.loss.perceptual = 0.0
+    config.schedule.iterations = 3000
+    config.schedule.time_budget_minutes = 10.0
+    config.schedule.budget_probe = 30
+    config.schedule.checkpoint_every = 200
+    config.schedule.eval_every = 0
+    config.schedule.image_every = 200
+    return config
