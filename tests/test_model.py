@@ -117,6 +117,25 @@ def test_cached_spatial_queries_give_the_same_frames():
     assert torch.allclose(plain, cached, atol=1e-6)
 
 
+def test_inference_chunks_give_the_same_offsets(monkeypatch):
+    """Without autograd the deformation runs over chunks of Gaussians (bounded memory): same offsets as one pass,
+    with chunk edges that do not divide the Gaussian count."""
+    model = small_head(n=401).eval()
+    viewmats, _ = cameras(3)
+    audio, au45 = frame_inputs(model, 3)
+    net = model.deformation
+    with torch.no_grad():
+        cache = net.spatial_cache(model.gaussians.means)
+        tokens = net.tokens(audio, au45, viewmats)
+        whole = net(cache, tokens)
+        monkeypatch.setattr(type(net), "INFERENCE_CHUNK_ROWS", 3 * 50)  # chunks of 50 Gaussians x 3 frames
+        chunked = net(cache, tokens)
+    for name in ("means", "scales", "quats", "opacities", "colors"):
+        a, b = getattr(whole, name), getattr(chunked, name)
+        assert a.shape == b.shape == (3, 401, a.shape[-1])
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _optimizer(model):
     groups = [{"name": n, "params": [model.gaussians.params[n]], "lr": 1e-2} for n in PARAM_NAMES]
     groups.append({"name": "network", "params": list(model.deformation.parameters()), "lr": 1e-3})

@@ -141,8 +141,23 @@ class DeformationNetwork(nn.Module):
         queries = self.to_q(self.query_norm(features)).view(-1, self.n_heads, self.head_dim)
         return SpatialCache(features=features, queries=queries)
 
+    INFERENCE_CHUNK_ROWS = 2**19
+    """In eval mode without autograd, at most this many (frame, Gaussian) rows go through the network at once: every layer is
+    per Gaussian, so chunking over Gaussians gives the same result while the 128-wide hidden layers stay at
+    256 MB instead of growing with batch x Gaussians."""
+
     def forward(self, cache: SpatialCache, tokens: torch.Tensor) -> Offsets:
         """cache: from `spatial_cache`; tokens: [B, T, d_model] -> offsets, each [B, N, k]."""
+        b, n = tokens.shape[0], cache.features.shape[0]
+        if self.training or torch.is_grad_enabled() or b * n <= self.INFERENCE_CHUNK_ROWS:
+            return self._forward(cache, tokens)
+        step = max(1, self.INFERENCE_CHUNK_ROWS // b)
+        parts = [self._forward(SpatialCache(features=cache.features[i:i + step], queries=cache.queries[i:i + step]),
+                               tokens) for i in range(0, n, step)]
+        return Offsets(**{name: torch.cat([getattr(part, name) for part in parts], dim=1)
+                          for name in ("means", "scales", "quats", "opacities", "colors")})
+
+    def _forward(self, cache: SpatialCache, tokens: torch.Tensor) -> Offsets:
         b, t, _ = tokens.shape
         k, v = self.to_kv(self.token_norm(tokens)).view(b, t, 2, self.n_heads, self.head_dim).unbind(2)
         # N queries x T (= 4) keys per frame: the score tensor is tiny, so plain einsum beats fused kernels.
