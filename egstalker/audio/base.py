@@ -79,6 +79,11 @@ class AudioEncoder:
         extended with zeros on both sides (so the result does not depend on where `wav` ends)."""
         raise NotImplementedError
 
+    def _encode_last(self, wav: np.ndarray, n_frames: int, n_last: int) -> np.ndarray:
+        """The last `n_last` rows of `_encode(wav, n_frames)` (streaming needs only these); encoders override it
+        when they can skip the others."""
+        return self._encode(wav, n_frames)[n_frames - n_last:]
+
     def encode_stream(self) -> FeatureStream:
         """A stateful encoder for audio arriving in chunks (see `FeatureStream`)."""
         return FeatureStream(self)
@@ -138,7 +143,7 @@ class FeatureStream:
                                end_sample - self._buffer_start]
         if start_sample < self._buffer_start:  # before the clip's start: silence, as in encode()
             segment = np.concatenate([np.zeros(self._buffer_start - start_sample, np.float32), segment])
-        feats = self.encoder._encode(segment, end_frame - first)[self.context_frames:]
+        feats = self.encoder._encode_last(segment, end_frame - first, end_frame - self.next_frame)
         self.next_frame = end_frame
         keep_from = max(0, (self.next_frame - self.context_frames) * SAMPLES_PER_FRAME)
         if keep_from > self._buffer_start:

@@ -103,14 +103,16 @@ class OwwEncoder(AudioEncoder):
             out[a:b] = spec.reshape(b - a, MEL_BANDS)
         return out / 10.0 + 2.0  # openwakeword's scaling towards the TensorFlow original
 
-    def _encode(self, wav: np.ndarray, n_frames: int) -> np.ndarray:
-        if n_frames == 0:
-            return np.zeros((0, EMBED_DIM), np.float32)
-        # frame i's window: wav[640 i - left_pad, 640 (i + 1) + lookahead), zeros outside the clip
+    def _padded(self, wav: np.ndarray, n_frames: int) -> np.ndarray:
+        """int16-scaled samples with frame i's window at [640 i, 640 i + 12512): wav[640 i - left_pad, 640 (i + 1)
+        + lookahead), zeros outside the clip."""
         total = WINDOW_SAMPLES + (n_frames - 1) * SAMPLES_PER_FRAME
         padded = np.zeros(total, np.float32)
         body = wav[:total - self._left_pad] * 32767.0
         padded[self._left_pad:self._left_pad + len(body)] = body
+        return padded
+
+    def _embed_windows(self, padded: np.ndarray, n_frames: int) -> np.ndarray:
         mel = self._mel_frames(padded)
         step = SAMPLES_PER_FRAME // MEL_HOP
         out = np.empty((n_frames, EMBED_DIM), np.float32)
@@ -121,3 +123,15 @@ class OwwEncoder(AudioEncoder):
             windows = np.ascontiguousarray(windows.transpose(0, 2, 1))[..., None]  # [k, 76, 32, 1]
             out[a:b] = self._embed.run(None, {"input_1": windows})[0].reshape(b - a, EMBED_DIM)
         return out
+
+    def _encode(self, wav: np.ndarray, n_frames: int) -> np.ndarray:
+        if n_frames == 0:
+            return np.zeros((0, EMBED_DIM), np.float32)
+        return self._embed_windows(self._padded(wav, n_frames), n_frames)
+
+    def _encode_last(self, wav: np.ndarray, n_frames: int, n_last: int) -> np.ndarray:
+        # Only the last frames' windows: a streamed frame needs its context's samples, not the context's features.
+        if n_last <= 0:
+            return np.zeros((0, EMBED_DIM), np.float32)
+        padded = self._padded(wav, n_frames)[(n_frames - n_last) * SAMPLES_PER_FRAME:]
+        return self._embed_windows(padded, n_last)
