@@ -123,8 +123,9 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
     from egstalker.train.trainer import train
 
     config = TrainConfig() if config is None else config
-    if iterations is not None:
+    if iterations is not None:  # an explicit count is trained in full, whatever the time
         config.schedule.iterations = iterations
+        config.schedule.time_budget_minutes = None
     if resolution is not None:
         config.data.resolution = resolution
     target = config.schedule.iterations
@@ -141,7 +142,9 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
         result.stages.append(StageReport("train", "reused", 0.0, f"{done_steps} iterations"))
     else:
         what = f"resuming {paths.model}" if has_checkpoint else f"{paths.dataset} -> {paths.model}"
-        _stage_banner(show_progress, 2, "train", f"{what} ({target} iterations on {device})")
+        budget = config.schedule.time_budget_minutes
+        count = f"up to {target} iterations in {budget:g} min" if budget else f"{target} iterations"
+        _stage_banner(show_progress, 2, "train", f"{what} ({count} on {device})")
         t0 = time.perf_counter()
         trained = train(paths.dataset, paths.model, config, device=device, resume=has_checkpoint,
                         show_progress=show_progress)

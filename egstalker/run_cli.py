@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from egstalker.train.config import QUALITY_PRESETS
+
 HELP = "the whole pipeline: film of a person speaking + new speech -> lip-synced video (reuses finished stages)"
 
 
@@ -19,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                      "training config's)")
     parser.add_argument("--resolution", type=int, default=None, metavar="PX",
                         help="train and render at this size of the longer side (default: the video's)")
-    parser.add_argument("--quality", choices=["auto", "preview", "full"], default="auto",
+    parser.add_argument("--quality", choices=QUALITY_PRESETS, default="auto",
                         help="training preset: 'full' (GPU defaults), 'preview' (CPU-sized: 128 px, about 10 "
                              "minutes of training on 2 cores), 'auto' (default: preview on the CPU, full on a GPU)")
     parser.add_argument("--pose", choices=["loop", "static", "dataset"], default="loop",
@@ -39,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise EgstalkerError("--device cuda was asked for but this PyTorch sees no CUDA GPU; use --device cpu")
-    from egstalker.train.config import preset_config
+    from egstalker.train.config import preset_config, resolve_quality
 
     config = preset_config(args.quality, device)
-    if config.data.resolution == 128 and args.quality == "auto" and not args.quiet:
+    if args.quality == "auto" and resolve_quality("auto", device) == "preview" and not args.quiet:
         print("egstalker run: no GPU here; training with the 'preview' preset (128 px, about 10 minutes on 2 "
               "cores); --quality full for the GPU defaults")
     result = run_pipeline(args.video, args.audio, args.output, dataset_dir=args.dataset, model_dir=args.model,

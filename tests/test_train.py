@@ -182,7 +182,9 @@ def test_inference_errors(tmp_path, small_model):
 
 
 def test_quality_presets():
-    from egstalker.train.config import preset_config
+    from egstalker.train.config import preset_config, resolve_quality
+
+    assert resolve_quality("auto", "cpu") == "preview" and resolve_quality("auto", "cuda:1") == "full"
 
     preview = preset_config("auto", "cpu").validate()
     assert preview.data.resolution == 128 and preview.loss.perceptual == 0.0

@@ -142,9 +142,9 @@ class DeformationNetwork(nn.Module):
         return SpatialCache(features=features, queries=queries)
 
     INFERENCE_CHUNK_ROWS = 2**19
-    """In eval mode without autograd, at most this many (frame, Gaussian) rows go through the network at once: every layer is
-    per Gaussian, so chunking over Gaussians gives the same result while the 128-wide hidden layers stay at
-    256 MB instead of growing with batch x Gaussians."""
+    """In eval mode without autograd, at most this many (frame, Gaussian) rows go through the network at once:
+    every layer is per Gaussian, so chunking over Gaussians gives the same result while the 128-wide hidden
+    layers stay at 256 MB instead of growing with batch x Gaussians."""
 
     def forward(self, cache: SpatialCache, tokens: torch.Tensor) -> Offsets:
         """cache: from `spatial_cache`; tokens: [B, T, d_model] -> offsets, each [B, N, k]."""

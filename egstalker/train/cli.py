@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from egstalker.train.config import QUALITY_PRESETS
+
 HELP = "train a talking head on a preprocessed dataset (writes a model folder)"
 
 
@@ -18,10 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train at this size of the longer image side (default: the dataset's)")
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="JSON TrainConfig (e.g. a model folder's train_config.json); flags override it")
-    parser.add_argument("--quality", choices=["auto", "preview", "full"], default="auto",
+    parser.add_argument("--quality", choices=QUALITY_PRESETS, default="auto",
                         help="'full': the GPU defaults; 'preview': a CPU-sized run (128 px, <= 20k Gaussians, "
                              "~10 min on 2 cores); 'auto' (default): preview on the CPU, full on a GPU. "
-                             "Ignored with --config; --iterations/--resolution override it")
+                             "Ignored with --config; --iterations (which also lifts the time budget) and --resolution override it")
     parser.add_argument("--resume", action="store_true", help="continue the run in MODEL_DIR exactly where it stopped")
     parser.add_argument("--workers", type=int, default=None, help="data loading worker processes")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     from egstalker.configs import load_config
     from egstalker.errors import EgstalkerError
-    from egstalker.train.config import TrainConfig, preset_config
+    from egstalker.train.config import TrainConfig, preset_config, resolve_quality
     from egstalker.train.trainer import train
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -42,11 +44,12 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(TrainConfig, args.config)
     else:
         config = preset_config(args.quality, device)
-        if config.data.resolution == 128 and args.quality == "auto" and not args.quiet:
+        if args.quality == "auto" and resolve_quality("auto", device) == "preview" and not args.quiet:
             print("egstalker train: training on the CPU with the 'preview' preset (128 px, about 10 minutes); "
                   "--quality full for the GPU defaults")
-    if args.iterations is not None:
+    if args.iterations is not None:  # an explicit count is trained in full, whatever the time
         config.schedule.iterations = args.iterations
+        config.schedule.time_budget_minutes = None
     if args.resolution is not None:
         config.data.resolution = args.resolution
     if args.workers is not None:

@@ -186,14 +186,21 @@ class TrainConfig:
 QUALITY_PRESETS = ("auto", "preview", "full")
 
 
+def resolve_quality(quality: str, device: str) -> str:
+    """'preview' or 'full': what 'auto' means on `device` (preview on the CPU, full on a GPU)."""
+    if quality not in QUALITY_PRESETS:
+        raise EgstalkerError(f"unknown quality {quality!r}; use one of {', '.join(QUALITY_PRESETS)}")
+    if quality == "auto":
+        return "preview" if str(device).startswith("cpu") else "full"
+    return quality
+
+
 def preset_config(quality: str, device: str) -> TrainConfig:
     """The TrainConfig of a quality preset: 'full' (the defaults, sized for one GPU), 'preview' (a CPU-sized run:
     128 px, ~8k Gaussians growing to at most 20k, no VGG term, about 10 minutes of training on 2 cores, enough to
-    see a lip-synced head), or 'auto' = preview on the CPU, full on a GPU."""
-    if quality not in QUALITY_PRESETS:
-        raise EgstalkerError(f"unknown quality {quality!r}; use one of {', '.join(QUALITY_PRESETS)}")
+    see a lip-synced head), or 'auto' (see `resolve_quality`)."""
     config = TrainConfig()
-    if quality == "full" or (quality == "auto" and not str(device).startswith("cpu")):
+    if resolve_quality(quality, device) == "full":
         return config
     config.data.resolution = 128
     config.data.batch_size = 2
