@@ -191,36 +191,35 @@ def setup_device_weights(carry: Path) -> None:
 
     weights = Path("/tmp/egs_vgg")
     weights.mkdir(exist_ok=True)
-    with open(weights / "vgg16.ckpt", "wb") as f:
+    tmp = weights / f"vgg16.ckpt.{os.getpid()}.tmp"  # concurrent runs each write whole, then rename
+    with open(tmp, "wb") as f:
         pickle.dump(restore(tree), f, protocol=4)
+    tmp.replace(weights / "vgg16.ckpt")
     os.environ["EGSTALKER_LPIPS_WEIGHTS"] = str(weights)
 
 
 # --- on the GPU
-def device_run(clips: list[str], minutes: float, out: Path, carry: Path, iterations: int | None,
-               device: str = "cuda", val_frames: int | None = None, resolution: int | None = None,
-               perceptual: float | None = None) -> None:
-    import torch
-
-    out.mkdir(parents=True, exist_ok=True)
-    setup_device_weights(carry)
-    cuda = device.startswith("cuda")
-    summary = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
-               "command": " ".join(sys.argv), "clips": {}}
-    for clip in clips:
+def apply_overrides(config, overrides: list[str]) -> None:
+    """`section.field=value` strings (value parsed as JSON, else kept as text) onto a TrainConfig."""
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        section, _, name = key.partition(".")
+        target = getattr(config, section)
+        if not hasattr(target, name):
+            raise SystemExit(f"unknown config field {key}")
         try:
-            _device_clip(clip, minutes, out, carry, iterations, device, val_frames, resolution, perceptual,
-                         summary)
-        except Exception as e:  # noqa: BLE001 - keep going with the next clip; the error is in the summary
-            import traceback
-
-            traceback.print_exc()
-            summary["clips"][clip] = {"error": f"{e.__class__.__name__}: {e}"}
-            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        setattr(target, name, value)
 
 
-def _device_clip(clip, minutes, out, carry, iterations, device, val_frames, resolution, perceptual,
-                 summary) -> None:
+def device_train(clip: str, name: str, minutes: float, work: Path, carry: Path, features: str | None = None,
+                 overrides: list[str] = (), workers: int | None = None, device: str = "cuda",
+                 val_frames: int | None = None, iterations: int | None = None) -> dict:
+    """Train one run (dataset `clip`, optionally with the audio features of the carried folder `features`) and
+    score its held-out frames. Everything goes under work/NAME (it outlives the device call that started it):
+    model/, renders.npy (lossless), renders_jpeg.npz (returned), summary.json."""
     import cv2
     import torch
 
@@ -229,65 +228,60 @@ def _device_clip(clip, minutes, out, carry, iterations, device, val_frames, reso
     from egstalker.train.config import TrainConfig
     from egstalker.train.trainer import train
 
+    setup_device_weights(carry)
     cuda = device.startswith("cuda")
+    run_dir = work / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
     t0 = time.perf_counter()
-    ds = Path("/tmp/egs_ds") / clip
+    ds = Path("/tmp/egs_ds") / name
+    shutil.rmtree(ds, ignore_errors=True)
     unpack(carry / clip, ds)
+    if features:  # another encoder's aud.npy + meta.json over the same frames
+        for f in ("aud.npy", "meta.json"):
+            shutil.copy2(carry / features / f, ds / f)
     unpack_s = time.perf_counter() - t0
     config = TrainConfig()
-    config.data.num_workers = min(12, (os.cpu_count() or 4) - 2)
+    config.data.num_workers = workers if workers is not None else min(12, (os.cpu_count() or 4) - 2)
     if iterations:
         config.schedule.iterations = iterations
     config.schedule.time_budget_minutes = minutes
-    config.data.resolution = resolution
-    if perceptual is not None:  # 0 when the VGG16 weights stay behind (they do not fit the 64 MiB with PyAV)
-        config.loss.perceptual = perceptual
-    model_dir = Path("/tmp/egs_models") / clip
-    shutil.rmtree(model_dir, ignore_errors=True)
+    apply_overrides(config, list(overrides))
+    model_dir = run_dir / "model"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t1 = time.perf_counter()
-    result = train(ds, model_dir, config, device=device, show_progress=False)
+    result = train(ds, model_dir, config, device=device, show_progress=True)  # tqdm lines: the sweep follows them
     wall = time.perf_counter() - t1
     peak_train = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-
-    print(json.dumps({"clip": clip, "iterations": result.steps, "n_gaussians": result.n_gaussians,
+    print(json.dumps({"run": name, "iterations": result.steps, "n_gaussians": result.n_gaussians,
                       "loop_s": round(result.seconds, 1), "it_s": round(result.iterations_per_second, 2),
                       "val_psnr_16": result.val_psnr, "peak_gib": round(peak_train, 2)}), flush=True)
     # The dataset's own features are rendered: the encoder (openwakeword) need not be installed here.
     head = TalkingHead.from_dir(model_dir, device=device, check_encoder=False)
     poses = head.poses
     positions = np.arange(poses.n_train, len(poses.frame_ids))[:val_frames]
-    features = np.load(ds / "aud.npy")
+    feats = np.load(ds / "aud.npy")
     renders = []
     if cuda:
         torch.cuda.synchronize()
     t2 = time.perf_counter()
     for lo in range(0, len(positions), 8):
         p = positions[lo:lo + 8]
-        renders.append(head.render_frames(features, poses.audio_ids[p], p))
+        renders.append(head.render_frames(feats, poses.audio_ids[p], p))
     if cuda:
         torch.cuda.synchronize()
     render_s = time.perf_counter() - t2
     renders = np.concatenate(renders)
-    truths = []
-    for fid in poses.frame_ids[positions]:
-        bgr = cv2.imread(str(ds / "gt_imgs" / f"{fid}.jpg"))
-        truths.append(cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (head.width, head.height),
-                                 interpolation=cv2.INTER_AREA))
-    truths = np.stack(truths)
-    psnr = metrics.psnr(renders, truths)
-    ssim = metrics.ssim(renders, truths)
-    try:
-        lp = metrics.lpips(renders, truths, device=device)
-        lpips_mean = float(np.mean(lp))
-    except Exception as e:  # noqa: BLE001 - weights may be absent on the device; scored locally then
-        print(f"LPIPS not computed here: {e}")
-        lpips_mean = None
-    cfg = json.loads((model_dir / "train_config.json").read_text())
+    truths = np.stack([cv2.resize(cv2.cvtColor(cv2.imread(str(ds / "gt_imgs" / f"{fid}.jpg")), cv2.COLOR_BGR2RGB),
+                                  (head.width, head.height), interpolation=cv2.INTER_AREA)
+                       for fid in poses.frame_ids[positions]])
+    np.save(run_dir / "renders.npy", renders)
+    np.save(run_dir / "truths.npy", truths)
     info = {
+        "run": name, "clip": clip, "features": features or "oww (dataset)", "overrides": list(overrides),
         "frames_val": int(len(positions)), "size": [head.width, head.height],
-        "psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "lpips_alex": lpips_mean,
+        "psnr": float(np.mean(metrics.psnr(renders, truths))), "ssim": float(np.mean(metrics.ssim(renders, truths))),
         "n_gaussians": result.n_gaussians, "iterations": result.steps,
         "train_loop_seconds": round(result.seconds, 1), "train_wall_seconds_incl_init_eval": round(wall, 1),
         "iterations_per_second": round(result.iterations_per_second, 2),
@@ -295,50 +289,64 @@ def _device_clip(clip, minutes, out, carry, iterations, device, val_frames, reso
         "val_render_fps_batch8": round(len(positions) / render_s, 1),
         "gaussian_counts": result.gaussian_counts[:: max(1, len(result.gaussian_counts) // 40)]
         + result.gaussian_counts[-1:],
-        "unpack_seconds": round(unpack_s, 1), "config": cfg,
+        "unpack_seconds": round(unpack_s, 1),
+        "config": json.loads((model_dir / "train_config.json").read_text()),
     }
-    summary["clips"][clip] = info
     print(json.dumps({k: v for k, v in info.items() if k not in ("config", "gaussian_counts")}), flush=True)
-    pngs = [(f"{i}.png", cv2.imencode(".png", cv2.cvtColor(r, cv2.COLOR_RGB2BGR))[1].tobytes())
-            for i, r in zip(poses.frame_ids[positions], renders)]
-    chunk, part = {}, 0
-    for name, data in pngs:  # lossless renders, in files under the 16 MB a returned file may have
-        chunk[name] = data
-        if sum(map(len, chunk.values())) > 12 * 2**20 or name == pngs[-1][0]:
-            save_blob(out / f"{clip}_renders{part}.npz", chunk)
-            chunk, part = {}, part + 1
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    del head
-    if cuda:
-        torch.cuda.empty_cache()
+    # JPEG q97 renders come back (small); the lossless ones stay for LPIPS on the device (`lpips` step)
+    save_blob(run_dir / "renders_jpeg.npz",
+              {f"{i}.jpg": cv2.imencode(".jpg", cv2.cvtColor(r, cv2.COLOR_RGB2BGR),
+                                        [cv2.IMWRITE_JPEG_QUALITY, 97])[1].tobytes()
+               for i, r in zip(poses.frame_ids[positions], renders)})
+    atomic_json(run_dir / "summary.json", info)
+    return info
 
 
-def score(renders_dir: Path, datasets: dict[str, Path]) -> dict:
+def atomic_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def device_lpips(work: Path, device: str = "cuda") -> None:
+    """LPIPS (AlexNet) of every finished run under `work`, from its lossless renders; added to summary.json."""
+    from egstalker import metrics
+
+    for summary_path in sorted(work.glob("*/summary.json")):
+        info = json.loads(summary_path.read_text())
+        run_dir = summary_path.parent
+        renders, truths = np.load(run_dir / "renders.npy"), np.load(run_dir / "truths.npy")
+        info["lpips_alex"] = float(np.mean(metrics.lpips(renders, truths, device=device)))
+        atomic_json(summary_path, info)
+        print(run_dir.name, "lpips", round(info["lpips_alex"], 4), "psnr", round(info["psnr"], 2), flush=True)
+
+
+def score(results: Path, datasets: dict[str, Path]) -> dict:
+    """Mouth metrics (MediaPipe, here) of each run's returned renders against the original ground truth.
+    results/NAME/{summary.json, renders_jpeg.npz}; datasets: clip name -> preprocessed dataset."""
     import cv2
 
     from egstalker import metrics
 
-    summary = json.loads((renders_dir / "summary.json").read_text())
-    for clip, ds in datasets.items():
-        blob = {}
-        for part in sorted(renders_dir.glob(f"{clip}_renders*.npz")):
-            blob.update(load_blob(part))
-        ids = sorted(int(n[:-4]) for n in blob)
-        renders = np.stack([cv2.cvtColor(cv2.imdecode(np.frombuffer(blob[f"{i}.png"], np.uint8), cv2.IMREAD_COLOR),
+    runs = {}
+    for summary_path in sorted(results.glob("*/summary.json")):
+        info = json.loads(summary_path.read_text())
+        blob = load_blob(summary_path.parent / "renders_jpeg.npz")
+        ids = sorted(int(n.split(".")[0]) for n in blob)
+        renders = np.stack([cv2.cvtColor(cv2.imdecode(np.frombuffer(blob[f"{i}.jpg"], np.uint8), cv2.IMREAD_COLOR),
                                          cv2.COLOR_BGR2RGB) for i in ids])
         h, w = renders.shape[1:3]
+        ds = datasets[info["clip"]]
         truths = np.stack([cv2.resize(cv2.cvtColor(cv2.imread(str(ds / "gt_imgs" / f"{i}.jpg")), cv2.COLOR_BGR2RGB),
                                       (w, h), interpolation=cv2.INTER_AREA) for i in ids])
         mouth = metrics.mouth_metrics(renders, truths)
-        info = summary["clips"][clip]
-        info["local"] = {
-            "psnr_vs_original_gt": float(np.mean(metrics.psnr(renders, truths))),
-            "lpips_alex_vs_original_gt": float(np.mean(metrics.lpips(renders, truths))),
-            "lmd": float(mouth.lmd), "lmd_px": float(getattr(mouth, "lmd_px", float("nan"))),
-            "mouth_corr": float(mouth.mouth_corr),
-        }
-        print(clip, json.dumps(info["local"]))
-    return summary
+        info["local"] = {"lmd": float(mouth.lmd), "lmd_px": float(mouth.lmd_px), "mouth_corr": float(mouth.mouth_corr),
+                         "mouth_frames": int(mouth.n_frames),
+                         "psnr_jpeg_vs_original_gt": float(np.mean(metrics.psnr(renders, truths)))}
+        print(info["run"], json.dumps({k: info.get(k) for k in ("psnr", "ssim", "lpips_alex", "iterations",
+                                                                "n_gaussians")}), json.dumps(info["local"]))
+        runs[info["run"]] = info
+    return {"runs": runs}
 
 
 def main() -> None:
@@ -348,32 +356,39 @@ def main() -> None:
     p.add_argument("dataset", type=Path)
     p.add_argument("name")
     p.add_argument("-o", "--out", type=Path, default=ROOT / ".carry")
-    d = sub.add_parser("device")
-    d.add_argument("--clips", nargs="+", required=True)
+    d = sub.add_parser("device", help="train and score one run (several may run at once on one GPU)")
+    d.add_argument("--clip", required=True, help="a packed dataset under --carry")
+    d.add_argument("--name", default=None, help="run name (default: the clip)")
+    d.add_argument("--features", default=None, help="a carried folder with another encoder's aud.npy + meta.json")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     d.add_argument("--minutes", type=float, default=4.0)
     d.add_argument("--iterations", type=int, default=None)
+    d.add_argument("--workers", type=int, default=None)
     d.add_argument("--carry", type=Path, default=ROOT / ".carry")
-    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--work", type=Path, required=True)
     d.add_argument("--device", default="cuda")
     d.add_argument("--val-frames", type=int, default=None, help="score only the first N held-out frames (dry runs)")
-    d.add_argument("--resolution", type=int, default=None)
-    d.add_argument("--perceptual", type=float, default=None, help="override the VGG16 loss weight (0: no weights)")
+    lp = sub.add_parser("lpips", help="LPIPS of every finished run under --work (needs alexnet.ckpt)")
+    lp.add_argument("--work", type=Path, required=True)
+    lp.add_argument("--device", default="cuda")
     w = sub.add_parser("pack-weights")
     w.add_argument("-o", "--out", type=Path, default=ROOT / ".carry")
     s = sub.add_parser("score")
-    s.add_argument("--renders", type=Path, required=True)
+    s.add_argument("--results", type=Path, required=True, help="folder of returned runs (NAME/summary.json)")
     s.add_argument("--output", type=Path, default=None)
-    s.add_argument("datasets", nargs="+", help="NAME=DATASET_DIR")
+    s.add_argument("datasets", nargs="+", help="CLIP=DATASET_DIR")
     args = parser.parse_args()
     if args.cmd == "pack":
         pack(args.dataset, args.name, args.out)
     elif args.cmd == "pack-weights":
         pack_weights(args.out)
     elif args.cmd == "device":
-        device_run(args.clips, args.minutes, args.out, args.carry, args.iterations, args.device, args.val_frames,
-                   args.resolution, args.perceptual)
+        device_train(args.clip, args.name or args.clip, args.minutes, args.work, args.carry, args.features,
+                     args.overrides, args.workers, args.device, args.val_frames, args.iterations)
+    elif args.cmd == "lpips":
+        device_lpips(args.work, args.device)
     else:
-        summary = score(args.renders, {k: Path(v) for k, v in (x.split("=", 1) for x in args.datasets)})
+        summary = score(args.results, {k: Path(v) for k, v in (x.split("=", 1) for x in args.datasets)})
         if args.output:
             args.output.write_text(json.dumps(summary, indent=1) + "\n")
 

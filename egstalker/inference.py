@@ -19,6 +19,7 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 import torch
 
+from egstalker.audio.base import window_offsets
 from egstalker.dataset.layout import DatasetLayout
 from egstalker.dataset.reader import load_background, load_torso_rgba
 from egstalker.errors import EgstalkerError
@@ -44,6 +45,7 @@ class TalkingHead:
         self.height, self.width = int(info.height), int(info.width)
         self.encoder_name = info.encoder_name
         self.audio_window = int(info.spec.audio_window)
+        self.audio_future = int(info.spec.audio_future)
         self.n_pose_frames = int(poses.n_train)
         self._encoder = None
         self._background = torch.from_numpy(load_background(self.layout, (self.width, self.height))).to(self.device)
@@ -92,9 +94,8 @@ class TalkingHead:
 
     @property
     def lookahead_frames(self) -> int:
-        """Future frames of audio a frame needs: the window's future half + the encoder's look-ahead."""
-        window_future = self.audio_window - 1 - self.audio_window // 2
-        return int(window_future + np.ceil(self.encoder.lookahead_seconds * self.fps))
+        """Future frames of audio a frame needs: the window's future rows + the encoder's look-ahead."""
+        return int(self.audio_future + np.ceil(self.encoder.lookahead_seconds * self.fps))
 
     def encode_audio(self, wav: np.ndarray) -> np.ndarray:
         """16 kHz mono float32 -> per-frame features [n_frames, *feature_shape] with the model's encoder."""
@@ -158,8 +159,7 @@ class TalkingHead:
 
     # --- rendering
     def _windows(self, features: np.ndarray, frame_indices: Sequence[int]) -> np.ndarray:
-        w = self.audio_window
-        offsets = np.arange(w) - w // 2
+        offsets = window_offsets(self.audio_window, self.audio_future)
         rows = np.clip(np.asarray(frame_indices)[:, None] + offsets[None], 0, len(features) - 1)
         return np.asarray(features, np.float32)[rows]  # [B, W, *feature_shape]
 

@@ -155,7 +155,7 @@ def test_inference_renders_the_contracted_frames(small_model, small_dataset):
     px = SMALL_MODEL_RESOLUTION
     assert (head.width, head.height) == (px, px) and head.fps == 25.0 and head.sample_rate == 16000
     assert head.n_pose_frames == len(json.loads((small_dataset / "transforms_train.json").read_text())["frames"])
-    assert head.lookahead_frames >= head.audio_window - 1 - head.audio_window // 2
+    assert head.lookahead_frames == head.audio_future + np.ceil(head.encoder.lookahead_seconds * 25)
     wav = np.random.default_rng(0).normal(scale=0.1, size=int(1.3 * 16000)).astype(np.float32)
     frames = list(head(wav, batch_size=8))
     assert len(frames) == 33  # 32.5 frames of audio: halves round up, as the encoders and render count them

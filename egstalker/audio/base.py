@@ -21,6 +21,24 @@ FEATURE_FPS = 25.0
 SAMPLES_PER_FRAME = 640  # SAMPLE_RATE / FEATURE_FPS
 
 
+def centred_future_rows(window: int) -> int:
+    """Future rows of the centred window of earlier models (8 -> frames -4..+3): what a model.json without
+    `audio_future` was trained with."""
+    return int(window) - 1 - int(window) // 2
+
+
+def window_offsets(window: int, future: int) -> np.ndarray:
+    """Row offsets of a frame's audio window: `future` rows after the frame's own row, the rest before it.
+
+    Example:
+        >>> window_offsets(8, 1)
+        array([-6, -5, -4, -3, -2, -1,  0,  1])
+    """
+    if not 0 <= future < window:
+        raise ValueError(f"an audio window of {window} rows cannot read {future} future rows")
+    return np.arange(int(window)) - (int(window) - 1 - int(future))
+
+
 def frames_for_samples(n_samples: int) -> int:
     """Number of 25 fps frames for `n_samples` of 16 kHz audio: round(n_samples / 640), halves rounded up."""
     return (int(n_samples) + SAMPLES_PER_FRAME // 2) // SAMPLES_PER_FRAME

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 import torch
 
+from egstalker.audio.base import centred_future_rows, window_offsets
 from egstalker.dataset.layout import DATASET_FORMAT_VERSION, DatasetLayout
 from egstalker.errors import EgstalkerError
 
@@ -183,9 +184,11 @@ class TalkingDataset:
     def background(self) -> np.ndarray:
         return load_background(self.layout, self.size)
 
-    def audio_window(self, audio_id: int, window: int) -> np.ndarray:
-        """Features of frames audio_id - window//2 .. audio_id + (window-1)//2, clamped at the clip's ends."""
-        rows = np.clip(np.arange(window) - window // 2 + audio_id, 0, len(self.features) - 1)
+    def audio_window(self, audio_id: int, window: int, future: int | None = None) -> np.ndarray:
+        """Features of rows audio_id + window_offsets(window, future), clamped at the clip's ends (future None:
+        the centred window, audio_id - window//2 .. audio_id + (window-1)//2)."""
+        future = centred_future_rows(window) if future is None else future
+        rows = np.clip(window_offsets(window, future) + audio_id, 0, len(self.features) - 1)
         return np.asarray(self.features[rows], dtype=np.float32)
 
     def image(self, k: int) -> np.ndarray:
@@ -338,9 +341,11 @@ class FrameDataset(torch.utils.data.Dataset):
         au45: float32 eye blink in [0, 1].
     """
 
-    def __init__(self, data: TalkingDataset, audio_window: int = 8, with_images: bool = True):
+    def __init__(self, data: TalkingDataset, audio_window: int = 8, audio_future: int | None = None,
+                 with_images: bool = True):
         self.data = data
         self.audio_window = audio_window
+        self.audio_future = audio_future
         self.with_images = with_images
 
     def __len__(self) -> int:
@@ -353,7 +358,7 @@ class FrameDataset(torch.utils.data.Dataset):
             "frame_id": int(d.frame_ids[k]),
             "viewmat": torch.from_numpy(d.viewmats[k]),
             "K": torch.from_numpy(d.K),
-            "audio": torch.from_numpy(d.audio_window(int(d.audio_ids[k]), self.audio_window)),
+            "audio": torch.from_numpy(d.audio_window(int(d.audio_ids[k]), self.audio_window, self.audio_future)),
             "au45": torch.tensor(float(d.au45[k])),
         }
         if self.with_images:

@@ -40,6 +40,15 @@ class ModelSpec:
     """Training only: probability of replacing a frame's pose token with the null token."""
     head_radius: float = 1.0
     """Radius of the head in canonical units (sets the scale of position offsets and learning rates)."""
+    audio_future: int | None = None
+    """Feature rows after a frame's own row that its audio window reads (the model's share of the streaming
+    look-ahead). None: the centred window of models saved before this field existed."""
+
+    def __post_init__(self) -> None:
+        if self.audio_future is None:
+            from egstalker.audio.base import centred_future_rows
+
+            self.audio_future = centred_future_rows(self.audio_window)
 
     @staticmethod
     def from_json(data: dict) -> "ModelSpec":

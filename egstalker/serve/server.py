@@ -42,12 +42,10 @@ CLOSE_TRY_AGAIN_LATER = 1013
 def window_reach(head) -> tuple[int, int]:
     """(left, right): how many feature rows before/after a frame its audio window reads.
 
-    The window is `audio_window` rows around the frame, with its future half `audio_window // 2 - 1` rows
-    (8 -> frames -4..+3); left is taken generously (any extra rows are never read).
+    The window is `audio_window` rows, `audio_future` of them after the frame; left is taken generously (any
+    extra rows are never read).
     """
-    window = int(head.audio_window)
-    right = window - 1 - window // 2
-    return window, right
+    return int(head.audio_window), int(head.audio_future)
 
 
 def audio_encoder_of(head):

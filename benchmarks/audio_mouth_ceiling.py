@@ -1,0 +1,133 @@
+"""How well can a frame's audio window predict its mouth opening? A ceiling for lip sync, in seconds on a CPU.
+
+The renderer can only open the mouth as far as its audio input tells it to. This fits small regressors from a
+frame's window of audio features to the tracked mouth opening (inner-lip gap / eye-corner distance, from the
+dataset's 68 landmarks) on the training frames, and reports the Pearson correlation on the held-out frames (the
+same split and quantity the mouth-corr metric scores on renders). It compares window alignments (how many
+future feature rows the window reads: the serving look-ahead) and encoder look-aheads, so the model's audio
+window can be chosen without a GPU run.
+
+    python benchmarks/audio_mouth_ceiling.py /tmp/ds/lieu /tmp/ds/obama --json benchmarks/results/audio_mouth_ceiling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def mouth_openings(dataset: Path, frame_ids: np.ndarray) -> np.ndarray:
+    from egstalker.dataset.layout import DatasetLayout
+    from egstalker.dataset.reader import read_landmarks
+
+    layout = DatasetLayout(dataset)
+    out = []
+    for i in frame_ids:
+        p = read_landmarks(layout.landmarks(int(i)))
+        out.append(np.linalg.norm(p[62] - p[66]) / np.linalg.norm(p[36] - p[45]))
+    return np.array(out, np.float32)
+
+
+def split_ids(dataset: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(frame ids, audio ids) of a split from transforms_{split}.json."""
+    frames = json.loads((dataset / f"transforms_{split}.json").read_text())["frames"]
+    return (np.array([f["img_id"] for f in frames]), np.array([f.get("aud_id", f["img_id"]) for f in frames]))
+
+
+def windows(features: np.ndarray, audio_ids: np.ndarray, size: int, future: int) -> np.ndarray:
+    offsets = np.arange(size) - (size - 1 - future)
+    rows = np.clip(audio_ids[:, None] + offsets[None], 0, len(features) - 1)
+    return features[rows].reshape(len(audio_ids), -1)
+
+
+def fit_ridge(x_train, y_train, x_test, alpha: float) -> np.ndarray:
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    a, b = (x_train - mean) / std, (x_test - mean) / std
+    a1 = np.hstack([a, np.ones((len(a), 1))])
+    w = np.linalg.solve(a1.T @ a1 + alpha * np.eye(a1.shape[1]), a1.T @ y_train)
+    return np.hstack([b, np.ones((len(b), 1))]) @ w
+
+
+def fit_mlp(x_train, y_train, x_test, seed: int = 0, epochs: int = 300) -> np.ndarray:
+    import torch
+
+    torch.manual_seed(seed)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    xt = torch.tensor((x_train - mean) / std, dtype=torch.float32)
+    yt = torch.tensor((y_train - y_train.mean()) / y_train.std(), dtype=torch.float32)
+    net = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(xt.shape[1], 128), torch.nn.GELU(),
+                              torch.nn.Dropout(0.2), torch.nn.Linear(128, 1))
+    opt = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=1e-2)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt))
+        for k in range(0, len(xt), 64):
+            idx = perm[k:k + 64]
+            loss = torch.nn.functional.mse_loss(net(xt[idx])[:, 0], yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        return net(torch.tensor((x_test - mean) / std, dtype=torch.float32))[:, 0].numpy()
+
+
+def corr(a, b) -> float:
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("datasets", nargs="+", type=Path)
+    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--futures", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--lookaheads", type=float, nargs="+", default=[0.12, 0.2, 0.28])
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--seeds", type=int, default=3, help="MLP fits averaged")
+    parser.add_argument("--mel", action="store_true", help="also the mel encoder")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    import soundfile as sf
+
+    from egstalker.audio.mel import MelEncoder
+    from egstalker.audio.oww import OwwEncoder
+
+    results = {"command": " ".join(sys.argv), "window": args.window, "clips": {}}
+    for ds in args.datasets:
+        wav, rate = sf.read(str(ds / "aud.wav"), dtype="float32")
+        assert rate == 16000
+        train_f, train_a = split_ids(ds, "train")
+        val_f, val_a = split_ids(ds, "val")
+        y_train, y_val = mouth_openings(ds, train_f), mouth_openings(ds, val_f)
+        encoders = {f"oww@{la:g}s": OwwEncoder(la) for la in args.lookaheads}
+        if args.mel:
+            encoders["mel"] = MelEncoder()
+        rows = []
+        for name, encoder in encoders.items():
+            t0 = time.perf_counter()
+            feats = encoder.encode(wav)
+            for future in args.futures:
+                xa = windows(feats, train_a, args.window, future)
+                xb = windows(feats, val_a, args.window, future)
+                ridge = corr(fit_ridge(xa, y_train, xb, alpha=float(xa.shape[1])), y_val)
+                mlp = float(np.mean([corr(fit_mlp(xa, y_train, xb, seed=s, epochs=args.epochs), y_val) for s in range(args.seeds)]))
+                total_ms = 1000 * (encoder.lookahead_seconds + future / 25.0)
+                row = {"encoder": name, "future_rows": future, "lookahead_ms": round(total_ms),
+                       "ridge_corr": round(ridge, 3), "mlp_corr": round(mlp, 3)}
+                rows.append(row)
+                print(ds.name, json.dumps(row), f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        results["clips"][ds.name] = {"train_frames": len(train_f), "val_frames": len(val_f), "rows": rows}
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

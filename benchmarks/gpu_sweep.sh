@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Training runs that share one GPU, in two device calls (each call may last 10 minutes; the runs last longer).
+#
+#   bash benchmarks/gpu_sweep.sh start MINUTES     call 1: gsplat build (its .so back through $OUT), launch every
+#                                                  run of RUNS below in its own process session (they outlive the
+#                                                  call), follow them for up to FOLLOW_S seconds
+#   bash benchmarks/gpu_sweep.sh finish            call 2 (within 30 s of call 1, so the machine stays): wait for
+#                                                  the runs, LPIPS on the device, results back through $OUT, then
+#                                                  render speed of RENDER_RUN's model at 512x512
+#   bash benchmarks/gpu_sweep.sh serve RUN...      call 3: serving load (sessions held at 25 fps, latency, GPU
+#                                                  memory) of each named run's model
+#
+# Carried: .whl (gsplat wheel), .carry (packed datasets, feature overlays, int8 VGG16: train_quality_gpu.py
+# pack / pack-weights); call 2 also .carry2/alexnet.ckpt (LPIPS) and .render_bench (render_speed.py --make-carry
+# + speech_60s_16k.wav), call 3 .render_bench. Runs live in .gpu_work/ (git-ignored, kept on
+# the machine between calls). Each run's log: .gpu_work/NAME.log.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+WORK=$PWD/.gpu_work
+mkdir -p "$OUT" "$WORK" /tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+export TORCH_EXTENSIONS_DIR=$PWD/.torch_ext TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1
+
+# name clip features(-: the dataset's own oww) config overrides...
+RUNS=(
+  "lieu_oww_w12f7 lieu - data.audio_window=12 data.audio_future=7"
+  "obama_oww_w12f7 obama - data.audio_window=12 data.audio_future=7"
+  "lieu_mel_w8f3 lieu lieu_mel data.audio_window=8 data.audio_future=3"
+  "obama_mel_w8f3 obama obama_mel data.audio_window=8 data.audio_future=3"
+  "lieu_oww_w8f3 lieu - data.audio_window=8 data.audio_future=3"
+  "obama_oww_w8f3 obama - data.audio_window=8 data.audio_future=3"
+  "lieu_oww_w12f7_posedrop lieu - data.audio_window=12 data.audio_future=7 model.pose_dropout=0.5"
+)
+
+follow() {  # print progress until every run has written summary.json or died, or $1 seconds have passed
+  local until=$((SECONDS + $1))
+  while [ $SECONDS -lt $until ]; do
+    local alive=0
+    for log in "$WORK"/*.log; do  # a run is alive while its process is (setsid may have forked: match by name)
+      pgrep -f -- "--name $(basename "$log" .log) " >/dev/null && alive=$((alive + 1))
+    done
+    echo "-- t=${SECONDS}s alive=$alive $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
+    for log in "$WORK"/*.log; do echo "   $(basename "$log" .log): $(tr '\r' '\n' <"$log" | grep -v '^\s*$' | tail -1 | cut -c1-150)"; done
+    [ $alive -eq 0 ] && return 0
+    sleep 30
+  done
+}
+
+if [ "${1:-}" = "start" ]; then
+  MINUTES=${2:-11}
+  exec > >(tee "$OUT/sweep_start_log.txt") 2>&1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"
+  rm -rf "$WORK"; mkdir -p "$WORK"
+  SECONDS=0
+  python3 - <<'EOF'
+import time, torch
+from egstalker.render.rasterize import rasterize
+t0 = time.perf_counter()
+n = 1000
+g = torch.Generator().manual_seed(0)
+means = torch.rand(1, n, 3, generator=g) - 0.5
+means[..., 2] += 3
+quats = torch.nn.functional.normalize(torch.randn(1, n, 4, generator=g), dim=-1)
+scales, opacities, colors = torch.full((1, n, 3), 0.02), torch.full((1, n), 0.5), torch.rand(1, n, 3, generator=g)
+K = torch.tensor([[[300.0, 0, 128], [0, 300.0, 128], [0, 0, 1]]])
+args = [t.cuda() for t in (means, quats, scales, opacities, colors, torch.eye(4)[None], K)]
+out = rasterize(*args, 256, 256, backend="gsplat")
+torch.cuda.synchronize()
+print(f"first gsplat call (build or load) {time.perf_counter() - t0:.1f} s, alpha mean {out.alpha.mean().item():.4f}")
+EOF
+  echo "gsplat ready after ${SECONDS} s"
+  SO=.torch_ext/gsplat_cuda/gsplat_cuda.so
+  [ -f "$SO" ] && sha256sum "$SO" && gzip -1 -c "$SO" | split -b 15M - "$OUT/gsplat_cuda.so.gz.part-"
+  for run in "${RUNS[@]}"; do
+    read -r name clip features overrides <<<"$run"
+    sets=()
+    for o in $overrides; do sets+=(--set "$o"); done
+    feat=()
+    [ "$features" != "-" ] && feat=(--features "$features")
+    setsid nohup python3 benchmarks/train_quality_gpu.py device --clip "$clip" --name "$name" "${feat[@]}" \
+      "${sets[@]}" --minutes "$MINUTES" --workers 1 --work "$WORK" >"$WORK/$name.log" 2>&1 </dev/null &
+    echo "launched $name: clip=$clip features=$features $overrides"
+  done
+  follow $((${CALL_S:-560} - SECONDS))  # return before the call's 10-minute limit; the runs go on
+elif [ "${1:-}" = "finish" ]; then
+  exec > >(tee "$OUT/sweep_finish_log.txt") 2>&1
+  follow "${WAIT_S:-420}"
+  mkdir -p /tmp/egs_lpips && cp .carry2/alexnet.ckpt /tmp/egs_lpips/
+  EGSTALKER_LPIPS_WEIGHTS=/tmp/egs_lpips python3 benchmarks/train_quality_gpu.py lpips --work "$WORK"
+  for log in "$WORK"/*.log; do echo "== $log"; tr '\r' '\n' <"$log" | grep -v '^\s*$' | tail -4; done
+  (cd "$WORK" && tar czf "$OUT/sweep_results.tgz" ./*.log ./*/summary.json ./*/renders_jpeg.npz)
+  RUN=${RENDER_RUN:-lieu_oww_w12f7}
+  tar xJf .render_bench/av.tar.xz -C /tmp/site || exit 1
+  PYTHONPATH=$PYTHONPATH:$PWD/.render_bench/oww python3 benchmarks/render_speed.py "$WORK/$RUN/model" --device cuda \
+    --size 512 --dataset "/tmp/egs_ds/$RUN" --audio .render_bench/speech_60s_16k.wav --batch-sizes 1 8 32 \
+    --frames 512 --e2e-seconds 60 --json "$OUT/render_gpu.json"
+  ls -la "$OUT"
+elif [ "${1:-}" = "serve" ]; then
+  shift
+  exec > >(tee "$OUT/sweep_serve_log.txt") 2>&1
+  [ -d /tmp/site/av ] || tar xJf .render_bench/av.tar.xz -C /tmp/site || exit 1
+  for RUN in "$@"; do
+    echo "== serve $RUN"
+    PYTHONPATH=$PYTHONPATH:$PWD/.render_bench/oww python3 benchmarks/serve_load.py "$WORK/$RUN/model" --device cuda \
+      --dataset "/tmp/egs_ds/$RUN" --audio .render_bench/speech_60s_16k.wav --levels "${LEVELS:-1,8,16,24,32}" \
+      --seconds 8 --out "$OUT/serve_load_$RUN.json"
+  done
+else
+  echo "usage: gpu_sweep.sh start MINUTES | finish | serve RUN..." >&2
+  exit 2
+fi
