@@ -26,14 +26,21 @@ from egstalker.errors import EgstalkerError
 from egstalker.model.folder import ModelInfo, PoseSources, load_model, read_poses
 
 PoseMode = Literal["dataset", "loop", "static"]
+Precision = Literal["fp32", "fp16"]
+PRECISIONS = ("fp32", "fp16")
 
 
 class TalkingHead:
     """A trained person-specific head, rebuilt from a model folder alone."""
 
     def __init__(self, model, info: ModelInfo, poses: PoseSources, dataset_dir: Path, model_dir: Path,
-                 device: torch.device, torso_cache_mib: float = 1024.0):
+                 device: torch.device, torso_cache_mib: float = 1024.0, precision: Precision = "fp32"):
+        if precision not in PRECISIONS:
+            raise EgstalkerError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
         self.model = model
+        # fp16: the deformation network's products in half precision on CUDA (rasterisation stays float32)
+        self.precision = precision
+        model.deformation.inference_dtype = torch.float16 if precision == "fp16" else None
         self.info = info
         self.poses = poses
         self.dataset_dir = Path(dataset_dir)
@@ -61,13 +68,16 @@ class TalkingHead:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str | torch.device = "cpu",
-                 dataset_dir: str | Path | None = None, check_encoder: bool = True) -> "TalkingHead":
+                 dataset_dir: str | Path | None = None, check_encoder: bool = True,
+                 precision: Precision = "fp32") -> "TalkingHead":
         """Load a model folder written by `egstalker train`.
 
         Raises EgstalkerError for a missing folder, a folder that is not a model, an incompatible format
         version, a missing dataset (torso/background source) or (with `check_encoder`) an audio encoder whose
         weights are absent. check_encoder=False serves callers that bring their own features (evaluation of
-        the dataset's features on a machine without the encoder).
+        the dataset's features on a machine without the encoder). precision="fp16" runs the deformation
+        network in half precision on CUDA (faster serving; see docs/gpu.md for its measured error); it changes
+        nothing on the CPU.
         """
         model_dir = Path(model_dir)
         model, info = load_model(model_dir, device)
@@ -77,7 +87,7 @@ class TalkingHead:
         if not layout.background.exists() or not layout.torso_dir.is_dir():
             raise EgstalkerError(f"the model's torso/background source, dataset {dataset}, is missing or incomplete; "
                                  "pass the dataset folder it was trained on (dataset_dir=...)")
-        head = cls(model, info, poses, dataset, model_dir, torch.device(device))
+        head = cls(model, info, poses, dataset, model_dir, torch.device(device), precision=precision)
         if check_encoder:
             head.encoder  # fail early (clear error) when the encoder's weights are unavailable here
         return head

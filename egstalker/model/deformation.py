@@ -141,6 +141,11 @@ class DeformationNetwork(nn.Module):
         queries = self.to_q(self.query_norm(features)).view(-1, self.n_heads, self.head_dim)
         return SpatialCache(features=features, queries=queries)
 
+    inference_dtype: torch.dtype | None = None
+    """Inference on CUDA only (eval mode, no autograd): run the network's matrix products in this dtype
+    (torch.float16 halves the memory traffic of its 128-wide hidden layers, the bulk of a served frame's cost);
+    None keeps float32. Offsets come back as float32 either way. Set through TalkingHead(precision=...)."""
+
     INFERENCE_CHUNK_ROWS = 2**19
     """In eval mode without autograd, at most this many (frame, Gaussian) rows go through the network at once:
     every layer is per Gaussian, so chunking over Gaussians gives the same result while the 128-wide hidden
@@ -149,12 +154,18 @@ class DeformationNetwork(nn.Module):
     def forward(self, cache: SpatialCache, tokens: torch.Tensor) -> Offsets:
         """cache: from `spatial_cache`; tokens: [B, T, d_model] -> offsets, each [B, N, k]."""
         b, n = tokens.shape[0], cache.features.shape[0]
-        if self.training or torch.is_grad_enabled() or b * n <= self.INFERENCE_CHUNK_ROWS:
+        if self.training or torch.is_grad_enabled():
             return self._forward(cache, tokens)
-        step = max(1, self.INFERENCE_CHUNK_ROWS // b)
-        parts = [self._forward(SpatialCache(features=cache.features[i:i + step], queries=cache.queries[i:i + step]),
-                               tokens) for i in range(0, n, step)]
-        return Offsets(**{name: torch.cat([getattr(part, name) for part in parts], dim=1)
+        half = self.inference_dtype is not None and tokens.device.type == "cuda"
+        with torch.autocast("cuda", dtype=self.inference_dtype or torch.float16, enabled=half):
+            if b * n <= self.INFERENCE_CHUNK_ROWS:
+                parts = [self._forward(cache, tokens)]
+            else:
+                step = max(1, self.INFERENCE_CHUNK_ROWS // b)
+                parts = [self._forward(SpatialCache(features=cache.features[i:i + step],
+                                                    queries=cache.queries[i:i + step]), tokens)
+                         for i in range(0, n, step)]
+        return Offsets(**{name: torch.cat([getattr(part, name).float() for part in parts], dim=1)
                           for name in ("means", "scales", "quats", "opacities", "colors")})
 
     def _forward(self, cache: SpatialCache, tokens: torch.Tensor) -> Offsets:

@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="head pose / torso source: ping-pong over training frames, or one frame")
     parser.add_argument("--dataset", metavar="DIR",
                         help="the dataset the model was trained on, if it moved (torso/background source)")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                        help="deformation network precision on CUDA (fp16: more streams per GPU; docs/gpu.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     from egstalker.inference import TalkingHead
 
-    head = TalkingHead.from_dir(args.model_dir, device=device, dataset_dir=args.dataset)
+    head = TalkingHead.from_dir(args.model_dir, device=device, dataset_dir=args.dataset, precision=args.precision)
     config = ServeConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, jpeg_quality=args.jpeg_quality,
                          pose=args.pose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
