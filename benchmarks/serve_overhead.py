@@ -42,7 +42,37 @@ class FreeRenderer:
         return np.repeat(self._frame[None], len(frame_indices), axis=0)
 
 
-def serve_stub(model_dir: str, port: int, max_sessions: int, size: int | None) -> None:
+class SimulatedDevice(FreeRenderer):
+    """A renderer shaped like a GPU call: `python_ms` of Python with the GIL held (kernel launches), split in
+    three around two GIL-free waits totalling `fixed_ms + per_frame_ms * batch` (the device working, the copy
+    back). It shows whether the server process keeps such a device busy or leaves it waiting (GIL handoffs,
+    event-loop turns), without a GPU."""
+
+    def __init__(self, head, fixed_ms: float, per_frame_ms: float, python_ms: float):
+        super().__init__(head)
+        self.fixed_ms, self.per_frame_ms, self.python_ms = fixed_ms, per_frame_ms, python_ms
+
+    def _python(self, ms: float) -> None:
+        end = time.perf_counter() + ms / 1000.0
+        x = 0
+        while time.perf_counter() < end:
+            x += 1
+
+    def render_frames(self, features, frame_indices, pose_indices, background=None):
+        wait = (self.fixed_ms + self.per_frame_ms * len(frame_indices)) / 1000.0
+        for k in range(3):
+            self._python(self.python_ms / 3)
+            if k < 2:
+                time.sleep(wait / 2)
+        return super().render_frames(features, frame_indices, pose_indices)
+
+
+def serve_stub(model_dir: str, port: int, max_sessions: int, size: int | None,
+               device_ms: tuple[float, float, float] | None = None, switch_ms: float | None = None) -> None:
+    import sys as _sys
+
+    if switch_ms is not None:  # an experiment: Python's thread switch interval (default 5 ms) in the server
+        _sys.setswitchinterval(switch_ms / 1000.0)
     from render_speed import resized_head
 
     from egstalker.inference import TalkingHead
@@ -50,7 +80,8 @@ def serve_stub(model_dir: str, port: int, max_sessions: int, size: int | None) -
     from egstalker.serve.server import serve_forever
 
     head = TalkingHead.from_dir(model_dir, device="cpu")
-    head = FreeRenderer(resized_head(head, size) if size else head)
+    head = resized_head(head, size) if size else head
+    head = SimulatedDevice(head, *device_ms) if device_ms else FreeRenderer(head)
     asyncio.run(serve_forever(head, "127.0.0.1", port, ServeConfig(max_sessions=max_sessions), None, "cpu"))
 
 
@@ -62,11 +93,17 @@ def main() -> int:
     parser.add_argument("--audio", default=str(ROOT.parent / "shared" / "data" / "audio" / "speech_60s_16k.wav"))
     parser.add_argument("--size", type=int, default=256, help="frame size the server encodes (longer side)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device-ms", default=None, metavar="FIXED,PER_FRAME,PYTHON",
+                        help="simulate a device instead of a free renderer (milliseconds per call; SimulatedDevice)")
+    parser.add_argument("--switch-ms", type=float, default=-1.0,
+                        help="set Python's thread switch interval in the server (ms; -1: leave Python's 5 ms)")
     parser.add_argument("--stub-port", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--max-sessions", type=int, default=64, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stub_port:
-        serve_stub(args.model_dir, args.stub_port, args.max_sessions, args.size)
+        device_ms = tuple(float(x) for x in args.device_ms.split(",")) if args.device_ms else None
+        serve_stub(args.model_dir, args.stub_port, args.max_sessions, args.size, device_ms,
+                   None if args.switch_ms < 0 else args.switch_ms)
         return 0
 
     from serve_load import free_port, get_health, read_speech, rss_mib, run_level, summarise, wait_for_server
@@ -76,7 +113,9 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen([sys.executable, __file__, args.model_dir, "--stub-port", str(port),
                                 "--max-sessions", str(max(levels)),
-                                "--size", str(args.size)], env=os.environ | {"PYTHONUNBUFFERED": "1"})
+                                "--size", str(args.size), "--switch-ms", str(args.switch_ms)]
+                               + (["--device-ms", args.device_ms] if args.device_ms else []),
+                               env=os.environ | {"PYTHONUNBUFFERED": "1"})
     records = []
     try:
         health = wait_for_server(url, process)
@@ -95,11 +134,14 @@ def main() -> int:
             records.append(record)
             print(f"{n:>3} sessions: {record['streams_held_25fps']:>3} held, frame latency p95 "
                   f"{record['frame_latency_ms'].get('p95', 0):.0f} ms, server CPU "
-                  f"{record['server_cpu_seconds_per_second_of_speech']} s/s", flush=True)
+                  f"{record['server_cpu_seconds_per_second_of_speech']} s/s, mean batch "
+                  f"{record['server'].get('mean_batch')}, {record['server'].get('mean_render_ms_per_call')} ms a call",
+                  flush=True)
     finally:
         process.terminate()
         process.wait(20)
     result = {"command": " ".join(["python", "benchmarks/serve_overhead.py"] + sys.argv[1:]),
+              "device_ms": args.device_ms, "gil_switch_ms": None if args.switch_ms < 0 else args.switch_ms,
               "host": platform.node(), "cpu_count": os.cpu_count(), "model_size": [health["width"], health["height"]],
               "seconds_per_session": args.seconds, "levels": records,
               "max_sessions_held_25fps": max((r["sessions"] for r in records

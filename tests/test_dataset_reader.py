@@ -94,6 +94,21 @@ def test_audio_windows_clamp_at_the_clip_edges(small_dataset):
     assert np.allclose(last[5:], last[4])
 
 
+def test_audio_window_alignment_follows_the_future_rows(small_dataset):
+    """`future` rows after the frame, the rest before it: the serving look-ahead is set by this alignment."""
+    data = open_dataset(small_dataset, "train")
+    features = np.asarray(data.features)
+    k = 40
+    for future in (0, 3, 7):
+        window = data.audio_window(k, 12, future)
+        assert np.allclose(window, features[k - 11 + future:k + future + 1])
+    assert np.allclose(data.audio_window(k, 8), data.audio_window(k, 8, 3))  # None: the centred window
+    sample = FrameDataset(data, audio_window=8, audio_future=0, with_images=False)[5]
+    assert np.allclose(sample["audio"][-1].numpy(), features[int(data.audio_ids[5])])
+    with pytest.raises(ValueError, match="cannot read 8 future rows"):
+        data.audio_window(k, 8, 8)
+
+
 def test_streaming_loader_with_workers(small_dataset):
     """Frames are read in worker processes on demand; the Dataset object itself carries no images."""
     data = open_dataset(small_dataset, "train", resolution=64)

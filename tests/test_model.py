@@ -211,6 +211,30 @@ def test_model_folder_round_trip(tmp_path):
     assert torch.equal(a, b)
 
 
+def test_model_spec_window_alignment_defaults_to_the_centred_window_of_older_models():
+    old = {"feature_shape": [96], "audio_window": 8, "n_gaussians": 10, "plane_resolutions": [64]}
+    assert ModelSpec.from_json(old).audio_future == 3  # frames -4..+3, what models without the field used
+    assert ModelSpec.from_json(old | {"audio_window": 12}).audio_future == 5
+    assert ModelSpec.from_json(old | {"audio_future": 0}).audio_future == 0
+    assert ModelSpec.from_json(ModelSpec.from_json(old | {"audio_future": 1}).to_json()).audio_future == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 inference runs on CUDA only")
+def test_fp16_inference_offsets_match_fp32():
+    model = small_head().cuda().eval()
+    b = 2
+    audio, au45 = (t.cuda() for t in frame_inputs(model, b))
+    viewmats = cameras(b)[0].cuda()
+    with torch.no_grad():
+        cache = model.deformation.spatial_cache(model.gaussians.means)
+        tokens = model.deformation.tokens(audio, au45, viewmats)
+        full = model.deformation(cache, tokens)
+        model.deformation.inference_dtype = torch.float16
+        half = model.deformation(cache, tokens)
+    assert half.means.dtype == torch.float32
+    assert torch.allclose(half.means, full.means, atol=1e-3 * full.means.abs().max().item() + 1e-6)
+
+
 def test_model_folder_errors(tmp_path):
     with pytest.raises(EgstalkerError, match="does not exist"):
         load_model(tmp_path / "nope")

@@ -113,6 +113,10 @@ def test_bad_configs_get_clear_errors(small_dataset, tmp_path):
     with pytest.raises(EgstalkerError, match="d_model must be divisible"):
         train(small_dataset, tmp_path / "a", bad, show_progress=False)
     bad = tiny_config(10)
+    bad.data.audio_future = bad.data.audio_window
+    with pytest.raises(EgstalkerError, match="audio_future"):
+        train(small_dataset, tmp_path / "w", bad, show_progress=False)
+    bad = tiny_config(10)
     bad.optim.means_lr = 0.0
     with pytest.raises(EgstalkerError, match="means_lr"):
         train(small_dataset, tmp_path / "b", bad, show_progress=False)
@@ -179,6 +183,8 @@ def test_inference_errors(tmp_path, small_model):
         TalkingHead.from_dir(tmp_path)
     with pytest.raises(EgstalkerError, match="torso/background source"):
         TalkingHead.from_dir(small_model, dataset_dir=tmp_path)
+    with pytest.raises(EgstalkerError, match="unknown precision 'bf16'"):
+        TalkingHead.from_dir(small_model, precision="bf16")
 
 
 def test_quality_presets():

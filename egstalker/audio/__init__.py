@@ -4,8 +4,8 @@
     >>> encoder = get_encoder("oww")               # or "mel", "wav2vec2", "hubert", "deepspeech"
     >>> feats = encoder.encode(wav16k)             # [round(len(wav16k) / 640), *encoder.feature_shape]
 
-Encoders (see each module): `oww` (default, openwakeword's shipped speech embedding, 96-d), `mel`
-(80-band log-mel, [4, 80]), `wav2vec2` / `hubert` (768-d, local weights), `deepspeech` (import of a peers'
+Encoders (see each module): `mel` (default, 80-band log-mel, [4, 80]), `oww` (openwakeword's shipped
+speech embedding, 96-d), `wav2vec2` / `hubert` (768-d, local weights), `deepspeech` (import of a peers'
 aud_ds.npy [N, 16, 29]). Streaming: `encoder.encode_stream()` (egstalker.audio.base.FeatureStream).
 """
 
@@ -17,9 +17,12 @@ from egstalker.audio.base import (FEATURE_FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, A
                                   frames_for_samples)
 from egstalker.errors import EgstalkerError
 
-DEFAULT_ENCODER = "oww"
-"""Used when none is named: needs no download, streams exactly, and beat `mel` on held-out mouth-opening
-correlation (0.44 vs 0.38, same dataset and training; benchmarks/results/encoder_lipsync_cpu.json)."""
+DEFAULT_ENCODER = "mel"
+"""Used when none is named: needs no weights, streams exactly and needs 7.5 ms of look-ahead, where `oww`'s
+775 ms embedding window needs 200 ms plus future rows to sync (its information sits mid-window). On one H200,
+same training, 3 future rows (128 ms of streaming look-ahead in all): held-out mouth-opening correlation
+0.73 / 0.74 (lieu / obama) for mel against 0.70 / 0.66 for oww at 320 ms (docs/model.md,
+benchmarks/results/train_sweep_h200.json)."""
 
 ENCODERS = ("oww", "mel", "wav2vec2", "hubert", "deepspeech")
 WEIGHTS_HELP = {
