@@ -50,9 +50,11 @@ SO=.torch_ext/gsplat_cuda/gsplat_cuda.so  # back through $OUT at once, so a late
 
 echo "== 2. train lieu (${MINUTES} min budget)"
 mkdir -p "$OUT/train"
-python3 benchmarks/train_quality_gpu.py device --clips lieu --minutes "$MINUTES" --out "$OUT/train" --carry .carry ${PERCEPTUAL:+--perceptual $PERCEPTUAL}
+python3 benchmarks/train_quality_gpu.py device --clip lieu --minutes "$MINUTES" --work /tmp/egs_work --carry .carry \
+  ${PERCEPTUAL:+--set loss.perceptual=$PERCEPTUAL}
+cp /tmp/egs_work/lieu/summary.json /tmp/egs_work/lieu/renders_jpeg.npz "$OUT/train/"
 
-MODEL=/tmp/egs_models/lieu
+MODEL=/tmp/egs_work/lieu/model
 DATA=/tmp/egs_ds/lieu
 echo "== 3. render speed at 512x512"
 python3 benchmarks/render_speed.py "$MODEL" --device cuda --size 512 --dataset "$DATA" \

@@ -8,12 +8,18 @@ Three steps (the GPU machine cannot preprocess: no MediaPipe/PyAV there, and 64 
        python benchmarks/train_quality_gpu.py pack-weights
    (small files copied; gt and torso colour as near-lossless H.264 4:4:4 (crf 8), torso alpha and parsing as
    PNG blobs; ori_imgs/*.jpg are not needed for training and stay behind)
-2. on the GPU machine: unpack, train with the default TrainConfig under a time budget, render the held-out
-   frames with their own audio and poses (TalkingHead), and measure PSNR/SSIM/LPIPS against the unpacked
-   ground truth, training time, it/s, Gaussian counts and peak GPU memory; renders come back as PNG:
-       python benchmarks/train_quality_gpu.py device --clips lieu obama --minutes 4 --out $OUT
+   A dataset preprocessed with another encoder over the same frames travels as its aud.npy + meta.json alone
+   (copied into e.g. .carry/lieu_mel/) and is laid over the unpacked dataset with --features.
+2. on the GPU machine: one process per run (several may share a GPU: benchmarks/gpu_sweep.sh); unpack, train
+   with the default TrainConfig (plus --set overrides) under a time budget, render the held-out frames with
+   their own audio and poses (TalkingHead), and measure PSNR/SSIM against the unpacked ground truth, training
+   time, it/s, Gaussian counts and peak GPU memory; everything under WORK/NAME (it outlives the device call);
+   then LPIPS from the lossless renders, and JPEG renders + summary.json come back:
+       python benchmarks/train_quality_gpu.py device --clip lieu --name lieu_mel --features lieu_mel \
+           --set data.audio_future=3 --minutes 10 --work .gpu_work
+       python benchmarks/train_quality_gpu.py lpips --work .gpu_work     (EGSTALKER_LPIPS_WEIGHTS: alexnet.ckpt)
 3. here, mouth metrics (MediaPipe is here) of the returned renders against the original ground truth:
-       python benchmarks/train_quality_gpu.py score --renders DIR lieu=/data/lieu obama=/data/obama
+       python benchmarks/train_quality_gpu.py score --results DIR lieu=/data/lieu obama=/data/obama
 
 Raw output is committed under benchmarks/results/train_*.
 """
