@@ -43,14 +43,14 @@ class FreeRenderer:
 
 
 class SimulatedDevice(FreeRenderer):
-    """A renderer shaped like a GPU call: `python_ms` of Python with the GIL held (kernel launches), split in
-    three around two GIL-free waits totalling `fixed_ms + per_frame_ms * batch` (the device working, the copy
-    back). It shows whether the server process keeps such a device busy or leaves it waiting (GIL handoffs,
-    event-loop turns), without a GPU."""
+    """A renderer shaped like a GPU call: `python_ms` of Python (kernel launches) in `ops` pieces, each followed by
+    a release of the GIL (PyTorch drops it around every op it dispatches), and two GIL-free waits totalling
+    `fixed_ms + per_frame_ms * batch` (the device working, the copy back). It shows whether the server process
+    keeps such a device busy or leaves it waiting (GIL handoffs, event-loop turns), without a GPU."""
 
-    def __init__(self, head, fixed_ms: float, per_frame_ms: float, python_ms: float):
+    def __init__(self, head, fixed_ms: float, per_frame_ms: float, python_ms: float, ops: float = 200):
         super().__init__(head)
-        self.fixed_ms, self.per_frame_ms, self.python_ms = fixed_ms, per_frame_ms, python_ms
+        self.fixed_ms, self.per_frame_ms, self.python_ms, self.ops = fixed_ms, per_frame_ms, python_ms, int(ops)
 
     def _python(self, ms: float) -> None:
         end = time.perf_counter() + ms / 1000.0
@@ -60,9 +60,10 @@ class SimulatedDevice(FreeRenderer):
 
     def render_frames(self, features, frame_indices, pose_indices, background=None):
         wait = (self.fixed_ms + self.per_frame_ms * len(frame_indices)) / 1000.0
-        for k in range(3):
-            self._python(self.python_ms / 3)
-            if k < 2:
+        for k in range(self.ops):
+            self._python(self.python_ms / self.ops)
+            time.sleep(0)  # the GIL is released and must be taken back, as around each dispatched op
+            if k in (self.ops // 2, self.ops - 1):
                 time.sleep(wait / 2)
         return super().render_frames(features, frame_indices, pose_indices)
 
@@ -93,7 +94,7 @@ def main() -> int:
     parser.add_argument("--audio", default=str(ROOT.parent / "shared" / "data" / "audio" / "speech_60s_16k.wav"))
     parser.add_argument("--size", type=int, default=256, help="frame size the server encodes (longer side)")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--device-ms", default=None, metavar="FIXED,PER_FRAME,PYTHON",
+    parser.add_argument("--device-ms", default=None, metavar="FIXED,PER_FRAME,PYTHON[,OPS]",
                         help="simulate a device instead of a free renderer (milliseconds per call; SimulatedDevice)")
     parser.add_argument("--switch-ms", type=float, default=-1.0,
                         help="set Python's thread switch interval in the server (ms; -1: leave Python's 5 ms)")
