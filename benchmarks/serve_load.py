@@ -152,6 +152,7 @@ def main() -> int:
     parser.add_argument("--audio", default=str(DEFAULT_AUDIO), help="speech the sessions take pieces of")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="passed to serve")
+    parser.add_argument("--render-process", choices=("auto", "yes", "no"), default="auto", help="passed to serve")
     parser.add_argument("--dataset", help="the model's dataset folder, if it moved (passed to serve)")
     parser.add_argument("--stop-below", type=float, default=0.5,
                         help="stop the ramp once fewer than this fraction of streams hold 25 fps")
@@ -170,7 +171,8 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "egstalker", "serve", args.model_dir, "--host", "127.0.0.1",
                    "--port", str(port), "--device", args.device, "--max-sessions", str(max(levels)),
-                   "--max-batch", str(args.max_batch), "--precision", args.precision]
+                   "--max-batch", str(args.max_batch), "--precision", args.precision,
+                   "--render-process", args.render_process]
         command += ["--dataset", args.dataset] if args.dataset else []
         print("starting:", " ".join(command), flush=True)
         process = subprocess.Popen(command, cwd=ROOT, env=os.environ | {"PYTHONUNBUFFERED": "1"})

@@ -249,7 +249,7 @@ def device_train(clip: str, name: str, minutes: float, work: Path, carry: Path, 
     unpack_s = time.perf_counter() - t0
     config = TrainConfig()
     config.data.num_workers = workers if workers is not None else min(12, (os.cpu_count() or 4) - 2)
-    if iterations:
+    if iterations is not None:
         config.schedule.iterations = iterations
     config.schedule.time_budget_minutes = minutes
     apply_overrides(config, list(overrides))

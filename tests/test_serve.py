@@ -160,6 +160,36 @@ def test_concurrent_clients_get_their_own_streams(running, small_head, speech):
     assert health["shared_batches"] > 0, "no render call carried frames of several sessions"
 
 
+def test_a_render_process_serves_the_same_frames(request, small_head, speech):
+    """Rendering in a child process (own GIL; the default on a GPU) gives the in-process frames, reports a bad
+    batch as an error and keeps serving, and says clearly when the process is gone."""
+    from egstalker.serve.render_process import ProcessHead
+
+    model_dir = os.environ.get("EGSTALKER_TEST_MODEL") or request.getfixturevalue("small_model")
+    head = ProcessHead.start(model_dir, device="cpu")
+    try:
+        assert (head.width, head.audio_future, head.fps) == (small_head.width, small_head.audio_future, 25.0)
+        server = RunningServer(head, ServeConfig(max_lag_s=None))
+        try:
+            piece = speech[16000:28800]  # 20 frames
+            received = stream(server.url, piece, realtime=False)
+            assert received.error is None and len(received.frames) == 20
+            assert_frames_match_offline(small_head, piece, received, [0, 7, 19])
+        finally:
+            server.close()
+        features = small_head.encode_audio(piece)
+        with pytest.raises(EgstalkerError, match="rendering failed in the render process: ValueError"):
+            head.render_frames(features, [0], [10**6])
+        assert np.array_equal(head.render_frames(features, [3, 4], [3, 4]),
+                              small_head.render_frames(features, [3, 4], [3, 4]))
+        head._process.kill()
+        head._process.join()
+        with pytest.raises(EgstalkerError, match="render process has stopped"):
+            head.render_frames(features, [0], [0])
+    finally:
+        head.close()
+
+
 def test_an_upload_faster_than_real_time_is_paced(running, speech):
     server = running(ServeConfig(max_ahead_s=0.2, max_lag_s=None))
     received = stream(server.url, speech[:12800], realtime=False)  # 0.8 s sent at once

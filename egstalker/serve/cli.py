@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", metavar="DIR",
                         help="the dataset the model was trained on, if it moved (torso/background source)")
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                        help="deformation network precision on CUDA (fp16: more streams per GPU; docs/gpu.md)")
+                        help="deformation network precision on CUDA (fp16: faster calls at large batches; docs/gpu.md)")
+    parser.add_argument("--render-process", choices=("auto", "yes", "no"), default="auto",
+                        help="render in a child process with its own GIL (auto: on a GPU; docs/gpu.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,8 +48,14 @@ def run(args: argparse.Namespace) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     from egstalker.inference import TalkingHead
+    from egstalker.serve.render_process import ProcessHead
 
-    head = TalkingHead.from_dir(args.model_dir, device=device, dataset_dir=args.dataset, precision=args.precision)
+    in_child = args.render_process == "yes" or (args.render_process == "auto" and not device.startswith("cpu"))
+    if in_child:
+        head = ProcessHead.start(args.model_dir, device=device, dataset_dir=args.dataset, precision=args.precision)
+    else:
+        head = TalkingHead.from_dir(args.model_dir, device=device, dataset_dir=args.dataset,
+                                    precision=args.precision)
     config = ServeConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, jpeg_quality=args.jpeg_quality,
                          pose=args.pose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -56,4 +64,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise EgstalkerError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); "
                              "choose another --port or stop the program using it") from None
+    finally:
+        if in_child:
+            head.close()
     return 0

@@ -173,7 +173,8 @@ class TalkingHeadServer:
             "token_required": self.token is not None,
             "config": asdict(self.config),
         }
-        info.update(_device_memory(self.device))
+        # a ProcessHead renders in a child process and reports that process's device memory
+        info.update(getattr(self.head, "device_memory", None) or _device_memory(self.device))
         return info
 
     async def _health(self, request: web.Request) -> web.Response:

@@ -1,0 +1,138 @@
+"""Rendering in a child process with its own interpreter lock.
+
+Inside the server process the render thread gives up the GIL around each of the ~200 ops a render call
+dispatches and must take it back from the event loop and the JPEG and speech-feature threads; on an H200 a
+7-frame call took 28 ms inside the server against about 15 ms alone (docs/gpu.md). A child process renders
+with a GIL of its own: the server sends each batch's inputs (feature rows and indices, kilobytes) through a
+pipe and gets the frames back as uint8 arrays.
+
+    >>> head = ProcessHead.start("models/lieu", device="cuda")   # a CPU copy here, the device copy in the child
+    >>> frames = head.render_frames(features, rows, poses)       # [B, H, W, 3] uint8, rendered in the child
+    >>> head.close()
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from egstalker.errors import EgstalkerError
+
+
+def _child(conn, model_dir: str, device: str, dataset_dir: str | None, precision: str) -> None:
+    """The render process: load the head on `device`, then answer ("render", args) until told to stop."""
+    try:
+        from egstalker.inference import TalkingHead
+
+        head = TalkingHead.from_dir(model_dir, device=device, dataset_dir=dataset_dir, check_encoder=False,
+                                    precision=precision)
+        conn.send(("ready", _memory(device)))
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", f"{e.__class__.__name__}: {e}"))
+        return
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:  # the server went away
+            return
+        if message is None:
+            return
+        try:
+            frames = head.render_frames(*message)
+            conn.send(("ok", frames, _memory(device)))
+        except Exception as e:  # noqa: BLE001 - this batch fails, the process keeps serving
+            conn.send(("error", f"{e.__class__.__name__}: {e}"))
+
+
+def _memory(device: str) -> dict:
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return {}
+    return {"gpu_memory_mb": round(torch.cuda.memory_allocated(dev) / 2**20, 1),
+            "gpu_peak_memory_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1),
+            "gpu_name": torch.cuda.get_device_name(dev)}
+
+
+class ProcessHead:
+    """A TalkingHead whose `render_frames` runs in a child process; every other attribute (size, fps, audio
+    window, encoder, poses) is read from a CPU copy of the same model folder loaded in this process."""
+
+    def __init__(self, local_head, process, conn, memory: dict):
+        self._head = local_head
+        self._process = process
+        self._conn = conn
+        self._lock = threading.Lock()  # one request on the pipe at a time
+        self.device_memory = memory
+        """Device memory of the render process, as of its last answer (served in /health)."""
+
+    @classmethod
+    def start(cls, model_dir: str | Path, device: str = "cuda", dataset_dir: str | Path | None = None,
+              precision: str = "fp32", start_timeout_s: float = 600.0) -> "ProcessHead":
+        """Load the model here (CPU, for its metadata) and start the render process on `device`.
+
+        Raises EgstalkerError when the model cannot be loaded or the process does not come up in time.
+        """
+        from egstalker.inference import TalkingHead
+
+        local = TalkingHead.from_dir(model_dir, device="cpu", dataset_dir=dataset_dir, precision=precision)
+        # spawn, not fork: the child initialises CUDA itself and shares nothing it could inherit half-made
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        process = context.Process(target=_child, name="egs-render", daemon=True,
+                                  args=(child, str(model_dir), str(device),
+                                        None if dataset_dir is None else str(dataset_dir), precision))
+        process.start()
+        child.close()
+        if not parent.poll(start_timeout_s):
+            process.kill()
+            raise EgstalkerError(f"the render process did not load the model within {start_timeout_s:.0f} s")
+        try:
+            answer = parent.recv()
+        except EOFError:
+            process.join(5)
+            raise EgstalkerError(f"the render process exited while loading the model (exit code "
+                                 f"{process.exitcode})") from None
+        if answer[0] != "ready":
+            process.join(5)
+            raise EgstalkerError(f"the render process could not load the model: {answer[1]}")
+        return cls(local, process, parent, answer[1])
+
+    def __getattr__(self, name):
+        return getattr(self._head, name)
+
+    def render_frames(self, features: np.ndarray, frame_indices, pose_indices, background=None) -> np.ndarray:
+        """As TalkingHead.render_frames, rendered by the child process (no custom background)."""
+        if background is not None:
+            raise EgstalkerError("a custom background is not supported by the render process")
+        with self._lock:
+            try:
+                self._conn.send((np.ascontiguousarray(features), np.asarray(frame_indices, np.int64),
+                                 np.asarray(pose_indices, np.int64)))
+                answer = self._conn.recv()
+            except (EOFError, BrokenPipeError, OSError):
+                self._process.join(1)
+                raise EgstalkerError(f"the render process has stopped (exit code {self._process.exitcode}); "
+                                     "restart the server") from None
+        if answer[0] != "ok":
+            raise EgstalkerError(f"rendering failed in the render process: {answer[1]}")
+        self.device_memory = answer[2]
+        return answer[1]
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()
+        self._conn.close()
+
+
+__all__ = ["ProcessHead"]
