@@ -26,24 +26,7 @@ python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.v
 
 echo "== 1. gsplat build"
 SECONDS=0
-python3 - <<'EOF'
-import os, time, torch
-from egstalker.render.rasterize import rasterize
-dev, backend = ("cuda", "gsplat") if torch.cuda.is_available() else ("cpu", "torch")  # cpu: a dry run here
-t0 = time.perf_counter()
-n = 1000
-g = torch.Generator().manual_seed(0)
-means = torch.rand(1, n, 3, generator=g) - 0.5
-means[..., 2] += 3
-quats = torch.nn.functional.normalize(torch.randn(1, n, 4, generator=g), dim=-1)
-scales, opacities, colors = torch.full((1, n, 3), 0.02), torch.full((1, n), 0.5), torch.rand(1, n, 3, generator=g)
-K = torch.tensor([[[300.0, 0, 128], [0, 300.0, 128], [0, 0, 1]]])
-args = [t.to(dev) for t in (means, quats, scales, opacities, colors, torch.eye(4)[None], K)]
-out = rasterize(*args, 256, 256, backend=backend)
-if dev == "cuda":
-    torch.cuda.synchronize()
-print(f"first {backend} call (build or load) {time.perf_counter() - t0:.1f} s, alpha mean {out.alpha.mean().item():.4f}")
-EOF
+python3 benchmarks/gsplat_warmup.py
 echo "gsplat ready after ${SECONDS} s"
 SO=.torch_ext/gsplat_cuda/gsplat_cuda.so  # back through $OUT at once, so a later cut cannot lose it
 [ -f "$SO" ] && sha256sum "$SO" && gzip -1 -c "$SO" | split -b 15M - "$OUT/gsplat_cuda.so.gz.part-"
