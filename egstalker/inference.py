@@ -167,6 +167,14 @@ class TalkingHead:
         bg = self._background if background is None else background
         return rgba[..., :3] * alpha + bg * (1.0 - alpha)
 
+    def preload_torso(self, batch: int = 64) -> int:
+        """Load the training pose frames' torso images into the device cache now (as many as it holds), so the
+        first streams after a server starts do not wait for them; returns how many the cache holds."""
+        n = min(self.n_pose_frames, self._torso_cache_frames)
+        for start in range(0, n, batch):
+            self.torso_backgrounds(np.arange(start, min(n, start + batch)))
+        return len(self._torso_cache)
+
     # --- rendering
     def _windows(self, features: np.ndarray, frame_indices: Sequence[int]) -> np.ndarray:
         offsets = window_offsets(self.audio_window, self.audio_future)

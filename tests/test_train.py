@@ -172,6 +172,8 @@ def test_inference_renders_the_contracted_frames(small_model, small_dataset):
     assert batch.shape == (3, px, px, 3)
     custom = head.render_frames(features, [0], [0], background=np.zeros((px, px, 3), np.uint8))
     assert custom[0, :5].mean() < batch[0, :5].mean()  # the top rows are background: now black
+    assert head.preload_torso() == head.n_pose_frames  # a small model's whole torso cache fits
+    assert np.array_equal(head.render_frames(features, [0, 1, 2], [0, 1, 2]), batch)  # cached = loaded
 
 
 def test_inference_errors(tmp_path, small_model):

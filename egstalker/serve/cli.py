@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         head = TalkingHead.from_dir(args.model_dir, device=device, dataset_dir=args.dataset,
                                     precision=args.precision)
+        head.preload_torso()  # the first sessions must not wait for torso images
     config = ServeConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, jpeg_quality=args.jpeg_quality,
                          pose=args.pose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

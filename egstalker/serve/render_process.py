@@ -29,6 +29,7 @@ def _child(conn, model_dir: str, device: str, dataset_dir: str | None, precision
 
         head = TalkingHead.from_dir(model_dir, device=device, dataset_dir=dataset_dir, check_encoder=False,
                                     precision=precision)
+        head.preload_torso()
         conn.send(("ready", _memory(device)))
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{e.__class__.__name__}: {e}"))
