@@ -209,6 +209,10 @@ def test_model_folder_round_trip(tmp_path):
         a = model.render(viewmats, K, SIZE, SIZE, bg, audio=audio, au45=au45, backend="torch").image
         b = loaded.render(viewmats, K, SIZE, SIZE, bg, audio=audio, au45=au45, backend="torch").image
     assert torch.equal(a, b)
+    # model.json written before mel became the default named its encoder "default", which then meant oww
+    data = json.loads((tmp_path / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps(data | {"encoder_name": "default"}))
+    assert load_model(tmp_path)[1].encoder_name == "oww"
 
 
 def test_model_spec_window_alignment_defaults_to_the_centred_window_of_older_models():
@@ -217,10 +221,12 @@ def test_model_spec_window_alignment_defaults_to_the_centred_window_of_older_mod
     assert ModelSpec.from_json(old | {"audio_window": 12}).audio_future == 5
     assert ModelSpec.from_json(old | {"audio_future": 0}).audio_future == 0
     assert ModelSpec.from_json(ModelSpec.from_json(old | {"audio_future": 1}).to_json()).audio_future == 1
+    with pytest.raises(EgstalkerError, match="audio_future 8 must be"):
+        ModelSpec.from_json(old | {"audio_future": 8})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 inference runs on CUDA only")
-def test_fp16_inference_offsets_match_fp32():
+def test_fp16_inference_offsets_match_fp32(monkeypatch):
     model = small_head().cuda().eval()
     b = 2
     audio, au45 = (t.cuda() for t in frame_inputs(model, b))
@@ -231,8 +237,14 @@ def test_fp16_inference_offsets_match_fp32():
         full = model.deformation(cache, tokens)
         model.deformation.inference_dtype = torch.float16
         half = model.deformation(cache, tokens)
-    assert half.means.dtype == torch.float32
-    assert torch.allclose(half.means, full.means, atol=1e-3 * full.means.abs().max().item() + 1e-6)
+        monkeypatch.setattr(type(model.deformation), "INFERENCE_CHUNK_ROWS", 256)  # the chunked path too
+        chunked = model.deformation(cache, tokens)
+    for name in ("means", "scales", "quats", "opacities", "colors"):
+        a, h, c = getattr(full, name), getattr(half, name), getattr(chunked, name)
+        assert h.dtype == c.dtype == torch.float32
+        assert torch.allclose(h, a, atol=1e-3 * a.abs().max().item() + 1e-6)
+        assert torch.equal(c, h)
+    assert not torch.equal(half.means, full.means), "fp16 changed nothing: it did not run"
 
 
 def test_model_folder_errors(tmp_path):

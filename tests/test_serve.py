@@ -182,9 +182,13 @@ def test_a_render_process_serves_the_same_frames(request, small_head, speech):
             head.render_frames(features, [0], [10**6])
         assert np.array_equal(head.render_frames(features, [3, 4], [3, 4]),
                               small_head.render_frames(features, [3, 4], [3, 4]))
+        assert head.healthy
         head._process.kill()
         head._process.join()
+        assert not head.healthy
         with pytest.raises(EgstalkerError, match="render process has stopped"):
+            head.render_frames(features, [0], [0])
+        with pytest.raises(EgstalkerError, match="render process has stopped"):  # and stays so, clearly
             head.render_frames(features, [0], [0])
     finally:
         head.close()

@@ -30,6 +30,10 @@ import numpy as np
 import torch
 
 from egstalker.audio.base import centred_future_rows, window_offsets
+
+LEGACY_DEFAULT_ENCODER = "oww"
+"""What an unnamed ("default") encoder meant before `mel` became the default: datasets and model folders that
+recorded no name, or the word "default", were made with it."""
 from egstalker.dataset.layout import DATASET_FORMAT_VERSION, DatasetLayout
 from egstalker.errors import EgstalkerError
 
@@ -319,11 +323,13 @@ def open_dataset(root: str | Path, split: Split = "train", resolution: int | Non
     encoder = meta.get("audio_encoder")  # {"name": ..., "feature_shape": ...} from task 2 (or a bare name)
     if isinstance(encoder, dict):
         encoder = encoder.get("name")
+    if encoder in (None, "", "default"):
+        encoder = LEGACY_DEFAULT_ENCODER
     return TalkingDataset(
         layout=layout, split=split, frame_ids=frame_ids, audio_ids=audio_ids,
         viewmats=opengl_c2w_to_viewmat(np.stack([f[2] for f in frames])).astype(np.float32), K=K,
         width=width, height=height, source_width=int(src_w), source_height=int(src_h),
-        au45=au_all[frame_ids], features=features, encoder_name=str(encoder or "default"), meta=meta,
+        au45=au_all[frame_ids], features=features, encoder_name=str(encoder), meta=meta,
     )
 
 

@@ -165,7 +165,8 @@ class DeformationNetwork(nn.Module):
                 parts = [self._forward(SpatialCache(features=cache.features[i:i + step],
                                                     queries=cache.queries[i:i + step]), tokens)
                          for i in range(0, n, step)]
-        return Offsets(**{name: torch.cat([getattr(part, name).float() for part in parts], dim=1)
+        return Offsets(**{name: (getattr(parts[0], name) if len(parts) == 1
+                                 else torch.cat([getattr(part, name) for part in parts], dim=1)).float()
                           for name in ("means", "scales", "quats", "opacities", "colors")})
 
     def _forward(self, cache: SpatialCache, tokens: torch.Tensor) -> Offsets:

@@ -105,7 +105,12 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
         raise EgstalkerError(f"model {model_dir} has format version {version}; this egstalker reads version "
                              f"{MODEL_FORMAT_VERSION}: train the model again with this version")
     try:
-        return ModelInfo(spec=ModelSpec.from_json(data["spec"]), encoder_name=data["encoder_name"],
+        encoder_name = data["encoder_name"]
+        if encoder_name in ("", "default"):  # written before the default encoder changed: it meant oww
+            from egstalker.dataset.reader import LEGACY_DEFAULT_ENCODER
+
+            encoder_name = LEGACY_DEFAULT_ENCODER
+        return ModelInfo(spec=ModelSpec.from_json(data["spec"]), encoder_name=encoder_name,
                          width=int(data["width"]), height=int(data["height"]), dataset=data["dataset"],
                          n_train_frames=int(data["n_train_frames"]), step=int(data.get("step", 0)),
                          fps=float(data.get("fps", 25.0)), sample_rate=int(data.get("sample_rate", 16000)))

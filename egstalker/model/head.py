@@ -49,6 +49,11 @@ class ModelSpec:
             from egstalker.audio.base import centred_future_rows
 
             self.audio_future = centred_future_rows(self.audio_window)
+        if not 0 <= self.audio_future < self.audio_window:
+            from egstalker.errors import EgstalkerError
+
+            raise EgstalkerError(f"model spec: audio_future {self.audio_future} must be >= 0 and smaller than "
+                                 f"audio_window {self.audio_window}; the model folder is damaged")
 
     @staticmethod
     def from_json(data: dict) -> "ModelSpec":

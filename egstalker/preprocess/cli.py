@@ -12,8 +12,9 @@ TASK_NAMES = ("1 audio (aud.wav), 2 audio features (aud.npy), 3 frames (ori_imgs
 
 EPILOG = """\
 audio features (--audio-features NAME, --audio-weights PATH):
-  oww         default: openwakeword's shipped speech embedding, 96-d per frame, no download
-  mel         80-band log-mel, [4, 80] per frame, no weights
+  mel         default: 80-band log-mel, [4, 80] per frame, no weights, 7.5 ms of look-ahead
+  oww         openwakeword's shipped speech embedding, 96-d per frame, no download; it describes the middle
+              of a 775 ms window, so it syncs well only with ~400 ms of future audio (slow for live serving)
   wav2vec2    768-d hidden states of facebook/wav2vec2-base; --audio-weights DIR is a local model folder
               (config.json + weights); without it the local Hugging Face cache is used (never downloaded:
               run `huggingface-cli download facebook/wav2vec2-base` once on a machine with internet)
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"run only task N (repeatable); tasks: {TASK_NAMES}")
     parser.add_argument("--force", action="store_true", help="redo the selected tasks even when complete")
     parser.add_argument("--audio-features", metavar="NAME",
-                        help="audio encoder: oww (default), mel, wav2vec2, hubert, deepspeech (see below); "
+                        help="audio encoder: mel (default), oww, wav2vec2, hubert, deepspeech (see below); "
                              "a re-run keeps the dataset's previous choice unless given")
     parser.add_argument("--audio-weights", metavar="PATH",
                         help="wav2vec2/hubert: local model folder; deepspeech: the aud_ds.npy to import")

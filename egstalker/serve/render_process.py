@@ -17,13 +17,19 @@ import multiprocessing
 import threading
 from pathlib import Path
 
+RENDER_TIMEOUT_S = 120.0
+"""A render call that takes longer than this is taken for a hung device: the render process is killed."""
+
 import numpy as np
 
 from egstalker.errors import EgstalkerError
 
 
 def _child(conn, model_dir: str, device: str, dataset_dir: str | None, precision: str) -> None:
-    """The render process: load the head on `device`, then answer ("render", args) until told to stop."""
+    """The render process: load the head on `device`, then answer render requests until told to stop."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides when to stop
     try:
         from egstalker.inference import TalkingHead
 
@@ -68,6 +74,8 @@ class ProcessHead:
         self._process = process
         self._conn = conn
         self._lock = threading.Lock()  # one request on the pipe at a time
+        self._broken: str | None = None
+        """Why the render process can no longer be used (it died, hung, or the pipe lost its place)."""
         self.device_memory = memory
         """Device memory of the render process, as of its last answer (served in /health)."""
 
@@ -89,19 +97,38 @@ class ProcessHead:
                                         None if dataset_dir is None else str(dataset_dir), precision))
         process.start()
         child.close()
-        if not parent.poll(start_timeout_s):
-            process.kill()
-            raise EgstalkerError(f"the render process did not load the model within {start_timeout_s:.0f} s")
         try:
-            answer = parent.recv()
-        except EOFError:
+            if not parent.poll(start_timeout_s):
+                raise EgstalkerError(f"the render process did not load the model within {start_timeout_s:.0f} s")
+            try:
+                answer = parent.recv()
+            except EOFError:
+                process.join(5)
+                raise EgstalkerError(f"the render process exited while loading the model (exit code "
+                                     f"{process.exitcode})") from None
+            if answer[0] != "ready":
+                raise EgstalkerError(f"the render process could not load the model: {answer[1]}")
+        except BaseException:
+            parent.close()
             process.join(5)
-            raise EgstalkerError(f"the render process exited while loading the model (exit code "
-                                 f"{process.exitcode})") from None
-        if answer[0] != "ready":
-            process.join(5)
-            raise EgstalkerError(f"the render process could not load the model: {answer[1]}")
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+            raise
         return cls(local, process, parent, answer[1])
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the render process can still render (shown as /health's status)."""
+        return self._broken is None and self._process.is_alive()
+
+    def _fail(self, reason: str) -> EgstalkerError:
+        """Give the render process up: kill it (its pipe may be out of step) and say why, for every later call."""
+        self._broken = reason
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join(5)
+        return EgstalkerError(f"{reason}; restart the server")
 
     def __getattr__(self, name):
         return getattr(self._head, name)
@@ -111,28 +138,39 @@ class ProcessHead:
         if background is not None:
             raise EgstalkerError("a custom background is not supported by the render process")
         with self._lock:
+            if self._broken is not None:
+                raise EgstalkerError(f"{self._broken}; restart the server")
             try:
                 self._conn.send((np.ascontiguousarray(features), np.asarray(frame_indices, np.int64),
                                  np.asarray(pose_indices, np.int64)))
+                if not self._conn.poll(RENDER_TIMEOUT_S):
+                    raise self._fail(f"the render process did not answer within {RENDER_TIMEOUT_S:.0f} s")
                 answer = self._conn.recv()
             except (EOFError, BrokenPipeError, OSError):
                 self._process.join(1)
-                raise EgstalkerError(f"the render process has stopped (exit code {self._process.exitcode}); "
-                                     "restart the server") from None
+                raise self._fail(f"the render process has stopped (exit code {self._process.exitcode})") from None
+            except EgstalkerError:
+                raise
+            except BaseException as e:  # the reply may still be in the pipe: never read it as the next one's
+                raise self._fail(f"the render process pipe failed ({e.__class__.__name__})") from e
         if answer[0] != "ok":
             raise EgstalkerError(f"rendering failed in the render process: {answer[1]}")
         self.device_memory = answer[2]
         return answer[1]
 
     def close(self) -> None:
-        with self._lock:
+        """Stop the render process (after the call in flight, if it ends within the render timeout)."""
+        if self._lock.acquire(timeout=RENDER_TIMEOUT_S):
             try:
                 self._conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
+            finally:
+                self._lock.release()
         self._process.join(10)
         if self._process.is_alive():
             self._process.kill()
+            self._process.join(5)
         self._conn.close()
 
 

@@ -155,7 +155,7 @@ class TalkingHeadServer:
         frames = sum(n for _, n, _ in recent)
         span = min(5.0, now - recent[0][0] + recent[0][2]) if recent else 0.0
         info = {
-            "status": "ok",
+            "status": "ok" if getattr(self.head, "healthy", True) else "render process stopped",
             "sessions": len(self.connections),
             "capacity": self.config.max_sessions,
             "fps": float(self.head.fps),

@@ -23,9 +23,17 @@ class DataConfig:
     """Batches each worker keeps ready: bounds the memory held by loading."""
     audio_window: int = 8
     """Audio feature frames each video frame reads."""
-    audio_future: int = 3
-    """How many of them come after the frame (3: frames -4..+3). Each future row adds 40 ms to the streaming
-    latency (on top of the encoder's own look-ahead); fewer rows lose lip sync (benchmarks/audio_mouth_ceiling.py)."""
+    audio_future: int | None = None
+    """How many of them come after the frame; None: the centred window (3 of 8: frames -4..+3, what configs
+    written before this field meant). Each future row adds 40 ms to the streaming latency (on top of the
+    encoder's own look-ahead); fewer rows lose lip sync (docs/model.md, benchmarks/audio_mouth_ceiling.py)."""
+
+    @property
+    def future_rows(self) -> int:
+        """audio_future, with None resolved to the centred window's."""
+        from egstalker.audio.base import centred_future_rows
+
+        return centred_future_rows(self.audio_window) if self.audio_future is None else int(self.audio_future)
 
 
 @dataclass
@@ -158,7 +166,7 @@ class TrainConfig:
             (self.data.batch_size >= 1, "data.batch_size must be >= 1"),
             (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
             (self.data.audio_window >= 1, "data.audio_window must be >= 1"),
-            (0 <= self.data.audio_future < self.data.audio_window,
+            (self.data.audio_window < 1 or 0 <= self.data.future_rows < self.data.audio_window,
              "data.audio_future must be >= 0 and smaller than data.audio_window"),
             (self.data.resolution is None or self.data.resolution >= 16, "data.resolution must be >= 16 pixels"),
             (self.init.surface_points + self.init.volume_points >= 100, "init needs >= 100 points in total"),

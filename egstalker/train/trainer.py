@@ -207,7 +207,7 @@ class Trainer:
         scales = log_scale_from_neighbours(points.means).clamp_max(0.05 * points.head_radius)
         m = c.model
         spec = ModelSpec(feature_shape=self.train_data.feature_shape, audio_window=c.data.audio_window,
-                         audio_future=c.data.audio_future,
+                         audio_future=c.data.future_rows,
                          n_gaussians=len(points.means), sh_degree=m.sh_degree, plane_channels=m.plane_channels,
                          plane_resolutions=tuple(m.plane_resolutions), d_model=m.d_model, n_heads=m.n_heads,
                          ffn_width=m.ffn_width, dropout=m.dropout, audio_width=m.audio_width,
@@ -234,7 +234,7 @@ class Trainer:
             kwargs = {"prefetch_factor": c.prefetch_batches, "persistent_workers": False}
         # A private generator: creating the loader must not consume the global RNG (exact resume).
         return torch.utils.data.DataLoader(
-            FrameDataset(self.train_data, c.audio_window, c.audio_future), batch_sampler=sampler, num_workers=c.num_workers,
+            FrameDataset(self.train_data, c.audio_window, c.future_rows), batch_sampler=sampler, num_workers=c.num_workers,
             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.config.seed),
             **kwargs)
 
@@ -277,7 +277,7 @@ class Trainer:
         data = self.val_data
         n = len(data) if n_frames is None else min(n_frames, len(data))
         picks = np.unique(np.linspace(0, len(data) - 1, n).round().astype(int))
-        dataset = FrameDataset(data, self.config.data.audio_window, self.config.data.audio_future)
+        dataset = FrameDataset(data, self.config.data.audio_window, self.config.data.future_rows)
         values, head_values = [], []
         dynamic = self.step > self.config.coarse_iterations
         bs = self.config.data.batch_size
