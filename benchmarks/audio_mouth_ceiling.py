@@ -7,7 +7,8 @@ same split and quantity the mouth-corr metric scores on renders). It compares wi
 future feature rows the window reads: the serving look-ahead) and encoder look-aheads, so the model's audio
 window can be chosen without a GPU run.
 
-    python benchmarks/audio_mouth_ceiling.py /tmp/ds/lieu /tmp/ds/obama --json benchmarks/results/audio_mouth_ceiling.json
+    python benchmarks/audio_mouth_ceiling.py /tmp/ds/lieu /tmp/ds/obama --window 12 --futures 0 3 5 7
+        --lookaheads 0.2 --mel --epochs 150 --seeds 2 --json benchmarks/results/audio_mouth_ceiling.json
 """
 
 from __future__ import annotations
@@ -24,27 +25,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def mouth_openings(dataset: Path, frame_ids: np.ndarray) -> np.ndarray:
-    from egstalker.dataset.layout import DatasetLayout
-    from egstalker.dataset.reader import read_landmarks
-
-    layout = DatasetLayout(dataset)
-    out = []
-    for i in frame_ids:
-        p = read_landmarks(layout.landmarks(int(i)))
-        out.append(np.linalg.norm(p[62] - p[66]) / np.linalg.norm(p[36] - p[45]))
-    return np.array(out, np.float32)
-
-
-def split_ids(dataset: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(frame ids, audio ids) of a split from transforms_{split}.json."""
-    frames = json.loads((dataset / f"transforms_{split}.json").read_text())["frames"]
-    return (np.array([f["img_id"] for f in frames]), np.array([f.get("aud_id", f["img_id"]) for f in frames]))
+def mouth_openings(data) -> np.ndarray:
+    """[frames] inner-lip gap (iBUG 62-66) over the outer eye-corner distance (36-45), per frame of a split."""
+    points = np.stack([data.landmarks(k) for k in range(len(data))])
+    return (np.linalg.norm(points[:, 62] - points[:, 66], axis=-1)
+            / np.linalg.norm(points[:, 36] - points[:, 45], axis=-1)).astype(np.float32)
 
 
 def windows(features: np.ndarray, audio_ids: np.ndarray, size: int, future: int) -> np.ndarray:
-    offsets = np.arange(size) - (size - 1 - future)
-    rows = np.clip(audio_ids[:, None] + offsets[None], 0, len(features) - 1)
+    """[frames, size * feature dims]: each frame's window as the model reads it (edges clamped)."""
+    from egstalker.audio.base import window_offsets
+
+    rows = np.clip(audio_ids[:, None] + window_offsets(size, future)[None], 0, len(features) - 1)
     return features[rows].reshape(len(audio_ids), -1)
 
 
@@ -99,14 +91,15 @@ def main() -> None:
 
     from egstalker.audio.mel import MelEncoder
     from egstalker.audio.oww import OwwEncoder
+    from egstalker.dataset.reader import open_dataset
 
     results = {"command": " ".join(sys.argv), "window": args.window, "clips": {}}
     for ds in args.datasets:
         wav, rate = sf.read(str(ds / "aud.wav"), dtype="float32")
         assert rate == 16000
-        train_f, train_a = split_ids(ds, "train")
-        val_f, val_a = split_ids(ds, "val")
-        y_train, y_val = mouth_openings(ds, train_f), mouth_openings(ds, val_f)
+        train, val = open_dataset(ds, "train"), open_dataset(ds, "val")
+        train_f, train_a, val_f, val_a = train.frame_ids, train.audio_ids, val.frame_ids, val.audio_ids
+        y_train, y_val = mouth_openings(train), mouth_openings(val)
         encoders = {f"oww@{la:g}s": OwwEncoder(la) for la in args.lookaheads}
         if args.mel:
             encoders["mel"] = MelEncoder()
@@ -118,7 +111,8 @@ def main() -> None:
                 xa = windows(feats, train_a, args.window, future)
                 xb = windows(feats, val_a, args.window, future)
                 ridge = corr(fit_ridge(xa, y_train, xb, alpha=float(xa.shape[1])), y_val)
-                mlp = float(np.mean([corr(fit_mlp(xa, y_train, xb, seed=s, epochs=args.epochs), y_val) for s in range(args.seeds)]))
+                mlp = float(np.mean([corr(fit_mlp(xa, y_train, xb, seed=s, epochs=args.epochs), y_val)
+                                     for s in range(args.seeds)]))
                 total_ms = 1000 * (encoder.lookahead_seconds + future / 25.0)
                 row = {"encoder": name, "future_rows": future, "lookahead_ms": round(total_ms),
                        "ridge_corr": round(ridge, 3), "mlp_corr": round(mlp, 3)}

@@ -24,6 +24,10 @@ same training, 3 future rows (128 ms of streaming look-ahead in all): held-out m
 0.73 / 0.74 (lieu / obama) for mel against 0.70 / 0.66 for oww at 320 ms (docs/model.md,
 benchmarks/results/train_sweep_h200.json)."""
 
+LEGACY_DEFAULT_ENCODER = "oww"
+"""What an unnamed ("default") encoder meant before `mel` became the default: datasets and model folders that
+recorded no name, or the word "default", were made with it."""
+
 ENCODERS = ("oww", "mel", "wav2vec2", "hubert", "deepspeech")
 WEIGHTS_HELP = {
     "oww": "none (ships with openwakeword)",
@@ -67,5 +71,6 @@ def get_encoder(name: str | None = None, weights: str | Path | None = None) -> A
     return DeepSpeechImport(weights)
 
 
-__all__ = ["AudioEncoder", "FeatureStream", "get_encoder", "resolve_name", "DEFAULT_ENCODER", "ENCODERS",
-           "FEATURE_FPS", "SAMPLE_RATE", "SAMPLES_PER_FRAME", "frames_for_samples"]
+__all__ = ["AudioEncoder", "FeatureStream", "get_encoder", "resolve_name", "DEFAULT_ENCODER",
+           "LEGACY_DEFAULT_ENCODER", "ENCODERS", "FEATURE_FPS", "SAMPLE_RATE", "SAMPLES_PER_FRAME",
+           "frames_for_samples"]

@@ -29,11 +29,8 @@ import cv2
 import numpy as np
 import torch
 
-from egstalker.audio.base import centred_future_rows, window_offsets
-
-LEGACY_DEFAULT_ENCODER = "oww"
-"""What an unnamed ("default") encoder meant before `mel` became the default: datasets and model folders that
-recorded no name, or the word "default", were made with it."""
+from egstalker.audio import LEGACY_DEFAULT_ENCODER
+from egstalker.audio.base import window_offsets
 from egstalker.dataset.layout import DATASET_FORMAT_VERSION, DatasetLayout
 from egstalker.errors import EgstalkerError
 
@@ -188,10 +185,8 @@ class TalkingDataset:
     def background(self) -> np.ndarray:
         return load_background(self.layout, self.size)
 
-    def audio_window(self, audio_id: int, window: int, future: int | None = None) -> np.ndarray:
-        """Features of rows audio_id + window_offsets(window, future), clamped at the clip's ends (future None:
-        the centred window, audio_id - window//2 .. audio_id + (window-1)//2)."""
-        future = centred_future_rows(window) if future is None else future
+    def audio_window(self, audio_id: int, window: int, future: int) -> np.ndarray:
+        """Features of rows audio_id + window_offsets(window, future), clamped at the clip's ends."""
         rows = np.clip(window_offsets(window, future) + audio_id, 0, len(self.features) - 1)
         return np.asarray(self.features[rows], dtype=np.float32)
 
@@ -347,7 +342,7 @@ class FrameDataset(torch.utils.data.Dataset):
         au45: float32 eye blink in [0, 1].
     """
 
-    def __init__(self, data: TalkingDataset, audio_window: int = 8, audio_future: int | None = None,
+    def __init__(self, data: TalkingDataset, audio_window: int = 8, audio_future: int = 3,
                  with_images: bool = True):
         self.data = data
         self.audio_window = audio_window

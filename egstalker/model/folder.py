@@ -107,7 +107,7 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
     try:
         encoder_name = data["encoder_name"]
         if encoder_name in ("", "default"):  # written before the default encoder changed: it meant oww
-            from egstalker.dataset.reader import LEGACY_DEFAULT_ENCODER
+            from egstalker.audio import LEGACY_DEFAULT_ENCODER
 
             encoder_name = LEGACY_DEFAULT_ENCODER
         return ModelInfo(spec=ModelSpec.from_json(data["spec"]), encoder_name=encoder_name,

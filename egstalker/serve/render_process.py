@@ -17,12 +17,12 @@ import multiprocessing
 import threading
 from pathlib import Path
 
-RENDER_TIMEOUT_S = 120.0
-"""A render call that takes longer than this is taken for a hung device: the render process is killed."""
-
 import numpy as np
 
 from egstalker.errors import EgstalkerError
+
+RENDER_TIMEOUT_S = 120.0
+"""A render call that takes longer than this is taken for a hung device: the render process is killed."""
 
 
 def _child(conn, model_dir: str, device: str, dataset_dir: str | None, precision: str) -> None:

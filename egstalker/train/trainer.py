@@ -234,7 +234,8 @@ class Trainer:
             kwargs = {"prefetch_factor": c.prefetch_batches, "persistent_workers": False}
         # A private generator: creating the loader must not consume the global RNG (exact resume).
         return torch.utils.data.DataLoader(
-            FrameDataset(self.train_data, c.audio_window, c.future_rows), batch_sampler=sampler, num_workers=c.num_workers,
+            FrameDataset(self.train_data, c.audio_window, c.future_rows), batch_sampler=sampler,
+            num_workers=c.num_workers,
             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.config.seed),
             **kwargs)
 
