@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Training runs that share one GPU, in two device calls (each call may last 10 minutes; the runs last longer).
 #
-#   bash benchmarks/gpu_sweep.sh start MINUTES     call 1: gsplat build (its .so back through $OUT), launch every
-#                                                  run of RUNS below in its own process session (they outlive the
-#                                                  call), follow them for up to FOLLOW_S seconds
+#   SWEEP=NAME bash benchmarks/gpu_sweep.sh start MINUTES
+#                                                  call 1: gsplat build (its .so back through $OUT) unless .carry
+#                                                  holds it, launch every run of benchmarks/sweeps/NAME.txt in its
+#                                                  own process session (they outlive the call), follow them until
+#                                                  CALL_S; ITERATIONS (6000) and WORKERS (1) per run
 #   bash benchmarks/gpu_sweep.sh finish            call 2 (within 30 s of call 1, so the machine stays): wait for
 #                                                  the runs, LPIPS on the device, results back through $OUT, then
-#                                                  render speed of RENDER_RUN's model at 512x512
+#                                                  render speed of RENDER_RUN's model at 512x512 (if set)
 #   bash benchmarks/gpu_sweep.sh serve RUN...      call 3: serving load (sessions held at 25 fps, latency, GPU
 #                                                  memory) of each named run's model
 #
@@ -22,16 +24,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 export TORCH_EXTENSIONS_DIR=$PWD/.torch_ext TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1
 
-# name clip features(-: the dataset's own oww) config overrides...
-RUNS=(
-  "lieu_oww_w12f7 lieu - data.audio_window=12 data.audio_future=7"
-  "obama_oww_w12f7 obama - data.audio_window=12 data.audio_future=7"
-  "lieu_mel_w8f3 lieu lieu_mel data.audio_window=8 data.audio_future=3"
-  "obama_mel_w8f3 obama obama_mel data.audio_window=8 data.audio_future=3"
-  "lieu_oww_w8f3 lieu - data.audio_window=8 data.audio_future=3"
-  "obama_oww_w8f3 obama - data.audio_window=8 data.audio_future=3"
-  "lieu_oww_w12f7_posedrop lieu - data.audio_window=12 data.audio_future=7 model.pose_dropout=0.5"
-)
+# The runs: benchmarks/sweeps/$SWEEP.txt, one per line: name clip features(-: the dataset's own) overrides...
+SWEEP=${SWEEP:-encoders}
+mapfile -t RUNS < <(grep -v '^\s*\(#\|$\)' "benchmarks/sweeps/$SWEEP.txt")
 
 follow() {  # print progress until every run has written summary.json or died, or $1 seconds have passed
   local until=$((SECONDS + $1))
@@ -54,10 +49,16 @@ if [ "${1:-}" = "start" ]; then
   python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"
   rm -rf "$WORK"; mkdir -p "$WORK"
   SECONDS=0
-  python3 benchmarks/gsplat_warmup.py
-  echo "gsplat ready after ${SECONDS} s"
   SO=.torch_ext/gsplat_cuda/gsplat_cuda.so
-  [ -f "$SO" ] && sha256sum "$SO" && gzip -1 -c "$SO" | split -b 15M - "$OUT/gsplat_cuda.so.gz.part-"
+  PREBUILT=no
+  if [ -f .carry/gsplat_cuda.so.xz ] && [ ! -f "$SO" ]; then  # the .so an earlier call built (pack-weights)
+    mkdir -p "$(dirname "$SO")" && PREBUILT=yes
+    python3 -c "import lzma, sys; open(sys.argv[2], 'wb').write(lzma.decompress(open(sys.argv[1], 'rb').read()))" \
+      .carry/gsplat_cuda.so.xz "$SO" || exit 1
+  fi
+  python3 benchmarks/gsplat_warmup.py
+  echo "gsplat ready after ${SECONDS} s (prebuilt: $PREBUILT)"
+  [ -f "$SO" ] && [ $PREBUILT = no ] && sha256sum "$SO" && gzip -1 -c "$SO" | split -b 15M - "$OUT/gsplat_cuda.so.gz.part-"
   for run in "${RUNS[@]}"; do
     read -r name clip features overrides <<<"$run"
     sets=()
@@ -65,7 +66,7 @@ if [ "${1:-}" = "start" ]; then
     feat=()
     [ "$features" != "-" ] && feat=(--features "$features")
     setsid nohup python3 benchmarks/train_quality_gpu.py device --clip "$clip" --name "$name" "${feat[@]}" \
-      "${sets[@]}" --minutes "$MINUTES" --workers 1 --work "$WORK" >"$WORK/$name.log" 2>&1 </dev/null &
+      "${sets[@]}" --minutes "$MINUTES" --iterations "${ITERATIONS:-6000}" --workers "${WORKERS:-1}" --work "$WORK" >"$WORK/$name.log" 2>&1 </dev/null &
     echo "launched $name: clip=$clip features=$features $overrides"
   done
   follow $((${CALL_S:-560} - SECONDS))  # return before the call's 10-minute limit; the runs go on
@@ -76,7 +77,8 @@ elif [ "${1:-}" = "finish" ]; then
   EGSTALKER_LPIPS_WEIGHTS=/tmp/egs_lpips python3 benchmarks/train_quality_gpu.py lpips --work "$WORK"
   for log in "$WORK"/*.log; do echo "== $log"; tr '\r' '\n' <"$log" | grep -v '^\s*$' | tail -4; done
   (cd "$WORK" && tar czf "$OUT/sweep_results.tgz" ./*.log ./*/summary.json ./*/renders_jpeg.npz)
-  RUN=${RENDER_RUN:-lieu_oww_w12f7}
+  RUN=${RENDER_RUN:-}
+  [ -z "$RUN" ] && { ls -la "$OUT"; exit 0; }
   tar xJf .render_bench/av.tar.xz -C /tmp/site || exit 1
   PYTHONPATH=$PYTHONPATH:$PWD/.render_bench/oww python3 benchmarks/render_speed.py "$WORK/$RUN/model" --device cuda \
     --size 512 --dataset "/tmp/egs_ds/$RUN" --audio .render_bench/speech_60s_16k.wav --batch-sizes 1 8 32 \

@@ -179,7 +179,11 @@ def setup_device_weights(carry: Path) -> None:
     if (carry / "gsplat_cuda.so.xz").is_file():
         ext = Path("/tmp/egs_torch_ext/gsplat_cuda")
         ext.mkdir(parents=True, exist_ok=True)
-        (ext / "gsplat_cuda.so").write_bytes(lzma.decompress((carry / "gsplat_cuda.so.xz").read_bytes()))
+        so = ext / "gsplat_cuda.so"
+        if not so.is_file():  # runs launched together share it: write once, under a temp name, then rename
+            tmp = ext / f".gsplat_cuda.so.{os.getpid()}"
+            tmp.write_bytes(lzma.decompress((carry / "gsplat_cuda.so.xz").read_bytes()))
+            os.replace(tmp, so)
         os.environ["TORCH_EXTENSIONS_DIR"] = str(ext.parent)
     # else: gsplat's JIT build (or a prebuilt .so) under the caller's $TORCH_EXTENSIONS_DIR
     if not (carry / "vgg16_int8.pkl").is_file():
