@@ -9,6 +9,14 @@ window can be chosen without a GPU run.
 
     python benchmarks/audio_mouth_ceiling.py /tmp/ds/lieu /tmp/ds/obama --window 12 --futures 0 3 5 7
         --lookaheads 0.2 --mel --epochs 150 --seeds 2 --json benchmarks/results/audio_mouth_ceiling.json
+
+--pose adds the same fit from the other per-frame inputs of the model: the tracked head pose (the camera's
+3x4 world-to-camera matrix, the model's pose token) and the eye blink. A pose that predicts the mouth is a leak:
+on held-out frames rendered with their own tracked poses the mouth can open without any audio
+(benchmarks/lipsync_control.py measures that on a trained model).
+
+    python benchmarks/audio_mouth_ceiling.py /tmp/ds/lieu /tmp/ds/obama --lookaheads --pose --epochs 150
+        --seeds 2 --json benchmarks/results/pose_mouth_leak.json
 """
 
 from __future__ import annotations
@@ -80,10 +88,11 @@ def main() -> None:
     parser.add_argument("datasets", nargs="+", type=Path)
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--futures", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--lookaheads", type=float, nargs="+", default=[0.12, 0.2, 0.28])
+    parser.add_argument("--lookaheads", type=float, nargs="*", default=[0.12, 0.2, 0.28])
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=3, help="MLP fits averaged")
     parser.add_argument("--mel", action="store_true", help="also the mel encoder")
+    parser.add_argument("--pose", action="store_true", help="also head pose and eye blink (see above)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -118,6 +127,19 @@ def main() -> None:
                        "ridge_corr": round(ridge, 3), "mlp_corr": round(mlp, 3)}
                 rows.append(row)
                 print(ds.name, json.dumps(row), f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        if args.pose:
+            pose_train, pose_val = train.viewmats[:, :3].reshape(len(train), -1), val.viewmats[:, :3].reshape(len(val), -1)
+            inputs = {"head pose (3x4)": (pose_train, pose_val),
+                      "eye blink (AU45)": (train.au45[:, None], val.au45[:, None]),
+                      "head pose + eye blink": (np.hstack([pose_train, train.au45[:, None]]),
+                                                np.hstack([pose_val, val.au45[:, None]]))}
+            for name, (xa, xb) in inputs.items():
+                ridge = corr(fit_ridge(xa, y_train, xb, alpha=1.0), y_val)
+                mlp = float(np.mean([corr(fit_mlp(xa, y_train, xb, seed=s, epochs=args.epochs), y_val)
+                                     for s in range(args.seeds)]))
+                row = {"input": name, "ridge_corr": round(ridge, 3), "mlp_corr": round(mlp, 3)}
+                rows.append(row)
+                print(ds.name, json.dumps(row), flush=True)
         results["clips"][ds.name] = {"train_frames": len(train_f), "val_frames": len(val_f), "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")

@@ -137,7 +137,8 @@ def summarise(n: int, streams: list, health: dict, rss: float | None) -> dict:
         "received_fps_min": min((t["received_fps"] or 0.0) for t in timings if t["frames"]) if first.size else 0,
         "av_offset_ms_max": max((abs(t["av_offset_ms"] or 0.0) for t in timings if t["frames"]), default=None),
         "server": {key: health.get(key) for key in ("render_fps", "mean_batch", "mean_render_ms_per_call",
-                                                   "gpu_memory_mb", "gpu_peak_memory_mb", "lookahead_ms")},
+                                                   "gpu_memory_mb", "gpu_peak_memory_mb", "lookahead_ms",
+                                                   "precision")},
         "server_rss_mib": rss,
     }
 
@@ -151,7 +152,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="speech per session")
     parser.add_argument("--audio", default=str(DEFAULT_AUDIO), help="speech the sessions take pieces of")
     parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="passed to serve")
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto", help="passed to serve")
     parser.add_argument("--render-process", choices=("auto", "yes", "no"), default="auto", help="passed to serve")
     parser.add_argument("--dataset", help="the model's dataset folder, if it moved (passed to serve)")
     parser.add_argument("--stop-below", type=float, default=0.5,

@@ -13,6 +13,7 @@ The spatial features/queries of the Gaussians are computed once at load (they do
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -26,8 +27,18 @@ from egstalker.errors import EgstalkerError
 from egstalker.model.folder import ModelInfo, PoseSources, load_model, read_poses
 
 PoseMode = Literal["dataset", "loop", "static"]
-Precision = Literal["fp32", "fp16"]
-PRECISIONS = ("fp32", "fp16")
+Precision = Literal["auto", "fp32", "fp16"]
+PRECISIONS = ("auto", "fp32", "fp16")
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """'fp32' or 'fp16': what `precision` means on `device` ('auto': fp16 on CUDA, where it is 75 dB from fp32
+    and up to a third faster per call (docs/gpu.md), fp32 elsewhere, where fp16 would change nothing)."""
+    if precision not in PRECISIONS:
+        raise EgstalkerError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "fp16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
 
 
 class TalkingHead:
@@ -35,8 +46,7 @@ class TalkingHead:
 
     def __init__(self, model, info: ModelInfo, poses: PoseSources, dataset_dir: Path, model_dir: Path,
                  device: torch.device, torso_cache_mib: float = 1024.0, precision: Precision = "fp32"):
-        if precision not in PRECISIONS:
-            raise EgstalkerError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        precision = resolve_precision(precision, device)
         self.model = model
         # fp16: the deformation network's products in half precision on CUDA (rasterisation stays float32)
         self.precision = precision
@@ -55,6 +65,8 @@ class TalkingHead:
         self.audio_future = int(info.spec.audio_future)
         self.n_pose_frames = int(poses.n_train)
         self._encoder = None
+        self.warm_up_seconds = 0.0
+        """How long `warm_up` took (0: not warmed up)."""
         self._background = torch.from_numpy(load_background(self.layout, (self.width, self.height))).to(self.device)
         # Torso images stay on the device as uint8 RGBA (a 256 px clip of 1,500 frames: 390 MB), composited there:
         # reading and compositing PNGs on the host per frame was most of a served frame's cost.
@@ -77,7 +89,7 @@ class TalkingHead:
         weights are absent. check_encoder=False serves callers that bring their own features (evaluation of
         the dataset's features on a machine without the encoder). precision="fp16" runs the deformation
         network in half precision on CUDA (faster serving; see docs/gpu.md for its measured error); it changes
-        nothing on the CPU.
+        nothing on the CPU; "auto" is fp16 on CUDA and fp32 elsewhere.
         """
         model_dir = Path(model_dir)
         model, info = load_model(model_dir, device)
@@ -174,6 +186,20 @@ class TalkingHead:
         for start in range(0, n, batch):
             self.torso_backgrounds(np.arange(start, min(n, start + batch)))
         return len(self._torso_cache)
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> float:
+        """Render one throwaway batch of each size, so that the first live calls of each size do not pay for
+        CUDA's lazy kernel loading and the allocator's growth (on an H200 the first 8-16 sessions after a start
+        lost frames without it); returns the seconds it took."""
+        start = time.perf_counter()
+        features = np.zeros((1, *self.info.spec.feature_shape), np.float32)
+        for size in batch_sizes:
+            rows = np.zeros(int(size), np.int64)
+            self.render_frames(features, rows, np.arange(int(size)) % self.n_pose_frames)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.warm_up_seconds = time.perf_counter() - start
+        return self.warm_up_seconds
 
     # --- rendering
     def _windows(self, features: np.ndarray, frame_indices: Sequence[int]) -> np.ndarray:

@@ -186,6 +186,32 @@ class MouthScores:
     opening_pred: np.ndarray
     """[B] mouth opening per frame of the renders (NaN where no face)."""
     opening_true: np.ndarray
+    mouth_corr_interval: tuple[float, float] = (float("nan"), float("nan"))
+    """95% interval of mouth_corr (moving-block bootstrap over frames: see `correlation_interval`)."""
+
+
+def correlation_interval(x: np.ndarray, y: np.ndarray, level: float = 0.95, block: int = 10,
+                         resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of the Pearson correlation of x and y ([n] each), resampling blocks of `block`
+    consecutive frames (400 ms at 25 fps, about a syllable) because neighbouring video frames are not
+    independent: a frame-wise bootstrap would claim more certainty than a short clip holds."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    n = len(x)
+    if n < 3:
+        return float("nan"), float("nan")
+    length = min(block, n)
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, n - length + 1, size=(resamples, -(-n // length)))
+    idx = (starts[:, :, None] + np.arange(length)).reshape(resamples, -1)[:, :n]
+    xs, ys = x[idx], y[idx]
+    xs -= xs.mean(axis=1, keepdims=True)
+    ys -= ys.mean(axis=1, keepdims=True)
+    den = np.sqrt((xs * xs).sum(axis=1) * (ys * ys).sum(axis=1))
+    r = (xs * ys).sum(axis=1)[den > 1e-12] / den[den > 1e-12]
+    if len(r) == 0:
+        return float("nan"), float("nan")
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(r, tail)), float(np.percentile(r, 100 - tail))
 
 
 def mouth_scores(pred_landmarks: np.ndarray, true_landmarks: np.ndarray) -> MouthScores:
@@ -201,11 +227,12 @@ def mouth_scores(pred_landmarks: np.ndarray, true_landmarks: np.ndarray) -> Mout
     distance = np.linalg.norm(p - t, axis=-1).mean(axis=1)  # [n] pixels
     lmd = float(np.mean(distance / eye_distance(true_landmarks[both])))
     op, ot = opening_pred[both], opening_true[both]
-    corr = float("nan")
+    corr, interval = float("nan"), (float("nan"), float("nan"))
     if len(op) > 1 and op.std() > 1e-9 and ot.std() > 1e-9:
         corr = float(np.corrcoef(op, ot)[0, 1])
+        interval = correlation_interval(op, ot)
     return MouthScores(lmd=lmd, lmd_px=float(distance.mean()), mouth_corr=corr, n_frames=int(both.sum()),
-                       opening_pred=opening_pred, opening_true=opening_true)
+                       opening_pred=opening_pred, opening_true=opening_true, mouth_corr_interval=interval)
 
 
 def mouth_metrics(pred_frames, true_frames, detector: FaceLandmarks | None = None) -> MouthScores:

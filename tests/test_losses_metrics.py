@@ -149,6 +149,12 @@ def test_mouth_metrics_on_a_real_clip(frames):
     shift = 5  # 200 ms: a clear lip-sync error
     shifted = metrics.mouth_scores(landmarks[shift:], landmarks[:-shift])
     assert shifted.mouth_corr < 0.5 and shifted.lmd > 0.02
+    assert same.mouth_corr_interval == pytest.approx((1.0, 1.0))
+    low, high = shifted.mouth_corr_interval
+    assert low < shifted.mouth_corr < high and high - low > 0.1, "a short clip's correlation is uncertain"
+    noise = np.random.default_rng(1).normal(size=(2, 400))
+    low, high = metrics.correlation_interval(noise[0], noise[0] + 0.5 * noise[1])  # true r = 0.894
+    assert low < 0.894 < high and high - low < 0.1
     # the end-to-end helper runs the detector itself and agrees
     scores = metrics.mouth_metrics(frames[:20], frames[:20])
     assert scores.lmd == 0.0 and scores.n_frames == 20

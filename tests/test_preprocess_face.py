@@ -19,7 +19,8 @@ from egstalker.preprocess.face import FaceTrack, face_cache_path, frame_ranges
 from egstalker.preprocess.landmarks68 import to_ibug68
 from egstalker.preprocess.parsing import BACKGROUND, HEAD, NECK, TORSO, PALETTE, load_labels
 from egstalker.preprocess.pipeline import preprocess
-from egstalker.preprocess.tracking import canonical_face, eye_aspect_ratio
+from egstalker.preprocess.tracking import (RIGID_POINTS, canonical_face, euler_to_rotation, eye_aspect_ratio,
+                                           focal_length, project, rotation_to_euler, solve_pnp)
 from egstalker.preprocess.transforms import split_index
 from tests.conftest import shared_media
 from tests.test_preprocess_pipeline import remux
@@ -163,6 +164,7 @@ def test_tracking_reprojects_onto_the_landmarks(hill):
     meta = _meta(hill)["tracking"]
     assert meta["mediapipe_matrix_reprojection_px"]["median"] < 10  # MediaPipe's 63 deg camera is consistent
     assert meta["smoothed_reprojection_px"]["median"] < 3.0
+    assert meta["pnp_rigid_points_reprojection_px"]["median"] < 2.0 and "rigid" in meta["pose_points"]
     assert meta["jitter_translation_cm"]["smoothed"] < meta["jitter_translation_cm"]["raw"]
     params = torch.load(hill.track_params, weights_only=True)
     focal = float(params["focal"][0])
@@ -290,3 +292,25 @@ def test_background_median_matches_nanmedian():
         expected = np.nanmedian(stack, axis=0)
     assert seen.mean() > 0.9
     assert np.abs(background[seen].astype(np.float32) - expected[seen].round()).max() <= 0.5
+
+
+def test_head_pose_ignores_the_jaw():
+    """A mouth opening under a fixed head pose must not move the pose (else the pose token tells the model the
+    mouth opening): PnP on the rigid points recovers the pose, PnP on every point tilts with the jaw."""
+    shape = canonical_face()[:468].astype(np.float64)
+    jaw = shape[:, 1] < shape[[61, 291], 1].mean()  # below the mouth corners: lower lip, chin, jaw
+    assert not jaw[RIGID_POINTS].any()
+    n = 5
+    true_r = np.repeat(euler_to_rotation(np.array([0.1, -0.2, 0.05]))[None], n, 0).astype(np.float64)
+    true_t = np.repeat(np.array([[1.0, -2.0, -45.0]]), n, 0)
+    focal, centre = focal_length(512), (256.0, 256.0)
+    landmarks = np.stack([project(shape - np.where(jaw[:, None], [0.0, 0.5 * k, 0.1 * k], 0.0), true_r[k], true_t[k],
+                                  focal, centre) for k in range(n)])  # the jaw drops up to 2 cm
+    guess_r = np.repeat(euler_to_rotation(np.array([0.12, -0.18, 0.04]))[None], n, 0).astype(np.float64)
+    guess_t = true_t + [0.3, 0.2, 1.0]
+    pitch_error = {}
+    for name, points in (("rigid", RIGID_POINTS), ("all", np.arange(468))):
+        r, t = solve_pnp(shape[points], landmarks[:, points], guess_r, guess_t, focal, centre)
+        pitch_error[name] = np.degrees(np.abs(rotation_to_euler(r) - rotation_to_euler(true_r))).max(axis=1)
+    assert pitch_error["rigid"].max() < 0.05, pitch_error
+    assert pitch_error["all"][-1] > 10 * max(pitch_error["rigid"][-1], 0.01), pitch_error  # the open jaw tilts it

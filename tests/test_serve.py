@@ -166,14 +166,17 @@ def test_a_render_process_serves_the_same_frames(request, small_head, speech):
     from egstalker.serve.render_process import ProcessHead
 
     model_dir = os.environ.get("EGSTALKER_TEST_MODEL") or request.getfixturevalue("small_model")
-    head = ProcessHead.start(model_dir, device="cpu")
+    head = ProcessHead.start(model_dir, device="cpu", warm_up_sizes=(1, 3))
     try:
         assert (head.width, head.audio_future, head.fps) == (small_head.width, small_head.audio_future, 25.0)
+        assert head.warm_up_seconds > 0.0 and head.precision == "fp32"  # the child rendered its warm-up batches
         server = RunningServer(head, ServeConfig(max_lag_s=None))
         try:
             piece = speech[16000:28800]  # 20 frames
             received = stream(server.url, piece, realtime=False)
             assert received.error is None and len(received.frames) == 20
+            health = server.health()
+            assert health["warm_up_s"] > 0.0 and health["precision"] == "fp32"
             assert_frames_match_offline(small_head, piece, received, [0, 7, 19])
         finally:
             server.close()

@@ -173,6 +173,7 @@ def test_inference_renders_the_contracted_frames(small_model, small_dataset):
     custom = head.render_frames(features, [0], [0], background=np.zeros((px, px, 3), np.uint8))
     assert custom[0, :5].mean() < batch[0, :5].mean()  # the top rows are background: now black
     assert head.preload_torso() == head.n_pose_frames  # a small model's whole torso cache fits
+    assert head.warm_up_seconds == 0.0 and head.warm_up([1, 2]) > 0.0 and head.warm_up_seconds > 0.0
     assert np.array_equal(head.render_frames(features, [0, 1, 2], [0, 1, 2]), batch)  # cached = loaded
 
 
@@ -187,6 +188,15 @@ def test_inference_errors(tmp_path, small_model):
         TalkingHead.from_dir(small_model, dataset_dir=tmp_path)
     with pytest.raises(EgstalkerError, match="unknown precision 'bf16'"):
         TalkingHead.from_dir(small_model, precision="bf16")
+
+
+def test_precision_auto_is_fp16_on_cuda_only(small_model):
+    from egstalker.inference import TalkingHead, resolve_precision
+
+    assert [resolve_precision("auto", d) for d in ("cpu", "cuda", "cuda:1")] == ["fp32", "fp16", "fp16"]
+    assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("fp16", "cpu") == "fp16"
+    head = TalkingHead.from_dir(small_model, precision="auto")  # on the CPU
+    assert head.precision == "fp32" and head.model.deformation.inference_dtype is None
 
 
 def test_quality_presets():

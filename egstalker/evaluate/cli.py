@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model_dir} on {r.n_frames} {r.split} frames ({r.width}x{r.height}, {r.device}):")
     print(f"  PSNR {r.psnr:.2f} dB   SSIM {r.ssim:.4f}   LPIPS-{r.lpips_net} {r.lpips:.4f}")
     print(f"  LMD {r.lmd:.4f} of eye distance ({r.lmd_px:.2f} px)   mouth-opening corr {r.mouth_corr:.3f} "
-          f"({r.mouth_frames} frames with faces)")
+          f"(95% interval {r.mouth_corr_low:.2f}-{r.mouth_corr_high:.2f}; {r.mouth_frames} frames with faces)")
     print(f"  model speed {r.fps:.1f} frames/s")
     if args.report:
         print(f"  report: {args.report}/index.html", file=sys.stdout)

@@ -103,6 +103,9 @@ class EvalResult:
     lmd_px: float = float("nan")
     mouth_frames: int = 0
     """Frames where MediaPipe found the face in both render and ground truth (used for lmd / mouth_corr)."""
+    mouth_corr_low: float = float("nan")
+    mouth_corr_high: float = float("nan")
+    """95% interval of mouth_corr over these frames (metrics.correlation_interval): short clips are noisy."""
     seconds: float = 0.0
     """Wall time of the whole evaluation (metrics included)."""
     per_frame: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -111,8 +114,8 @@ class EvalResult:
     def to_json(self) -> dict:
         """Scalars only; NaN/inf become null so the output is strict JSON."""
         out = {}
-        for key in ("psnr", "ssim", "lpips", "lmd", "mouth_corr", "fps", "lmd_px", "n_frames", "mouth_frames",
-                    "split", "lpips_net", "width", "height", "device", "seconds"):
+        for key in ("psnr", "ssim", "lpips", "lmd", "mouth_corr", "mouth_corr_low", "mouth_corr_high", "fps",
+                    "lmd_px", "n_frames", "mouth_frames", "split", "lpips_net", "width", "height", "device", "seconds"):
             value = getattr(self, key)
             if isinstance(value, float):
                 value = round(value, 6) if math.isfinite(value) else None
@@ -194,7 +197,8 @@ def evaluate(head: "TalkingHead", split: Split = "val", max_frames: int | None =
         psnr=float(np.mean(np.minimum(psnr, 100.0))), ssim=float(ssim.mean()), lpips=float(lpips.mean()),
         lmd=mouth.lmd, mouth_corr=mouth.mouth_corr, fps=float(fps), n_frames=n, split=split,
         lpips_net=lpips_net, width=head.width, height=head.height, device=str(getattr(head, "device", "cpu")),
-        lmd_px=mouth.lmd_px, mouth_frames=mouth.n_frames, seconds=time.perf_counter() - start,
+        lmd_px=mouth.lmd_px, mouth_frames=mouth.n_frames, mouth_corr_low=mouth.mouth_corr_interval[0],
+        mouth_corr_high=mouth.mouth_corr_interval[1], seconds=time.perf_counter() - start,
         per_frame={"psnr": psnr, "ssim": ssim, "lpips": lpips, "opening_pred": mouth.opening_pred,
                    "opening_true": mouth.opening_true, "frame_ids": frames.frame_ids[:n].copy()})
     if report_dir is not None:

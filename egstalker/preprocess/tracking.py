@@ -14,7 +14,11 @@ Camera convention (one for the whole project)
 
 The measured consistency of that camera (median reprojection error of MediaPipe's canonical model under its own
 facial transformation matrix) is recorded in meta.json; the pose is then refined by PnP against the person's
-own mean shape, which removes the identity mismatch of the generic canonical model.
+own mean shape, which removes the identity mismatch of the generic canonical model. The PnP fits only the upper
+face (`RIGID_POINTS`: forehead, temples, eye corners, nose): fitted to every point, the pose tilts and shifts
+as the jaw opens, and a pose that encodes the mouth lets the model open the mouth from the pose instead of the
+audio (held-out mouth opening predicted from pose alone: lieu r = 0.59 with all points, 0.08 with these;
+benchmarks/results/pose_mouth_leak*.json).
 
 Vertices [N, 478, 3] are the frame's landmarks lifted to 3D (depth from the pose plus MediaPipe's relative z)
 and brought into the canonical frame with the smoothed pose: head motion removed, expression kept.
@@ -129,6 +133,14 @@ def lift_landmarks(landmarks: np.ndarray, rotation: np.ndarray, translation: np.
 def to_canonical(camera_points: np.ndarray, rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:
     """Camera-space points [N, V, 3] -> canonical head frame: R^T (X - t)."""
     return np.einsum("nji,nvj->nvi", rotation, camera_points - translation[:, None, :])
+
+
+RIGID_POINTS = np.array([
+    10, 338, 297, 332, 284, 251, 389, 356, 454, 109, 67, 103, 54, 21, 162, 127, 234,  # forehead, temples
+    151, 9, 8, 168, 6, 197, 195, 5, 4, 1, 122, 351, 245, 465, 193, 417,  # brow ridge midline, nose
+    33, 133, 362, 263, 130, 359, 243, 463, 226, 446,  # eye corners
+])
+"""MediaPipe face-mesh points that move with the skull, not with the jaw, lips, cheeks or eyelids."""
 
 
 def solve_pnp(shape: np.ndarray, landmarks_2d: np.ndarray, rotation: np.ndarray, translation: np.ndarray,
@@ -296,8 +308,11 @@ def track(landmarks: np.ndarray, matrices: np.ndarray, width: int, height: int, 
     # the person's own shape: landmarks lifted with MediaPipe's pose, averaged in the canonical frame
     lifted = lift_landmarks(landmarks.astype(np.float64), rotation, translation, focal, centre, canonical)
     person = to_canonical(lifted, rotation, translation).mean(0)  # [478, 3]
-    rotation, translation = solve_pnp(person[:468], observed, rotation, translation, focal, centre)
+    rotation, translation = solve_pnp(person[RIGID_POINTS], observed[:, RIGID_POINTS], rotation, translation, focal,
+                                      centre)
     raw_error = reprojection_error(person[:468], rotation, translation, focal, centre, observed)
+    rigid_error = reprojection_error(person[RIGID_POINTS], rotation, translation, focal, centre,
+                                     observed[:, RIGID_POINTS])
 
     smooth_r, smooth_t = smooth_poses(rotation, translation, method, ema_alpha)
     smooth_error = reprojection_error(person[:468], smooth_r, smooth_t, focal, centre, observed)
@@ -311,8 +326,11 @@ def track(landmarks: np.ndarray, matrices: np.ndarray, width: int, height: int, 
                    "cx": centre[0], "cy": centre[1]},
         "mediapipe_matrix_reprojection_px": {"median": float(np.median(mp_error)),
                                              "p95": float(np.percentile(mp_error, 95))},
+        "pose_points": f"{len(RIGID_POINTS)} rigid upper-face points (egstalker.preprocess.tracking.RIGID_POINTS)",
         "pnp_person_shape_reprojection_px": {"median": float(np.median(raw_error)),
                                              "p95": float(np.percentile(raw_error, 95))},
+        "pnp_rigid_points_reprojection_px": {"median": float(np.median(rigid_error)),
+                                             "p95": float(np.percentile(rigid_error, 95))},
         "smoothed_reprojection_px": {"median": float(np.median(smooth_error)),
                                      "p95": float(np.percentile(smooth_error, 95))},
         "smoothing": method,

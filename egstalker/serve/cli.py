@@ -23,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="head pose / torso source: ping-pong over training frames, or one frame")
     parser.add_argument("--dataset", metavar="DIR",
                         help="the dataset the model was trained on, if it moved (torso/background source)")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                        help="deformation network precision on CUDA (fp16: faster calls at large batches; docs/gpu.md)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
+                        help="deformation network precision (auto: fp16 on CUDA, 75 dB from fp32 and faster; "
+                             "fp32 on the CPU; docs/gpu.md)")
     parser.add_argument("--render-process", choices=("auto", "yes", "no"), default="auto",
                         help="render in a child process with its own GIL (auto: on a GPU; docs/gpu.md)")
 
@@ -51,12 +52,16 @@ def run(args: argparse.Namespace) -> int:
     from egstalker.serve.render_process import ProcessHead
 
     in_child = args.render_process == "yes" or (args.render_process == "auto" and not device.startswith("cpu"))
+    # every batch size once before listening, on a GPU: the first sessions must not pay for kernel loading
+    warm_up_sizes = range(1, args.max_batch + 1) if device.startswith("cuda") else ()
     if in_child:
-        head = ProcessHead.start(args.model_dir, device=device, dataset_dir=args.dataset, precision=args.precision)
+        head = ProcessHead.start(args.model_dir, device=device, dataset_dir=args.dataset, precision=args.precision,
+                                 warm_up_sizes=warm_up_sizes)
     else:
         head = TalkingHead.from_dir(args.model_dir, device=device, dataset_dir=args.dataset,
                                     precision=args.precision)
         head.preload_torso()  # the first sessions must not wait for torso images
+        head.warm_up(warm_up_sizes)
     config = ServeConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, jpeg_quality=args.jpeg_quality,
                          pose=args.pose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -25,8 +26,10 @@ RENDER_TIMEOUT_S = 120.0
 """A render call that takes longer than this is taken for a hung device: the render process is killed."""
 
 
-def _child(conn, model_dir: str, device: str, dataset_dir: str | None, precision: str) -> None:
-    """The render process: load the head on `device`, then answer render requests until told to stop."""
+def _child(conn, model_dir: str, device: str, dataset_dir: str | None, precision: str,
+           warm_up_sizes: tuple[int, ...]) -> None:
+    """The render process: load the head on `device`, warm it up, then answer render requests until told to
+    stop."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides when to stop
@@ -36,7 +39,8 @@ def _child(conn, model_dir: str, device: str, dataset_dir: str | None, precision
         head = TalkingHead.from_dir(model_dir, device=device, dataset_dir=dataset_dir, check_encoder=False,
                                     precision=precision)
         head.preload_torso()
-        conn.send(("ready", _memory(device)))
+        warm_up_s = head.warm_up(warm_up_sizes)
+        conn.send(("ready", _memory(device), warm_up_s))
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{e.__class__.__name__}: {e}"))
         return
@@ -69,7 +73,7 @@ class ProcessHead:
     """A TalkingHead whose `render_frames` runs in a child process; every other attribute (size, fps, audio
     window, encoder, poses) is read from a CPU copy of the same model folder loaded in this process."""
 
-    def __init__(self, local_head, process, conn, memory: dict):
+    def __init__(self, local_head, process, conn, memory: dict, warm_up_seconds: float = 0.0):
         self._head = local_head
         self._process = process
         self._conn = conn
@@ -78,23 +82,29 @@ class ProcessHead:
         """Why the render process can no longer be used (it died, hung, or the pipe lost its place)."""
         self.device_memory = memory
         """Device memory of the render process, as of its last answer (served in /health)."""
+        self.warm_up_seconds = warm_up_seconds
+        """How long the render process's warm-up took (TalkingHead.warm_up)."""
 
     @classmethod
     def start(cls, model_dir: str | Path, device: str = "cuda", dataset_dir: str | Path | None = None,
-              precision: str = "fp32", start_timeout_s: float = 600.0) -> "ProcessHead":
-        """Load the model here (CPU, for its metadata) and start the render process on `device`.
+              precision: str = "fp32", warm_up_sizes: Sequence[int] = (),
+              start_timeout_s: float = 600.0) -> "ProcessHead":
+        """Load the model here (CPU, for its metadata) and start the render process on `device`, which loads
+        the torso images and renders a throwaway batch of each of `warm_up_sizes` before it answers.
 
         Raises EgstalkerError when the model cannot be loaded or the process does not come up in time.
         """
-        from egstalker.inference import TalkingHead
+        from egstalker.inference import TalkingHead, resolve_precision
 
+        precision = resolve_precision(precision, device)  # the render device's, not this CPU copy's
         local = TalkingHead.from_dir(model_dir, device="cpu", dataset_dir=dataset_dir, precision=precision)
         # spawn, not fork: the child initialises CUDA itself and shares nothing it could inherit half-made
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
         process = context.Process(target=_child, name="egs-render", daemon=True,
                                   args=(child, str(model_dir), str(device),
-                                        None if dataset_dir is None else str(dataset_dir), precision))
+                                        None if dataset_dir is None else str(dataset_dir), precision,
+                                        tuple(int(n) for n in warm_up_sizes)))
         process.start()
         child.close()
         try:
@@ -115,7 +125,7 @@ class ProcessHead:
                 process.kill()
                 process.join(5)
             raise
-        return cls(local, process, parent, answer[1])
+        return cls(local, process, parent, answer[1], answer[2])
 
     @property
     def healthy(self) -> bool:

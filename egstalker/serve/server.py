@@ -160,6 +160,8 @@ class TalkingHeadServer:
             "capacity": self.config.max_sessions,
             "fps": float(self.head.fps),
             "device": self.device,
+            "precision": str(getattr(self.head, "precision", "fp32")),
+            "warm_up_s": round(float(getattr(self.head, "warm_up_seconds", 0.0)), 2),
             "width": int(self.head.width),
             "height": int(self.head.height),
             "lookahead_ms": round(self.lookahead_ms, 1),
