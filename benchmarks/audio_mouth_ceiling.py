@@ -128,7 +128,8 @@ def main() -> None:
                 rows.append(row)
                 print(ds.name, json.dumps(row), f"({time.perf_counter() - t0:.0f} s)", flush=True)
         if args.pose:
-            pose_train, pose_val = train.viewmats[:, :3].reshape(len(train), -1), val.viewmats[:, :3].reshape(len(val), -1)
+            pose_train = train.viewmats[:, :3].reshape(len(train), -1)
+            pose_val = val.viewmats[:, :3].reshape(len(val), -1)
             inputs = {"head pose (3x4)": (pose_train, pose_val),
                       "eye blink (AU45)": (train.au45[:, None], val.au45[:, None]),
                       "head pose + eye blink": (np.hstack([pose_train, train.au45[:, None]]),

@@ -105,7 +105,8 @@ def score(sets: dict, dataset: Path) -> dict:
                              "mouth_corr": round(mouth.mouth_corr, 3),
                              "mouth_corr_interval95": [round(v, 3) for v in mouth.mouth_corr_interval],
                              "lmd_px": round(mouth.lmd_px, 3),
-                             "psnr": round(float(np.mean(metrics.psnr(frames, truth))), 2), "render_s": round(seconds, 1)}
+                             "psnr": round(float(np.mean(metrics.psnr(frames, truth))), 2),
+                             "render_s": round(seconds, 1)}
             print(name, json.dumps(results[name]), flush=True)
     return results
 

@@ -55,8 +55,13 @@ def test_short_training_improves_held_out_psnr(small_dataset, tmp_path):
 
 
 def test_iterations_zero_writes_the_initialised_model(small_dataset, tmp_path):
+    import warnings
+
     model_dir = tmp_path / "m"
-    result = train(small_dataset, model_dir, tiny_config(0), show_progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(small_dataset, model_dir, tiny_config(0), show_progress=False)
+    assert not [w for w in caught if "head poses" in str(w.message)]  # today's datasets: rigid-point poses
     assert result.steps == 0
     for name in ("model.json", "model.pt", "poses.npz", "train_config.json"):
         assert (model_dir / name).is_file()
@@ -64,6 +69,17 @@ def test_iterations_zero_writes_the_initialised_model(small_dataset, tmp_path):
     assert info["spec"]["n_gaussians"] == result.n_gaussians and info["width"] == 64
     assert list((model_dir / "checkpoints").glob("step_*.pt"))
     assert list((model_dir / "logs").iterdir())  # TensorBoard events
+    # a dataset made before poses were fitted to the rigid points only: told how to redo them
+    old = tmp_path / "old_dataset"
+    old.mkdir()
+    for entry in small_dataset.iterdir():
+        if entry.name != "meta.json":
+            (old / entry.name).symlink_to(entry)
+    meta = json.loads((small_dataset / "meta.json").read_text())
+    del meta["tracking"]["pose_points"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="--task 8 --task 9 --force"):
+        train(old, tmp_path / "m_old", tiny_config(0), show_progress=False)
 
 
 def _interrupt_at(step_to_fail: int, monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -159,6 +160,12 @@ class Trainer:
         res = config.data.resolution
         self.train_data = open_dataset(self.dataset_dir, "train", resolution=res)
         self.val_data = open_dataset(self.dataset_dir, "val", resolution=res)
+        tracking = self.train_data.meta.get("tracking") or {}
+        if tracking and "pose_points" not in tracking:
+            # poses fitted to every landmark tilt with the jaw: the model can open the mouth from the pose
+            warnings.warn(f"{self.dataset_dir}'s head poses were fitted to every face landmark (egstalker before "
+                          "2026-12-02), so they move with the mouth; redo them in seconds: egstalker preprocess "
+                          "VIDEO -o DATASET --task 8 --task 9 --force", stacklevel=2)
         try:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
