@@ -26,6 +26,7 @@ export TORCH_EXTENSIONS_DIR=$PWD/.torch_ext TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
 
 # The runs: benchmarks/sweeps/$SWEEP.txt, one per line: name clip features(-: the dataset's own) overrides...
 SWEEP=${SWEEP:-encoders}
+[ -f "benchmarks/sweeps/$SWEEP.txt" ] || { echo "no benchmarks/sweeps/$SWEEP.txt: set SWEEP to one of them" >&2; exit 2; }
 mapfile -t RUNS < <(grep -v '^\s*\(#\|$\)' "benchmarks/sweeps/$SWEEP.txt")
 
 follow() {  # print progress until every run has written summary.json or died, or $1 seconds have passed

@@ -1,6 +1,6 @@
 """Does a trained head's mouth follow the audio, and how well does it fit what it was trained on?
 
-Renders three sets of frames with their dataset poses and scores mouth opening against the ground truth
+Renders four sets of frames and scores mouth opening against the ground truth
 (MediaPipe landmarks; 95% block-bootstrap intervals, egstalker.metrics.correlation_interval):
   val          held-out frames with their own audio (the number the quality benchmark reports)
   val_shifted  the same frames driven by audio from --shift-seconds later: if the mouth follows the audio this
@@ -34,6 +34,11 @@ from egstalker import metrics  # noqa: E402
 from egstalker.inference import TalkingHead  # noqa: E402
 
 
+def finite(value: float, digits: int = 3) -> float | None:
+    """Rounded, or None for NaN (strict JSON)."""
+    return round(float(value), digits) if np.isfinite(value) else None
+
+
 def render(head: TalkingHead, features: np.ndarray, rows: np.ndarray, poses: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([head.render_frames(features, rows[i:i + batch], poses[i:i + batch])
                            for i in range(0, len(rows), batch)])
@@ -44,8 +49,8 @@ def ground_truth(dataset: Path, frame_ids: np.ndarray, size: tuple[int, int]) ->
                                 size, interpolation=cv2.INTER_AREA) for f in frame_ids])
 
 
-def render_sets(args) -> dict:
-    """Render the three sets; returns {name: (frame_ids, uint8 frames, audio shift, seconds)}."""
+def render_sets(args) -> tuple[dict, dict]:
+    """Render the sets; returns ({name: (frame_ids, uint8 frames, audio shift, seconds)}, run info)."""
     head = TalkingHead.from_dir(args.model_dir, device=args.device, dataset_dir=args.dataset, check_encoder=False)
     features = np.load(args.dataset / "aud.npy")
     n_train, n_all = head.n_pose_frames, len(head.poses.frame_ids)
@@ -59,11 +64,13 @@ def render_sets(args) -> dict:
     out = {}
     for name in args.sets:
         poses, offset, render_poses = sets[name]
-        frame_ids = head.poses.frame_ids[poses].astype(np.int64)
+        frame_ids = head.poses.frame_ids[poses].astype(np.int64)  # ground truth images
+        audio_rows = head.poses.audio_ids[poses].astype(np.int64)  # each truth frame's own audio row
         t0 = time.perf_counter()
-        frames = render(head, features, (frame_ids + offset) % len(features), render_poses, args.batch)
+        frames = render(head, features, (audio_rows + offset) % len(features), render_poses, args.batch)
         out[name] = (frame_ids, frames, offset, time.perf_counter() - t0)
     info = {"device": args.device, "n_gaussians": int(head.model.gaussians.means.shape[0]),
+            "shift_seconds": args.shift_seconds,
             "gpu_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()}
     return out, info
 
@@ -102,8 +109,8 @@ def score(sets: dict, dataset: Path) -> dict:
             truth = ground_truth(dataset, frame_ids, (frames.shape[2], frames.shape[1]))
             mouth = metrics.mouth_metrics(frames, truth, detector)
             results[name] = {"frames": int(len(frame_ids)), "audio_shift_frames": offset,
-                             "mouth_corr": round(mouth.mouth_corr, 3),
-                             "mouth_corr_interval95": [round(v, 3) for v in mouth.mouth_corr_interval],
+                             "mouth_corr": finite(mouth.mouth_corr),
+                             "mouth_corr_interval95": [finite(v) for v in mouth.mouth_corr_interval],
                              "lmd_px": round(mouth.lmd_px, 3),
                              "psnr": round(float(np.mean(metrics.psnr(frames, truth))), 2),
                              "render_s": round(seconds, 1)}
@@ -136,8 +143,7 @@ def main() -> int:
             save_renders(args.save_renders, sets, info)
             print(f"wrote {args.save_renders}: " + ", ".join(f"{k} {len(v[0])} frames" for k, v in sets.items()))
             return 0
-    report = {"command": "python " + " ".join(sys.argv), **info, "shift_seconds": args.shift_seconds,
-              "sets": score(sets, args.dataset)}
+    report = {"command": "python " + " ".join(sys.argv), **info, "sets": score(sets, args.dataset)}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_suffix(".tmp")

@@ -138,7 +138,7 @@ def summarise(n: int, streams: list, health: dict, rss: float | None) -> dict:
         "av_offset_ms_max": max((abs(t["av_offset_ms"] or 0.0) for t in timings if t["frames"]), default=None),
         "server": {key: health.get(key) for key in ("render_fps", "mean_batch", "mean_render_ms_per_call",
                                                    "gpu_memory_mb", "gpu_peak_memory_mb", "lookahead_ms",
-                                                   "precision")},
+                                                   "precision", "warm_up_s")},
         "server_rss_mib": rss,
     }
 

@@ -59,7 +59,9 @@ def main(argv: list[str]) -> int:
         lifted = tracking.lift_landmarks(faces.landmarks.astype(np.float64), rotation, translation, focal, centre,
                                          canonical)
         person = tracking.to_canonical(lifted, rotation, translation).mean(0)[:468]
-        rotation, translation = tracking.solve_pnp(person, observed, rotation, translation, focal, centre)
+        rigid = tracking.RIGID_POINTS  # as track() fits them
+        rotation, translation = tracking.solve_pnp(person[rigid], observed[:, rigid], rotation, translation, focal,
+                                                   centre)
         raw_angles = np.degrees(Rotation.from_matrix(rotation).as_euler("XYZ"))
         for method in METHODS:
             r, t = tracking.smooth_poses(rotation, translation, method)

@@ -351,7 +351,8 @@ def score(results: Path, datasets: dict[str, Path]) -> dict:
                                       (w, h), interpolation=cv2.INTER_AREA) for i in ids])
         mouth = metrics.mouth_metrics(renders, truths)
         info["local"] = {"lmd": float(mouth.lmd), "lmd_px": float(mouth.lmd_px), "mouth_corr": float(mouth.mouth_corr),
-                         "mouth_corr_interval95": [round(v, 3) for v in mouth.mouth_corr_interval],
+                         "mouth_corr_interval95": [round(v, 3) if np.isfinite(v) else None
+                                                   for v in mouth.mouth_corr_interval],
                          "mouth_frames": int(mouth.n_frames),
                          "psnr_jpeg_vs_original_gt": float(np.mean(metrics.psnr(renders, truths)))}
         print(info["run"], json.dumps({k: info.get(k) for k in ("psnr", "ssim", "lpips_alex", "iterations",

@@ -191,6 +191,8 @@ class TalkingHead:
         """Render one throwaway batch of each size, so that the first live calls of each size do not pay for
         CUDA's lazy kernel loading and the allocator's growth (on an H200 the first 8-16 sessions after a start
         lost frames without it); returns the seconds it took."""
+        if not len(batch_sizes):
+            return 0.0
         start = time.perf_counter()
         features = np.zeros((1, *self.info.spec.feature_shape), np.float32)
         for size in batch_sizes:

@@ -194,20 +194,23 @@ def correlation_interval(x: np.ndarray, y: np.ndarray, level: float = 0.95, bloc
                          resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Bootstrap interval of the Pearson correlation of x and y ([n] each), resampling blocks of `block`
     consecutive frames (400 ms at 25 fps, about a syllable) because neighbouring video frames are not
-    independent: a frame-wise bootstrap would claim more certainty than a short clip holds."""
+    independent: a frame-wise bootstrap would claim more certainty than a short clip holds. NaN for fewer than
+    3 blocks of frames, where resampling blocks says nothing."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     n = len(x)
-    if n < 3:
+    if n < 3 * block:
         return float("nan"), float("nan")
-    length = min(block, n)
     rng = np.random.default_rng(seed)
-    starts = rng.integers(0, n - length + 1, size=(resamples, -(-n // length)))
-    idx = (starts[:, :, None] + np.arange(length)).reshape(resamples, -1)[:, :n]
-    xs, ys = x[idx], y[idx]
-    xs -= xs.mean(axis=1, keepdims=True)
-    ys -= ys.mean(axis=1, keepdims=True)
-    den = np.sqrt((xs * xs).sum(axis=1) * (ys * ys).sum(axis=1))
-    r = (xs * ys).sum(axis=1)[den > 1e-12] / den[den > 1e-12]
+    r = []
+    for chunk in range(0, resamples, 250):  # bounded memory on long evaluations
+        starts = rng.integers(0, n - block + 1, size=(min(250, resamples - chunk), -(-n // block)))
+        idx = (starts[:, :, None] + np.arange(block)).reshape(len(starts), -1)[:, :n]
+        xs, ys = x[idx], y[idx]
+        xs -= xs.mean(axis=1, keepdims=True)
+        ys -= ys.mean(axis=1, keepdims=True)
+        den = np.sqrt((xs * xs).sum(axis=1) * (ys * ys).sum(axis=1))
+        r.append((xs * ys).sum(axis=1)[den > 1e-12] / den[den > 1e-12])
+    r = np.concatenate(r)
     if len(r) == 0:
         return float("nan"), float("nan")
     tail = 100 * (1 - level) / 2

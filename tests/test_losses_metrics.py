@@ -155,6 +155,7 @@ def test_mouth_metrics_on_a_real_clip(frames):
     noise = np.random.default_rng(1).normal(size=(2, 400))
     low, high = metrics.correlation_interval(noise[0], noise[0] + 0.5 * noise[1])  # true r = 0.894
     assert low < 0.894 < high and high - low < 0.1
+    assert np.isnan(metrics.correlation_interval(noise[0][:29], noise[1][:29])).all()  # under 3 blocks: unknown
     # the end-to-end helper runs the detector itself and agrees
     scores = metrics.mouth_metrics(frames[:20], frames[:20])
     assert scores.lmd == 0.0 and scores.n_frames == 20

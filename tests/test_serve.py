@@ -166,7 +166,7 @@ def test_a_render_process_serves_the_same_frames(request, small_head, speech):
     from egstalker.serve.render_process import ProcessHead
 
     model_dir = os.environ.get("EGSTALKER_TEST_MODEL") or request.getfixturevalue("small_model")
-    head = ProcessHead.start(model_dir, device="cpu", warm_up_sizes=(1, 3))
+    head = ProcessHead.start(model_dir, device="cpu", warm_up_sizes=(1, 3), precision="auto")
     try:
         assert (head.width, head.audio_future, head.fps) == (small_head.width, small_head.audio_future, 25.0)
         assert head.warm_up_seconds > 0.0 and head.precision == "fp32"  # the child rendered its warm-up batches
@@ -195,6 +195,30 @@ def test_a_render_process_serves_the_same_frames(request, small_head, speech):
             head.render_frames(features, [0], [0])
     finally:
         head.close()
+
+
+def test_the_render_process_resolves_precision_for_its_own_device(monkeypatch):
+    """'auto' means fp16 for a CUDA render process, though the server's own copy of the model is on the CPU."""
+    from egstalker.inference import TalkingHead
+    from egstalker.serve.render_process import ProcessHead
+
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def from_dir(model_dir, device="cpu", dataset_dir=None, check_encoder=True, precision="fp32"):
+        asked.append((device, precision))
+        raise Stop  # before any process is spawned
+
+    monkeypatch.setattr(TalkingHead, "from_dir", from_dir)
+    for device, expected in (("cuda", "fp16"), ("cuda:1", "fp16"), ("cpu", "fp32")):
+        with pytest.raises(Stop):
+            ProcessHead.start("unused", device=device, precision="auto")
+        assert asked.pop() == ("cpu", expected)
+    with pytest.raises(Stop):
+        ProcessHead.start("unused", device="cuda", precision="fp32")
+    assert asked.pop() == ("cpu", "fp32")
 
 
 def test_an_upload_faster_than_real_time_is_paced(running, speech):

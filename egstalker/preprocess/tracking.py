@@ -17,8 +17,9 @@ facial transformation matrix) is recorded in meta.json; the pose is then refined
 own mean shape, which removes the identity mismatch of the generic canonical model. The PnP fits only the upper
 face (`RIGID_POINTS`: forehead, temples, eye corners, nose): fitted to every point, the pose tilts and shifts
 as the jaw opens, and a pose that encodes the mouth lets the model open the mouth from the pose instead of the
-audio (held-out mouth opening predicted from pose alone: lieu r = 0.59 with all points, 0.08 with these;
-benchmarks/results/pose_mouth_leak*.json).
+audio (held-out mouth opening predicted from pose alone, ridge: lieu r = 0.59 with all points, 0.08 with these;
+obama 0.89 and 0.46, the same with every upper-face subset tried, so that rest is his head moving with his
+speech; benchmarks/results/pose_mouth_leak*.json).
 
 Vertices [N, 478, 3] are the frame's landmarks lifted to 3D (depth from the pose plus MediaPipe's relative z)
 and brought into the canonical frame with the smoothed pose: head motion removed, expression kept.

@@ -39,11 +39,16 @@ def _child(conn, model_dir: str, device: str, dataset_dir: str | None, precision
         head = TalkingHead.from_dir(model_dir, device=device, dataset_dir=dataset_dir, check_encoder=False,
                                     precision=precision)
         head.preload_torso()
-        warm_up_s = head.warm_up(warm_up_sizes)
-        conn.send(("ready", _memory(device), warm_up_s))
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("error", f"{e.__class__.__name__}: {e}"))
+        conn.send(("error", f"could not load the model: {e.__class__.__name__}: {e}"))
         return
+    try:
+        warm_up_s = head.warm_up(warm_up_sizes)
+    except Exception as e:  # noqa: BLE001 - e.g. out of device memory at the largest batch
+        conn.send(("error", f"rendering a warm-up batch of up to {max(warm_up_sizes)} frames failed "
+                            f"({e.__class__.__name__}: {e}); lower --max-batch"))
+        return
+    conn.send(("ready", _memory(device), warm_up_s))
     while True:
         try:
             message = conn.recv()
@@ -117,7 +122,7 @@ class ProcessHead:
                 raise EgstalkerError(f"the render process exited while loading the model (exit code "
                                      f"{process.exitcode})") from None
             if answer[0] != "ready":
-                raise EgstalkerError(f"the render process could not load the model: {answer[1]}")
+                raise EgstalkerError(f"the render process failed to start: {answer[1]}")
         except BaseException:
             parent.close()
             process.join(5)
