@@ -13,6 +13,9 @@ Renders four sets of frames and scores mouth opening against the ground truth
     python benchmarks/lipsync_control.py MODEL_DIR --dataset DATASET [--device cuda] [--json OUT.json]
     python benchmarks/lipsync_control.py MODEL_DIR --dataset DATASET --save-renders R.npz   # GPU, no MediaPipe
     python benchmarks/lipsync_control.py --from-renders R.npz --dataset DATASET --json OUT.json   # then here
+
+`egstalker eval --lipsync-controls` computes val_static_pose and val_shifted in one process (MediaPipe and the
+model on one machine); this script splits rendering from scoring for a GPU machine without MediaPipe.
 """
 
 from __future__ import annotations

@@ -175,6 +175,12 @@ def test_eval_psnr_equals_independent_computation(small_model, tmp_path, capsys)
     data = json.loads(capsys.readouterr().out)
     assert {"psnr", "ssim", "lpips", "lmd", "mouth_corr", "fps"} <= set(data)
     assert data["psnr"] == pytest.approx(result.psnr, abs=1e-4)
+    assert data["mouth_corr_frozen_pose"] is None  # controls not asked for
+    # lip-sync controls: a shift of 0 s renders the same frames, so it must reproduce mouth_corr exactly
+    same = evaluate(head, split="val", max_frames=40, show_progress=False, lipsync_controls=True,
+                    control_shift_seconds=0.0)
+    assert same.mouth_corr_shifted_audio == pytest.approx(same.mouth_corr, abs=1e-9)
+    assert -1 <= same.mouth_corr_frozen_pose <= 1 and same.mouth_corr_frozen_pose != same.mouth_corr
 
 
 def test_incompatible_model_version_is_refused(small_model, tmp_path, capsys):

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LPIPS backbone (default alexnet, what papers usually report)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--batch-size", type=int, default=8, help="frames per model call (default 8)")
+    parser.add_argument("--lipsync-controls", action="store_true",
+                        help="also score the mouth with every frame in one pose (it can follow only the audio) and "
+                             "with audio 2 s later (it should not follow that): renders the frames 3 times")
     parser.add_argument("--dataset", metavar="DIR", default=None,
                         help="the dataset the model was trained on, if it moved since training")
 
@@ -34,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     head = TalkingHead.from_dir(args.model_dir, device=args.device or default_device(), dataset_dir=args.dataset,
                                 check_encoder=False)
     result = evaluate(head, split=args.split, max_frames=args.max_frames, batch_size=args.batch_size,
-                      lpips_net=args.lpips_net, report_dir=args.report, show_progress=not args.json)
+                      lpips_net=args.lpips_net, report_dir=args.report, show_progress=not args.json,
+                      lipsync_controls=args.lipsync_controls)
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
@@ -43,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  PSNR {r.psnr:.2f} dB   SSIM {r.ssim:.4f}   LPIPS-{r.lpips_net} {r.lpips:.4f}")
     print(f"  LMD {r.lmd:.4f} of eye distance ({r.lmd_px:.2f} px)   mouth-opening corr {r.mouth_corr:.3f} "
           f"(95% interval {r.mouth_corr_low:.2f}-{r.mouth_corr_high:.2f}; {r.mouth_frames} frames with faces)")
+    if args.lipsync_controls:
+        print(f"  lip-sync controls: mouth corr {r.mouth_corr_frozen_pose:.3f} with every frame in one pose (follows "
+              f"the audio only), {r.mouth_corr_shifted_audio:.3f} with audio 2 s later (should be near 0)")
     print(f"  model speed {r.fps:.1f} frames/s")
     if args.report:
         print(f"  report: {args.report}/index.html", file=sys.stdout)

@@ -106,6 +106,13 @@ class EvalResult:
     mouth_corr_low: float = float("nan")
     mouth_corr_high: float = float("nan")
     """95% interval of mouth_corr over these frames (metrics.correlation_interval): short clips are noisy."""
+    mouth_corr_frozen_pose: float = float("nan")
+    """Lip-sync control (evaluate(lipsync_controls=True)): mouth corr of the same frames rendered with their own
+    audio but all in the first frame's pose, eye blink and torso; the mouth can follow only the audio, as when new
+    speech drives looped poses. NaN when not computed."""
+    mouth_corr_shifted_audio: float = float("nan")
+    """Lip-sync control: the frames' own poses with audio from `control_shift_seconds` later. Near mouth_corr
+    means the mouth followed the pose, not the audio."""
     seconds: float = 0.0
     """Wall time of the whole evaluation (metrics included)."""
     per_frame: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -114,8 +121,9 @@ class EvalResult:
     def to_json(self) -> dict:
         """Scalars only; NaN/inf become null so the output is strict JSON."""
         out = {}
-        for key in ("psnr", "ssim", "lpips", "lmd", "mouth_corr", "mouth_corr_low", "mouth_corr_high", "fps",
-                    "lmd_px", "n_frames", "mouth_frames", "split", "lpips_net", "width", "height", "device", "seconds"):
+        for key in ("psnr", "ssim", "lpips", "lmd", "mouth_corr", "mouth_corr_low", "mouth_corr_high",
+                    "mouth_corr_frozen_pose", "mouth_corr_shifted_audio", "fps", "lmd_px", "n_frames", "mouth_frames",
+                    "split", "lpips_net", "width", "height", "device", "seconds"):
             value = getattr(self, key)
             if isinstance(value, float):
                 value = round(value, 6) if math.isfinite(value) else None
@@ -126,7 +134,8 @@ class EvalResult:
 def evaluate(head: "TalkingHead", split: Split = "val", max_frames: int | None = None, batch_size: int = 8,
              lpips_net: Literal["alexnet", "vgg16"] = "alexnet", metrics_device: str | None = None,
              report_dir: str | Path | None = None, report_video_seconds: float = 8.0, report_samples: int = 6,
-             show_progress: bool = True) -> EvalResult:
+             show_progress: bool = True, lipsync_controls: bool = False,
+             control_shift_seconds: float = 2.0) -> EvalResult:
     """Re-enact the split's frames and score them against the filmed ones; optionally write an HTML report.
 
     Args:
@@ -137,6 +146,8 @@ def evaluate(head: "TalkingHead", split: Split = "val", max_frames: int | None =
         lpips_net: LPIPS backbone.
         metrics_device: torch device for LPIPS (default: the model's device).
         report_dir: write index.html, sample frames and a side-by-side video there.
+        lipsync_controls: also render the frames twice more for `mouth_corr_frozen_pose` and
+            `mouth_corr_shifted_audio` (audio `control_shift_seconds` later): what the mouth follows.
     """
     from tqdm import tqdm
 
@@ -189,7 +200,17 @@ def evaluate(head: "TalkingHead", split: Split = "val", max_frames: int | None =
         if writer is not None:
             writer.abort()
         raise
-    mouth = metrics.mouth_scores(np.concatenate(pred_landmarks), np.concatenate(true_landmarks))
+    true_landmarks = np.concatenate(true_landmarks)
+    mouth = metrics.mouth_scores(np.concatenate(pred_landmarks), true_landmarks)
+    frozen = shifted = float("nan")
+    if lipsync_controls:
+        shift = int(round(control_shift_seconds * head.fps))
+        rows = frames.audio_ids[:n]
+        frozen = _control_mouth_corr(head, frames.features, rows, np.full(n, frames.pose_indices[0]),
+                                     true_landmarks, batch_size, show_progress, "frozen pose")
+        shifted = _control_mouth_corr(head, frames.features, (rows + shift) % len(frames.features),
+                                      frames.pose_indices[:n], true_landmarks, batch_size, show_progress,
+                                      f"audio +{control_shift_seconds:g} s")
     timed = batch_times[1:] if len(batch_times) > 1 else batch_times
     fps = sum(c for c, _ in timed) / max(sum(t for _, t in timed), 1e-9)
     # PSNR of identical frames is inf; cap at 100 dB so a mean stays meaningful
@@ -198,7 +219,8 @@ def evaluate(head: "TalkingHead", split: Split = "val", max_frames: int | None =
         lmd=mouth.lmd, mouth_corr=mouth.mouth_corr, fps=float(fps), n_frames=n, split=split,
         lpips_net=lpips_net, width=head.width, height=head.height, device=str(getattr(head, "device", "cpu")),
         lmd_px=mouth.lmd_px, mouth_frames=mouth.n_frames, mouth_corr_low=mouth.mouth_corr_interval[0],
-        mouth_corr_high=mouth.mouth_corr_interval[1], seconds=time.perf_counter() - start,
+        mouth_corr_high=mouth.mouth_corr_interval[1], mouth_corr_frozen_pose=frozen,
+        mouth_corr_shifted_audio=shifted, seconds=time.perf_counter() - start,
         per_frame={"psnr": psnr, "ssim": ssim, "lpips": lpips, "opening_pred": mouth.opening_pred,
                    "opening_true": mouth.opening_true, "frame_ids": frames.frame_ids[:n].copy()})
     if report_dir is not None:
@@ -210,6 +232,24 @@ def evaluate(head: "TalkingHead", split: Split = "val", max_frames: int | None =
                      "side_by_side.mp4" if video_frames else None,
                      title=f"egstalker eval: {Path(str(getattr(head, 'model_dir', 'model'))).name} ({split})")
     return result
+
+
+def _control_mouth_corr(head: "TalkingHead", features: np.ndarray, audio_rows: np.ndarray, pose_indices: np.ndarray,
+                        true_landmarks: np.ndarray, batch_size: int, show_progress: bool, what: str) -> float:
+    """Mouth corr against the filmed frames' landmarks of renders driven by other audio rows / poses."""
+    from tqdm import tqdm
+
+    from egstalker import metrics
+
+    landmarks = []
+    with metrics.FaceLandmarks() as detector, tqdm(total=len(audio_rows), desc=f"control: {what}", unit="frame",
+                                                   disable=not show_progress) as bar:
+        for lo in range(0, len(audio_rows), batch_size):
+            hi = min(len(audio_rows), lo + batch_size)
+            renders = head.render_frames(features, audio_rows[lo:hi], pose_indices[lo:hi])
+            landmarks.append(metrics.detect_landmarks(renders, detector))
+            bar.update(hi - lo)
+    return metrics.mouth_scores(np.concatenate(landmarks), true_landmarks).mouth_corr
 
 
 def _report_video_writer(report_dir: Path, head: "TalkingHead", frames: HeldOutFrames, n_frames: int):
