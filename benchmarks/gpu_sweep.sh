@@ -7,12 +7,14 @@
 #                                                  own process session (they outlive the call), follow them until
 #                                                  CALL_S; ITERATIONS (6000) and WORKERS (1) per run
 #   bash benchmarks/gpu_sweep.sh finish            call 2 (within 30 s of call 1, so the machine stays): wait for
-#                                                  the runs, LPIPS on the device, results back through $OUT, then
-#                                                  render speed of RENDER_RUN's model at 512x512 (if set)
+#                                                  the runs, LPIPS on the device, results back through $OUT; with
+#                                                  CONTROLS=1 each run's lip-sync control renders (score them with
+#                                                  lipsync_control.py --from-renders); then render speed of
+#                                                  RENDER_RUN's model at 512x512 (if set)
 #   bash benchmarks/gpu_sweep.sh serve RUN...      call 3: serving load (sessions held at 25 fps, latency, GPU
 #                                                  memory) of each named run's model
 #
-# Carried: .whl (gsplat wheel), .carry (packed datasets, feature overlays, int8 VGG16: train_quality_gpu.py
+# Carried: .whl (gsplat wheel), $CARRY (default .carry: packed datasets, feature overlays, int8 VGG16: train_quality_gpu.py
 # pack / pack-weights); call 2 also .carry2/alexnet.ckpt (LPIPS) and .render_bench (render_speed.py --make-carry
 # + speech_60s_16k.wav), call 3 .render_bench. Runs live in .gpu_work/ (git-ignored, kept on
 # the machine between calls). Each run's log: .gpu_work/NAME.log.
@@ -23,6 +25,7 @@ mkdir -p "$OUT" "$WORK" /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 export TORCH_EXTENSIONS_DIR=$PWD/.torch_ext TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1
+CARRY=${CARRY:-.carry}  # the carried folder of packed datasets, int8 VGG16 and the prebuilt gsplat .so
 
 # The runs: benchmarks/sweeps/$SWEEP.txt, one per line: name clip features(-: the dataset's own) overrides...
 SWEEP=${SWEEP:-encoders}
@@ -52,10 +55,10 @@ if [ "${1:-}" = "start" ]; then
   SECONDS=0
   SO=.torch_ext/gsplat_cuda/gsplat_cuda.so
   PREBUILT=no
-  if [ -f .carry/gsplat_cuda.so.xz ] && [ ! -f "$SO" ]; then  # the .so an earlier call built (pack-weights)
+  if [ -f "$CARRY/gsplat_cuda.so.xz" ] && [ ! -f "$SO" ]; then  # the .so an earlier call built (pack-weights)
     mkdir -p "$(dirname "$SO")" && PREBUILT=yes
     python3 -c "import lzma, sys; open(sys.argv[2], 'wb').write(lzma.decompress(open(sys.argv[1], 'rb').read()))" \
-      .carry/gsplat_cuda.so.xz "$SO" || exit 1
+      "$CARRY/gsplat_cuda.so.xz" "$SO" || exit 1
   fi
   python3 benchmarks/gsplat_warmup.py
   echo "gsplat ready after ${SECONDS} s (prebuilt: $PREBUILT)"
@@ -67,7 +70,7 @@ if [ "${1:-}" = "start" ]; then
     feat=()
     [ "$features" != "-" ] && feat=(--features "$features")
     setsid nohup python3 benchmarks/train_quality_gpu.py device --clip "$clip" --name "$name" "${feat[@]}" \
-      "${sets[@]}" --minutes "$MINUTES" --iterations "${ITERATIONS:-6000}" --workers "${WORKERS:-1}" --work "$WORK" >"$WORK/$name.log" 2>&1 </dev/null &
+      "${sets[@]}" --minutes "$MINUTES" --iterations "${ITERATIONS:-6000}" --workers "${WORKERS:-1}" --carry "$CARRY" --work "$WORK" >"$WORK/$name.log" 2>&1 </dev/null &
     echo "launched $name: clip=$clip features=$features $overrides"
   done
   follow $((${CALL_S:-560} - SECONDS))  # return before the call's 10-minute limit; the runs go on
@@ -78,6 +81,13 @@ elif [ "${1:-}" = "finish" ]; then
   EGSTALKER_LPIPS_WEIGHTS=/tmp/egs_lpips python3 benchmarks/train_quality_gpu.py lpips --work "$WORK"
   for log in "$WORK"/*.log; do echo "== $log"; tr '\r' '\n' <"$log" | grep -v '^\s*$' | tail -4; done
   (cd "$WORK" && tar czf "$OUT/sweep_results.tgz" ./*.log ./*/summary.json ./*/renders_jpeg.npz)
+  if [ "${CONTROLS:-0}" = 1 ]; then  # lip-sync control renders of every run, scored later with MediaPipe
+    for model in "$WORK"/*/model; do
+      name=$(basename "$(dirname "$model")")
+      python3 benchmarks/lipsync_control.py "$model" --dataset "/tmp/egs_ds/$name" --device cuda \
+        --save-renders "$OUT/controls_$name.npz"
+    done
+  fi
   RUN=${RENDER_RUN:-}
   [ -z "$RUN" ] && { ls -la "$OUT"; exit 0; }
   tar xJf .render_bench/av.tar.xz -C /tmp/site || exit 1
