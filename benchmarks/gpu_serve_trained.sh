@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short device call on a trained model brought back from an earlier call: serving load (sessions held at
+# One short device call on a trained lieu model brought back from an earlier call: serving load (sessions held at
 # 25 fps, latency, GPU memory) with serve's defaults (render process, precision auto = fp16 on CUDA, warm-up of
 # every batch size before listening), then the lip-sync control (benchmarks/lipsync_control.py).
 #

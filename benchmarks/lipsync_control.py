@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from egstalker import metrics  # noqa: E402
+from egstalker.evaluate.evaluate import heldout_frames, load_ground_truth  # noqa: E402
 from egstalker.inference import TalkingHead  # noqa: E402
 
 
@@ -47,31 +48,24 @@ def render(head: TalkingHead, features: np.ndarray, rows: np.ndarray, poses: np.
                            for i in range(0, len(rows), batch)])
 
 
-def ground_truth(dataset: Path, frame_ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    return np.stack([cv2.resize(cv2.cvtColor(cv2.imread(str(dataset / "gt_imgs" / f"{f}.jpg")), cv2.COLOR_BGR2RGB),
-                                size, interpolation=cv2.INTER_AREA) for f in frame_ids])
-
-
 def render_sets(args) -> tuple[dict, dict]:
     """Render the sets; returns ({name: (frame_ids, uint8 frames, audio shift, seconds)}, run info)."""
     head = TalkingHead.from_dir(args.model_dir, device=args.device, dataset_dir=args.dataset, check_encoder=False)
-    features = np.load(args.dataset / "aud.npy")
-    n_train, n_all = head.n_pose_frames, len(head.poses.frame_ids)
-    n = min(args.frames or n_all - n_train, n_all - n_train, n_train)
+    val, train = heldout_frames(head, "val"), heldout_frames(head, "train")
+    n = min(args.frames or len(val.frame_ids), len(val.frame_ids), len(train.frame_ids))
     shift = int(round(args.shift_seconds * head.fps))
-    val_poses = np.arange(n_train, n_train + n)
-    # name: (pose indices, audio rows' offset from the truth frames' own, pose used for rendering)
-    sets = {"val": (val_poses, 0, val_poses), "val_shifted": (val_poses, shift, val_poses),
-            "train": (np.arange(n_train - n, n_train), 0, np.arange(n_train - n, n_train)),
-            "val_static_pose": (val_poses, 0, np.full(n, n_train))}
+    last_train = slice(len(train.frame_ids) - n, None)
+    # name: (truth frame ids, their own audio rows, offset added to those rows, poses rendered with)
+    sets = {"val": (val.frame_ids[:n], val.audio_ids[:n], 0, val.pose_indices[:n]),
+            "val_shifted": (val.frame_ids[:n], val.audio_ids[:n], shift, val.pose_indices[:n]),
+            "train": (train.frame_ids[last_train], train.audio_ids[last_train], 0, train.pose_indices[last_train]),
+            "val_static_pose": (val.frame_ids[:n], val.audio_ids[:n], 0, np.full(n, val.pose_indices[0]))}
     out = {}
     for name in args.sets:
-        poses, offset, render_poses = sets[name]
-        frame_ids = head.poses.frame_ids[poses].astype(np.int64)  # ground truth images
-        audio_rows = head.poses.audio_ids[poses].astype(np.int64)  # each truth frame's own audio row
+        frame_ids, audio_rows, offset, poses = sets[name]
         t0 = time.perf_counter()
-        frames = render(head, features, (audio_rows + offset) % len(features), render_poses, args.batch)
-        out[name] = (frame_ids, frames, offset, time.perf_counter() - t0)
+        frames = render(head, val.features, (audio_rows + offset) % len(val.features), poses, args.batch)
+        out[name] = (np.asarray(frame_ids, np.int64), frames, offset, time.perf_counter() - t0)
     info = {"device": args.device, "n_gaussians": int(head.model.gaussians.means.shape[0]),
             "shift_seconds": args.shift_seconds,
             "gpu_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()}
@@ -109,7 +103,7 @@ def score(sets: dict, dataset: Path) -> dict:
     results = {}
     with metrics.FaceLandmarks() as detector:
         for name, (frame_ids, frames, offset, seconds) in sets.items():
-            truth = ground_truth(dataset, frame_ids, (frames.shape[2], frames.shape[1]))
+            truth = np.stack([load_ground_truth(dataset, f, frames.shape[2], frames.shape[1]) for f in frame_ids])
             mouth = metrics.mouth_metrics(frames, truth, detector)
             results[name] = {"frames": int(len(frame_ids)), "audio_shift_frames": offset,
                              "mouth_corr": finite(mouth.mouth_corr),

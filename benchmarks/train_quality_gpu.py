@@ -337,6 +337,7 @@ def score(results: Path, datasets: dict[str, Path]) -> dict:
     import cv2
 
     from egstalker import metrics
+    from egstalker.evaluate.evaluate import load_ground_truth
 
     runs = {}
     for summary_path in sorted(results.glob("*/summary.json")):
@@ -347,8 +348,7 @@ def score(results: Path, datasets: dict[str, Path]) -> dict:
                                          cv2.COLOR_BGR2RGB) for i in ids])
         h, w = renders.shape[1:3]
         ds = datasets[info["clip"]]
-        truths = np.stack([cv2.resize(cv2.cvtColor(cv2.imread(str(ds / "gt_imgs" / f"{i}.jpg")), cv2.COLOR_BGR2RGB),
-                                      (w, h), interpolation=cv2.INTER_AREA) for i in ids])
+        truths = np.stack([load_ground_truth(ds, i, w, h) for i in ids])
         mouth = metrics.mouth_metrics(renders, truths)
         info["local"] = {"lmd": float(mouth.lmd), "lmd_px": float(mouth.lmd_px), "mouth_corr": float(mouth.mouth_corr),
                          "mouth_corr_interval95": [round(v, 3) if np.isfinite(v) else None

@@ -190,14 +190,19 @@ class TalkingHead:
     def warm_up(self, batch_sizes: Sequence[int]) -> float:
         """Render one throwaway batch of each size, so that the first live calls of each size do not pay for
         CUDA's lazy kernel loading and the allocator's growth (on an H200 the first 8-16 sessions after a start
-        lost frames without it); returns the seconds it took."""
+        lost frames without it); returns the seconds it took. A size the device cannot render raises
+        EgstalkerError."""
         if not len(batch_sizes):
             return 0.0
         start = time.perf_counter()
         features = np.zeros((1, *self.info.spec.feature_shape), np.float32)
         for size in batch_sizes:
             rows = np.zeros(int(size), np.int64)
-            self.render_frames(features, rows, np.arange(int(size)) % self.n_pose_frames)
+            try:
+                self.render_frames(features, rows, np.arange(int(size)) % self.n_pose_frames)
+            except RuntimeError as e:  # e.g. out of device memory at the largest batch
+                raise EgstalkerError(f"rendering a warm-up batch of {int(size)} frames failed "
+                                     f"({e.__class__.__name__}: {e}); lower --max-batch") from e
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.warm_up_seconds = time.perf_counter() - start

@@ -192,6 +192,13 @@ def test_inference_renders_the_contracted_frames(small_model, small_dataset):
     assert head.warm_up_seconds == 0.0 and head.warm_up([1, 2]) > 0.0 and head.warm_up_seconds > 0.0
     assert np.array_equal(head.render_frames(features, [0, 1, 2], [0, 1, 2]), batch)  # cached = loaded
 
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA out of memory")
+
+    head.render_frames = out_of_memory  # a device too full for the largest batch
+    with pytest.raises(EgstalkerError, match="warm-up batch of 1 frames failed.*lower --max-batch"):
+        head.warm_up([1])
+
 
 def test_inference_errors(tmp_path, small_model):
     from egstalker.inference import TalkingHead

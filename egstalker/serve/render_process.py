@@ -39,14 +39,12 @@ def _child(conn, model_dir: str, device: str, dataset_dir: str | None, precision
         head = TalkingHead.from_dir(model_dir, device=device, dataset_dir=dataset_dir, check_encoder=False,
                                     precision=precision)
         head.preload_torso()
-    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("error", f"could not load the model: {e.__class__.__name__}: {e}"))
-        return
-    try:
         warm_up_s = head.warm_up(warm_up_sizes)
-    except Exception as e:  # noqa: BLE001 - e.g. out of device memory at the largest batch
-        conn.send(("error", f"rendering a warm-up batch of up to {max(warm_up_sizes)} frames failed "
-                            f"({e.__class__.__name__}: {e}); lower --max-batch"))
+    except EgstalkerError as e:  # says itself what went wrong
+        conn.send(("error", str(e)))
+        return
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", f"{e.__class__.__name__}: {e}"))
         return
     conn.send(("ready", _memory(device), warm_up_s))
     while True:
