@@ -66,7 +66,9 @@ if [ "${1:-}" = "start" ]; then
   for run in "${RUNS[@]}"; do
     read -r name clip features overrides <<<"$run"
     sets=()
-    for o in $overrides; do sets+=(--set "$o"); done
+    for o in $overrides; do  # SECTION.FIELD=VALUE config overrides; --flag=VALUE goes to train_quality_gpu.py as is
+      case $o in --*) sets+=("$o") ;; *) sets+=(--set "$o") ;; esac
+    done
     feat=()
     [ "$features" != "-" ] && feat=(--features "$features")
     setsid nohup python3 benchmarks/train_quality_gpu.py device --clip "$clip" --name "$name" "${feat[@]}" \

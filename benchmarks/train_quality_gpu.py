@@ -224,9 +224,21 @@ def apply_overrides(config, overrides: list[str]) -> None:
         setattr(target, name, value)
 
 
+def realign_audio(ds: Path, offset: int) -> None:
+    """Rewrite both transforms files with aud_id = img_id + offset (clamped to aud.npy's rows)."""
+    rows = len(np.load(ds / "aud.npy", mmap_mode="r"))
+    for split in ("train", "val"):
+        path = ds / f"transforms_{split}.json"
+        doc = json.loads(path.read_text())
+        for frame in doc["frames"]:
+            frame["aud_id"] = int(np.clip(frame["img_id"] + offset, 0, rows - 1))
+        path.write_text(json.dumps(doc))
+
+
 def device_train(clip: str, name: str, minutes: float, work: Path, carry: Path, features: str | None = None,
                  overrides: list[str] = (), workers: int | None = None, device: str = "cuda",
-                 val_frames: int | None = None, iterations: int | None = None) -> dict:
+                 val_frames: int | None = None, iterations: int | None = None,
+                 audio_offset: int | None = None) -> dict:
     """Train one run (dataset `clip`, optionally with the audio features of the carried folder `features`) and
     score its held-out frames. Everything goes under work/NAME (it outlives the device call that started it):
     model/, renders.npy (lossless), renders_jpeg.npz (returned), summary.json."""
@@ -250,6 +262,8 @@ def device_train(clip: str, name: str, minutes: float, work: Path, carry: Path, 
     if features:  # another encoder's aud.npy + meta.json over the same frames
         for f in ("aud.npy", "meta.json"):
             shutil.copy2(carry / features / f, ds / f)
+    if audio_offset is not None:  # a control: train on another audio/video alignment than preprocessing chose
+        realign_audio(ds, audio_offset)
     unpack_s = time.perf_counter() - t0
     config = TrainConfig()
     config.data.num_workers = workers if workers is not None else min(12, (os.cpu_count() or 4) - 2)
@@ -290,6 +304,7 @@ def device_train(clip: str, name: str, minutes: float, work: Path, carry: Path, 
     np.save(run_dir / "truths.npy", truths)
     info = {
         "run": name, "clip": clip, "features": features or "oww (dataset)", "overrides": list(overrides),
+        "audio_offset": audio_offset if audio_offset is not None else "dataset",
         "frames_val": int(len(positions)), "size": [head.width, head.height],
         "psnr": float(np.mean(metrics.psnr(renders, truths))), "ssim": float(np.mean(metrics.ssim(renders, truths))),
         "n_gaussians": result.n_gaussians, "iterations": result.steps,
@@ -380,6 +395,8 @@ def main() -> None:
     d.add_argument("--work", type=Path, required=True)
     d.add_argument("--device", default="cuda")
     d.add_argument("--val-frames", type=int, default=None, help="score only the first N held-out frames (dry runs)")
+    d.add_argument("--audio-offset", type=int, default=None,
+                   help="a control: aud_id = img_id + N instead of the dataset's alignment")
     lp = sub.add_parser("lpips", help="LPIPS of every finished run under --work (needs alexnet.ckpt)")
     lp.add_argument("--work", type=Path, required=True)
     lp.add_argument("--device", default="cuda")
@@ -396,7 +413,7 @@ def main() -> None:
         pack_weights(args.out)
     elif args.cmd == "device":
         device_train(args.clip, args.name or args.clip, args.minutes, args.work, args.carry, args.features,
-                     args.overrides, args.workers, args.device, args.val_frames, args.iterations)
+                     args.overrides, args.workers, args.device, args.val_frames, args.iterations, args.audio_offset)
     elif args.cmd == "lpips":
         device_lpips(args.work, args.device)
     else:

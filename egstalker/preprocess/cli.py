@@ -42,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a re-run keeps the dataset's previous choice unless given")
     parser.add_argument("--audio-weights", metavar="PATH",
                         help="wav2vec2/hubert: local model folder; deepspeech: the aud_ds.npy to import")
+    parser.add_argument("--audio-offset", type=int, metavar="FRAMES",
+                        help="the recording's audio/video offset in frames (positive: the sound is late); "
+                             "default: estimated from the clip by task 9 (meta.json 'audio_offset'); on an existing "
+                             "dataset add --task 9 --force")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -56,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         config.audio.encoder = args.audio_features
     if args.audio_weights is not None:
         config.audio.weights = args.audio_weights
+    if args.audio_offset is not None:
+        config.split.audio_offset_frames = args.audio_offset
     dataset = preprocess(args.video, output, tasks=args.tasks, force=args.force, config=config,
                          show_progress=not args.quiet)
     print(f"dataset: {dataset}")

@@ -62,6 +62,9 @@ class TrackingConfig:
 class SplitConfig:
     val_fraction: float = 1.0 / 11.0
     """The last this fraction of frames is held out for validation (peers use int(N*10/11) for training)."""
+    audio_offset_frames: int | None = None
+    """Audio/video offset of the recording in frames (aud_id = img_id + offset; positive: the sound is late).
+    None: estimated from the training frames (egstalker.preprocess.av_sync); an int forces it (0: trust the file)."""
 
 
 @dataclass

@@ -350,15 +350,46 @@ def run_transforms(ctx: TaskContext) -> None:
     import torch
 
     from egstalker.preprocess.landmarks68 import to_ibug68
-    from egstalker.preprocess.transforms import camera_to_world, write_split
+    from egstalker.preprocess.transforms import camera_to_world, split_index, write_split
 
     params = torch.load(_need(ctx.dataset.track_params, 8, "tracking"), weights_only=True)
     track = _faces(ctx)
     width, height = (int(v) for v in params["image_size"])
     c2w = camera_to_world(params["rotation"].numpy(), params["trans"].numpy())
+    offset = _audio_offset(ctx, track, split_index(len(c2w), ctx.config.split.val_fraction))
     report = write_split(ctx.staging, ctx.dataset, c2w, float(params["focal"][0]), width, height,
-                         to_ibug68(track.landmarks), params["blink"].numpy(), ctx.config.split.val_fraction)
+                         to_ibug68(track.landmarks), params["blink"].numpy(), ctx.config.split.val_fraction,
+                         audio_offset=offset)
     ctx.meta["split"] = report
+
+
+def _audio_offset(ctx: TaskContext, track: FaceTrack, n_train: int) -> int:
+    """The recording's audio/video offset in frames (config or estimated); recorded in meta["audio_offset"]."""
+    forced = ctx.config.split.audio_offset_frames
+    if forced is not None:
+        if abs(int(forced)) >= n_train:
+            raise EgstalkerError(f"--audio-offset {forced} frames is longer than the training frames ({n_train}); "
+                                 "give the offset in video frames (40 ms each), e.g. 4 for a sound 160 ms late")
+        ctx.meta["audio_offset"] = {"frames": int(forced), "source": "config (split.audio_offset_frames)"}
+        return int(forced)
+    if not ctx.dataset.audio_wav.exists():
+        ctx.meta["audio_offset"] = {"frames": 0, "source": "none: aud.wav missing (run task 1, then task 9 again)"}
+        return 0
+    import soundfile as sf
+
+    from egstalker.metrics import mouth_opening
+    from egstalker.preprocess.av_sync import estimate_audio_offset
+
+    wav, _ = sf.read(str(ctx.dataset.audio_wav), dtype="float32", always_2d=False)
+    opening = mouth_opening(track.landmarks[:n_train, :, :2]).astype(np.float64)
+    opening[~track.detected[:n_train].astype(bool)] = np.nan  # interpolated drop-outs carry no mouth evidence
+    estimate = estimate_audio_offset(wav, opening)
+    ctx.meta["audio_offset"] = {**estimate.to_json(), "source": "estimated from the training frames (av_sync.py)"}
+    if estimate.frames:
+        print(f"audio/video offset: the sound is {abs(estimate.frames) * 40} ms "
+              f"{'late' if estimate.frames > 0 else 'early'} in this recording; training reads it aligned "
+              f"(aud_id = img_id {estimate.frames:+d}; force it with --audio-offset)", flush=True)
+    return estimate.frames
 
 
 def _transforms_outputs(layout: DatasetLayout, meta: dict) -> list:

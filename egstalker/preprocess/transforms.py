@@ -10,7 +10,8 @@ Fields (the ER-NeRF / GaussianTalker names where they overlap; camera convention
     units               "cm" (canonical head frame of MediaPipe's face model)
     frames              one entry per frame of the split:
         img_id          frame index: ori_imgs/{img_id}.jpg, parsing/{img_id}.png, torso_imgs/{img_id}.png, ...
-        aud_id          row of aud.npy (= img_id)
+        aud_id          row of aud.npy: img_id + the recording's audio offset (meta.json "audio_offset";
+                        egstalker.preprocess.av_sync), clamped to the clip
         transform_matrix 4x4 camera-to-world, world = canonical head frame, camera axes OpenGL/NeRF
                          (x right, y up, z back); the camera orbits a fixed head
         face_box        [x0, y0, x1, y1] pixels, bounding box of the 68 landmarks
@@ -18,7 +19,7 @@ Fields (the ER-NeRF / GaussianTalker names where they overlap; camera convention
         eye_blink       AU45_r / 2 clipped to [0, 1] (the value peers feed the model)
 
 Split: the first int(N * 10 / 11) frames train, the rest validate (the peers' rule; `val_fraction` generalises
-it). aud_train.npy / aud_novel.npy hold the rows of aud.npy of each split.
+it). aud_train.npy / aud_novel.npy hold the rows of aud.npy of each split (its frames' aud_id).
 """
 
 from __future__ import annotations
@@ -64,12 +65,12 @@ def _square_box(points: np.ndarray, width: int, height: int) -> list[float]:
 
 
 def build_transforms(c2w: np.ndarray, focal: float, width: int, height: int, lms68: np.ndarray,
-                     au45: np.ndarray, ids: range) -> dict:
-    """The JSON document of one split (see the module docstring)."""
+                     au45: np.ndarray, ids: range, audio_ids: np.ndarray | None = None) -> dict:
+    """The JSON document of one split (see the module docstring); audio_ids[i]: frame i's row of aud.npy."""
     frames = []
     for i in ids:
         frames.append({
-            "img_id": int(i), "aud_id": int(i), "transform_matrix": np.round(c2w[i], 7).tolist(),
+            "img_id": int(i), "aud_id": int(i if audio_ids is None else audio_ids[i]), "transform_matrix": np.round(c2w[i], 7).tolist(),
             "face_box": _box(lms68[i, :, :2]), "lips_box": _square_box(lms68[i, 48:60, :2], width, height),
             "eye_blink": round(float(np.clip(au45[i], 0, 2) / 2), 4),
         })
@@ -81,18 +82,21 @@ def build_transforms(c2w: np.ndarray, focal: float, width: int, height: int, lms
 
 
 def write_split(staging: DatasetLayout, dataset: DatasetLayout, c2w: np.ndarray, focal: float, width: int,
-                height: int, lms68: np.ndarray, au45: np.ndarray, val_fraction: float) -> dict:
-    """Write both transforms files (and the audio split when aud.npy exists) into `staging`; returns a report."""
+                height: int, lms68: np.ndarray, au45: np.ndarray, val_fraction: float, audio_offset: int = 0) -> dict:
+    """Write both transforms files (and the audio split when aud.npy exists) into `staging`; returns a report.
+    audio_offset shifts every frame's aud_id (clamped to the rows aud.npy has, else to the frames)."""
     n = len(c2w)
     n_train = split_index(n, val_fraction)
+    n_rows = len(np.load(dataset.audio_features, mmap_mode="r")) if dataset.audio_features.exists() else n
+    audio_ids = np.clip(np.arange(n) + int(audio_offset), 0, n_rows - 1)
     for split, ids in (("train", range(0, n_train)), ("val", range(n_train, n))):
-        document = build_transforms(c2w, focal, width, height, lms68, au45, ids)
+        document = build_transforms(c2w, focal, width, height, lms68, au45, ids, audio_ids)
         staging.transforms(split).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(staging.transforms(split), json.dumps(document, separators=(",", ":")))
     report = {"n_train": n_train, "n_val": n - n_train, "val_fraction": val_fraction, "audio_split": False}
     if dataset.audio_features.exists():
         features = np.load(dataset.audio_features, mmap_mode="r")
-        np.save(staging.root / "aud_train.npy", np.ascontiguousarray(features[:n_train]))
-        np.save(staging.root / "aud_novel.npy", np.ascontiguousarray(features[n_train:n]))
+        np.save(staging.root / "aud_train.npy", np.ascontiguousarray(features[audio_ids[:n_train]]))
+        np.save(staging.root / "aud_novel.npy", np.ascontiguousarray(features[audio_ids[n_train:]]))
         report["audio_split"] = True
     return report
