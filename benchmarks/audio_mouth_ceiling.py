@@ -17,6 +17,13 @@ on held-out frames rendered with their own tracked poses the mouth can open with
 
     python benchmarks/audio_mouth_ceiling.py /tmp/ds/lieu /tmp/ds/obama --lookaheads --pose --epochs 150
         --seeds 2 --json benchmarks/results/pose_mouth_leak.json
+
+--folds K scores ridge fits by contiguous K-fold cross-validation over every frame of the clip instead of the one
+held-out split (a 1.8 s split leaves the correlation uncertain by +-0.4), and adds each oww look-ahead
+concatenated with mel (`mel+oww@...`):
+
+    python benchmarks/audio_mouth_ceiling.py /tmp/ds/lieu /tmp/ds/obama --folds 5 --window 12 --futures 3 7
+        --lookaheads 0.2 --mel --json benchmarks/results/audio_mouth_ceiling_cv.json
 """
 
 from __future__ import annotations
@@ -83,6 +90,17 @@ def corr(a, b) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def ridge_cv(x: np.ndarray, y: np.ndarray, folds: int, gap: int) -> list[float]:
+    """Held-out correlation of each of `folds` contiguous folds (their `gap` neighbours left out of training)."""
+    n, scores = len(y), []
+    for k in range(folds):
+        lo, hi = k * n // folds, (k + 1) * n // folds
+        train = np.ones(n, bool)
+        train[max(0, lo - gap):min(n, hi + gap)] = False
+        scores.append(corr(fit_ridge(x[train], y[train], x[lo:hi], alpha=float(x.shape[1])), y[lo:hi]))
+    return scores
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("datasets", nargs="+", type=Path)
@@ -93,6 +111,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="MLP fits averaged")
     parser.add_argument("--mel", action="store_true", help="also the mel encoder")
     parser.add_argument("--pose", action="store_true", help="also head pose and eye blink (see above)")
+    parser.add_argument("--folds", type=int, default=0, help="K-fold ridge over the whole clip (see above)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -113,6 +132,25 @@ def main() -> None:
         if args.mel:
             encoders["mel"] = MelEncoder()
         rows = []
+        if args.folds:
+            ids = np.concatenate([train_a, val_a])
+            y = np.concatenate([y_train, y_val])
+            feats = {name: encoder.encode(wav) for name, encoder in encoders.items()}
+            if "mel" in feats:
+                for name in [n for n in feats if n.startswith("oww")]:
+                    feats[f"mel+{name}"] = (feats["mel"], feats[name])
+            for name, f in feats.items():
+                for future in args.futures:
+                    parts = f if isinstance(f, tuple) else (f,)
+                    x = np.hstack([windows(p, ids, args.window, future) for p in parts])
+                    scores = ridge_cv(x, y, args.folds, gap=args.window)
+                    row = {"encoder": name, "window": args.window, "future_rows": future,
+                           "ridge_cv_corr": round(float(np.mean(scores)), 3),
+                           "folds": [round(c, 3) for c in scores]}
+                    rows.append(row)
+                    print(ds.name, json.dumps(row), flush=True)
+            results["clips"][ds.name] = {"frames": int(len(y)), "folds": args.folds, "rows": rows}
+            continue
         for name, encoder in encoders.items():
             t0 = time.perf_counter()
             feats = encoder.encode(wav)

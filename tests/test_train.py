@@ -80,6 +80,12 @@ def test_iterations_zero_writes_the_initialised_model(small_dataset, tmp_path):
     (old / "meta.json").write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match="--task 8 --task 9 --force"):
         train(old, tmp_path / "m_old", tiny_config(0), show_progress=False)
+    # rigid poses, but made before the audio/video offset was checked
+    meta = json.loads((small_dataset / "meta.json").read_text())
+    del meta["audio_offset"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="audio/video offset.*--task 9 --force"):
+        train(old, tmp_path / "m_old2", tiny_config(0), show_progress=False)
 
 
 def _interrupt_at(step_to_fail: int, monkeypatch):

@@ -19,10 +19,10 @@ from egstalker.errors import EgstalkerError
 
 DEFAULT_ENCODER = "mel"
 """Used when none is named: needs no weights, streams exactly and needs 7.5 ms of look-ahead, where `oww`'s
-775 ms embedding window needs 200 ms plus future rows to sync (its information sits mid-window). On one H200,
-same training, 3 future rows (128 ms of streaming look-ahead in all): held-out mouth-opening correlation
-0.73 / 0.74 (lieu / obama) for mel against 0.70 / 0.66 for oww at 320 ms (docs/model.md,
-benchmarks/results/train_sweep_h200.json)."""
+775 ms embedding window needs 200 ms plus future rows to sync (its information sits mid-window). With the
+default window (3 future rows), a linear fit from the audio to the mouth opening, cross-validated over lieu,
+reaches 0.60 for both, at 128 ms of streaming look-ahead for mel and 320 ms for oww
+(benchmarks/results/audio_mouth_ceiling_cv.json, docs/model.md "Lip sync")."""
 
 LEGACY_DEFAULT_ENCODER = "oww"
 """What an unnamed ("default") encoder meant before `mel` became the default: datasets and model folders that

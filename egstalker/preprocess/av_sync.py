@@ -6,8 +6,9 @@ such an offset (muxing, variable frame rate, 30 fps conversions). SyncNet-based 
 package ships SyncNet weights, so this estimates it per clip:
 
 1. mouth opening per frame (inner-lip gap / eye-corner distance, the quantity the mouth-corr metric scores);
-2. for every shift s of the audio (in video frames), ridge regression from a 5-row mel window centred s rows
-   after the frame to the mouth opening, scored by Pearson correlation over contiguous cross-validation folds
+2. for every shift s of the audio (in video frames), ridge regression from a 5-row window of mel spectra (one
+   80-band spectrum per frame: the mean of its four 10 ms frames) centred s rows after the frame to the mouth
+   opening, scored by Pearson correlation over contiguous cross-validation folds
    of the training frames only (the held-out frames never decide the offset);
 3. the offset is where that curve peaks (the centroid of its top, which is flat over a few frames), minus the
    natural lead: in well-synchronised speech the mouth moves slightly before the sound it makes, so even a
@@ -21,13 +22,15 @@ to the recording, not to speech. benchmarks/av_offset.py measures the estimator 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-NATURAL_LEAD_FRAMES = 2
-"""Rows of mel (40 ms each) after the frame where a synchronised clip's curve peaks: the lieu clip's peak
-(benchmarks/results/av_offset.json); speech literature puts the mouth's lead over the sound at 40-120 ms."""
+NATURAL_LEAD_FRAMES = 1.15
+"""Rows of mel (40 ms each) after the frame where a synchronised clip's curve peaks: the mean of the peaks of the
+two shared clips that play in sync, lieu (1.8) and ng (0.5; benchmarks/results/av_offset.json). The mouth
+leads the sound it makes by a few tens of milliseconds."""
 WINDOW_HALF = 2
 """The regression reads rows s-2..s+2 around the shift s (200 ms: one syllable)."""
 MIN_PEAK_CORR = 0.3
@@ -61,6 +64,15 @@ class AudioOffset:
                 "curve": [round(c, 3) for c in self.curve], "ms_per_frame": 40}
 
 
+def shift_audio(wav16k: np.ndarray, frames: int) -> np.ndarray:
+    """The waveform with its sound `frames` video frames (40 ms each) later (positive: silence prepended) or
+    earlier (negative: the start cut, silence appended); same length. For tests and benchmarks of the estimator."""
+    n = int(frames) * 640
+    if n >= 0:
+        return np.concatenate([np.zeros(n, wav16k.dtype), wav16k[:len(wav16k) - n]])
+    return np.concatenate([wav16k[-n:], np.zeros(-n, wav16k.dtype)])
+
+
 def _ridge_cv_corr(x: np.ndarray, y: np.ndarray, folds: int, gap: int) -> float:
     """Mean Pearson correlation over contiguous folds; `gap` frames around each fold are left out of training
     so overlapping windows cannot leak the fold's own audio."""
@@ -88,14 +100,13 @@ def estimate_audio_offset(wav16k: np.ndarray, mouth_opening: np.ndarray, max_shi
     from egstalker.audio.mel import MelEncoder
 
     n = len(mouth_opening)
-    shifts = list(range(-max_shift, max_shift + NATURAL_LEAD_FRAMES + 1))
+    shifts = list(range(-max_shift, max_shift + math.ceil(NATURAL_LEAD_FRAMES) + 1))
     offsets = np.arange(-WINDOW_HALF, WINDOW_HALF + 1)
     finite = np.isfinite(mouth_opening)
     if n < FOLDS * 20 or finite.sum() < 0.8 * n:  # under 4 s of faces: too little to tell a shift from noise
         return AudioOffset(0, float("nan"), float("nan"), False, shifts, [float("nan")] * len(shifts))
     y = np.where(finite, mouth_opening, np.nanmedian(mouth_opening)).astype(np.float64)
-    features = MelEncoder().encode(wav16k)
-    features = features.reshape(len(features), -1).astype(np.float64)
+    features = MelEncoder().encode(wav16k).mean(axis=1).astype(np.float64)  # [rows, 80]: one spectrum per frame
     curve = []
     for s in shifts:
         rows = np.clip(np.arange(n)[:, None] + s + offsets[None], 0, len(features) - 1)

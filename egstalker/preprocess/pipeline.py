@@ -222,6 +222,10 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
 
     # --- every check before anything is written
     new_meta = _video_meta(video, config)
+    offset = config.split.audio_offset_frames
+    if offset is not None and abs(int(offset)) * 2 >= new_meta["n_frames"]:
+        raise EgstalkerError(f"--audio-offset {offset} frames is over half of this {new_meta['n_frames']}-frame "
+                             "video; give the offset in video frames (40 ms each), e.g. 4 for a sound 160 ms late")
     _check_writable(output)
     available = all_tasks()
     by_number = {task.number: task for task in available}

@@ -166,6 +166,11 @@ class Trainer:
             warnings.warn(f"{self.dataset_dir}'s head poses were fitted to every face landmark (egstalker before "
                           "2026-12-02), so they move with the mouth; redo them in seconds: egstalker preprocess "
                           "VIDEO -o DATASET --task 8 --task 9 --force", stacklevel=2)
+        elif tracking and "audio_offset" not in self.train_data.meta:
+            # a recording with its sound late teaches the wrong alignment (obama: 160 ms; docs/model.md)
+            warnings.warn(f"{self.dataset_dir} was made before egstalker checked the recording's audio/video offset "
+                          "(2026-12-02); check it in seconds: egstalker preprocess VIDEO -o DATASET --task 9 --force",
+                          stacklevel=2)
         try:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:

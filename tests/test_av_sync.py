@@ -1,0 +1,95 @@
+"""Audio/video offset estimation (egstalker.preprocess.av_sync) and how preprocessing applies it."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import shared_media
+from egstalker.cli import main
+from egstalker.preprocess.av_sync import NATURAL_LEAD_FRAMES, estimate_audio_offset, shift_audio
+
+SECONDS = 30
+
+
+@pytest.fixture(scope="module")
+def lieu_30s():
+    """The first 30 s of the lieu clip: its 16 kHz sound and every frame's mouth opening (MediaPipe)."""
+    from egstalker.media import iter_frames, read_audio
+    from egstalker.metrics import detect_landmarks, mouth_opening
+
+    video = shared_media("video/lieu_60s_256.mp4")
+    frames = (f.image for f in itertools.islice(iter_frames(video), SECONDS * 25))
+    opening = mouth_opening(detect_landmarks(frames)).astype(np.float64)
+    wav = read_audio(video, rate=16000)[: SECONDS * 16000]
+    return wav, opening
+
+
+def test_recording_in_sync_needs_no_offset(lieu_30s):
+    wav, opening = lieu_30s
+    estimate = estimate_audio_offset(wav, opening)
+    assert estimate.reliable and estimate.peak_corr > 0.45
+    assert estimate.frames == 0
+    assert abs(estimate.peak_frames - NATURAL_LEAD_FRAMES) < 1.5  # the mouth leads its sound a little
+
+
+@pytest.mark.parametrize("added", [4, -3])
+def test_added_offset_is_found(lieu_30s, added):
+    wav, opening = lieu_30s
+    base = estimate_audio_offset(wav, opening)
+    estimate = estimate_audio_offset(shift_audio(wav, added), opening)
+    assert estimate.reliable
+    assert abs(estimate.frames - added) <= 1  # the peak is found to about a frame (benchmarks/av_offset.py)
+    assert estimate.peak_frames - base.peak_frames == pytest.approx(added, abs=0.5)
+
+
+def test_sound_unrelated_to_the_mouth_gives_no_offset(lieu_30s):
+    wav, opening = lieu_30s
+    noise = np.random.default_rng(0).normal(0, 0.05, len(wav)).astype(np.float32)
+    estimate = estimate_audio_offset(noise, opening)
+    assert not estimate.reliable and estimate.frames == 0
+    short = estimate_audio_offset(wav, opening[:60])  # 2.4 s: too short to tell a shift from noise
+    assert not short.reliable and short.frames == 0
+
+
+def test_shift_audio_keeps_length():
+    wav = np.arange(6400, dtype=np.float32)
+    later, earlier = shift_audio(wav, 2), shift_audio(wav, -2)
+    assert len(later) == len(earlier) == len(wav)
+    assert later[1280] == 0 and (later[:1280] == 0).all()
+    assert earlier[0] == 1280 and (earlier[-1280:] == 0).all()
+
+
+def test_preprocess_applies_a_forced_offset_and_refuses_a_silly_one(short_clip, small_dataset, tmp_path, capsys):
+    dataset = tmp_path / "ds"
+    shutil.copytree(small_dataset, dataset)
+    estimated = json.loads((dataset / "meta.json").read_text())["audio_offset"]
+    assert "estimated" in estimated["source"] and len(estimated["curve"]) == len(estimated["shifts"])
+
+    assert main(["preprocess", str(short_clip), "-o", str(dataset), "--task", "9", "--force", "--quiet",
+                 "--audio-offset", "3"]) == 0
+    n_rows = len(np.load(dataset / "aud.npy", mmap_mode="r"))
+    frames = [f for s in ("train", "val") for f in json.loads((dataset / f"transforms_{s}.json").read_text())["frames"]]
+    assert [f["aud_id"] for f in frames] == [min(f["img_id"] + 3, n_rows - 1) for f in frames]
+    meta = json.loads((dataset / "meta.json").read_text())
+    assert meta["audio_offset"] == {"frames": 3, "source": "config (split.audio_offset_frames)"}
+    features = np.load(dataset / "aud.npy")
+    n_train = meta["split"]["n_train"]
+    np.testing.assert_array_equal(np.load(dataset / "aud_train.npy"), features[3:n_train + 3])
+
+    from egstalker.dataset.reader import open_dataset
+
+    assert open_dataset(dataset, "val").audio_ids[0] == n_train + 3  # training and eval read the shifted rows
+
+    before = (dataset / "transforms_train.json").read_bytes()
+    assert main(["preprocess", str(short_clip), "-o", str(dataset), "--task", "9", "--force", "--quiet",
+                 "--audio-offset", "5000"]) != 0
+    err = capsys.readouterr().err
+    assert "--audio-offset 5000" in err and "40 ms" in err
+    assert (dataset / "transforms_train.json").read_bytes() == before  # nothing half-written
+    saved = json.loads((dataset / "preprocess_config.json").read_text())
+    assert saved["split"]["audio_offset_frames"] == 3  # the refused value was not kept for the next run
