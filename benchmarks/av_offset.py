@@ -55,11 +55,12 @@ def main() -> None:
         for added in [0, *args.added]:
             t0 = time.perf_counter()
             estimate = estimate_audio_offset(shift_audio(wav, added), opening)
-            row = {"added_frames": added, "estimated_frames": estimate.frames,
-                   "peak_frames": round(estimate.peak_frames, 2), "peak_corr": round(estimate.peak_corr, 3),
-                   "reliable": estimate.reliable, "seconds": round(time.perf_counter() - t0, 1)}
+            found = estimate.to_json()
+            row = {"added_frames": added, "estimated_frames": estimate.frames, "peak_frames": found["peak_frames"],
+                   "peak_corr": found["peak_corr"], "reliable": estimate.reliable, "at_edge": estimate.at_edge,
+                   "seconds": round(time.perf_counter() - t0, 1)}
             if added == 0:
-                row["curve"] = dict(zip(estimate.shifts, (round(c, 3) for c in estimate.curve)))
+                row["curve"] = dict(zip(estimate.shifts, found["curve"]))
             rows.append(row)
             print(ds.name, json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
         if not rows[0]["reliable"]:
@@ -69,11 +70,11 @@ def main() -> None:
         # peak minus the natural lead, rounded, and 0 inside the dead band, so it can differ by one frame).
         own = rows[0]["peak_frames"]
         for r in rows[1:]:
-            r["peak_moved_frames"] = round(r["peak_frames"] - own, 2)
+            r["peak_moved_frames"] = None if None in (own, r["peak_frames"]) else round(r["peak_frames"] - own, 2)
         results["clips"][ds.name] = {
             "training_frames": int(len(opening)), "rows": rows,
-            "added_offsets_recovered": sum(bool(r["reliable"] and abs(r["peak_moved_frames"] - r["added_frames"]) <= 0.5)
-                                           for r in rows[1:]),
+            "added_offsets_recovered": sum(r["peak_moved_frames"] is not None
+                                           and abs(r["peak_moved_frames"] - r["added_frames"]) <= 0.5 for r in rows[1:]),
             "added_offsets_tried": len(rows) - 1}
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")

@@ -100,9 +100,18 @@ def load_renders(path: Path) -> tuple[dict, dict]:
 
 
 def score(sets: dict, dataset: Path) -> dict:
+    from egstalker.dataset.reader import open_dataset
+
+    # Renders of frames the dataset no longer holds (their sound is not in the recording once its audio offset
+    # is corrected: meta.json split.frames_without_audio) are not scored.
+    held = set(open_dataset(dataset, "all").frame_ids.tolist())
     results = {}
     with metrics.FaceLandmarks() as detector:
         for name, (frame_ids, frames, offset, seconds) in sets.items():
+            keep = np.array([int(f) in held for f in frame_ids])
+            if not keep.all():
+                print(f"{name}: {int((~keep).sum())} frames without their sound in {dataset} left out", flush=True)
+                frame_ids, frames = frame_ids[keep], frames[keep]
             truth = np.stack([load_ground_truth(dataset, f, frames.shape[2], frames.shape[1]) for f in frame_ids])
             mouth = metrics.mouth_metrics(frames, truth, detector)
             results[name] = {"frames": int(len(frame_ids)), "audio_shift_frames": offset,

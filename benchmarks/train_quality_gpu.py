@@ -233,6 +233,10 @@ def realign_audio(ds: Path, offset: int) -> None:
         for frame in doc["frames"]:
             frame["aud_id"] = int(np.clip(frame["img_id"] + offset, 0, rows - 1))
         path.write_text(json.dumps(doc))
+    meta_path = ds / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["audio_offset"] = {"frames": int(offset), "source": "benchmark control (train_quality_gpu.py --audio-offset)"}
+    meta_path.write_text(json.dumps(meta, indent=1))
 
 
 def device_train(clip: str, name: str, minutes: float, work: Path, carry: Path, features: str | None = None,
@@ -303,7 +307,7 @@ def device_train(clip: str, name: str, minutes: float, work: Path, carry: Path, 
     np.save(run_dir / "renders.npy", renders)
     np.save(run_dir / "truths.npy", truths)
     info = {
-        "run": name, "clip": clip, "features": features or "oww (dataset)", "overrides": list(overrides),
+        "run": name, "clip": clip, "features": features or "the dataset's own", "overrides": list(overrides),
         "audio_offset": audio_offset if audio_offset is not None else "dataset",
         "frames_val": int(len(positions)), "size": [head.width, head.height],
         "psnr": float(np.mean(metrics.psnr(renders, truths))), "ssim": float(np.mean(metrics.ssim(renders, truths))),
@@ -352,17 +356,21 @@ def score(results: Path, datasets: dict[str, Path]) -> dict:
     import cv2
 
     from egstalker import metrics
+    from egstalker.dataset.reader import open_dataset
     from egstalker.evaluate.evaluate import load_ground_truth
 
     runs = {}
     for summary_path in sorted(results.glob("*/summary.json")):
         info = json.loads(summary_path.read_text())
         blob = load_blob(summary_path.parent / "renders_jpeg.npz")
-        ids = sorted(int(n.split(".")[0]) for n in blob)
+        ds = datasets[info["clip"]]
+        # frames the dataset no longer holds out (their sound is not in the recording once its audio offset is
+        # corrected) are not scored
+        held = set(open_dataset(ds, "val").frame_ids.tolist())
+        ids = sorted(i for i in (int(n.split(".")[0]) for n in blob) if i in held)
         renders = np.stack([cv2.cvtColor(cv2.imdecode(np.frombuffer(blob[f"{i}.jpg"], np.uint8), cv2.IMREAD_COLOR),
                                          cv2.COLOR_BGR2RGB) for i in ids])
         h, w = renders.shape[1:3]
-        ds = datasets[info["clip"]]
         truths = np.stack([load_ground_truth(ds, i, w, h) for i in ids])
         mouth = metrics.mouth_metrics(renders, truths)
         info["local"] = {"lmd": float(mouth.lmd), "lmd_px": float(mouth.lmd_px), "mouth_corr": float(mouth.mouth_corr),

@@ -64,19 +64,35 @@ def test_shift_audio_keeps_length():
     assert earlier[0] == 1280 and (earlier[-1280:] == 0).all()
 
 
+def test_an_offset_beyond_the_search_is_reported_not_applied(lieu_30s):
+    wav, opening = lieu_30s
+    estimate = estimate_audio_offset(shift_audio(wav, 20), opening)  # 800 ms: past the 600 ms searched
+    assert estimate.at_edge and not estimate.reliable and estimate.frames == 0
+    assert estimate.to_json()["peak_frames"] is None  # strict JSON: no NaN in meta.json
+
+
+def _aligned(dataset):
+    frames = [f for s in ("train", "val") for f in json.loads((dataset / f"transforms_{s}.json").read_text())["frames"]]
+    return {f["img_id"]: f["aud_id"] for f in frames}
+
+
 def test_preprocess_applies_a_forced_offset_and_refuses_a_silly_one(short_clip, small_dataset, tmp_path, capsys):
     dataset = tmp_path / "ds"
     shutil.copytree(small_dataset, dataset)
     estimated = json.loads((dataset / "meta.json").read_text())["audio_offset"]
     assert "estimated" in estimated["source"] and len(estimated["curve"]) == len(estimated["shifts"])
+    assert "NaN" not in (dataset / "meta.json").read_text()
+    n_frames = json.loads((dataset / "meta.json").read_text())["n_frames"]
 
-    assert main(["preprocess", str(short_clip), "-o", str(dataset), "--task", "9", "--force", "--quiet",
-                 "--audio-offset", "3"]) == 0
-    n_rows = len(np.load(dataset / "aud.npy", mmap_mode="r"))
-    frames = [f for s in ("train", "val") for f in json.loads((dataset / f"transforms_{s}.json").read_text())["frames"]]
-    assert [f["aud_id"] for f in frames] == [min(f["img_id"] + 3, n_rows - 1) for f in frames]
+    # a new value redoes task 9 without --force
+    assert main(["preprocess", str(short_clip), "-o", str(dataset), "--quiet", "--audio-offset", "3"]) == 0
+    aligned = _aligned(dataset)
+    assert all(aud == img + 3 for img, aud in aligned.items())
+    # the last 3 frames' sound is not in the recording: they are in neither split
+    assert sorted(aligned) == list(range(n_frames - 3))
     meta = json.loads((dataset / "meta.json").read_text())
     assert meta["audio_offset"] == {"frames": 3, "source": "config (split.audio_offset_frames)"}
+    assert meta["split"]["frames_without_audio"] == list(range(n_frames - 3, n_frames))
     features = np.load(dataset / "aud.npy")
     n_train = meta["split"]["n_train"]
     np.testing.assert_array_equal(np.load(dataset / "aud_train.npy"), features[3:n_train + 3])
@@ -85,11 +101,18 @@ def test_preprocess_applies_a_forced_offset_and_refuses_a_silly_one(short_clip, 
 
     assert open_dataset(dataset, "val").audio_ids[0] == n_train + 3  # training and eval read the shifted rows
 
+    # 'auto' goes back to the estimate
+    assert main(["preprocess", str(short_clip), "-o", str(dataset), "--quiet", "--audio-offset", "auto"]) == 0
+    meta = json.loads((dataset / "meta.json").read_text())
+    assert "estimated" in meta["audio_offset"]["source"]
+    assert all(aud == img + meta["audio_offset"]["frames"] for img, aud in _aligned(dataset).items())
+
     before = (dataset / "transforms_train.json").read_bytes()
-    assert main(["preprocess", str(short_clip), "-o", str(dataset), "--task", "9", "--force", "--quiet",
-                 "--audio-offset", "5000"]) != 0
-    err = capsys.readouterr().err
-    assert "--audio-offset 5000" in err and "40 ms" in err
+    for bad, words in (("5000", "over 50"), ("4.5", "whole number")):
+        assert main(["preprocess", str(short_clip), "-o", str(dataset), "--task", "9", "--force", "--quiet",
+                     "--audio-offset", bad]) != 0
+        err = capsys.readouterr().err
+        assert f"--audio-offset" in err and words in err
     assert (dataset / "transforms_train.json").read_bytes() == before  # nothing half-written
     saved = json.loads((dataset / "preprocess_config.json").read_text())
-    assert saved["split"]["audio_offset_frames"] == 3  # the refused value was not kept for the next run
+    assert saved["split"]["audio_offset_frames"] is None  # the refused values were not kept for the next run

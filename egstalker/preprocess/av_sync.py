@@ -54,20 +54,28 @@ class AudioOffset:
     peak_corr: float
     """Held-out correlation at the best shift: how well the audio predicts the mouth at all."""
     reliable: bool
-    """False when peak_corr < MIN_PEAK_CORR or the clip is too short; then frames is 0."""
+    """False when peak_corr < MIN_PEAK_CORR, the clip is too short or the peak is at the edge of the searched
+    shifts (the offset may be larger than the search); then frames is 0."""
     shifts: list[int]
     curve: list[float]
     """Cross-validated correlation at each shift."""
 
+    at_edge: bool = False
+    """The best shift is the first or last one searched."""
+
     def to_json(self) -> dict:
-        return {**asdict(self), "peak_frames": round(self.peak_frames, 2), "peak_corr": round(self.peak_corr, 3),
-                "curve": [round(c, 3) for c in self.curve], "ms_per_frame": 40}
+        """For meta.json: NaN (no estimate) becomes null, which strict JSON readers accept."""
+        def number(x: float, digits: int):
+            return round(float(x), digits) if np.isfinite(x) else None
+
+        return {**asdict(self), "peak_frames": number(self.peak_frames, 2), "peak_corr": number(self.peak_corr, 3),
+                "curve": [number(c, 3) for c in self.curve], "ms_per_frame": 40}
 
 
 def shift_audio(wav16k: np.ndarray, frames: int) -> np.ndarray:
     """The waveform with its sound `frames` video frames (40 ms each) later (positive: silence prepended) or
     earlier (negative: the start cut, silence appended); same length. For tests and benchmarks of the estimator."""
-    n = int(frames) * 640
+    n = int(np.clip(int(frames) * 640, -len(wav16k), len(wav16k)))
     if n >= 0:
         return np.concatenate([np.zeros(n, wav16k.dtype), wav16k[:len(wav16k) - n]])
     return np.concatenate([wav16k[-n:], np.zeros(-n, wav16k.dtype)])
@@ -94,7 +102,7 @@ def _ridge_cv_corr(x: np.ndarray, y: np.ndarray, folds: int, gap: int) -> float:
     return float(np.mean(scores))
 
 
-def estimate_audio_offset(wav16k: np.ndarray, mouth_opening: np.ndarray, max_shift: int = 10) -> AudioOffset:
+def estimate_audio_offset(wav16k: np.ndarray, mouth_opening: np.ndarray, max_shift: int = 15) -> AudioOffset:
     """The recording's audio offset in frames, from its 16 kHz sound track and the mouth opening of the frames to
     learn from ([n]: frames 0..n-1 of the clip at 25 fps, NaN where no face). See the module docstring."""
     from egstalker.audio.mel import MelEncoder
@@ -113,6 +121,9 @@ def estimate_audio_offset(wav16k: np.ndarray, mouth_opening: np.ndarray, max_shi
         curve.append(_ridge_cv_corr(features[rows].reshape(n, -1), y, FOLDS, gap=2 * WINDOW_HALF + 1))
     scores = np.array(curve)
     best = float(scores.max())
+    if int(scores.argmax()) in (0, len(scores) - 1) and best >= MIN_PEAK_CORR / 2:
+        # still rising where the search stops (a weaker curve than MIN_PEAK_CORR counts: its peak lies beyond)
+        return AudioOffset(0, float("nan"), best, False, shifts, curve, at_edge=True)
     if not np.isfinite(best) or best < MIN_PEAK_CORR:
         return AudioOffset(0, float("nan"), best, False, shifts, curve)
     # The centroid of the top region that contains the argmax (a contiguous run, not stray noise peaks).
@@ -122,6 +133,8 @@ def estimate_audio_offset(wav16k: np.ndarray, mouth_opening: np.ndarray, max_shi
         lo -= 1
     while hi < len(scores) - 1 and top[hi + 1]:
         hi += 1
+    if lo == 0 or hi == len(scores) - 1:  # the curve is still rising where the search stops
+        return AudioOffset(0, float("nan"), best, False, shifts, curve, at_edge=True)
     weights = scores[lo:hi + 1] - TOP_FRACTION * best + 1e-6
     peak = float(np.sum(np.array(shifts[lo:hi + 1]) * weights) / weights.sum())
     shift = peak - NATURAL_LEAD_FRAMES

@@ -42,10 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a re-run keeps the dataset's previous choice unless given")
     parser.add_argument("--audio-weights", metavar="PATH",
                         help="wav2vec2/hubert: local model folder; deepspeech: the aud_ds.npy to import")
-    parser.add_argument("--audio-offset", type=int, metavar="FRAMES",
-                        help="the recording's audio/video offset in frames (positive: the sound is late); "
-                             "default: estimated from the clip by task 9 (meta.json 'audio_offset'); on an existing "
-                             "dataset add --task 9 --force")
+    parser.add_argument("--audio-offset", metavar="FRAMES|auto",
+                        help="the recording's audio/video offset in video frames (positive: the sound is late); "
+                             "default 'auto': estimated from the clip by task 9 (meta.json 'audio_offset'); a "
+                             "changed value redoes task 9 of an existing dataset; a re-run keeps the previous one")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -61,8 +61,20 @@ def run(args: argparse.Namespace) -> int:
     if args.audio_weights is not None:
         config.audio.weights = args.audio_weights
     if args.audio_offset is not None:
-        config.split.audio_offset_frames = args.audio_offset
+        config.split.audio_offset_frames = _parse_offset(args.audio_offset)
     dataset = preprocess(args.video, output, tasks=args.tasks, force=args.force, config=config,
                          show_progress=not args.quiet)
     print(f"dataset: {dataset}")
     return 0
+
+
+def _parse_offset(value: str) -> int | None:
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        from egstalker.errors import EgstalkerError
+
+        raise EgstalkerError(f"--audio-offset {value!r} is not a whole number of frames; give e.g. 4 (the sound "
+                             "160 ms late), -2 (80 ms early) or 'auto'") from None

@@ -367,9 +367,6 @@ def _audio_offset(ctx: TaskContext, track: FaceTrack, n_train: int) -> int:
     """The recording's audio/video offset in frames (config or estimated); recorded in meta["audio_offset"]."""
     forced = ctx.config.split.audio_offset_frames
     if forced is not None:
-        if abs(int(forced)) >= n_train:
-            raise EgstalkerError(f"--audio-offset {forced} frames is longer than the training frames ({n_train}); "
-                                 "give the offset in video frames (40 ms each), e.g. 4 for a sound 160 ms late")
         ctx.meta["audio_offset"] = {"frames": int(forced), "source": "config (split.audio_offset_frames)"}
         return int(forced)
     if not ctx.dataset.audio_wav.exists():
@@ -385,6 +382,10 @@ def _audio_offset(ctx: TaskContext, track: FaceTrack, n_train: int) -> int:
     opening[~track.detected[:n_train].astype(bool)] = np.nan  # interpolated drop-outs carry no mouth evidence
     estimate = estimate_audio_offset(wav, opening)
     ctx.meta["audio_offset"] = {**estimate.to_json(), "source": "estimated from the training frames (av_sync.py)"}
+    if estimate.at_edge:
+        print(f"audio/video offset: the best shift is at the edge of the {estimate.shifts[0] * 40} to "
+              f"{estimate.shifts[-1] * 40} ms searched; no offset applied. Check the video's sync, or give "
+              "--audio-offset FRAMES", flush=True)
     if estimate.frames:
         print(f"audio/video offset: the sound is {abs(estimate.frames) * 40} ms "
               f"{'late' if estimate.frames > 0 else 'early'} in this recording; training reads it aligned "

@@ -147,16 +147,36 @@ def _is_complete(task: Task, layout: DatasetLayout, meta: dict, config: Preproce
         recorded = meta.get("audio_encoder", {})
         if recorded.get("name") != config.audio.encoder:
             return False
+    if task.number == TRANSFORMS_TASK_NUMBER and _audio_offset_outdated(meta, config):
+        return False
     return all(Path(p).exists() for p in task.outputs(layout, meta))
 
 
+TRANSFORMS_TASK_NUMBER = 9
+MAX_AUDIO_OFFSET_FRAMES = 50
+"""2 s: a recording whose sound is further off than that is broken, not offset."""
+
+
+def _audio_offset_outdated(meta: dict, config: PreprocessConfig) -> bool:
+    """Whether the transforms were written with another audio offset than the configuration now asks for (a
+    forced value changed, or estimation asked for after a forced value, or aud.wav was missing then)."""
+    applied = meta.get("audio_offset")
+    if applied is None:  # datasets from before the offset existed: train warns, --force redoes them
+        return False
+    source = str(applied.get("source", ""))
+    forced = config.split.audio_offset_frames
+    if forced is not None:
+        return not source.startswith("config") or applied.get("frames") != int(forced)
+    return not source.startswith("estimated")
+
+
 # what each task reads besides the face cache, which the first of tasks 4/7/8 to run computes from the frames
-_READS = {4: {3}, 5: {3, 4}, 6: {3, 4, 5}, 7: {3}, 8: {3}, 9: {3, 8}}
+_READS = {4: {3}, 5: {3, 4}, 6: {3, 4, 5}, 7: {3}, 8: {3}, 9: {1, 3, 8}}
 
 
 def _requirements(number: int, by_number: dict[int, Task]) -> set[int]:
     """Tasks whose outputs task `number` reads: the audio chain (1 -> 2) and the frames chain (3 -> 4 -> 5 -> 6;
-    3 -> 7; 3 -> 8 -> 9) are independent."""
+    3 -> 7; 3 -> 8 -> 9) are independent, except that 9 reads aud.wav (1) for the audio/video offset."""
     if number == AUDIO_TASK.number or number == FRAMES_TASK.number:
         return set()
     if number == FEATURES_TASK.number:
@@ -223,9 +243,9 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
     # --- every check before anything is written
     new_meta = _video_meta(video, config)
     offset = config.split.audio_offset_frames
-    if offset is not None and abs(int(offset)) * 2 >= new_meta["n_frames"]:
-        raise EgstalkerError(f"--audio-offset {offset} frames is over half of this {new_meta['n_frames']}-frame "
-                             "video; give the offset in video frames (40 ms each), e.g. 4 for a sound 160 ms late")
+    if offset is not None and abs(int(offset)) > MAX_AUDIO_OFFSET_FRAMES:
+        raise EgstalkerError(f"--audio-offset {offset} frames is over {MAX_AUDIO_OFFSET_FRAMES} (2 s); give the "
+                             "offset in video frames (40 ms each), e.g. 4 for a sound 160 ms late, or 'auto'")
     _check_writable(output)
     available = all_tasks()
     by_number = {task.number: task for task in available}

@@ -11,7 +11,8 @@ Fields (the ER-NeRF / GaussianTalker names where they overlap; camera convention
     frames              one entry per frame of the split:
         img_id          frame index: ori_imgs/{img_id}.jpg, parsing/{img_id}.png, torso_imgs/{img_id}.png, ...
         aud_id          row of aud.npy: img_id + the recording's audio offset (meta.json "audio_offset";
-                        egstalker.preprocess.av_sync), clamped to the clip
+                        egstalker.preprocess.av_sync); frames whose sound is not in the recording are left
+                        out (meta.json split.frames_without_audio)
         transform_matrix 4x4 camera-to-world, world = canonical head frame, camera axes OpenGL/NeRF
                          (x right, y up, z back); the camera orbits a fixed head
         face_box        [x0, y0, x1, y1] pixels, bounding box of the 68 landmarks
@@ -31,6 +32,7 @@ import numpy as np
 
 from egstalker.configs import atomic_write_text
 from egstalker.dataset.layout import DatasetLayout
+from egstalker.errors import EgstalkerError
 
 
 def split_index(n_frames: int, val_fraction: float) -> int:
@@ -84,19 +86,30 @@ def build_transforms(c2w: np.ndarray, focal: float, width: int, height: int, lms
 def write_split(staging: DatasetLayout, dataset: DatasetLayout, c2w: np.ndarray, focal: float, width: int,
                 height: int, lms68: np.ndarray, au45: np.ndarray, val_fraction: float, audio_offset: int = 0) -> dict:
     """Write both transforms files (and the audio split when aud.npy exists) into `staging`; returns a report.
-    audio_offset shifts every frame's aud_id (clamped to the rows aud.npy has, else to the frames)."""
+    audio_offset shifts every frame's aud_id; frames whose row falls outside aud.npy are left out."""
     n = len(c2w)
     n_train = split_index(n, val_fraction)
     n_rows = len(np.load(dataset.audio_features, mmap_mode="r")) if dataset.audio_features.exists() else n
-    audio_ids = np.clip(np.arange(n) + int(audio_offset), 0, n_rows - 1)
-    for split, ids in (("train", range(0, n_train)), ("val", range(n_train, n))):
+    audio_ids = np.arange(n) + int(audio_offset)
+    # With an offset, the first (sound early) or last (sound late) frames' sound is not in the recording: they
+    # are left out of both splits rather than given a neighbour's audio.
+    has_audio = (audio_ids >= 0) & (audio_ids < n_rows)
+    splits = {"train": [i for i in range(0, n_train) if has_audio[i]], "val": [i for i in range(n_train, n) if has_audio[i]]}
+    for split, ids in splits.items():
+        if not ids:
+            raise EgstalkerError(f"an audio offset of {audio_offset} frames leaves no {split} frame with its sound; "
+                                 "check --audio-offset (frames of 40 ms; 'auto' estimates it)")
+    for split, ids in splits.items():
         document = build_transforms(c2w, focal, width, height, lms68, au45, ids, audio_ids)
         staging.transforms(split).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(staging.transforms(split), json.dumps(document, separators=(",", ":")))
-    report = {"n_train": n_train, "n_val": n - n_train, "val_fraction": val_fraction, "audio_split": False}
+    report = {"n_train": len(splits["train"]), "n_val": len(splits["val"]), "val_fraction": val_fraction,
+              "audio_split": False}
+    if not has_audio.all():
+        report["frames_without_audio"] = [int(i) for i in np.flatnonzero(~has_audio)]
     if dataset.audio_features.exists():
         features = np.load(dataset.audio_features, mmap_mode="r")
-        np.save(staging.root / "aud_train.npy", np.ascontiguousarray(features[audio_ids[:n_train]]))
-        np.save(staging.root / "aud_novel.npy", np.ascontiguousarray(features[audio_ids[n_train:]]))
+        np.save(staging.root / "aud_train.npy", np.ascontiguousarray(features[audio_ids[splits["train"]]]))
+        np.save(staging.root / "aud_novel.npy", np.ascontiguousarray(features[audio_ids[splits["val"]]]))
         report["audio_split"] = True
     return report
