@@ -210,11 +210,11 @@ def setup_device_weights(carry: Path) -> None:
 
 # --- on the GPU
 def apply_overrides(config, overrides: list[str]) -> None:
-    """`section.field=value` strings (value parsed as JSON, else kept as text) onto a TrainConfig."""
+    """`section.field=value` (or `field=value`) strings (value parsed as JSON, else kept as text) onto a TrainConfig."""
     for item in overrides:
         key, _, raw = item.partition("=")
-        section, _, name = key.partition(".")
-        target = getattr(config, section)
+        section, _, name = key.rpartition(".")  # no section: a field of TrainConfig itself (seed)
+        target = getattr(config, section) if section else config
         if not hasattr(target, name):
             raise SystemExit(f"unknown config field {key}")
         try:
