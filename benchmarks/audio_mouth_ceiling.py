@@ -90,17 +90,6 @@ def corr(a, b) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def ridge_cv(x: np.ndarray, y: np.ndarray, folds: int, gap: int) -> list[float]:
-    """Held-out correlation of each of `folds` contiguous folds (their `gap` neighbours left out of training)."""
-    n, scores = len(y), []
-    for k in range(folds):
-        lo, hi = k * n // folds, (k + 1) * n // folds
-        train = np.ones(n, bool)
-        train[max(0, lo - gap):min(n, hi + gap)] = False
-        scores.append(corr(fit_ridge(x[train], y[train], x[lo:hi], alpha=float(x.shape[1])), y[lo:hi]))
-    return scores
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("datasets", nargs="+", type=Path)
@@ -120,6 +109,7 @@ def main() -> None:
     from egstalker.audio.mel import MelEncoder
     from egstalker.audio.oww import OwwEncoder
     from egstalker.dataset.reader import open_dataset
+    from egstalker.preprocess.av_sync import ridge_cv_scores
 
     results = {"command": " ".join(sys.argv), "window": args.window, "clips": {}}
     for ds in args.datasets:
@@ -143,7 +133,7 @@ def main() -> None:
                 for future in args.futures:
                     parts = f if isinstance(f, tuple) else (f,)
                     x = np.hstack([windows(p, ids, args.window, future) for p in parts])
-                    scores = ridge_cv(x, y, args.folds, gap=args.window)
+                    scores = ridge_cv_scores(x, y, args.folds, gap=args.window)
                     row = {"encoder": name, "window": args.window, "future_rows": future,
                            "ridge_cv_corr": round(float(np.mean(scores)), 3),
                            "folds": [round(c, 3) for c in scores]}

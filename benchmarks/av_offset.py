@@ -24,15 +24,13 @@ sys.path.insert(0, str(ROOT))
 
 def training_mouth_opening(dataset: Path) -> np.ndarray:
     """[n_train] mouth opening of the dataset's training frames from its landmark cache (NaN: no face)."""
-    from egstalker.metrics import mouth_opening
+    from egstalker.preprocess.av_sync import mouth_openings
     from egstalker.preprocess.transforms import split_index
 
     cache = np.load(dataset / "face_landmarks.npz")
     meta = json.loads((dataset / "meta.json").read_text())
     n_train = split_index(len(cache["landmarks"]), meta.get("split", {}).get("val_fraction", 1 / 11))
-    opening = mouth_opening(cache["landmarks"][:n_train, :, :2]).astype(np.float64)
-    opening[~cache["detected"][:n_train].astype(bool)] = np.nan
-    return opening
+    return mouth_openings(cache["landmarks"][:n_train], cache["detected"][:n_train])
 
 
 def main() -> None:

@@ -81,9 +81,20 @@ def shift_audio(wav16k: np.ndarray, frames: int) -> np.ndarray:
     return np.concatenate([wav16k[-n:], np.zeros(-n, wav16k.dtype)])
 
 
-def _ridge_cv_corr(x: np.ndarray, y: np.ndarray, folds: int, gap: int) -> float:
-    """Mean Pearson correlation over contiguous folds; `gap` frames around each fold are left out of training
-    so overlapping windows cannot leak the fold's own audio."""
+def mouth_openings(landmarks: np.ndarray, detected: np.ndarray) -> np.ndarray:
+    """[n] mouth opening (metrics.mouth_opening) of MediaPipe landmarks [n, 478, 2+], NaN where no face was
+    detected (interpolated drop-outs carry no mouth evidence)."""
+    from egstalker.metrics import mouth_opening
+
+    opening = mouth_opening(np.asarray(landmarks)[:, :, :2]).astype(np.float64)
+    opening[~np.asarray(detected).astype(bool)] = np.nan
+    return opening
+
+
+def ridge_cv_scores(x: np.ndarray, y: np.ndarray, folds: int, gap: int) -> list[float]:
+    """Pearson correlation of a ridge fit (alpha = feature count, standardised inputs) on each of `folds`
+    contiguous folds; `gap` frames around each fold are left out of training so overlapping windows cannot leak
+    the fold's own audio. A fold whose prediction or truth is constant scores 0."""
     n = len(y)
     scores = []
     for k in range(folds):
@@ -99,7 +110,7 @@ def _ridge_cv_corr(x: np.ndarray, y: np.ndarray, folds: int, gap: int) -> float:
             scores.append(0.0)
         else:
             scores.append(float(np.corrcoef(pred, y[lo:hi])[0, 1]))
-    return float(np.mean(scores))
+    return scores
 
 
 def estimate_audio_offset(wav16k: np.ndarray, mouth_opening: np.ndarray, max_shift: int = 15) -> AudioOffset:
@@ -118,23 +129,24 @@ def estimate_audio_offset(wav16k: np.ndarray, mouth_opening: np.ndarray, max_shi
     curve = []
     for s in shifts:
         rows = np.clip(np.arange(n)[:, None] + s + offsets[None], 0, len(features) - 1)
-        curve.append(_ridge_cv_corr(features[rows].reshape(n, -1), y, FOLDS, gap=2 * WINDOW_HALF + 1))
+        curve.append(float(np.mean(ridge_cv_scores(features[rows].reshape(n, -1), y, FOLDS, gap=2 * WINDOW_HALF + 1))))
     scores = np.array(curve)
     best = float(scores.max())
-    if int(scores.argmax()) in (0, len(scores) - 1) and best >= MIN_PEAK_CORR / 2:
-        # still rising where the search stops (a weaker curve than MIN_PEAK_CORR counts: its peak lies beyond)
-        return AudioOffset(0, float("nan"), best, False, shifts, curve, at_edge=True)
-    if not np.isfinite(best) or best < MIN_PEAK_CORR:
+    if not np.isfinite(best) or best < MIN_PEAK_CORR / 2:
         return AudioOffset(0, float("nan"), best, False, shifts, curve)
-    # The centroid of the top region that contains the argmax (a contiguous run, not stray noise peaks).
+    # The top region that contains the argmax (a contiguous run, not stray noise peaks); its centroid is the peak.
     top = scores >= TOP_FRACTION * best
     lo = hi = int(scores.argmax())
     while lo > 0 and top[lo - 1]:
         lo -= 1
     while hi < len(scores) - 1 and top[hi + 1]:
         hi += 1
-    if lo == 0 or hi == len(scores) - 1:  # the curve is still rising where the search stops
+    if lo == 0 or hi == len(scores) - 1:
+        # still rising where the search stops (counted from half of MIN_PEAK_CORR: a curve cut off by the search
+        # is weaker than its unseen peak)
         return AudioOffset(0, float("nan"), best, False, shifts, curve, at_edge=True)
+    if best < MIN_PEAK_CORR:
+        return AudioOffset(0, float("nan"), best, False, shifts, curve)
     weights = scores[lo:hi + 1] - TOP_FRACTION * best + 1e-6
     peak = float(np.sum(np.array(shifts[lo:hi + 1]) * weights) / weights.sum())
     shift = peak - NATURAL_LEAD_FRAMES

@@ -369,18 +369,12 @@ def _audio_offset(ctx: TaskContext, track: FaceTrack, n_train: int) -> int:
     if forced is not None:
         ctx.meta["audio_offset"] = {"frames": int(forced), "source": "config (split.audio_offset_frames)"}
         return int(forced)
-    if not ctx.dataset.audio_wav.exists():
-        ctx.meta["audio_offset"] = {"frames": 0, "source": "none: aud.wav missing (run task 1, then task 9 again)"}
-        return 0
     import soundfile as sf
 
-    from egstalker.metrics import mouth_opening
-    from egstalker.preprocess.av_sync import estimate_audio_offset
+    from egstalker.preprocess.av_sync import estimate_audio_offset, mouth_openings
 
-    wav, _ = sf.read(str(ctx.dataset.audio_wav), dtype="float32", always_2d=False)
-    opening = mouth_opening(track.landmarks[:n_train, :, :2]).astype(np.float64)
-    opening[~track.detected[:n_train].astype(bool)] = np.nan  # interpolated drop-outs carry no mouth evidence
-    estimate = estimate_audio_offset(wav, opening)
+    wav, _ = sf.read(str(_need(ctx.dataset.audio_wav, 1, "audio")), dtype="float32", always_2d=False)
+    estimate = estimate_audio_offset(wav, mouth_openings(track.landmarks[:n_train], track.detected[:n_train]))
     ctx.meta["audio_offset"] = {**estimate.to_json(), "source": "estimated from the training frames (av_sync.py)"}
     if estimate.at_edge:
         print(f"audio/video offset: the best shift is at the edge of the {estimate.shifts[0] * 40} to "

@@ -159,7 +159,7 @@ MAX_AUDIO_OFFSET_FRAMES = 50
 
 def _audio_offset_outdated(meta: dict, config: PreprocessConfig) -> bool:
     """Whether the transforms were written with another audio offset than the configuration now asks for (a
-    forced value changed, or estimation asked for after a forced value, or aud.wav was missing then)."""
+    forced value changed, or estimation asked for after a forced value)."""
     applied = meta.get("audio_offset")
     if applied is None:  # datasets from before the offset existed: train warns, --force redoes them
         return False

@@ -72,7 +72,8 @@ def build_transforms(c2w: np.ndarray, focal: float, width: int, height: int, lms
     frames = []
     for i in ids:
         frames.append({
-            "img_id": int(i), "aud_id": int(i if audio_ids is None else audio_ids[i]), "transform_matrix": np.round(c2w[i], 7).tolist(),
+            "img_id": int(i), "aud_id": int(i if audio_ids is None else audio_ids[i]),
+            "transform_matrix": np.round(c2w[i], 7).tolist(),
             "face_box": _box(lms68[i, :, :2]), "lips_box": _square_box(lms68[i, 48:60, :2], width, height),
             "eye_blink": round(float(np.clip(au45[i], 0, 2) / 2), 4),
         })
@@ -94,7 +95,8 @@ def write_split(staging: DatasetLayout, dataset: DatasetLayout, c2w: np.ndarray,
     # With an offset, the first (sound early) or last (sound late) frames' sound is not in the recording: they
     # are left out of both splits rather than given a neighbour's audio.
     has_audio = (audio_ids >= 0) & (audio_ids < n_rows)
-    splits = {"train": [i for i in range(0, n_train) if has_audio[i]], "val": [i for i in range(n_train, n) if has_audio[i]]}
+    splits = {"train": [i for i in range(0, n_train) if has_audio[i]],
+              "val": [i for i in range(n_train, n) if has_audio[i]]}
     for split, ids in splits.items():
         if not ids:
             raise EgstalkerError(f"an audio offset of {audio_offset} frames leaves no {split} frame with its sound; "
