@@ -18,9 +18,9 @@ on held-out frames rendered with their own tracked poses the mouth can open with
     python benchmarks/audio_mouth_ceiling.py /tmp/ds/lieu /tmp/ds/obama --lookaheads --pose --epochs 150
         --seeds 2 --json benchmarks/results/pose_mouth_leak.json
 
---folds K scores ridge fits by contiguous K-fold cross-validation over every frame of the clip instead of the one
-held-out split (a 1.8 s split leaves the correlation uncertain by +-0.4), and adds each oww look-ahead
-concatenated with mel (`mel+oww@...`):
+With --mel and oww look-aheads both given, each oww look-ahead concatenated with mel is scored too
+(`mel+oww@...`). --folds K scores ridge fits by contiguous K-fold cross-validation over every frame of the clip
+instead of the one held-out split (a 1.8 s split leaves the correlation uncertain by +-0.4):
 
     python benchmarks/audio_mouth_ceiling.py /tmp/ds/lieu /tmp/ds/obama --folds 5 --window 12 --futures 3 7
         --lookaheads 0.2 --mel --json benchmarks/results/audio_mouth_ceiling_cv.json
@@ -122,16 +122,16 @@ def main() -> None:
         if args.mel:
             encoders["mel"] = MelEncoder()
         rows = []
+        # every encoder's features, and mel concatenated with each oww look-ahead (when both are asked for)
+        feats = {name: ((encoder.encode(wav),), encoder.lookahead_seconds) for name, encoder in encoders.items()}
+        if "mel" in feats:
+            for name in [n for n in feats if n.startswith("oww")]:
+                feats[f"mel+{name}"] = (feats["mel"][0] + feats[name][0], max(feats["mel"][1], feats[name][1]))
         if args.folds:
             ids = np.concatenate([train_a, val_a])
             y = np.concatenate([y_train, y_val])
-            feats = {name: encoder.encode(wav) for name, encoder in encoders.items()}
-            if "mel" in feats:
-                for name in [n for n in feats if n.startswith("oww")]:
-                    feats[f"mel+{name}"] = (feats["mel"], feats[name])
-            for name, f in feats.items():
+            for name, (parts, _) in feats.items():
                 for future in args.futures:
-                    parts = f if isinstance(f, tuple) else (f,)
                     x = np.hstack([windows(p, ids, args.window, future) for p in parts])
                     scores = ridge_cv_scores(x, y, args.folds, gap=args.window)
                     row = {"encoder": name, "window": args.window, "future_rows": future,
@@ -141,16 +141,15 @@ def main() -> None:
                     print(ds.name, json.dumps(row), flush=True)
             results["clips"][ds.name] = {"frames": int(len(y)), "folds": args.folds, "rows": rows}
             continue
-        for name, encoder in encoders.items():
+        for name, (parts, lookahead_seconds) in feats.items():
             t0 = time.perf_counter()
-            feats = encoder.encode(wav)
             for future in args.futures:
-                xa = windows(feats, train_a, args.window, future)
-                xb = windows(feats, val_a, args.window, future)
+                xa = np.hstack([windows(p, train_a, args.window, future) for p in parts])
+                xb = np.hstack([windows(p, val_a, args.window, future) for p in parts])
                 ridge = corr(fit_ridge(xa, y_train, xb, alpha=float(xa.shape[1])), y_val)
                 mlp = float(np.mean([corr(fit_mlp(xa, y_train, xb, seed=s, epochs=args.epochs), y_val)
                                      for s in range(args.seeds)]))
-                total_ms = 1000 * (encoder.lookahead_seconds + future / 25.0)
+                total_ms = 1000 * (lookahead_seconds + future / 25.0)
                 row = {"encoder": name, "future_rows": future, "lookahead_ms": round(total_ms),
                        "ridge_corr": round(ridge, 3), "mlp_corr": round(mlp, 3)}
                 rows.append(row)
