@@ -4,7 +4,8 @@
     >>> encoder = get_encoder("oww")               # or "mel", "wav2vec2", "hubert", "deepspeech"
     >>> feats = encoder.encode(wav16k)             # [round(len(wav16k) / 640), *encoder.feature_shape]
 
-Encoders (see each module): `mel` (default, 80-band log-mel, [4, 80]), `oww` (openwakeword's shipped
+Encoders (see each module): `mel` (default, 80-band log-mel, [4, 80]), `mel_phones` (mel plus English phone
+labels from pocketsphinx, [360]; best lip sync, 1 s look-ahead), `oww` (openwakeword's shipped
 speech embedding, 96-d), `wav2vec2` / `hubert` (768-d, local weights), `deepspeech` (import of a peers'
 aud_ds.npy [N, 16, 29]). Streaming: `encoder.encode_stream()` (egstalker.audio.base.FeatureStream).
 """
@@ -28,10 +29,11 @@ LEGACY_DEFAULT_ENCODER = "oww"
 """What an unnamed ("default") encoder meant before `mel` became the default: datasets and model folders that
 recorded no name, or the word "default", were made with it."""
 
-ENCODERS = ("oww", "mel", "wav2vec2", "hubert", "deepspeech")
+ENCODERS = ("oww", "mel", "mel_phones", "wav2vec2", "hubert", "deepspeech")
 WEIGHTS_HELP = {
     "oww": "none (ships with openwakeword)",
     "mel": "none",
+    "mel_phones": "none (pocketsphinx's English models ship in its wheel)",
     "wav2vec2": "a local model folder (default: facebook/wav2vec2-base from the local Hugging Face cache)",
     "hubert": "a local model folder (default: facebook/hubert-base-ls960 from the local Hugging Face cache)",
     "deepspeech": "the path of an existing aud_ds.npy [N, 16, 29] (required)",
@@ -62,6 +64,10 @@ def get_encoder(name: str | None = None, weights: str | Path | None = None) -> A
         from egstalker.audio.mel import MelEncoder
 
         return MelEncoder()
+    if name == "mel_phones":
+        from egstalker.audio.phones import MelPhonesEncoder
+
+        return MelPhonesEncoder()
     if name in ("wav2vec2", "hubert"):
         from egstalker.audio.transformer import TransformerEncoder
 

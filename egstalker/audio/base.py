@@ -67,6 +67,8 @@ class AudioEncoder:
         lookahead_seconds: audio after the end of a frame's slot that its feature needs; a streaming server
             can emit frame i once it holds audio up to (i + 1) / 25 + lookahead_seconds.
         exact_streaming: whether streamed features equal whole-clip ones up to float rounding.
+        on_progress: None, or a callable given the number of frames just finished, which encoders that work
+            through a clip in pieces call after each piece (a progress bar's `update`).
     """
 
     name: str = ""
@@ -75,6 +77,7 @@ class AudioEncoder:
     context_seconds: float = 0.0
     lookahead_seconds: float = 0.0
     exact_streaming: bool = True
+    on_progress = None
 
     def encode(self, wav16k: np.ndarray) -> np.ndarray:
         """Features of a whole clip.

@@ -61,13 +61,16 @@ def _encode_with_progress(encoder, wav: np.ndarray, show_progress: bool) -> np.n
     """encoder.encode(wav), through the exact streaming path in 10 s pieces when possible, for a progress bar."""
     from tqdm import tqdm
 
-    if not encoder.exact_streaming:
-        return encoder.encode(wav)
-    piece = 10 * 16000
-    stream = encoder.encode_stream()
-    parts = []
     with tqdm(total=round(len(wav) / SAMPLES_PER_FRAME), desc=f"2 audio features ({encoder.name})", unit="frame",
               disable=not show_progress) as bar:
+        if not encoder.exact_streaming:  # whole clip; encoders working in pieces report them
+            encoder.on_progress = bar.update
+            feats = encoder.encode(wav)
+            bar.update(bar.total - bar.n)
+            return feats
+        piece = 10 * 16000
+        stream = encoder.encode_stream()
+        parts = []
         for start in range(0, len(wav), piece):
             parts.append(stream.push(wav[start:start + piece]))
             bar.update(len(parts[-1]))

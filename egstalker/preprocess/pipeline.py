@@ -147,7 +147,8 @@ def _is_complete(task: Task, layout: DatasetLayout, meta: dict, config: Preproce
         recorded = meta.get("audio_encoder", {})
         if recorded.get("name") != config.audio.encoder:
             return False
-    if task.number == TRANSFORMS_TASK_NUMBER and _audio_offset_outdated(meta, config):
+    if task.number == TRANSFORMS_TASK_NUMBER and (_audio_offset_outdated(meta, config)
+                                                  or _audio_split_outdated(meta)):
         return False
     return all(Path(p).exists() for p in task.outputs(layout, meta))
 
@@ -168,6 +169,14 @@ def _audio_offset_outdated(meta: dict, config: PreprocessConfig) -> bool:
     if forced is not None:
         return not source.startswith("config") or applied.get("frames") != int(forced)
     return not source.startswith("estimated")
+
+
+def _audio_split_outdated(meta: dict) -> bool:
+    """Whether aud_train/aud_novel.npy (task 9's copies of aud.npy rows, for the peers' readers) were cut from
+    another encoder's features than aud.npy now holds (task 2 redone with --audio-features)."""
+    split = meta.get("split", {})
+    return bool(split.get("audio_split")) and \
+        split.get("audio_split_encoder") != meta.get("audio_encoder", {}).get("name")
 
 
 # what each task reads besides the face cache, which the first of tasks 4/7/8 to run computes from the frames

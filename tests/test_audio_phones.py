@@ -1,0 +1,115 @@
+"""The `mel_phones` encoder on real speech: phone labels from pocketsphinx, what they add to lip sync, streaming,
+preprocessing with it, and its missing-package error."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+
+from conftest import shared_media
+from egstalker.audio import frames_for_samples, get_encoder
+from egstalker.audio.base import window_offsets
+from egstalker.audio.phones import PHONES
+from egstalker.cli import main
+from egstalker.errors import EgstalkerError
+
+MEL_DIMS = 320
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    """8 s of real English speech, 16 kHz mono, not a whole number of frames."""
+    wav, rate = soundfile.read(shared_media("audio/speech_10s_16k.wav"), dtype="float32")
+    assert rate == 16000
+    return wav[: 8 * 16000 + 77]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return get_encoder("mel_phones")
+
+
+def test_features_are_mel_and_phone_shares(speech, encoder):
+    feats = encoder.encode(speech)
+    n = frames_for_samples(len(speech))
+    assert feats.shape == (n, MEL_DIMS + len(PHONES)) and feats.dtype == np.float32
+    # the mel part is the mel encoder's, flattened
+    np.testing.assert_allclose(feats[:, :MEL_DIMS], get_encoder("mel").encode(speech).reshape(n, -1), atol=1e-6)
+    phones = feats[:, MEL_DIMS:]
+    np.testing.assert_allclose(phones.sum(1), 1.0, atol=1e-5)  # shares of each 40 ms slot
+    assert set(np.unique(phones)) <= {0.0, 0.25, 0.5, 0.75, 1.0}
+    # speech is mostly phones, of many kinds: vowels, stops, fricatives
+    assert phones[:, 0].mean() < 0.4
+    spoken = {PHONES[k] for k in np.flatnonzero(phones.sum(0) > 0)}
+    assert len(spoken) >= 20 and {"AH", "T", "S"} <= spoken
+    np.testing.assert_array_equal(encoder.encode(speech), feats)  # deterministic
+    assert encoder.describe()["recogniser"] == "pocketsphinx en-us"
+
+
+def test_silence_is_silence(encoder):
+    phones = encoder.encode(np.zeros(3 * 16000, np.float32))[:, MEL_DIMS:]
+    assert phones.shape == (75, len(PHONES)) and (phones[:, 0] == 1).all()
+
+
+def test_streamed_features_agree_with_the_whole_clip(speech, encoder):
+    whole = encoder.encode(speech)
+    stream, parts = encoder.encode_stream(), []
+    for start in range(0, len(speech), 24000):  # 1.5 s chunks
+        parts.append(stream.push(speech[start:start + 24000]))
+    parts.append(stream.flush())
+    streamed = np.concatenate(parts)
+    assert streamed.shape == whole.shape
+    np.testing.assert_allclose(streamed[:, :MEL_DIMS], whole[:, :MEL_DIMS], atol=1e-4)
+    # the recogniser sees other stretches of speech, so a few labels differ near the pieces' ends
+    agree = (streamed[:, MEL_DIMS:].argmax(1) == whole[:, MEL_DIMS:].argmax(1)).mean()
+    assert agree > 0.75
+
+
+def test_phones_predict_the_mouth_better_than_mel(encoder):
+    """Cross-validated linear fit from the model's audio window to lieu's mouth opening (20 s): the phone labels
+    add what the spectrum leaves implicit, in every fold."""
+    from egstalker.media import iter_frames, read_audio
+    from egstalker.metrics import detect_landmarks, mouth_opening
+    from egstalker.preprocess.av_sync import ridge_cv_scores
+
+    seconds = 20
+    video = shared_media("video/lieu_60s_256.mp4")
+    frames = (f.image for f in itertools.islice(iter_frames(video), seconds * 25))
+    opening = mouth_opening(detect_landmarks(frames)).astype(np.float64)
+    wav = read_audio(video, rate=16000)[: seconds * 16000]
+    rows = np.clip(np.arange(len(opening))[:, None] + window_offsets(8, 3)[None], 0, seconds * 25 - 1)
+    scores = {}
+    for name, enc in (("mel", get_encoder("mel")), ("mel_phones", encoder)):
+        feats = enc.encode(wav).reshape(seconds * 25, -1)
+        scores[name] = np.array(ridge_cv_scores(feats[rows].reshape(len(opening), -1), opening, 5, gap=8))
+    assert scores["mel"].mean() > 0.5  # the fit is meaningful to begin with
+    assert (scores["mel_phones"] > scores["mel"]).all()
+    assert scores["mel_phones"].mean() > scores["mel"].mean() + 0.02
+
+
+def test_preprocess_with_mel_phones_redoes_the_audio_split(small_dataset, short_clip, tmp_path):
+    dataset = tmp_path / "ds"
+    shutil.copytree(small_dataset, dataset)
+    assert main(["preprocess", str(short_clip), "-o", str(dataset), "--audio-features", "mel_phones",
+                 "--quiet"]) == 0
+    meta = json.loads((dataset / "meta.json").read_text())
+    assert meta["audio_encoder"]["name"] == "mel_phones"
+    assert meta["audio_encoder"]["feature_shape"] == [MEL_DIMS + len(PHONES)]
+    feats = np.load(dataset / "aud.npy")
+    assert feats.shape == (meta["n_frames"], MEL_DIMS + len(PHONES))
+    # task 9's copies of the split's rows follow the new features
+    assert meta["split"]["audio_split_encoder"] == "mel_phones"
+    train_ids = [f["aud_id"] for f in json.loads((dataset / "transforms_train.json").read_text())["frames"]]
+    np.testing.assert_array_equal(np.load(dataset / "aud_train.npy"), feats[train_ids])
+
+
+def test_missing_pocketsphinx_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pocketsphinx", None)
+    with pytest.raises(EgstalkerError, match="pip install pocketsphinx"):
+        get_encoder("mel_phones")
