@@ -52,9 +52,15 @@ def test_features_are_mel_and_phone_shares(speech, encoder):
     assert encoder.describe()["recogniser"] == "pocketsphinx en-us"
 
 
-def test_silence_is_silence(encoder):
+def test_silence_is_silence_and_quiet_speech_keeps_its_phones(speech, encoder):
     phones = encoder.encode(np.zeros(3 * 16000, np.float32))[:, MEL_DIMS:]
     assert phones.shape == (75, len(PHONES)) and (phones[:, 0] == 1).all()
+    assert encoder.encode(np.zeros(0, np.float32)).shape == (0, MEL_DIMS + len(PHONES))
+    assert encoder.encode(np.zeros(100, np.float32)).shape == (0, MEL_DIMS + len(PHONES))
+    # a recording 26 dB quieter: the silence rule is relative to the speech, so the phones stay
+    loud = encoder.encode(speech)[:, MEL_DIMS:].argmax(1)
+    quiet = encoder.encode(speech * 0.05)[:, MEL_DIMS:].argmax(1)
+    assert (quiet == loud).mean() > 0.9
 
 
 def test_streamed_features_agree_with_the_whole_clip(speech, encoder):
@@ -107,6 +113,19 @@ def test_preprocess_with_mel_phones_redoes_the_audio_split(small_dataset, short_
     assert meta["split"]["audio_split_encoder"] == "mel_phones"
     train_ids = [f["aud_id"] for f in json.loads((dataset / "transforms_train.json").read_text())["frames"]]
     np.testing.assert_array_equal(np.load(dataset / "aud_train.npy"), feats[train_ids])
+
+
+def test_a_split_from_before_the_encoder_was_recorded_is_judged_by_its_rows(small_dataset, tmp_path):
+    from egstalker.dataset.layout import DatasetLayout
+    from egstalker.preprocess.pipeline import _audio_split_outdated
+
+    layout = DatasetLayout(small_dataset)
+    meta = json.loads(layout.meta.read_text())
+    legacy = {**meta, "split": {k: v for k, v in meta["split"].items() if k != "audio_split_encoder"}}
+    assert not _audio_split_outdated(layout, meta) and not _audio_split_outdated(layout, legacy)
+    other = {**legacy, "audio_encoder": {"name": "mel_phones", "feature_shape": [MEL_DIMS + len(PHONES)]}}
+    assert _audio_split_outdated(layout, other)
+    assert _audio_split_outdated(layout, {**meta, "audio_encoder": {"name": "mel_phones"}})
 
 
 def test_missing_pocketsphinx_is_a_clear_error(monkeypatch):

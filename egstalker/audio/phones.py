@@ -34,8 +34,10 @@ PHONES_PER_FRAME = SAMPLES_PER_FRAME // PHONE_HOP
 CONTEXT_SECONDS = 2.0
 LOOKAHEAD_SECONDS = 1.0
 PIECE_FRAMES = 500  # 20 s decoded at a time, plus context and look-ahead
-SILENCE_DBFS = -60.0
-"""10 ms steps quieter than this are silence whatever the recogniser says: on digital silence it hears words."""
+DIGITAL_SILENCE_DBFS = -90.0
+QUIET_BELOW_LOUD_DB = 60.0
+"""10 ms steps under -90 dBFS, or 60 dB under the loud steps (95th percentile) of the decoded stretch, are silence
+whatever the recogniser says: on digital silence it hears words. Relative, so a quiet recording keeps its phones."""
 
 
 def _decoder_class():
@@ -62,7 +64,7 @@ class MelPhonesEncoder(AudioEncoder):
         return {**super().describe(), "phones": list(PHONES), "recogniser": "pocketsphinx en-us"}
 
     def _encode(self, wav: np.ndarray, n_frames: int) -> np.ndarray:
-        mel = self._mel._encode(wav, n_frames).reshape(n_frames, -1)
+        mel = self._mel._encode(wav, n_frames).reshape(n_frames, MELS_PER_FRAME * N_MELS)
         return np.hstack([mel, self.phone_fractions(wav, n_frames)])
 
     def phone_fractions(self, wav: np.ndarray, n_frames: int) -> np.ndarray:
@@ -94,7 +96,9 @@ class MelPhonesEncoder(AudioEncoder):
         pcm = (np.clip(wav, -1.0, 1.0) * 32767.0).astype(np.int16).tobytes()
         labels = np.zeros(len(wav) // PHONE_HOP, np.int64)
         steps = wav[:len(labels) * PHONE_HOP].reshape(len(labels), PHONE_HOP).astype(np.float64)
-        quiet = 10.0 * np.log10(np.mean(steps ** 2, axis=1) + 1e-12) < SILENCE_DBFS
+        level = 10.0 * np.log10(np.mean(steps ** 2, axis=1) + 1e-12)
+        quiet = (level < DIGITAL_SILENCE_DBFS) | (level < np.percentile(level, 95) - QUIET_BELOW_LOUD_DB) \
+            if len(level) else np.zeros(0, bool)
         if quiet.all():
             return labels
         recogniser = self._recogniser

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from egstalker.audio import SAMPLES_PER_FRAME, get_encoder
+from egstalker.audio import SAMPLES_PER_FRAME, frames_for_samples, get_encoder
 from egstalker.dataset.layout import DatasetLayout
 from egstalker.errors import EgstalkerError
 from egstalker.preprocess.tasks import Task, TaskContext
@@ -61,12 +61,15 @@ def _encode_with_progress(encoder, wav: np.ndarray, show_progress: bool) -> np.n
     """encoder.encode(wav), through the exact streaming path in 10 s pieces when possible, for a progress bar."""
     from tqdm import tqdm
 
-    with tqdm(total=round(len(wav) / SAMPLES_PER_FRAME), desc=f"2 audio features ({encoder.name})", unit="frame",
+    with tqdm(total=frames_for_samples(len(wav)), desc=f"2 audio features ({encoder.name})", unit="frame",
               disable=not show_progress) as bar:
         if not encoder.exact_streaming:  # whole clip; encoders working in pieces report them
             encoder.on_progress = bar.update
-            feats = encoder.encode(wav)
-            bar.update(bar.total - bar.n)
+            try:
+                feats = encoder.encode(wav)
+            finally:
+                encoder.on_progress = None
+            bar.update(max(0, bar.total - bar.n))
             return feats
         piece = 10 * 16000
         stream = encoder.encode_stream()

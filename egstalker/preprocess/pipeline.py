@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 from egstalker.configs import atomic_write_text, load_config, save_config
 from egstalker.dataset.layout import DATASET_FORMAT_VERSION, DatasetLayout
 from egstalker.errors import EgstalkerError
@@ -148,7 +150,7 @@ def _is_complete(task: Task, layout: DatasetLayout, meta: dict, config: Preproce
         if recorded.get("name") != config.audio.encoder:
             return False
     if task.number == TRANSFORMS_TASK_NUMBER and (_audio_offset_outdated(meta, config)
-                                                  or _audio_split_outdated(meta)):
+                                                  or _audio_split_outdated(layout, meta)):
         return False
     return all(Path(p).exists() for p in task.outputs(layout, meta))
 
@@ -171,12 +173,21 @@ def _audio_offset_outdated(meta: dict, config: PreprocessConfig) -> bool:
     return not source.startswith("estimated")
 
 
-def _audio_split_outdated(meta: dict) -> bool:
+def _audio_split_outdated(layout: DatasetLayout, meta: dict) -> bool:
     """Whether aud_train/aud_novel.npy (task 9's copies of aud.npy rows, for the peers' readers) were cut from
-    another encoder's features than aud.npy now holds (task 2 redone with --audio-features)."""
-    split = meta.get("split", {})
-    return bool(split.get("audio_split")) and \
-        split.get("audio_split_encoder") != meta.get("audio_encoder", {}).get("name")
+    another encoder's features than aud.npy now holds (task 2 redone with --audio-features). Datasets from before
+    the split recorded its encoder are judged by the rows' shape. (The same encoder with other weights is not
+    noticed: `--task 9 --force` redoes the split.)"""
+    split, encoder = meta.get("split", {}), meta.get("audio_encoder", {})
+    if not split.get("audio_split"):
+        return False
+    if "audio_split_encoder" in split:
+        return split["audio_split_encoder"] != encoder.get("name")
+    try:
+        rows = np.load(layout.root / "aud_train.npy", mmap_mode="r").shape[1:]
+    except (OSError, ValueError):
+        return True
+    return list(rows) != list(encoder.get("feature_shape", rows))
 
 
 # what each task reads besides the face cache, which the first of tasks 4/7/8 to run computes from the frames
