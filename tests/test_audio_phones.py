@@ -99,11 +99,18 @@ def test_phones_predict_the_mouth_better_than_mel(encoder):
     assert scores["mel_phones"].mean() > scores["mel"].mean() + 0.02
 
 
-def test_preprocess_with_mel_phones_redoes_the_audio_split(small_dataset, short_clip, tmp_path):
-    dataset = tmp_path / "ds"
+@pytest.fixture(scope="module")
+def phones_dataset(small_dataset, short_clip, tmp_path_factory):
+    """The small dataset, its features (task 2) redone with mel_phones by a plain re-run."""
+    dataset = tmp_path_factory.mktemp("phones") / "ds"
     shutil.copytree(small_dataset, dataset)
     assert main(["preprocess", str(short_clip), "-o", str(dataset), "--audio-features", "mel_phones",
                  "--quiet"]) == 0
+    return dataset
+
+
+def test_preprocess_with_mel_phones_redoes_the_audio_split(phones_dataset):
+    dataset = phones_dataset
     meta = json.loads((dataset / "meta.json").read_text())
     assert meta["audio_encoder"]["name"] == "mel_phones"
     assert meta["audio_encoder"]["feature_shape"] == [MEL_DIMS + len(PHONES)]
@@ -113,6 +120,28 @@ def test_preprocess_with_mel_phones_redoes_the_audio_split(small_dataset, short_
     assert meta["split"]["audio_split_encoder"] == "mel_phones"
     train_ids = [f["aud_id"] for f in json.loads((dataset / "transforms_train.json").read_text())["frames"]]
     np.testing.assert_array_equal(np.load(dataset / "aud_train.npy"), feats[train_ids])
+
+
+def test_a_mel_phones_model_renders_new_speech(phones_dataset, tmp_path):
+    """The user's path: train on the mel_phones dataset, render new speech (encoded with pocketsphinx here)."""
+    import av
+
+    from fixtures_models import SMALL_MODEL_GAUSSIANS, write_speech
+    from egstalker.train.config import TrainConfig
+    from egstalker.train.trainer import train
+
+    config = TrainConfig()
+    config.schedule.iterations, config.schedule.eval_every = 4, 0
+    config.data.resolution, config.data.num_workers, config.data.batch_size = 64, 0, 2
+    config.init.surface_points, config.init.volume_points = SMALL_MODEL_GAUSSIANS
+    config.init.n_frames, config.loss.perceptual = 3, 0.0
+    model = tmp_path / "model"
+    train(phones_dataset, model, config, device="cpu", show_progress=False)
+    assert "mel_phones" in (model / "model.json").read_text()
+    speech, out = write_speech(tmp_path / "speech.wav", 3.0, rate=16000), tmp_path / "talk.mp4"
+    assert main(["render", str(model), "--audio", str(speech), "-o", str(out), "--device", "cpu"]) == 0
+    with av.open(str(out)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 75
 
 
 def test_a_split_from_before_the_encoder_was_recorded_is_judged_by_its_rows(small_dataset, tmp_path):
