@@ -83,11 +83,24 @@ def _stage_banner(show: bool, number: int, name: str, what: str) -> None:
         print(f"[{number}/3] {name}: {what}", file=sys.stderr, flush=True)
 
 
+def _check_model_features(model_dir: Path, dataset: Path, encoder: str | None) -> None:
+    """A model trained on another encoder's features can be neither reused nor resumed on this dataset."""
+    if not (model_dir / "model.json").is_file():
+        return
+    from egstalker.model.folder import read_model_info
+
+    trained_on = read_model_info(model_dir).encoder_name
+    if encoder is not None and trained_on != encoder:
+        raise EgstalkerError(f"{model_dir} was trained on '{trained_on}' audio features and {dataset} now holds "
+                             f"'{encoder}'; give another --model folder or delete {model_dir}")
+
+
 def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike | None = None,
                  dataset_dir: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None,
                  iterations: int | None = None, resolution: int | None = None, device: str = "cpu",
                  pose: str = "loop", show_progress: bool = True,
-                 log: Callable[[str], None] | None = None, config=None) -> RunResult:
+                 log: Callable[[str], None] | None = None, config=None,
+                 audio_features: str | None = None) -> RunResult:
     """Preprocess `video`, train a head on it and render `audio` with it; reuse whatever is already finished.
 
     Args:
@@ -99,6 +112,8 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
         config: the TrainConfig to train with (default: TrainConfig(), the GPU defaults).
         device: torch device for training and rendering.
         pose: head pose mode of the render ('loop', 'static', 'dataset').
+        audio_features: the dataset's audio encoder (e.g. 'mel_phones'; default: the dataset's previous choice,
+            else 'mel'). A model folder trained on other features is refused, not reused.
     """
     from egstalker.render.api import load_speech
 
@@ -113,8 +128,19 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
     _stage_banner(show_progress, 1, "preprocess", f"{video} -> {paths.dataset}")
     before = set(read_meta(DatasetLayout(paths.dataset)).get("tasks_complete", [])) if paths.dataset.is_dir() else set()
     t0 = time.perf_counter()
-    preprocess(video, paths.dataset, show_progress=show_progress)
-    after = set(read_meta(DatasetLayout(paths.dataset)).get("tasks_complete", []))
+    preprocess_config = None
+    if audio_features is not None:
+        from egstalker.audio import resolve_name
+        from egstalker.preprocess.pipeline import load_or_default_config
+
+        preprocess_config = load_or_default_config(paths.dataset)
+        if resolve_name(audio_features) != preprocess_config.audio.encoder:
+            preprocess_config.audio.weights = None  # the saved weights belong to the previous encoder
+        preprocess_config.audio.encoder = audio_features
+    preprocess(video, paths.dataset, config=preprocess_config, show_progress=show_progress)
+    meta = read_meta(DatasetLayout(paths.dataset))
+    after = set(meta.get("tasks_complete", []))
+    _check_model_features(paths.model, paths.dataset, meta.get("audio_encoder", {}).get("name"))
     result.stages.append(StageReport("preprocess", "reused" if after and after == before else "done",
                                      time.perf_counter() - t0, f"{len(after)} tasks complete"))
 

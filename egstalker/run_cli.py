@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quality", choices=QUALITY_PRESETS, default="auto",
                         help="training preset: 'full' (GPU defaults), 'preview' (CPU-sized: 128 px, about 10 "
                              "minutes of training on 2 cores), 'auto' (default: preview on the CPU, full on a GPU)")
+    parser.add_argument("--audio-features", metavar="NAME",
+                        help="audio encoder of the dataset: mel (default), mel_phones (English speech, better lip "
+                             "sync, offline), ... (see `egstalker preprocess --help`); a re-run keeps the dataset's")
     parser.add_argument("--pose", choices=["loop", "static", "dataset"], default="loop",
                         help="head pose of the render (default loop)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
@@ -49,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
               "cores); --quality full for the GPU defaults")
     result = run_pipeline(args.video, args.audio, args.output, dataset_dir=args.dataset, model_dir=args.model,
                           iterations=args.iterations, resolution=args.resolution, device=device, pose=args.pose,
-                          show_progress=not args.quiet, config=config)
+                          show_progress=not args.quiet, config=config, audio_features=args.audio_features)
     print(result.summary())
     return 0

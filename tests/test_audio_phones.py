@@ -144,6 +144,24 @@ def test_a_mel_phones_model_renders_new_speech(phones_dataset, tmp_path):
         assert sum(1 for _ in container.decode(video=0)) == 75
 
 
+def test_run_with_mel_phones_refuses_a_model_trained_on_mel(small_dataset, small_model, short_clip, tmp_path,
+                                                             capsys):
+    """`egstalker run --audio-features mel_phones` re-features the dataset, then will not reuse a mel model."""
+    from fixtures_models import write_speech
+
+    dataset = tmp_path / "ds"
+    shutil.copytree(small_dataset, dataset)
+    weights = (small_model / "model.pt").stat().st_mtime_ns
+    speech = write_speech(tmp_path / "speech.wav", 1.0)
+    assert main(["run", str(short_clip), "--audio", str(speech), "-o", str(tmp_path / "out.mp4"), "--dataset",
+                 str(dataset), "--model", str(small_model), "--audio-features", "mel_phones", "--device", "cpu",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained on 'mel' audio features" in err and "'mel_phones'" in err and "\n" not in err
+    assert json.loads((dataset / "meta.json").read_text())["audio_encoder"]["name"] == "mel_phones"
+    assert (small_model / "model.pt").stat().st_mtime_ns == weights and not (tmp_path / "out.mp4").exists()
+
+
 def test_a_split_from_before_the_encoder_was_recorded_is_judged_by_its_rows(small_dataset, tmp_path):
     from egstalker.dataset.layout import DatasetLayout
     from egstalker.preprocess.pipeline import _audio_split_outdated
