@@ -15,7 +15,7 @@ audio features (--audio-features NAME, --audio-weights PATH):
   mel         default: 80-band log-mel, [4, 80] per frame, no weights, 7.5 ms of look-ahead
   mel_phones  English speech: mel plus the phone being spoken (pocketsphinx's shipped recogniser and aligner),
               [360] per frame, no download; better lip sync on English speakers (lieu 0.51 -> 0.63-0.65), but
-              1 s of look-ahead and slower than real time to stream on 2 cores: for offline rendering
+              1 s of look-ahead and a live stream lags ~3 s on 2 cores: for offline rendering
   oww         openwakeword's shipped speech embedding, 96-d per frame, no download; it describes the middle
               of a 775 ms window, so it syncs well only with ~400 ms of future audio (slow for live serving)
   wav2vec2    768-d hidden states of facebook/wav2vec2-base; --audio-weights DIR is a local model folder
