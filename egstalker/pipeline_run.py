@@ -130,13 +130,10 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
     t0 = time.perf_counter()
     preprocess_config = None
     if audio_features is not None:
-        from egstalker.audio import resolve_name
-        from egstalker.preprocess.pipeline import load_or_default_config
+        from egstalker.preprocess.pipeline import choose_audio_encoder, load_or_default_config
 
         preprocess_config = load_or_default_config(paths.dataset)
-        if resolve_name(audio_features) != preprocess_config.audio.encoder:
-            preprocess_config.audio.weights = None  # the saved weights belong to the previous encoder
-        preprocess_config.audio.encoder = audio_features
+        choose_audio_encoder(preprocess_config, audio_features)
     preprocess(video, paths.dataset, config=preprocess_config, show_progress=show_progress)
     meta = read_meta(DatasetLayout(paths.dataset))
     after = set(meta.get("tasks_complete", []))

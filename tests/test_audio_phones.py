@@ -117,7 +117,6 @@ def test_preprocess_with_mel_phones_redoes_the_audio_split(phones_dataset):
     feats = np.load(dataset / "aud.npy")
     assert feats.shape == (meta["n_frames"], MEL_DIMS + len(PHONES))
     # task 9's copies of the split's rows follow the new features
-    assert meta["split"]["audio_split_encoder"] == "mel_phones"
     train_ids = [f["aud_id"] for f in json.loads((dataset / "transforms_train.json").read_text())["frames"]]
     np.testing.assert_array_equal(np.load(dataset / "aud_train.npy"), feats[train_ids])
 
@@ -162,17 +161,28 @@ def test_run_with_mel_phones_refuses_a_model_trained_on_mel(small_dataset, small
     assert (small_model / "model.pt").stat().st_mtime_ns == weights and not (tmp_path / "out.mp4").exists()
 
 
-def test_a_split_from_before_the_encoder_was_recorded_is_judged_by_its_rows(small_dataset, tmp_path):
+def test_a_task_whose_input_was_redone_runs_again(small_dataset, short_clip, tmp_path):
+    """Task 2 alone with other features leaves task 9's split stale; the next plain run redoes task 9 (and only
+    the tasks that read what changed). A dataset from before the bookkeeping is taken as current."""
     from egstalker.dataset.layout import DatasetLayout
-    from egstalker.preprocess.pipeline import _audio_split_outdated
+    from egstalker.preprocess.pipeline import _inputs_redone, read_meta
 
-    layout = DatasetLayout(small_dataset)
-    meta = json.loads(layout.meta.read_text())
-    legacy = {**meta, "split": {k: v for k, v in meta["split"].items() if k != "audio_split_encoder"}}
-    assert not _audio_split_outdated(layout, meta) and not _audio_split_outdated(layout, legacy)
-    other = {**legacy, "audio_encoder": {"name": "mel_phones", "feature_shape": [MEL_DIMS + len(PHONES)]}}
-    assert _audio_split_outdated(layout, other)
-    assert _audio_split_outdated(layout, {**meta, "audio_encoder": {"name": "mel_phones"}})
+    dataset = tmp_path / "ds"
+    shutil.copytree(small_dataset, dataset)
+    layout = DatasetLayout(dataset)
+    assert not any(_inputs_redone(n, read_meta(layout)) for n in range(1, 10))
+    legacy = {k: v for k, v in read_meta(layout).items() if k not in ("task_runs", "task_inputs")}
+    assert not any(_inputs_redone(n, legacy) for n in range(1, 10))
+    assert main(["preprocess", str(short_clip), "-o", str(dataset), "--task", "2", "--audio-features",
+                 "mel_phones", "--quiet"]) == 0
+    meta = read_meta(layout)
+    assert [n for n in range(1, 10) if _inputs_redone(n, meta)] == [9]
+    assert np.load(dataset / "aud_train.npy").shape[1:] == (4, 80)  # stale until task 9 runs again
+    assert main(["preprocess", str(short_clip), "-o", str(dataset), "--quiet"]) == 0
+    meta = read_meta(layout)
+    assert not any(_inputs_redone(n, meta) for n in range(1, 10))
+    train_ids = [f["aud_id"] for f in json.loads((dataset / "transforms_train.json").read_text())["frames"]]
+    np.testing.assert_array_equal(np.load(dataset / "aud_train.npy"), np.load(dataset / "aud.npy")[train_ids])
 
 
 def test_missing_pocketsphinx_is_a_clear_error(monkeypatch):

@@ -77,14 +77,10 @@ class MelPhonesEncoder(AudioEncoder):
             start = max(0, first * SAMPLES_PER_FRAME - context)
             end = min(len(wav), last * SAMPLES_PER_FRAME + lookahead)
             labels = self._phone_labels(wav[start:end])  # one per 10 ms from `start`
-            slots = np.full(n_frames * PHONES_PER_FRAME, -1, np.int64)
-            offset = start // PHONE_HOP
-            slots[offset:offset + len(labels)] = labels[:len(slots) - offset]
-            piece = slots[first * PHONES_PER_FRAME:last * PHONES_PER_FRAME].reshape(-1, PHONES_PER_FRAME)
-            for k in range(PHONES_PER_FRAME):
-                known = piece[:, k] >= 0
-                rows = np.arange(first, last)[known]
-                out[rows, piece[known, k]] += 1.0 / PHONES_PER_FRAME
+            steps = np.arange(first * PHONES_PER_FRAME, last * PHONES_PER_FRAME) - start // PHONE_HOP
+            known = steps < len(labels)  # steps past the audio's end get no label
+            rows = first + np.flatnonzero(known) // PHONES_PER_FRAME
+            np.add.at(out, (rows, labels[steps[known]]), 1.0 / PHONES_PER_FRAME)
             if self.on_progress is not None:
                 self.on_progress(last - first)
         # 10 ms steps no label covers (the clip's end, a recogniser gap) count as silence

@@ -54,14 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from egstalker.preprocess.pipeline import default_output, load_or_default_config, preprocess
+    from egstalker.preprocess.pipeline import choose_audio_encoder, default_output, load_or_default_config, preprocess
 
     output = args.output or default_output(args.video)
     config = load_or_default_config(output)
     if args.audio_features is not None:
-        if args.audio_features != config.audio.encoder:
-            config.audio.weights = None  # the saved weights belong to the previous encoder
-        config.audio.encoder = args.audio_features
+        choose_audio_encoder(config, args.audio_features)
     if args.audio_weights is not None:
         config.audio.weights = args.audio_weights
     if args.audio_offset is not None:

@@ -360,8 +360,6 @@ def run_transforms(ctx: TaskContext) -> None:
     report = write_split(ctx.staging, ctx.dataset, c2w, float(params["focal"][0]), width, height,
                          to_ibug68(track.landmarks), params["blink"].numpy(), ctx.config.split.val_fraction,
                          audio_offset=offset)
-    if report["audio_split"]:  # aud_train/aud_novel.npy are copies of aud.npy rows: redone when task 2 changes
-        report["audio_split_encoder"] = ctx.meta.get("audio_encoder", {}).get("name")
     ctx.meta["split"] = report
 
 

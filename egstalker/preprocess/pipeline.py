@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
-
 from egstalker.configs import atomic_write_text, load_config, save_config
 from egstalker.dataset.layout import DATASET_FORMAT_VERSION, DatasetLayout
 from egstalker.errors import EgstalkerError
@@ -60,6 +58,16 @@ def load_or_default_config(output: str | os.PathLike) -> PreprocessConfig:
     """The dataset's saved preprocess_config.json (so a re-run resumes with the same choices), else defaults."""
     path = DatasetLayout(output).preprocess_config
     return load_config(PreprocessConfig, path) if path.exists() else PreprocessConfig()
+
+
+def choose_audio_encoder(config: PreprocessConfig, name: str) -> None:
+    """Set the dataset's audio encoder (--audio-features); the saved weights belong to the previous encoder, so a
+    change drops them."""
+    from egstalker.audio import resolve_name
+
+    if resolve_name(name) != resolve_name(config.audio.encoder):
+        config.audio.weights = None
+    config.audio.encoder = name
 
 
 def read_meta(layout: DatasetLayout) -> dict:
@@ -149,8 +157,9 @@ def _is_complete(task: Task, layout: DatasetLayout, meta: dict, config: Preproce
         recorded = meta.get("audio_encoder", {})
         if recorded.get("name") != config.audio.encoder:
             return False
-    if task.number == TRANSFORMS_TASK_NUMBER and (_audio_offset_outdated(meta, config)
-                                                  or _audio_split_outdated(layout, meta)):
+    if task.number == TRANSFORMS_TASK_NUMBER and _audio_offset_outdated(meta, config):
+        return False
+    if _inputs_redone(task.number, meta):
         return False
     return all(Path(p).exists() for p in task.outputs(layout, meta))
 
@@ -173,25 +182,32 @@ def _audio_offset_outdated(meta: dict, config: PreprocessConfig) -> bool:
     return not source.startswith("estimated")
 
 
-def _audio_split_outdated(layout: DatasetLayout, meta: dict) -> bool:
-    """Whether aud_train/aud_novel.npy (task 9's copies of aud.npy rows, for the peers' readers) were cut from
-    another encoder's features than aud.npy now holds (task 2 redone with --audio-features). Datasets from before
-    the split recorded its encoder are judged by the rows' shape. (The same encoder with other weights is not
-    noticed: `--task 9 --force` redoes the split.)"""
-    split, encoder = meta.get("split", {}), meta.get("audio_encoder", {})
-    if not split.get("audio_split"):
-        return False
-    if "audio_split_encoder" in split:
-        return split["audio_split_encoder"] != encoder.get("name")
-    try:
-        rows = np.load(layout.root / "aud_train.npy", mmap_mode="r").shape[1:]
-    except (OSError, ValueError):
-        return True
-    return list(rows) != list(encoder.get("feature_shape", rows))
-
-
 # what each task reads besides the face cache, which the first of tasks 4/7/8 to run computes from the frames
 _READS = {4: {3}, 5: {3, 4}, 6: {3, 4, 5}, 7: {3}, 8: {3}, 9: {1, 3, 8}}
+
+
+_OPTIONAL_READS = {9: {2}}
+"""Outputs read when present: task 9 copies the split's rows of aud.npy into aud_train/aud_novel.npy."""
+
+
+def _inputs(number: int) -> set[int]:
+    """Every task whose outputs task `number` reads, required or not."""
+    if number == FEATURES_TASK.number:
+        return {AUDIO_TASK.number}
+    if number in (AUDIO_TASK.number, FRAMES_TASK.number):
+        return set()
+    return _READS.get(number, {FRAMES_TASK.number}) | _OPTIONAL_READS.get(number, set())
+
+
+def _inputs_redone(number: int, meta: dict) -> bool:
+    """Whether a task that `number` read was run again after it (e.g. task 2 with other audio features, task 8
+    with --force): then `number`'s outputs are stale. Each run gets a number (meta "task_runs") and records the
+    run numbers of its inputs (meta "task_inputs"); datasets from before this bookkeeping are taken as current."""
+    recorded = meta.get("task_inputs", {}).get(str(number))
+    if recorded is None:
+        return False
+    runs = meta.get("task_runs", {})
+    return any(runs.get(m) != run for m, run in recorded.items())
 
 
 def _requirements(number: int, by_number: dict[int, Task]) -> set[int]:
@@ -323,6 +339,10 @@ def _run_task(task: Task, video: Path, layout: DatasetLayout, meta: dict, config
         shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
     task_meta["tasks_complete"] = sorted(set(task_meta["tasks_complete"]) | {task.number})
+    runs = task_meta.setdefault("task_runs", {})
+    task_meta.setdefault("task_inputs", {})[str(task.number)] = {str(m): runs.get(str(m))
+                                                                  for m in sorted(_inputs(task.number))}
+    runs[str(task.number)] = max(runs.values(), default=0) + 1
     task_meta.setdefault("task_seconds", {})[str(task.number)] = round(seconds, 2)
     write_meta(layout, task_meta)
     _log(show_progress, f"{label}: done in {seconds:.1f} s")
