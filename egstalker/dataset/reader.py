@@ -209,14 +209,31 @@ class TalkingDataset:
         points = read_landmarks(self.layout.landmarks(int(self.frame_ids[k])))
         return points * np.array([self.width / self.source_width, self.height / self.source_height], np.float32)
 
-    def lip_box(self, k: int, margin: float = 0.25) -> np.ndarray:
+    def lip_box(self, k: int, margin: float = 0.25, points: np.ndarray | None = None) -> np.ndarray:
         """[4] int64 (x0, y0, x1, y1) box around landmarks 48-67 (x1/y1 exclusive), clipped to the image."""
-        mouth = self.landmarks(k)[48:68]
+        mouth = (self.landmarks(k) if points is None else points)[48:68]
         lo, hi = mouth.min(0), mouth.max(0)
         pad = (hi - lo) * margin
         lo = np.clip(np.floor(lo - pad), 0, [self.width - 1, self.height - 1])
         hi = np.maximum(np.minimum(np.ceil(hi + pad), [self.width, self.height]), lo + 1)
         return np.concatenate([lo, hi]).astype(np.int64)
+
+    def mouth_shape(self, k: int, points: np.ndarray | None = None) -> np.ndarray:
+        """[3] float32 tracked mouth shape of frame k: `mouth_shape(landmarks)`."""
+        return mouth_shape(self.landmarks(k) if points is None else points)
+
+
+MOUTH_SHAPE_NAMES = ("inner_opening", "outer_opening", "width")
+
+
+def mouth_shape(points: np.ndarray) -> np.ndarray:
+    """[..., 68, 2] landmarks -> [..., 3] float32: inner-lip gap (62-66), outer-lip gap (51-57) and mouth width
+    (48-54), each over the outer eye-corner distance (36-45), so head size and distance to the camera cancel."""
+    def dist(a: int, b: int) -> np.ndarray:
+        return np.linalg.norm(points[..., a, :] - points[..., b, :], axis=-1)
+
+    eyes = np.maximum(dist(36, 45), 1e-6)
+    return (np.stack([dist(62, 66), dist(51, 57), dist(48, 54)], axis=-1) / eyes[..., None]).astype(np.float32)
 
 
 def _load_json(path: Path, root: Path, name: str) -> dict:
@@ -337,6 +354,7 @@ class FrameDataset(torch.utils.data.Dataset):
         background: [H, W, 3] float32 torso/neck of this frame over bc.jpg (what the head is rendered over).
         head_mask: [H, W, 1] float32 head (face + hair) mask from parsing.
         lip_box: [4] int64 (x0, y0, x1, y1) around landmarks 48-67.
+        mouth_shape: [3] float32 tracked mouth opening and width (`mouth_shape`).
         viewmat: [4, 4] world-to-camera (OpenCV axes); K: [3, 3].
         audio: [window, *feature_shape] float32 features around the frame (edges clamped).
         au45: float32 eye blink in [0, 1].
@@ -366,7 +384,9 @@ class FrameDataset(torch.utils.data.Dataset):
             sample["image"] = torch.from_numpy(d.image(k))
             sample["background"] = torch.from_numpy(d.torso_composite(k))
             sample["head_mask"] = torch.from_numpy(d.head_mask(k))[..., None]
-            sample["lip_box"] = torch.from_numpy(d.lip_box(k))
+            points = d.landmarks(k)
+            sample["lip_box"] = torch.from_numpy(d.lip_box(k, points=points))
+            sample["mouth_shape"] = torch.from_numpy(d.mouth_shape(k, points=points))
         return sample
 
 

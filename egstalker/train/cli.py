@@ -60,4 +60,7 @@ def run(args: argparse.Namespace) -> int:
             else "n/a")
     print(f"model written to {result.model_dir}: {result.steps} iterations, {result.n_gaussians} Gaussians, "
           f"held-out PSNR {psnr}, {result.seconds:.0f} s ({result.iterations_per_second:.1f} it/s)")
+    if result.val_mouth_probe_corr is not None:
+        print(f"held-out mouth opening predicted from the audio alone (the mouth probe): correlation "
+              f"{result.val_mouth_probe_corr:.2f}")
     return 0

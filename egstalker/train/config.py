@@ -122,6 +122,10 @@ class LossConfig:
     """L1 between the rendered head alpha and the head mask from parsing (keeps the head off the torso)."""
     plane_tv: float = 1e-4
     """Total-variation smoothness of the hex-plane grids."""
+    mouth_probe: float = 0.05
+    """Mean squared error of a linear readout from the audio adapter's code to the frame's tracked mouth shape
+    (standardised lip gaps and width; `egstalker.train.mouth_probe`): direct lip-sync supervision for the audio
+    path, training only. 0 disables it."""
     max_loss: float = 10.0
     """A loss above this (or NaN) stops training with an error, keeping the last good checkpoint."""
 

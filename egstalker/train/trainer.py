@@ -32,6 +32,7 @@ from egstalker.model.init import dense_head_points
 from egstalker.train import losses
 from egstalker.train.config import TrainConfig
 from egstalker.train.densify import DensifyStrategy
+from egstalker.train.mouth_probe import MouthProbe, probe_correlation, training_mouth_shapes
 
 CHECKPOINT_VERSION = 1
 
@@ -45,6 +46,8 @@ class TrainResult:
     """Mean held-out PSNR (dB) on the full frame (up to schedule.eval_frames frames)."""
     val_psnr_head: float | None
     """The same inside the head mask."""
+    val_mouth_probe_corr: float | None
+    """Held-out correlation of the mouth probe's inner-lip gap with the tracked one (None without the probe)."""
     seconds: float
     iterations_per_second: float
     gaussian_counts: list[tuple[int, int]]
@@ -95,8 +98,8 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def make_optimizer(model: GaussianHead, config: TrainConfig) -> torch.optim.Adam:
-    """One Adam group per Gaussian parameter (densification swaps them), plus planes and network."""
+def make_optimizer(model: GaussianHead, config: TrainConfig, probe: MouthProbe | None = None) -> torch.optim.Adam:
+    """One Adam group per Gaussian parameter (densification swaps them), plus planes, network and mouth probe."""
     o, radius = config.optim, model.spec.head_radius
     lrs = {"means": o.means_lr * radius, "scales": o.scales_lr, "quats": o.quats_lr,
            "opacities": o.opacities_lr, "sh0": o.sh0_lr, "shN": o.shN_lr}
@@ -106,6 +109,8 @@ def make_optimizer(model: GaussianHead, config: TrainConfig) -> torch.optim.Adam
     network = [p for p in model.deformation.parameters() if id(p) not in plane_ids]
     groups.append({"name": "planes", "params": planes, "lr": o.planes_lr})
     groups.append({"name": "network", "params": network, "lr": o.network_lr})
+    if probe is not None:
+        groups.append({"name": "probe", "params": list(probe.parameters()), "lr": o.network_lr})
     return torch.optim.Adam(groups, lr=0.0, eps=1e-15)
 
 
@@ -123,7 +128,7 @@ def update_learning_rates(optimizer, config: TrainConfig, radius: float, step: i
     for group in optimizer.param_groups:
         if group["name"] == "means":
             group["lr"] = _log_lerp(o.means_lr * radius, o.means_lr_final * radius, step / total)
-        elif group["name"] == "network":
+        elif group["name"] in ("network", "probe"):
             group["lr"] = _log_lerp(o.network_lr, o.network_lr_final, fine_t)
         elif group["name"] == "planes":
             group["lr"] = _log_lerp(o.planes_lr, o.planes_lr * o.network_lr_final / o.network_lr, fine_t)
@@ -191,7 +196,17 @@ class Trainer:
         else:
             self.model = self._initial_model()
         self.model.to(self.device)
-        self.optimizer = make_optimizer(self.model, config)
+        self.probe: MouthProbe | None = None
+        if resume and "probe" not in state:
+            config.loss.mouth_probe = 0.0  # a run started before the probe existed continues without it
+        if config.loss.mouth_probe > 0:
+            shapes = None if resume else training_mouth_shapes(self.train_data)
+            self.probe = MouthProbe(self.model.spec.audio_width, shapes)
+            if resume:
+                self.probe.load_state_dict(state["probe"])
+            self.probe.to(self.device)
+        self._val_mouth_shapes: np.ndarray | None = None
+        self.optimizer = make_optimizer(self.model, config, self.probe)
         self.strategy = DensifyStrategy(config.densify, self.model.spec.head_radius, stop=config.densify_stop,
                                         reset_until=config.coarse_iterations)
         if resume:
@@ -272,6 +287,8 @@ class Trainer:
             "strategy": self.strategy.state_dict(), "rng": _rng_state(), "config": to_dict(self.config),
             "gaussian_counts": self.gaussian_counts,
         }
+        if self.probe is not None:
+            state["probe"] = self.probe.state_dict()
         self.model.spec.n_gaussians = len(self.model.gaussians)
         state["spec"] = self.model.spec.to_json()
         path = self.checkpoint_dir / f"step_{self.step:07d}.pt"
@@ -303,8 +320,23 @@ class Trainer:
                 mask = batch["head_mask"][b, ..., 0] > 0.5
                 if mask.any():
                     head_values.append(psnr(out.image[b][mask], batch["image"][b][mask]))
+        scores = {"psnr": float(np.mean(values)), "psnr_head": float(np.mean(head_values)) if head_values else 0.0}
+        if self.probe is not None:
+            scores["mouth_probe_corr"] = self._probe_correlation()
         self.model.train()
-        return {"psnr": float(np.mean(values)), "psnr_head": float(np.mean(head_values)) if head_values else 0.0}
+        return scores
+
+    @torch.no_grad()
+    def _probe_correlation(self) -> float:
+        """How well the adapter's code predicts the held-out frames' inner-lip gap (through the probe)."""
+        data = self.val_data
+        if self._val_mouth_shapes is None:
+            self._val_mouth_shapes = training_mouth_shapes(data)
+        c = self.config.data
+        windows = np.stack([data.audio_window(int(a), c.audio_window, c.future_rows) for a in data.audio_ids])
+        codes = self.model.deformation.token_encoder.audio(torch.from_numpy(windows).to(self.device))
+        predicted = self.probe(codes).cpu().numpy()
+        return probe_correlation(predicted, self._val_mouth_shapes)
 
     def _render(self, batch: dict, dynamic: bool, track: bool = False):
         return self.model.render(batch["viewmat"], batch["K"], self.width, self.height, batch["background"],
@@ -326,6 +358,10 @@ class Trainer:
                     self._perceptual = losses.PerceptualLoss().to(self.device).eval()
             terms["perceptual"] = self._perceptual(pred, gt)
             weights["perceptual"] = lc.perceptual
+        if self.probe is not None:
+            codes = self.model.deformation.token_encoder.audio(batch["audio"])
+            terms["mouth_probe"] = self.probe.loss(codes, batch["mouth_shape"])
+            weights["mouth_probe"] = lc.mouth_probe
         if dynamic and lc.plane_tv > 0:
             terms["plane_tv"] = self.model.deformation.field.total_variation()
             weights["plane_tv"] = lc.plane_tv
@@ -404,6 +440,8 @@ class Trainer:
                     scores = self.evaluate(c.schedule.eval_frames)
                     writer.add_scalar("val/psnr", scores["psnr"], step)
                     writer.add_scalar("val/psnr_head", scores["psnr_head"], step)
+                    if "mouth_probe_corr" in scores:
+                        writer.add_scalar("val/mouth_probe_corr", scores["mouth_probe_corr"], step)
                 if step % c.schedule.checkpoint_every == 0 and step < end:
                     last_good = self.save_checkpoint()
                 if probe_at is not None and step >= probe_at and (step == probe_at or step % 100 == 0):
@@ -432,11 +470,14 @@ class Trainer:
         scores = self.evaluate(c.schedule.eval_frames)
         writer.add_scalar("val/psnr", scores["psnr"], self.step)
         writer.add_scalar("val/psnr_head", scores["psnr_head"], self.step)
+        if "mouth_probe_corr" in scores:
+            writer.add_scalar("val/mouth_probe_corr", scores["mouth_probe_corr"], self.step)
         writer.add_scalar("gaussians/count", len(self.model.gaussians), self.step)
         writer.close()
         steps_done = self.step - start_step
         return TrainResult(model_dir=self.model_dir, steps=self.step, n_gaussians=len(self.model.gaussians),
-                           val_psnr=scores["psnr"], val_psnr_head=scores["psnr_head"], seconds=seconds,
+                           val_psnr=scores["psnr"], val_psnr_head=scores["psnr_head"],
+                           val_mouth_probe_corr=scores.get("mouth_probe_corr"), seconds=seconds,
                            iterations_per_second=steps_done / seconds if seconds > 0 and steps_done else 0.0,
                            gaussian_counts=list(self.gaussian_counts))
 
