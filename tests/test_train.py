@@ -124,6 +124,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(small_dataset, t
     assert a["model"]["gaussians.params.means"].shape == b["model"]["gaussians.params.means"].shape
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+    for key, value in a["probe"].items():  # the mouth probe (training only) resumes too
+        assert torch.equal(value, b["probe"][key]), key
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])
     assert a["gaussian_counts"][-1] == b["gaussian_counts"][-1]
