@@ -163,7 +163,8 @@ def test_eval_psnr_equals_independent_computation(small_model, tmp_path, capsys)
         truth = cv2.cvtColor(cv2.resize(bgr, (head.width, head.height), interpolation=cv2.INTER_AREA),
                              cv2.COLOR_BGR2RGB).astype(np.float64)
         psnrs.append(10 * np.log10(255.0**2 / np.mean((render - truth) ** 2)))
-    assert result.psnr == pytest.approx(float(np.mean(psnrs)), abs=1e-6)
+    # eval averages in float32, this in float64: equal to 1e-4 dB (a wrong or shifted frame moves it by > 0.01)
+    assert result.psnr == pytest.approx(float(np.mean(psnrs)), abs=1e-4)
     assert 0 < result.ssim <= 1 and 0 < result.lpips < 1 and result.fps > 0
     # the report exists with its plots, frames and video
     page = (tmp_path / "report" / "index.html").read_text()
