@@ -144,6 +144,10 @@ def test_bad_configs_get_clear_errors(small_dataset, tmp_path):
     bad.optim.means_lr = 0.0
     with pytest.raises(EgstalkerError, match="means_lr"):
         train(small_dataset, tmp_path / "b", bad, show_progress=False)
+    bad = tiny_config(10)
+    bad.loss.mouth_probe = -0.1
+    with pytest.raises(EgstalkerError, match="loss.mouth_probe must be >= 0"):
+        train(small_dataset, tmp_path / "p", bad, show_progress=False)
     path = tmp_path / "config.json"
     save_config(tiny_config(10), path)
     data = json.loads(path.read_text())

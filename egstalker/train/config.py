@@ -186,6 +186,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise EgstalkerError(f"invalid training config: {message}")
+        for name in ("l1", "dssim", "lip_l1", "perceptual", "alpha", "plane_tv", "mouth_probe"):
+            if not getattr(self.loss, name) >= 0:
+                raise EgstalkerError(f"invalid training config: loss.{name} must be >= 0 (0 turns the term off)")
         for name in ("means_lr", "scales_lr", "quats_lr", "opacities_lr", "sh0_lr", "planes_lr", "network_lr"):
             if not getattr(self.optim, name) > 0:
                 raise EgstalkerError(f"invalid training config: optim.{name} must be > 0")
