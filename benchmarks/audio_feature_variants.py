@@ -12,8 +12,8 @@ cross-validation over the whole clip, and the held-out last 1/11 (the benchmark'
 - `+allphone`: a second phone track from pocketsphinx's phone-loop decoder (no words; its own language model
   of phone sequences, shipped in the wheel), beside the word-aligned one;
 - windows of 4 to 16 rows with more or fewer future rows;
-- a learning curve: the held-out fit from the last 25/50/75/100% of the training frames (averaged over 4
-  contiguous stretches below 100%), to see what a longer recording would give.
+- a learning curve: the held-out fit from 25/50/75/100% of the training frames (contiguous stretches; below
+  100%, four of them spread over the clip, averaged), to see what a longer recording would give.
 
     python benchmarks/audio_feature_variants.py /tmp/ds/lieu /tmp/ds/obama
         --json benchmarks/results/audio_feature_variants.json
