@@ -77,12 +77,18 @@ def test_training_keeps_the_probe_and_reports_it(small_dataset, tmp_path):
     from egstalker.train.trainer import train
 
     config = tiny_config(4)
+    config.schedule.coarse_fraction = 1.0  # static head only: no image loss reaches the audio adapter
     assert config.loss.mouth_probe > 0
     result = train(small_dataset, tmp_path / "with", config, show_progress=False)
     assert -1.0 <= result.val_mouth_probe_corr <= 1.0
     state = torch.load(tmp_path / "with" / "checkpoints" / "step_0000004.pt", weights_only=False)
+    first = torch.load(tmp_path / "with" / "checkpoints" / "step_0000000.pt", weights_only=False)
     assert state["probe"]["linear.weight"].shape == (3, 32)
     assert (state["probe"]["shape_std"] > 0).all()
+    # the optimiser trains the probe, and through it the audio adapter (which only the probe reaches here)
+    assert not torch.equal(state["probe"]["linear.weight"], first["probe"]["linear.weight"])
+    key = "deformation.token_encoder.audio.frame_net.0.weight"
+    assert not torch.equal(state["model"][key], first["model"][key])
 
     # an older run: no probe in its checkpoints, no mouth_probe field in its saved config
     config = tiny_config(4)
