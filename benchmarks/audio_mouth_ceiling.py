@@ -45,9 +45,9 @@ sys.path.insert(0, str(ROOT))
 
 def mouth_openings(data) -> np.ndarray:
     """[frames] inner-lip gap (iBUG 62-66) over the outer eye-corner distance (36-45), per frame of a split."""
-    points = np.stack([data.landmarks(k) for k in range(len(data))])
-    return (np.linalg.norm(points[:, 62] - points[:, 66], axis=-1)
-            / np.linalg.norm(points[:, 36] - points[:, 45], axis=-1)).astype(np.float32)
+    from egstalker.train.mouth_probe import split_mouth_shapes
+
+    return split_mouth_shapes(data)[:, 0]
 
 
 def windows(features: np.ndarray, audio_ids: np.ndarray, size: int, future: int) -> np.ndarray:

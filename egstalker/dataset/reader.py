@@ -218,10 +218,6 @@ class TalkingDataset:
         hi = np.maximum(np.minimum(np.ceil(hi + pad), [self.width, self.height]), lo + 1)
         return np.concatenate([lo, hi]).astype(np.int64)
 
-    def mouth_shape(self, k: int, points: np.ndarray | None = None) -> np.ndarray:
-        """[3] float32 tracked mouth shape of frame k: `mouth_shape(landmarks)`."""
-        return mouth_shape(self.landmarks(k) if points is None else points)
-
 
 MOUTH_SHAPE_NAMES = ("inner_opening", "outer_opening", "width")
 
@@ -386,7 +382,7 @@ class FrameDataset(torch.utils.data.Dataset):
             sample["head_mask"] = torch.from_numpy(d.head_mask(k))[..., None]
             points = d.landmarks(k)
             sample["lip_box"] = torch.from_numpy(d.lip_box(k, points=points))
-            sample["mouth_shape"] = torch.from_numpy(d.mouth_shape(k, points=points))
+            sample["mouth_shape"] = torch.from_numpy(mouth_shape(points))
         return sample
 
 

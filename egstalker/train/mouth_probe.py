@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from egstalker.dataset.reader import MOUTH_SHAPE_NAMES, TalkingDataset, mouth_shape, read_landmarks
+from egstalker.dataset.reader import MOUTH_SHAPE_NAMES, TalkingDataset, mouth_shape
 
 
-def training_mouth_shapes(data: TalkingDataset) -> np.ndarray:
-    """[n, 3] mouth shape of every frame of a split (reads its landmark files)."""
-    return np.stack([mouth_shape(read_landmarks(data.layout.landmarks(int(i)))) for i in data.frame_ids])
+def split_mouth_shapes(data: TalkingDataset) -> np.ndarray:
+    """[n, 3] mouth shape of every frame of a split, as FrameDataset gives it (reads the landmark files)."""
+    return np.stack([mouth_shape(data.landmarks(k)) for k in range(len(data))])
 
 
 class MouthProbe(nn.Module):

@@ -32,7 +32,7 @@ from egstalker.model.init import dense_head_points
 from egstalker.train import losses
 from egstalker.train.config import TrainConfig
 from egstalker.train.densify import DensifyStrategy
-from egstalker.train.mouth_probe import MouthProbe, probe_correlation, training_mouth_shapes
+from egstalker.train.mouth_probe import MouthProbe, probe_correlation, split_mouth_shapes
 
 CHECKPOINT_VERSION = 1
 
@@ -200,7 +200,7 @@ class Trainer:
         if resume and "probe" not in state:
             config.loss.mouth_probe = 0.0  # a run started before the probe existed continues without it
         if config.loss.mouth_probe > 0:
-            shapes = None if resume else training_mouth_shapes(self.train_data)
+            shapes = None if resume else split_mouth_shapes(self.train_data)
             self.probe = MouthProbe(self.model.spec.audio_width, shapes)
             if resume:
                 self.probe.load_state_dict(state["probe"])
@@ -331,7 +331,7 @@ class Trainer:
         """How well the adapter's code predicts the held-out frames' inner-lip gap (through the probe)."""
         data = self.val_data
         if self._val_mouth_shapes is None:
-            self._val_mouth_shapes = training_mouth_shapes(data)
+            self._val_mouth_shapes = split_mouth_shapes(data)
         c = self.config.data
         windows = np.stack([data.audio_window(int(a), c.audio_window, c.future_rows) for a in data.audio_ids])
         codes = self.model.deformation.token_encoder.audio(torch.from_numpy(windows).to(self.device))
@@ -359,6 +359,8 @@ class Trainer:
             terms["perceptual"] = self._perceptual(pred, gt)
             weights["perceptual"] = lc.perceptual
         if self.probe is not None:
+            # a second pass of the small audio adapter (B windows, negligible beside rendering) keeps the model's
+            # forward free of training-only outputs
             codes = self.model.deformation.token_encoder.audio(batch["audio"])
             terms["mouth_probe"] = self.probe.loss(codes, batch["mouth_shape"])
             weights["mouth_probe"] = lc.mouth_probe
