@@ -18,8 +18,8 @@ on held-out frames rendered with their own tracked poses the mouth can open with
     python benchmarks/audio_mouth_ceiling.py /tmp/ds/lieu /tmp/ds/obama --lookaheads --pose --epochs 150
         --seeds 2 --json benchmarks/results/pose_mouth_leak.json
 
-With --mel and oww look-aheads both given, each oww look-ahead concatenated with mel is scored too
-(`mel+oww@...`). --phones adds the `mel_phones` encoder (mel + English phone labels; its 1 s look-ahead counts in
+With --mel (or --phones) and oww look-aheads both given, each oww look-ahead concatenated with mel (mel_phones) is
+scored too (`mel+oww@...`, `mel_phones+oww@...`). --phones adds the `mel_phones` encoder (mel + English phone labels; its 1 s look-ahead counts in
 lookahead_ms). --folds K scores ridge fits by contiguous K-fold cross-validation over every frame of the clip
 instead of the one held-out split (a 1.8 s split leaves the correlation uncertain by +-0.4):
 
@@ -130,11 +130,11 @@ def main() -> None:
 
             encoders["mel_phones"] = MelPhonesEncoder()
         rows = []
-        # every encoder's features, and mel concatenated with each oww look-ahead (when both are asked for)
+        # every encoder's features, and mel / mel_phones concatenated with each oww look-ahead (when both are asked for)
         feats = {name: ((encoder.encode(wav),), encoder.lookahead_seconds) for name, encoder in encoders.items()}
-        if "mel" in feats:
+        for base in [b for b in ("mel", "mel_phones") if b in feats]:
             for name in [n for n in feats if n.startswith("oww")]:
-                feats[f"mel+{name}"] = (feats["mel"][0] + feats[name][0], max(feats["mel"][1], feats[name][1]))
+                feats[f"{base}+{name}"] = (feats[base][0] + feats[name][0], max(feats[base][1], feats[name][1]))
         if args.folds:
             ids = np.concatenate([train_a, val_a])
             y = np.concatenate([y_train, y_val])
