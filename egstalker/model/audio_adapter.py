@@ -24,13 +24,16 @@ class AudioAdapter(nn.Module):
         torch.Size([2, 32])
     """
 
-    def __init__(self, feature_shape: tuple[int, ...], window: int, width: int = 32, hidden: int = 128):
+    def __init__(self, feature_shape: tuple[int, ...], window: int, width: int = 32, hidden: int = 128,
+                 input_dropout: float = 0.0):
         super().__init__()
         self.feature_shape = tuple(int(s) for s in feature_shape)
         self.window = int(window)
         in_dim = math.prod(self.feature_shape)
         self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.register_buffer("feature_std", torch.ones(in_dim))
+        # training only: a minute of speech is few examples for a few hundred input values per frame
+        self.input_dropout = nn.Dropout(input_dropout)
         self.frame_net = nn.Sequential(
             nn.Linear(in_dim, hidden), nn.LeakyReLU(0.02), nn.Linear(hidden, width), nn.LeakyReLU(0.02))
         self.temporal = nn.Conv1d(width, width, kernel_size=3, padding=1)
@@ -47,7 +50,7 @@ class AudioAdapter(nn.Module):
         b, w = windows.shape[:2]
         if tuple(windows.shape[2:]) != self.feature_shape:
             raise ValueError(f"audio features of shape {tuple(windows.shape[2:])}, model expects {self.feature_shape}")
-        flat = (windows.reshape(b, w, -1).float() - self.feature_mean) / self.feature_std
+        flat = self.input_dropout((windows.reshape(b, w, -1).float() - self.feature_mean) / self.feature_std)
         codes = self.frame_net(flat).transpose(1, 2)  # [B, width, W]
         codes = codes + self.temporal(codes)
         weights = torch.softmax(self.attention(codes), dim=-1)  # [B, 1, W]

@@ -57,10 +57,10 @@ class TokenEncoder(nn.Module):
     """Per-frame inputs -> [B, 4, d_model] tokens (audio, eye, camera, null)."""
 
     def __init__(self, feature_shape: tuple[int, ...], window: int, d_model: int, audio_width: int,
-                 pose_dropout: float = 0.0):
+                 pose_dropout: float = 0.0, audio_dropout: float = 0.0):
         super().__init__()
         self.pose_dropout = float(pose_dropout)
-        self.audio = AudioAdapter(feature_shape, window, width=audio_width)
+        self.audio = AudioAdapter(feature_shape, window, width=audio_width, input_dropout=audio_dropout)
         self.audio_proj = nn.Linear(audio_width, d_model)
         self.eye_frequencies = 16
         self.eye_proj = nn.Linear(2 * self.eye_frequencies, d_model)
@@ -108,13 +108,14 @@ class DeformationNetwork(nn.Module):
 
     def __init__(self, field: TriPlaneField, feature_shape: tuple[int, ...], window: int, d_model: int = 64,
                  n_heads: int = 4, ffn_width: int = 128, dropout: float = 0.1, audio_width: int = 32,
-                 head_width: int = 128, n_color: int = 3, position_scale: float = 1.0, pose_dropout: float = 0.0):
+                 head_width: int = 128, n_color: int = 3, position_scale: float = 1.0, pose_dropout: float = 0.0,
+                 audio_dropout: float = 0.0):
         super().__init__()
         self.field = field
         self.d_model, self.n_heads = d_model, n_heads
         self.head_dim = d_model // n_heads
         self.position_scale = float(position_scale)
-        self.token_encoder = TokenEncoder(feature_shape, window, d_model, audio_width, pose_dropout)
+        self.token_encoder = TokenEncoder(feature_shape, window, d_model, audio_width, pose_dropout, audio_dropout)
         self.feature_in = nn.Linear(field.out_dim, d_model)
         self.query_norm = nn.LayerNorm(d_model)
         self.to_q = nn.Linear(d_model, d_model)

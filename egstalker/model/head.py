@@ -38,6 +38,8 @@ class ModelSpec:
     head_width: int = 128
     pose_dropout: float = 0.0
     """Training only: probability of replacing a frame's pose token with the null token."""
+    audio_dropout: float = 0.0
+    """Training only: dropout on the audio adapter's standardised input features."""
     head_radius: float = 1.0
     """Radius of the head in canonical units (sets the scale of position offsets and learning rates)."""
     audio_future: int | None = None
@@ -107,7 +109,7 @@ class GaussianHead(nn.Module):
             field, spec.feature_shape, spec.audio_window, d_model=spec.d_model, n_heads=spec.n_heads,
             ffn_width=spec.ffn_width, dropout=spec.dropout, audio_width=spec.audio_width,
             head_width=spec.head_width, n_color=3, position_scale=0.1 * spec.head_radius,
-            pose_dropout=spec.pose_dropout)
+            pose_dropout=spec.pose_dropout, audio_dropout=spec.audio_dropout)
         self._cache: SpatialCache | None = None
 
     @classmethod

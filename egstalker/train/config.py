@@ -67,6 +67,9 @@ class ModelConfig:
     """Per-frame width of the audio adapter's output (before the window attention)."""
     head_width: int = 128
     """Hidden width of the offset heads (position, scale, rotation, opacity, colour)."""
+    audio_dropout: float = 0.0
+    """Training only: share of the audio adapter's standardised input values zeroed per frame (regularises
+    the audio -> mouth map learned from a minute of speech; docs/model.md "Lip sync")."""
     pose_dropout: float = 0.0
     """Probability of hiding a training frame's pose token (so the mouth cannot key on memorised poses).
     Measured once on the H100 (with lip_l1 1.0, coarse 0.1): mouth corr obama 0.73 -> 0.90 but lieu
@@ -177,6 +180,8 @@ class TrainConfig:
             (self.init.n_frames >= 1, "init.n_frames must be >= 1"),
             (self.model.sh_degree in (0, 1, 2, 3), "model.sh_degree must be 0..3"),
             (self.model.d_model % self.model.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
+            (all(0.0 <= getattr(self.model, k) < 1.0 for k in ("dropout", "audio_dropout", "pose_dropout")),
+             "model.dropout, model.audio_dropout and model.pose_dropout must be in [0, 1)"),
             (len(self.model.plane_resolutions) >= 1, "model.plane_resolutions needs at least one resolution"),
             (self.densify.max_gaussians >= 100, "densify.max_gaussians must be >= 100"),
             (self.loss.max_loss > 0, "loss.max_loss must be > 0"),
