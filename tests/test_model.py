@@ -59,6 +59,19 @@ def test_audio_adapter_takes_any_feature_shape(shape):
         adapter(torch.randn(3, 8, 7))
 
 
+def test_audio_input_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    plain = AudioAdapter((96,), window=8, width=32)
+    dropped = AudioAdapter((96,), window=8, width=32, input_dropout=0.3)
+    dropped.load_state_dict(plain.state_dict())  # same weights: dropout adds no parameters
+    x = torch.randn(4, 8, 96)
+    plain.eval(), dropped.eval()
+    assert torch.equal(dropped(x), plain(x))  # inference: no dropout
+    dropped.train()
+    a, b = dropped(x), dropped(x)
+    assert not torch.allclose(a, b) and not torch.allclose(a, plain(x))
+
+
 def test_triplane_features_have_64_dims_and_respond_to_position():
     field = TriPlaneField(torch.zeros(3), torch.ones(3), channels=32, resolutions=(64, 128))
     pts = torch.rand(100, 3) * 2 - 1

@@ -148,6 +148,10 @@ def test_bad_configs_get_clear_errors(small_dataset, tmp_path):
     bad.loss.mouth_probe = -0.1
     with pytest.raises(EgstalkerError, match="loss.mouth_probe must be >= 0"):
         train(small_dataset, tmp_path / "p", bad, show_progress=False)
+    bad = tiny_config(10)
+    bad.model.audio_dropout = 1.0
+    with pytest.raises(EgstalkerError, match="audio_dropout .* must be in \\[0, 1\\)"):
+        train(small_dataset, tmp_path / "q", bad, show_progress=False)
     path = tmp_path / "config.json"
     save_config(tiny_config(10), path)
     data = json.loads(path.read_text())

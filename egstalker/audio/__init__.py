@@ -29,12 +29,11 @@ LEGACY_DEFAULT_ENCODER = "oww"
 """What an unnamed ("default") encoder meant before `mel` became the default: datasets and model folders that
 recorded no name, or the word "default", were made with it."""
 
-ENCODERS = ("oww", "mel", "mel_phones", "mel_phones_oww", "wav2vec2", "hubert", "deepspeech")
+ENCODERS = ("oww", "mel", "mel_phones", "wav2vec2", "hubert", "deepspeech")
 WEIGHTS_HELP = {
     "oww": "none (ships with openwakeword)",
     "mel": "none",
     "mel_phones": "none (pocketsphinx's English models ship in its wheel)",
-    "mel_phones_oww": "none (pocketsphinx's and openwakeword's models ship in their wheels)",
     "wav2vec2": "a local model folder (default: facebook/wav2vec2-base from the local Hugging Face cache)",
     "hubert": "a local model folder (default: facebook/hubert-base-ls960 from the local Hugging Face cache)",
     "deepspeech": "the path of an existing aud_ds.npy [N, 16, 29] (required)",
@@ -69,10 +68,6 @@ def get_encoder(name: str | None = None, weights: str | Path | None = None) -> A
         from egstalker.audio.phones import MelPhonesEncoder
 
         return MelPhonesEncoder()
-    if name == "mel_phones_oww":
-        from egstalker.audio.phones import MelPhonesOwwEncoder
-
-        return MelPhonesOwwEncoder()
     if name in ("wav2vec2", "hubert"):
         from egstalker.audio.transformer import TransformerEncoder
 

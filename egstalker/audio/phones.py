@@ -124,36 +124,3 @@ class MelPhonesEncoder(AudioEncoder):
                 labels[phone.start:phone.start + phone.duration] = index.get(phone.name, 0)
         labels[quiet] = 0
         return labels
-
-
-SPEECH_EMBEDDING_LOOKAHEAD_SECONDS = 0.36
-"""Where `mel_phones_oww` places openwakeword's 782 ms embedding window: ending 360 ms after the frame's slot, so
-the slot sits near the window's middle (where its information is). Within mel_phones' 1 s look-ahead: free."""
-
-
-class MelPhonesOwwEncoder(MelPhonesEncoder):
-    """`mel_phones_oww`: `mel_phones` plus openwakeword's shipped 96-d speech embedding (`oww`) of a window
-    centred near the frame. The embedding was trained on thousands of voices and adds what the phone labels
-    round off (how open a vowel is, coarticulation); a linear fit from the audio window to the mouth opening,
-    cross-validated over each clip, rises 0.68 -> 0.73 on lieu and 0.56 -> 0.63 on obama
-    (benchmarks/results/audio_mouth_ceiling_cv_phones_oww.json). Feature per frame: [360 + 96]."""
-
-    name = "mel_phones_oww"
-    feature_shape = (MelPhonesEncoder.feature_shape[0] + 96,)
-
-    def __init__(self):
-        super().__init__()
-        from egstalker.audio.oww import EMBED_DIM, OwwEncoder
-
-        assert self.feature_shape[0] == MelPhonesEncoder.feature_shape[0] + EMBED_DIM
-        self._embedding = OwwEncoder(SPEECH_EMBEDDING_LOOKAHEAD_SECONDS)
-        assert self._embedding.context_seconds <= self.context_seconds
-        assert self._embedding.lookahead_seconds <= self.lookahead_seconds
-
-    def describe(self) -> dict:
-        return {**super().describe(), "speech_embedding": {"name": "oww",
-                                                           "lookahead_seconds": self._embedding.lookahead_seconds}}
-
-    def _encode(self, wav: np.ndarray, n_frames: int) -> np.ndarray:
-        return np.hstack([super()._encode(wav, n_frames), self._embedding._encode(wav, n_frames)])
-

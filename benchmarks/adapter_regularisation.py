@@ -1,0 +1,100 @@
+"""Does regularising the audio adapter help it generalise? The adapter and mouth probe alone, on a CPU.
+
+A trained head's lip sync follows what its audio adapter's code says about the mouth (the mouth probe's
+audio-only prediction is within 0.03 of the rendered score on every GPU run, docs/model.md). This trains just
+that path, `AudioAdapter` + `MouthProbe` (the model's own classes, window 8 with 3 future rows, Adam at the
+network's learning rate, batch 4), on a dataset's training frames and scores the probe's inner-lip gap on the
+held-out frames, over several seeds, with and without input dropout (`model.audio_dropout`). Minutes on 2 cores.
+
+    python benchmarks/adapter_regularisation.py /tmp/ds/lieu_ph /tmp/ds/obama_ph --dropouts 0 0.3 0.5
+        --json benchmarks/results/adapter_regularisation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from audio_mouth_ceiling import corr, windows  # noqa: E402
+
+
+def fit(train_x, train_y, val_x, statistics, dropout: float, seed: int, steps: int, lr: float = 5e-4):
+    """Held-out and training predictions of the inner-lip gap after `steps` Adam steps."""
+    import torch
+
+    from egstalker.model.audio_adapter import AudioAdapter
+    from egstalker.train.mouth_probe import MouthProbe
+
+    torch.manual_seed(seed)
+    adapter = AudioAdapter(tuple(train_x.shape[2:]), window=train_x.shape[1], input_dropout=dropout)
+    adapter.set_statistics(torch.as_tensor(statistics))  # the training frames' own rows, as the trainer does
+    probe = MouthProbe(32, train_y)
+    optimizer = torch.optim.Adam([*adapter.parameters(), *probe.parameters()], lr=lr)
+    x, y = torch.as_tensor(train_x), torch.as_tensor(train_y).float()
+    generator = torch.Generator().manual_seed(seed)
+    adapter.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (4,), generator=generator)
+        loss = probe.loss(adapter(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    adapter.eval()
+    with torch.no_grad():
+        return probe(adapter(torch.as_tensor(val_x))).numpy()[:, 0], probe(adapter(x)).numpy()[:, 0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("datasets", nargs="+", type=Path)
+    parser.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.3])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    from egstalker.dataset.reader import open_dataset
+    from egstalker.train.mouth_probe import split_mouth_shapes
+
+    torch.set_num_threads(2)
+    results = {"command": " ".join(sys.argv), "window": 8, "future_rows": 3, "steps": args.steps, "clips": {}}
+    for ds in args.datasets:
+        train, val = open_dataset(ds, "train"), open_dataset(ds, "val")
+        features = np.load(ds / "aud.npy").astype(np.float32)
+        features = features.reshape(len(features), -1)
+        dims = features.shape[1]
+        train_x = windows(features, train.audio_ids, 8, 3).reshape(len(train), 8, dims)
+        val_x = windows(features, val.audio_ids, 8, 3).reshape(len(val), 8, dims)
+        train_y, val_y = split_mouth_shapes(train), split_mouth_shapes(val)
+        rows = []
+        for dropout in args.dropouts:
+            t0 = time.perf_counter()
+            held, seen = [], []
+            for seed in range(args.seeds):
+                val_pred, train_pred = fit(train_x, train_y, val_x, features[np.unique(train.audio_ids)], dropout, seed,
+                                              args.steps)
+                held.append(round(corr(val_pred, val_y[:, 0]), 3))
+                seen.append(round(corr(train_pred, train_y[:, 0]), 3))
+            row = {"audio_dropout": dropout, "heldout_corr": held, "heldout_mean": round(float(np.mean(held)), 3),
+                   "train_mean": round(float(np.mean(seen)), 3)}
+            rows.append(row)
+            print(ds.name, json.dumps(row), f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        results["clips"][ds.name] = {"features": json.loads((ds / "meta.json").read_text())["audio_encoder"]["name"],
+                                     "train_frames": len(train), "val_frames": len(val), "rows": rows}
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
