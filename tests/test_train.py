@@ -131,6 +131,18 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(small_dataset, t
     assert a["gaussian_counts"][-1] == b["gaussian_counts"][-1]
 
 
+def test_audio_dropout_reaches_the_trained_model_and_its_folder(small_dataset, tmp_path):
+    from egstalker.model.folder import load_model
+
+    config = tiny_config(2)
+    config.model.audio_dropout = 0.3
+    train(small_dataset, tmp_path / "m", config, show_progress=False)
+    model, _ = load_model(tmp_path / "m")
+    assert model.spec.audio_dropout == 0.3
+    assert model.deformation.token_encoder.audio.input_dropout.p == 0.3
+    assert not model.training  # loaded for inference: no dropout
+
+
 def test_bad_configs_get_clear_errors(small_dataset, tmp_path):
     bad = tiny_config(10)
     bad.model.n_heads = 5

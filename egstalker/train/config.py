@@ -68,7 +68,7 @@ class ModelConfig:
     head_width: int = 128
     """Hidden width of the offset heads (position, scale, rotation, opacity, colour)."""
     audio_dropout: float = 0.0
-    """Training only: share of the audio adapter's standardised input values zeroed per frame, against
+    """Training only: dropout probability of each of the audio adapter's standardised input values, against
     overfitting the audio -> mouth map to a minute of speech. No measured gain on lieu (0.3: CPU probe readout
     0.715 vs 0.713, GPU renders the same on average), so off; docs/model.md "Three more tries"."""
     pose_dropout: float = 0.0
