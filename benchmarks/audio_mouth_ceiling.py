@@ -19,8 +19,8 @@ on held-out frames rendered with their own tracked poses the mouth can open with
         --seeds 2 --json benchmarks/results/pose_mouth_leak.json
 
 With --mel (or --phones) and oww look-aheads both given, each oww look-ahead concatenated with mel (mel_phones) is
-scored too (`mel+oww@...`, `mel_phones+oww@...`). --phones adds the `mel_phones` encoder (mel + English phone labels; its 1 s look-ahead counts in
-lookahead_ms). --folds K scores ridge fits by contiguous K-fold cross-validation over every frame of the clip
+scored too (`mel+oww@...`, `mel_phones+oww@...`). --phones adds the `mel_phones` encoder (mel + English phone
+labels; its 1 s look-ahead counts in lookahead_ms). --folds K scores ridge fits by contiguous K-fold cross-validation over every frame of the clip
 instead of the one held-out split (a 1.8 s split leaves the correlation uncertain by +-0.4):
 
     python benchmarks/audio_mouth_ceiling.py /tmp/ds/lieu /tmp/ds/obama --folds 5 --window 12 --futures 3 7

@@ -4,7 +4,8 @@ slot sits near the window's middle, where its information is; within mel_phones'
 
 A linear fit from this window to the mouth opening beat mel_phones on both clips (cross-validated: lieu 0.68 ->
 0.73, obama 0.56 -> 0.63; benchmarks/results/audio_mouth_ceiling_cv_phones_oww.json), but trained heads did not
-(benchmarks/results/train_phones_oww_h200.json; docs/model.md "Three more tries on the GPU"), so it is not an encoder of the package.
+(benchmarks/results/train_phones_oww_h200.json; docs/model.md "Three more tries on the GPU"), so it is not an
+encoder of the package.
 
     python benchmarks/phones_oww_overlay.py /tmp/ds/lieu_ph .carry_po/lieu_po
     (then train_quality_gpu.py device ... --features lieu_po)

@@ -144,26 +144,18 @@ def test_audio_dropout_reaches_the_trained_model_and_its_folder(small_dataset, t
 
 
 def test_bad_configs_get_clear_errors(small_dataset, tmp_path):
-    bad = tiny_config(10)
-    bad.model.n_heads = 5
-    with pytest.raises(EgstalkerError, match="d_model must be divisible"):
-        train(small_dataset, tmp_path / "a", bad, show_progress=False)
-    bad = tiny_config(10)
-    bad.data.audio_future = bad.data.audio_window
-    with pytest.raises(EgstalkerError, match="audio_future"):
-        train(small_dataset, tmp_path / "w", bad, show_progress=False)
-    bad = tiny_config(10)
-    bad.optim.means_lr = 0.0
-    with pytest.raises(EgstalkerError, match="means_lr"):
-        train(small_dataset, tmp_path / "b", bad, show_progress=False)
-    bad = tiny_config(10)
-    bad.loss.mouth_probe = -0.1
-    with pytest.raises(EgstalkerError, match="loss.mouth_probe must be >= 0"):
-        train(small_dataset, tmp_path / "p", bad, show_progress=False)
-    bad = tiny_config(10)
-    bad.model.audio_dropout = 1.0
-    with pytest.raises(EgstalkerError, match="audio_dropout .* must be in \\[0, 1\\)"):
-        train(small_dataset, tmp_path / "q", bad, show_progress=False)
+    breakages = [  # (section, field, value, what the error must say)
+        ("model", "n_heads", 5, "d_model must be divisible"),
+        ("data", "audio_future", 8, "audio_future"),  # = audio_window
+        ("optim", "means_lr", 0.0, "means_lr"),
+        ("loss", "mouth_probe", -0.1, "loss.mouth_probe must be >= 0"),
+        ("model", "audio_dropout", 1.0, r"audio_dropout .* must be in \[0, 1\)"),
+    ]
+    for k, (section, name, value, message) in enumerate(breakages):
+        bad = tiny_config(10)
+        setattr(getattr(bad, section), name, value)
+        with pytest.raises(EgstalkerError, match=message):
+            train(small_dataset, tmp_path / f"bad{k}", bad, show_progress=False)
     path = tmp_path / "config.json"
     save_config(tiny_config(10), path)
     data = json.loads(path.read_text())

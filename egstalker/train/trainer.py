@@ -238,7 +238,8 @@ class Trainer:
                          n_gaussians=len(points.means), sh_degree=m.sh_degree, plane_channels=m.plane_channels,
                          plane_resolutions=tuple(m.plane_resolutions), d_model=m.d_model, n_heads=m.n_heads,
                          ffn_width=m.ffn_width, dropout=m.dropout, audio_width=m.audio_width,
-                         head_width=m.head_width, pose_dropout=m.pose_dropout, audio_dropout=m.audio_dropout, head_radius=points.head_radius)
+                         head_width=m.head_width, pose_dropout=m.pose_dropout, audio_dropout=m.audio_dropout,
+                         head_radius=points.head_radius)
         model = build_head(spec, points.means, points.rgb, scales, c.init.initial_opacity,
                            points.box_center, points.box_half_size)
         train_rows = np.unique(self.train_data.audio_ids)
