@@ -9,7 +9,7 @@ Three steps (the GPU machine cannot preprocess: no MediaPipe/PyAV there, and 64 
    (small files copied; gt and torso colour as near-lossless H.264 4:4:4 (crf 8), torso alpha and parsing as
    PNG blobs; ori_imgs/*.jpg are not needed for training and stay behind)
    A dataset preprocessed with another encoder over the same frames travels as its aud.npy + meta.json alone
-   (copied into e.g. .carry/lieu_mel/) and is laid over the unpacked dataset with --features.
+   (copied into e.g. .carry/lieu_mel/; float16 is fine) and is laid over the unpacked dataset with --features.
 2. on the GPU machine: one process per run (several may share a GPU: benchmarks/gpu_sweep.sh); unpack, train
    with the default TrainConfig (plus --set overrides) under a time budget, render the held-out frames with
    their own audio and poses (TalkingHead), and measure PSNR/SSIM against the unpacked ground truth, training
@@ -264,8 +264,9 @@ def device_train(clip: str, name: str, minutes: float, work: Path, carry: Path, 
     shutil.rmtree(ds, ignore_errors=True)
     unpack(carry / clip, ds)
     if features:  # another encoder's aud.npy + meta.json over the same frames
-        for f in ("aud.npy", "meta.json"):
-            shutil.copy2(carry / features / f, ds / f)
+        shutil.copy2(carry / features / "meta.json", ds / "meta.json")
+        # overlays may travel as float16 (64 MiB per call); the dataset holds float32, as preprocess writes it
+        np.save(ds / "aud.npy", np.load(carry / features / "aud.npy").astype(np.float32))
     if audio_offset is not None:  # a control: train on another audio/video alignment than preprocessing chose
         realign_audio(ds, audio_offset)
     unpack_s = time.perf_counter() - t0

@@ -129,5 +129,5 @@ def test_deepspeech_import(tmp_path, speech):
 
 
 def test_unknown_encoder():
-    with pytest.raises(EgstalkerError, match="unknown audio encoder 'whisper'"):
-        get_encoder("whisper")
+    with pytest.raises(EgstalkerError, match="unknown audio encoder 'whisperx'"):
+        get_encoder("whisperx")

