@@ -20,13 +20,15 @@ on held-out frames rendered with their own tracked poses the mouth can open with
 
 With --mel (or --phones) and oww look-aheads both given, each oww look-ahead concatenated with mel (mel_phones) is
 scored too (`mel+oww@...`, `mel_phones+oww@...`). --phones adds the `mel_phones` encoder (mel + English phone
-labels; its 1 s look-ahead counts in lookahead_ms). --folds K scores ridge fits by contiguous K-fold cross-validation over every frame of the clip
+labels; its 1 s look-ahead counts in lookahead_ms), --whisper the `whisper` encoder. --folds K scores ridge fits by contiguous K-fold cross-validation over every frame of the clip
 instead of the one held-out split (a 1.8 s split leaves the correlation uncertain by +-0.4):
 
     python benchmarks/audio_mouth_ceiling.py /tmp/ds/lieu /tmp/ds/obama --folds 5 --window 12 --futures 3 7
         --lookaheads 0.2 --mel --json benchmarks/results/audio_mouth_ceiling_cv.json
     python benchmarks/audio_mouth_ceiling.py /tmp/ds/lieu /tmp/ds/obama [--folds 5] --window 8 --futures 3
         --lookaheads --mel --phones --json benchmarks/results/audio_mouth_ceiling_{heldout,cv}_phones.json
+    python benchmarks/audio_mouth_ceiling.py /tmp/ds/lieu /tmp/ds/obama [--folds 5] --window 8 --futures 3
+        --lookaheads --mel --phones --whisper --seeds 2 --json benchmarks/results/audio_mouth_ceiling_{heldout,cv}_whisper.json
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="MLP fits averaged")
     parser.add_argument("--mel", action="store_true", help="also the mel encoder")
     parser.add_argument("--phones", action="store_true", help="also mel_phones (mel + pocketsphinx phone labels)")
+    parser.add_argument("--whisper", action="store_true", help="also whisper (layer 3 of Whisper base's encoder)")
     parser.add_argument("--pose", action="store_true", help="also head pose and eye blink (see above)")
     parser.add_argument("--folds", type=int, default=0, help="K-fold ridge over the whole clip (see above)")
     parser.add_argument("--json", type=Path, default=None)
@@ -129,6 +132,10 @@ def main() -> None:
             from egstalker.audio.phones import MelPhonesEncoder
 
             encoders["mel_phones"] = MelPhonesEncoder()
+        if args.whisper:
+            from egstalker.audio.whisper import WhisperEncoder
+
+            encoders["whisper"] = WhisperEncoder()
         rows = []
         # every encoder's features, and mel / mel_phones concatenated with each oww look-ahead (when both are asked for)
         feats = {name: ((encoder.encode(wav),), encoder.lookahead_seconds) for name, encoder in encoders.items()}
