@@ -111,7 +111,7 @@ class TalkingHead:
         if self._encoder is None:
             from egstalker.audio import get_encoder
 
-            self._encoder = get_encoder(self.encoder_name)
+            self._encoder = get_encoder(self.encoder_name, device=self.device)
         return self._encoder
 
     @property

@@ -143,9 +143,9 @@ def test_a_mel_phones_model_renders_new_speech(phones_dataset, tmp_path):
         assert sum(1 for _ in container.decode(video=0)) == 75
 
 
-def test_run_with_mel_phones_refuses_a_model_trained_on_mel(small_dataset, small_model, short_clip, tmp_path,
+def test_run_with_mel_phones_refuses_a_model_trained_on_whisper(small_dataset, small_model, short_clip, tmp_path,
                                                              capsys):
-    """`egstalker run --audio-features mel_phones` re-features the dataset, then will not reuse a mel model."""
+    """`egstalker run --audio-features mel_phones` re-features the dataset, then will not reuse a whisper model."""
     from fixtures_models import write_speech
 
     dataset = tmp_path / "ds"
@@ -156,7 +156,7 @@ def test_run_with_mel_phones_refuses_a_model_trained_on_mel(small_dataset, small
                  str(dataset), "--model", str(small_model), "--audio-features", "mel_phones", "--device", "cpu",
                  "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "trained on 'mel' audio features" in err and "'mel_phones'" in err and "\n" not in err
+    assert "trained on 'whisper' audio features" in err and "'mel_phones'" in err and "\n" not in err
     assert json.loads((dataset / "meta.json").read_text())["audio_encoder"]["name"] == "mel_phones"
     assert (small_model / "model.pt").stat().st_mtime_ns == weights and not (tmp_path / "out.mp4").exists()
 
@@ -177,7 +177,7 @@ def test_a_task_whose_input_was_redone_runs_again(small_dataset, short_clip, tmp
                  "mel_phones", "--quiet"]) == 0
     meta = read_meta(layout)
     assert [n for n in range(1, 10) if _inputs_redone(n, meta)] == [9]
-    assert np.load(dataset / "aud_train.npy").shape[1:] == (4, 80)  # stale until task 9 runs again
+    assert np.load(dataset / "aud_train.npy").shape[1:] == (512,)  # whisper's: stale until task 9 runs again
     assert main(["preprocess", str(short_clip), "-o", str(dataset), "--quiet"]) == 0
     meta = read_meta(layout)
     assert not any(_inputs_redone(n, meta) for n in range(1, 10))
@@ -189,3 +189,35 @@ def test_missing_pocketsphinx_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "pocketsphinx", None)
     with pytest.raises(EgstalkerError, match="pip install pocketsphinx"):
         get_encoder("mel_phones")
+
+
+def test_a_failed_alignment_leaves_that_stretch_without_phones(speech, monkeypatch):
+    """pocketsphinx's aligner can fail to stop ("Failed to stop utterance processing"); that must not stop a clip
+    or a live session: the stretch gets silence labels and its mel rows as usual."""
+    encoder = get_encoder("mel_phones")
+
+    class FailingAligner:
+        def __init__(self, **kwargs):
+            pass
+
+        def set_align_text(self, words):
+            pass
+
+        def set_alignment(self):
+            pass
+
+        def start_utt(self):
+            pass
+
+        def process_raw(self, pcm, full_utt=False):
+            pass
+
+        def end_utt(self):
+            raise RuntimeError("Failed to stop utterance processing")
+
+    monkeypatch.setattr(encoder, "_decoder", FailingAligner)
+    feats = encoder.encode(speech[:3 * 16000])
+    assert feats.shape == (75, MEL_DIMS + len(PHONES))
+    assert (feats[:, MEL_DIMS] == 1).all()  # every slot is "silence"
+    np.testing.assert_allclose(feats[:, :MEL_DIMS], get_encoder("mel").encode(speech[:3 * 16000]).reshape(75, -1),
+                               atol=1e-6)

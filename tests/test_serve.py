@@ -124,8 +124,8 @@ def stream(url: str, audio: np.ndarray, **kwargs):
 # ------------------------------------------------------------------------------------------------ streams
 def test_ten_seconds_of_speech_stream_250_frames(running, small_head, speech):
     server = running()
-    # The default model (mel features, 3 future window rows) needs 3 x 40 + 7.5 ms of speech after a frame.
-    assert server.health()["lookahead_ms"] == 127.5
+    # The default model (whisper features, 3 future window rows) needs 3 x 40 + 360 ms of speech after a frame.
+    assert server.health()["lookahead_ms"] == 480.0
     received = stream(server.url, speech, realtime=True, chunk_ms=20)
     assert received.error is None
     assert received.done_frames == 250 and len(received.frames) == 250

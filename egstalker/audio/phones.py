@@ -108,14 +108,19 @@ class MelPhonesEncoder(AudioEncoder):
         # words first, then phones within them: pocketsphinx's two-pass forced alignment. A new aligner each
         # time (0.1 s, no language model): a reused one keeps state, and the same audio would align differently.
         aligner = self._decoder(samprate=SAMPLE_RATE, loglevel="FATAL", bestpath=False, lm=None)
-        aligner.set_align_text(words)
-        for phone_pass in (False, True):
-            if phone_pass:
-                aligner.set_alignment()
-            aligner.start_utt()
-            aligner.process_raw(pcm, full_utt=True)
-            aligner.end_utt()
-        alignment = aligner.get_alignment()
+        try:
+            aligner.set_align_text(words)
+            for phone_pass in (False, True):
+                if phone_pass:
+                    aligner.set_alignment()
+                aligner.start_utt()
+                aligner.process_raw(pcm, full_utt=True)
+                aligner.end_utt()
+            alignment = aligner.get_alignment()
+        except RuntimeError:
+            # the aligner found no path through the words (seen once, on a stream's piece of speech): this
+            # stretch goes without phone labels rather than stopping the clip or the live session
+            alignment = None
         if alignment is None:
             return labels
         index = {p: i for i, p in enumerate(PHONES)}
