@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from audio_mouth_ceiling import corr, fit_ridge, mouth_openings, windows  # noqa: E402
+from audio_mouth_ceiling import corr, fit_ridge, mouth_openings, windows, write_json  # noqa: E402
 
 ARTICULATORY = {  # jaw opening 0-3, rounding 0-2, lips closed, lip-teeth, spreading 0-2, tongue-teeth
     "AA": (3, 0, 0, 0, 0, 0), "AE": (3, 0, 0, 0, 1, 0), "AH": (2, 0, 0, 0, 0, 0), "AO": (3, 1, 0, 0, 0, 0),
@@ -179,9 +179,7 @@ def main() -> None:
         results["clips"][ds.name] = {"train_frames": len(train), "val_frames": len(val), "rows": rows,
                                      "learning_curve": curve}
     if args.json:
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
-        tmp.replace(args.json)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,13 @@ def fit_mlp(x_train, y_train, x_test, seed: int = 0, epochs: int = 300) -> np.nd
         return net(torch.tensor((x_test - mean) / std, dtype=torch.float32))[:, 0].numpy()
 
 
+def write_json(path: Path, results: dict) -> None:
+    """Write under a temporary name, then rename: an interrupted run leaves no half-written result."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def corr(a, b) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
@@ -185,7 +192,7 @@ def main() -> None:
                 print(ds.name, json.dumps(row), flush=True)
         results["clips"][ds.name] = {"train_frames": len(train_f), "val_frames": len(val_f), "rows": rows}
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training preset: 'full' (GPU defaults), 'preview' (CPU-sized: 128 px, about 10 "
                              "minutes of training on 2 cores), 'auto' (default: preview on the CPU, full on a GPU)")
     parser.add_argument("--audio-features", metavar="NAME",
-                        help="audio encoder of the dataset: mel (default), mel_phones (English speech, better lip "
-                             "sync, offline), ... (see `egstalker preprocess --help`); a re-run keeps the dataset's")
+                        help="audio encoder of the dataset: whisper (default, best lip sync), mel (lowest live "
+                             "latency), ... (see `egstalker preprocess --help`); a re-run keeps the dataset's")
     parser.add_argument("--pose", choices=["loop", "static", "dataset"], default="loop",
                         help="head pose of the render (default loop)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")

