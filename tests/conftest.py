@@ -19,6 +19,15 @@ def shared_media(relative: str) -> Path:
     return path
 
 
+def real_speech(n_samples: int):
+    """The first `n_samples` of a real 16 kHz mono speech recording (float32), for the encoders' tests."""
+    import soundfile
+
+    wav, rate = soundfile.read(shared_media("audio/speech_10s_16k.wav"), dtype="float32")
+    assert rate == 16000 and len(wav) >= n_samples
+    return wav[:n_samples]
+
+
 # Session fixtures shared by several modules are registered here, once: imported into each test module instead,
 # pytest would build them once per module (the clip, its dataset and the small model three times over).
 from fixtures_models import short_clip, small_dataset, small_model  # noqa: E402,F401

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import soundfile
 
 from egstalker.audio import SAMPLES_PER_FRAME, frames_for_samples, get_encoder
 from egstalker.errors import EgstalkerError
-from tests.conftest import shared_media
+from tests.conftest import real_speech
 
 
 @pytest.fixture(scope="module")
 def speech() -> np.ndarray:
-    """6 s of real 16 kHz mono speech."""
-    wav, rate = soundfile.read(shared_media("audio/speech_10s_16k.wav"), dtype="float32")
-    assert rate == 16000
-    return wav[: 6 * 16000 + 123]  # not a whole number of frames on purpose
+    """6 s of real 16 kHz mono speech, not a whole number of frames on purpose."""
+    return real_speech(6 * 16000 + 123)
 
 
 def _stream(encoder, wav: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -10,9 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-import soundfile
 
-from conftest import shared_media
+from conftest import real_speech, shared_media
 from egstalker.audio import frames_for_samples, get_encoder
 from egstalker.audio.base import window_offsets
 from egstalker.audio.phones import PHONES
@@ -25,9 +24,7 @@ MEL_DIMS = 320
 @pytest.fixture(scope="module")
 def speech() -> np.ndarray:
     """8 s of real English speech, 16 kHz mono, not a whole number of frames."""
-    wav, rate = soundfile.read(shared_media("audio/speech_10s_16k.wav"), dtype="float32")
-    assert rate == 16000
-    return wav[: 8 * 16000 + 77]
+    return real_speech(8 * 16000 + 77)
 
 
 @pytest.fixture(scope="module")

@@ -8,21 +8,18 @@ import json
 
 import numpy as np
 import pytest
-import soundfile
 
 from egstalker.audio import SAMPLES_PER_FRAME, frames_for_samples, get_encoder
 from egstalker.audio.base import window_offsets
 from egstalker.cli import main
 from egstalker.errors import EgstalkerError
-from tests.conftest import shared_media
+from tests.conftest import real_speech, shared_media
 
 
 @pytest.fixture(scope="module")
 def speech() -> np.ndarray:
     """6 s of real 16 kHz mono speech, not a whole number of frames."""
-    wav, rate = soundfile.read(shared_media("audio/speech_10s_16k.wav"), dtype="float32")
-    assert rate == 16000
-    return wav[: 6 * 16000 + 123]
+    return real_speech(6 * 16000 + 123)
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,9 @@ class AudioEncoder:
         lookahead_seconds: audio after the end of a frame's slot that its feature needs; a streaming server
             can emit frame i once it holds audio up to (i + 1) / 25 + lookahead_seconds.
         exact_streaming: whether streamed features equal whole-clip ones up to float rounding.
+        block_frames: frames that are encoded together, in blocks counted from the clip's start (1: each frame
+            alone). A stream emits whole blocks, once the block's first frame has its look-ahead, and hands
+            `_encode_last` segments that start on a block border.
         on_progress: None, or a callable given the number of frames just finished, which encoders that work
             through a clip in pieces call after each piece (a progress bar's `update`).
     """
@@ -77,6 +80,7 @@ class AudioEncoder:
     context_seconds: float = 0.0
     lookahead_seconds: float = 0.0
     exact_streaming: bool = True
+    block_frames: int = 1
     on_progress = None
 
     def encode(self, wav16k: np.ndarray) -> np.ndarray:
@@ -134,7 +138,9 @@ class FeatureStream:
 
     def __init__(self, encoder: AudioEncoder):
         self.encoder = encoder
-        self.context_frames = math.ceil(encoder.context_seconds * SAMPLE_RATE / SAMPLES_PER_FRAME - 1e-9)
+        self.block = int(encoder.block_frames)
+        context = math.ceil(encoder.context_seconds * SAMPLE_RATE / SAMPLES_PER_FRAME - 1e-9)
+        self.context_frames = -(-context // self.block) * self.block  # whole blocks: segments start on a border
         self.lookahead_samples = math.ceil(encoder.lookahead_seconds * SAMPLE_RATE - 1e-9)
         self.next_frame = 0
         """Index of the next frame to emit."""
@@ -149,6 +155,7 @@ class FeatureStream:
         self._buffer = np.concatenate([self._buffer, samples])
         self.samples_received += len(samples)
         ready = (self.samples_received - self.lookahead_samples) // SAMPLES_PER_FRAME
+        ready = -(-ready // self.block) * self.block  # a block is final once its first frame is
         return self._emit(ready, self.samples_received)
 
     def flush(self) -> np.ndarray:

@@ -32,7 +32,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from egstalker.audio.base import SAMPLE_RATE, SAMPLES_PER_FRAME, AudioEncoder, as_waveform, frames_for_samples
+from egstalker.audio.base import SAMPLE_RATE, SAMPLES_PER_FRAME, AudioEncoder
 from egstalker.errors import EgstalkerError
 
 BLOCK_FRAMES = 5
@@ -163,6 +163,7 @@ def slaney_mel_filterbank(n_mels: int = N_MELS, n_fft: int = N_FFT, rate: int = 
 class WhisperEncoder(AudioEncoder):
     name = "whisper"
     exact_streaming = True  # blocks: a stream cuts the same windows as a whole clip
+    block_frames = BLOCK_FRAMES
     # a block's first frame needs its whole block plus the window's look-ahead; its last, the most context
     context_seconds = WINDOW_CONTEXT_SECONDS + (BLOCK_FRAMES - 1) * SAMPLES_PER_FRAME / SAMPLE_RATE
     lookahead_seconds = WINDOW_LOOKAHEAD_SECONDS + (BLOCK_FRAMES - 1) * SAMPLES_PER_FRAME / SAMPLE_RATE
@@ -238,9 +239,9 @@ class WhisperEncoder(AudioEncoder):
                 x = x + functional.linear(hidden, w[p + "ffn/linear_1/weight"], w[p + "ffn/linear_1/bias"])
             return x.float().cpu().numpy()
 
-    def encode_blocks(self, wav: np.ndarray, wav_start: int, first_block: int, n_blocks: int) -> np.ndarray:
-        """[n_blocks * BLOCK_FRAMES, width] features of blocks [first_block, first_block + n_blocks), from `wav`
-        whose sample 0 is the clip's sample `wav_start` (audio outside `wav` counts as silence)."""
+    def encode_blocks(self, wav: np.ndarray, first_block: int, n_blocks: int) -> np.ndarray:
+        """[n_blocks * BLOCK_FRAMES, width] features of blocks [first_block, first_block + n_blocks) of `wav`,
+        counted from its sample 0 (audio outside `wav` counts as silence)."""
         block = BLOCK_FRAMES * SAMPLES_PER_FRAME
         before = round(WINDOW_CONTEXT_SECONDS * SAMPLE_RATE)
         length = before + block + round(WINDOW_LOOKAHEAD_SECONDS * SAMPLE_RATE)
@@ -249,7 +250,7 @@ class WhisperEncoder(AudioEncoder):
             b = min(first_block + n_blocks, a + BATCH_WINDOWS)
             windows = np.zeros((b - a, length), np.float32)
             for row, k in enumerate(range(a, b)):
-                start = k * block - before - wav_start  # in `wav`
+                start = k * block - before
                 lo, hi = max(0, start), min(len(wav), start + length)
                 if hi > lo:
                     windows[row, lo - start:hi - start] = wav[lo:hi]
@@ -260,53 +261,16 @@ class WhisperEncoder(AudioEncoder):
         return np.concatenate(out) if out else np.zeros((0, self.width), np.float32)
 
     def _encode(self, wav: np.ndarray, n_frames: int) -> np.ndarray:
-        return self.encode_blocks(wav, 0, 0, math.ceil(n_frames / BLOCK_FRAMES))[:n_frames]
+        return self.encode_blocks(wav, 0, math.ceil(n_frames / BLOCK_FRAMES))[:n_frames]
 
-    def encode_stream(self) -> "WhisperStream":
-        return WhisperStream(self)
+    def _encode_last(self, wav: np.ndarray, n_frames: int, n_last: int) -> np.ndarray:
+        # a stream's segment starts on a block border with the context its first needed window reaches back to
+        first_block = (n_frames - n_last) // BLOCK_FRAMES
+        feats = self.encode_blocks(wav, first_block, math.ceil(n_frames / BLOCK_FRAMES) - first_block)
+        offset = n_frames - n_last - first_block * BLOCK_FRAMES
+        return feats[offset:offset + n_last]
 
     def describe(self) -> dict:
         return {**super().describe(), "weights": self.source, "weights_sha256": self.sha256, "layer": self.layer,
                 "layers_in_encoder": self.n_layers}
 
-
-class WhisperStream:
-    """`FeatureStream` for the whisper encoder: emits whole blocks once their window's audio has arrived, so
-    streamed rows equal whole-clip rows (the same windows go through the same model)."""
-
-    def __init__(self, encoder: WhisperEncoder):
-        self.encoder = encoder
-        self.next_frame = 0
-        self.samples_received = 0
-        self._buffer = np.zeros(0, np.float32)
-        self._buffer_start = 0
-        """Clip sample index of _buffer[0]."""
-
-    def push(self, samples: np.ndarray) -> np.ndarray:
-        """Add audio; return the features [k, width] of the blocks it completes (k may be 0)."""
-        samples = as_waveform(samples)
-        self._buffer = np.concatenate([self._buffer, samples])
-        self.samples_received += len(samples)
-        block = BLOCK_FRAMES * SAMPLES_PER_FRAME
-        ready = (self.samples_received - round(WINDOW_LOOKAHEAD_SECONDS * SAMPLE_RATE)) // block
-        return self._emit(ready * BLOCK_FRAMES)
-
-    def flush(self) -> np.ndarray:
-        """End of audio: the remaining frames, up to round(total samples / 640)."""
-        return self._emit(frames_for_samples(self.samples_received))
-
-    def _emit(self, end_frame: int) -> np.ndarray:
-        if end_frame <= self.next_frame:
-            return np.zeros((0, self.encoder.width), np.float32)
-        first_block = self.next_frame // BLOCK_FRAMES
-        n_blocks = math.ceil(end_frame / BLOCK_FRAMES) - first_block
-        feats = self.encoder.encode_blocks(self._buffer, self._buffer_start, first_block, n_blocks)
-        feats = feats[self.next_frame - first_block * BLOCK_FRAMES:end_frame - first_block * BLOCK_FRAMES]
-        self.next_frame = end_frame
-        # keep the context the next block's window reaches back to
-        keep_from = max(0, (self.next_frame // BLOCK_FRAMES) * BLOCK_FRAMES * SAMPLES_PER_FRAME
-                        - round(WINDOW_CONTEXT_SECONDS * SAMPLE_RATE))
-        if keep_from > self._buffer_start:
-            self._buffer = self._buffer[keep_from - self._buffer_start:]
-            self._buffer_start = keep_from
-        return np.ascontiguousarray(feats, dtype=np.float32)
