@@ -9,8 +9,11 @@
 #   bash benchmarks/gpu_sweep.sh finish            call 2 (within 30 s of call 1, so the machine stays): wait for
 #                                                  the runs, LPIPS on the device, results back through $OUT; with
 #                                                  CONTROLS=1 each run's lip-sync control renders (score them with
-#                                                  lipsync_control.py --from-renders); then render speed of
-#                                                  RENDER_RUN's model at 512x512 (if set)
+#                                                  lipsync_control.py --from-renders); then the
+#                                                  SERVE_RUNS' models' serving load (if set; a whisper model
+#                                                  hears through .carry2/whisper_l3.bin.xz: audio.whisper.
+#                                                  write_encoder_weights); then render speed of RENDER_RUN's
+#                                                  model at 512x512 (if set)
 #   bash benchmarks/gpu_sweep.sh serve RUN...      call 3: serving load (sessions held at 25 fps, latency, GPU
 #                                                  memory) of each named run's model
 #
@@ -44,6 +47,19 @@ follow() {  # print progress until every run has written summary.json or died, o
     [ $alive -eq 0 ] && return 0
     sleep 30
   done
+}
+
+serve_load() {  # sessions held at 25 fps, latency and GPU memory of run $1's model (.render_bench: PyAV, speech)
+  echo "== serve $1"
+  [ -d /tmp/site/av ] || tar xJf .render_bench/av.tar.xz -C /tmp/site || return 1
+  local weights=()  # a whisper model hears through the encoder's blocks that travel (write_encoder_weights, xz)
+  if [ -f .carry2/whisper_l3.bin.xz ]; then
+    python3 -c "import lzma, sys; open(sys.argv[2], 'wb').write(lzma.decompress(open(sys.argv[1], 'rb').read()))" \
+      .carry2/whisper_l3.bin.xz /tmp/whisper_l3.bin && weights=(--audio-weights /tmp/whisper_l3.bin)
+  fi
+  PYTHONPATH=$PYTHONPATH:$PWD/.render_bench/oww python3 benchmarks/serve_load.py "$WORK/$1/model" --device cuda \
+    --dataset "/tmp/egs_ds/$1" --audio .render_bench/speech_60s_16k.wav --levels "${LEVELS:-1,8,16,24,32}" \
+    --seconds 8 "${weights[@]}" --out "$OUT/serve_load_$1.json"
 }
 
 if [ "${1:-}" = "start" ]; then
@@ -90,6 +106,7 @@ elif [ "${1:-}" = "finish" ]; then
         --save-renders "$OUT/controls_$name.npz"
     done
   fi
+  for RUN in ${SERVE_RUNS:-}; do serve_load "$RUN"; done
   RUN=${RENDER_RUN:-}
   [ -z "$RUN" ] && { ls -la "$OUT"; exit 0; }
   tar xJf .render_bench/av.tar.xz -C /tmp/site || exit 1
@@ -100,13 +117,7 @@ elif [ "${1:-}" = "finish" ]; then
 elif [ "${1:-}" = "serve" ]; then
   shift
   exec > >(tee "$OUT/sweep_serve_log.txt") 2>&1
-  [ -d /tmp/site/av ] || tar xJf .render_bench/av.tar.xz -C /tmp/site || exit 1
-  for RUN in "$@"; do
-    echo "== serve $RUN"
-    PYTHONPATH=$PYTHONPATH:$PWD/.render_bench/oww python3 benchmarks/serve_load.py "$WORK/$RUN/model" --device cuda \
-      --dataset "/tmp/egs_ds/$RUN" --audio .render_bench/speech_60s_16k.wav --levels "${LEVELS:-1,8,16,24,32}" \
-      --seconds 8 --out "$OUT/serve_load_$RUN.json"
-  done
+  for RUN in "$@"; do serve_load "$RUN"; done
 else
   echo "usage: gpu_sweep.sh start MINUTES | finish | serve RUN..." >&2
   exit 2

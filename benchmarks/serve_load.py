@@ -155,6 +155,7 @@ def main() -> int:
     parser.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto", help="passed to serve")
     parser.add_argument("--render-process", choices=("auto", "yes", "no"), default="auto", help="passed to serve")
     parser.add_argument("--dataset", help="the model's dataset folder, if it moved (passed to serve)")
+    parser.add_argument("--audio-weights", help="the audio encoder's weights (passed to serve)")
     parser.add_argument("--stop-below", type=float, default=0.5,
                         help="stop the ramp once fewer than this fraction of streams hold 25 fps")
     parser.add_argument("--out", help="result JSON (default benchmarks/results/serve_load_<device>_<time>.json)")
@@ -175,6 +176,7 @@ def main() -> int:
                    "--max-batch", str(args.max_batch), "--precision", args.precision,
                    "--render-process", args.render_process]
         command += ["--dataset", args.dataset] if args.dataset else []
+        command += ["--audio-weights", args.audio_weights] if args.audio_weights else []
         print("starting:", " ".join(command), flush=True)
         process = subprocess.Popen(command, cwd=ROOT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
     try:

@@ -73,6 +73,8 @@ def pack(dataset: Path, name: str, out: Path, crf: int = 8) -> None:
 
             params = torch.load(dataset / f, map_location="cpu", weights_only=True)
             torch.save({"vertices": torch.as_tensor(params["vertices"]).half()}, target / f)
+        elif f == "aud.npy":  # features travel in float16 (64 MiB per call); unpack restores float32
+            np.save(target / f, np.load(dataset / f).astype(np.float16))
         else:
             shutil.copy2(dataset / f, target / f)
     data = open_dataset(dataset, "all")
@@ -118,6 +120,7 @@ def unpack(packed: Path, target: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
     for f in SMALL_FILES:
         shutil.copy2(packed / f, target / f)
+    np.save(target / "aud.npy", np.load(packed / "aud.npy").astype(np.float32))  # as preprocess writes it
     for name, data in load_blob(packed / "lms.npz").items():
         (layout.frames_dir / name).write_bytes(data)
     for name, data in load_blob(packed / "parsing.npz").items():

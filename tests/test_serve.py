@@ -198,7 +198,8 @@ def test_a_render_process_serves_the_same_frames(request, small_head, speech):
 
 
 def test_the_render_process_resolves_precision_for_its_own_device(monkeypatch):
-    """'auto' means fp16 for a CUDA render process, though the server's own copy of the model is on the CPU."""
+    """'auto' means fp16 for a CUDA render process, though the server's own copy of the model is on the CPU; that
+    copy's audio encoder runs on the render device (a speech model on the CPU would limit the streams)."""
     from egstalker.inference import TalkingHead
     from egstalker.serve.render_process import ProcessHead
 
@@ -207,18 +208,19 @@ def test_the_render_process_resolves_precision_for_its_own_device(monkeypatch):
     class Stop(Exception):
         pass
 
-    def from_dir(model_dir, device="cpu", dataset_dir=None, check_encoder=True, precision="fp32"):
-        asked.append((device, precision))
+    def from_dir(model_dir, device="cpu", dataset_dir=None, check_encoder=True, precision="fp32",
+                 audio_weights=None, encoder_device=None):
+        asked.append((device, precision, encoder_device, audio_weights))
         raise Stop  # before any process is spawned
 
     monkeypatch.setattr(TalkingHead, "from_dir", from_dir)
     for device, expected in (("cuda", "fp16"), ("cuda:1", "fp16"), ("cpu", "fp32")):
         with pytest.raises(Stop):
-            ProcessHead.start("unused", device=device, precision="auto")
-        assert asked.pop() == ("cpu", expected)
+            ProcessHead.start("unused", device=device, precision="auto", audio_weights="w.bin")
+        assert asked.pop() == ("cpu", expected, device, "w.bin")
     with pytest.raises(Stop):
         ProcessHead.start("unused", device="cuda", precision="fp32")
-    assert asked.pop() == ("cpu", "fp32")
+    assert asked.pop() == ("cpu", "fp32", "cuda", None)
 
 
 def test_an_upload_faster_than_real_time_is_paced(running, speech):

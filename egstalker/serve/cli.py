@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from egstalker.render.cli import add_audio_weights_argument
+
 HELP = "stream a trained head in real time: a browser page at / and WebSocket sessions at /ws"
 
 
@@ -28,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "fp32 on the CPU; docs/gpu.md)")
     parser.add_argument("--render-process", choices=("auto", "yes", "no"), default="auto",
                         help="render in a child process with its own GIL (auto: on a GPU; docs/gpu.md)")
+    add_audio_weights_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,10 +59,10 @@ def run(args: argparse.Namespace) -> int:
     warm_up_sizes = range(1, args.max_batch + 1) if device.startswith("cuda") else ()
     if in_child:
         head = ProcessHead.start(args.model_dir, device=device, dataset_dir=args.dataset, precision=args.precision,
-                                 warm_up_sizes=warm_up_sizes)
+                                 warm_up_sizes=warm_up_sizes, audio_weights=args.audio_weights)
     else:
         head = TalkingHead.from_dir(args.model_dir, device=device, dataset_dir=args.dataset,
-                                    precision=args.precision)
+                                    precision=args.precision, audio_weights=args.audio_weights)
         head.preload_torso()  # the first sessions must not wait for torso images
         head.warm_up(warm_up_sizes)
     config = ServeConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, jpeg_quality=args.jpeg_quality,

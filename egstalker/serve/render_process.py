@@ -91,16 +91,18 @@ class ProcessHead:
     @classmethod
     def start(cls, model_dir: str | Path, device: str = "cuda", dataset_dir: str | Path | None = None,
               precision: str = "fp32", warm_up_sizes: Sequence[int] = (),
-              start_timeout_s: float = 600.0) -> "ProcessHead":
+              start_timeout_s: float = 600.0, audio_weights: str | Path | None = None) -> "ProcessHead":
         """Load the model here (CPU, for its metadata) and start the render process on `device`, which loads
-        the torso images and renders a throwaway batch of each of `warm_up_sizes` before it answers.
+        the torso images and renders a throwaway batch of each of `warm_up_sizes` before it answers. The audio
+        encoder runs here, on `device` too: a speech model (whisper) on the CPU would take a core per few streams.
 
         Raises EgstalkerError when the model cannot be loaded or the process does not come up in time.
         """
         from egstalker.inference import TalkingHead, resolve_precision
 
         precision = resolve_precision(precision, device)  # the render device's, not this CPU copy's
-        local = TalkingHead.from_dir(model_dir, device="cpu", dataset_dir=dataset_dir, precision=precision)
+        local = TalkingHead.from_dir(model_dir, device="cpu", dataset_dir=dataset_dir, precision=precision,
+                                     audio_weights=audio_weights, encoder_device=device)
         # spawn, not fork: the child initialises CUDA itself and shares nothing it could inherit half-made
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
