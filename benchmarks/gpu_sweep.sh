@@ -19,8 +19,9 @@
 #
 # Carried: .whl (gsplat wheel), $CARRY (default .carry: packed datasets, feature overlays, int8 VGG16: train_quality_gpu.py
 # pack / pack-weights); call 2 also .carry2/alexnet.ckpt (LPIPS) and .render_bench (render_speed.py --make-carry
-# + speech_60s_16k.wav), call 3 .render_bench. Runs live in .gpu_work/ (git-ignored, kept on
-# the machine between calls). Each run's log: .gpu_work/NAME.log.
+# + speech_60s_16k.wav), call 3 .render_bench. serve reads SPEECH (a 16 kHz wav; default in .render_bench) and
+# WHISPER_XZ (default .carry2/whisper_l3.bin.xz) when they are elsewhere. Runs live in .gpu_work/ (git-ignored, kept
+# on the machine between calls). Each run's log: .gpu_work/NAME.log.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 WORK=$PWD/.gpu_work
@@ -49,16 +50,16 @@ follow() {  # print progress until every run has written summary.json or died, o
   done
 }
 
-serve_load() {  # sessions held at 25 fps, latency and GPU memory of run $1's model (.render_bench: PyAV, speech)
+serve_load() {  # sessions held at 25 fps, latency and GPU memory of run $1's model
   echo "== serve $1"
-  [ -d /tmp/site/av ] || tar xJf .render_bench/av.tar.xz -C /tmp/site || return 1
-  local weights=()  # a whisper model hears through the encoder's blocks that travel (write_encoder_weights, xz)
-  if [ -f .carry2/whisper_l3.bin.xz ]; then
+  local speech=${SPEECH:-.render_bench/speech_60s_16k.wav} xz=${WHISPER_XZ:-.carry2/whisper_l3.bin.xz} weights=()
+  # a whisper model hears through the encoder blocks that travel (audio.whisper.write_encoder_weights, xz)
+  if [ -f "$xz" ]; then
     python3 -c "import lzma, sys; open(sys.argv[2], 'wb').write(lzma.decompress(open(sys.argv[1], 'rb').read()))" \
-      .carry2/whisper_l3.bin.xz /tmp/whisper_l3.bin && weights=(--audio-weights /tmp/whisper_l3.bin)
+      "$xz" /tmp/whisper_l3.bin && weights=(--audio-weights /tmp/whisper_l3.bin)
   fi
   PYTHONPATH=$PYTHONPATH:$PWD/.render_bench/oww python3 benchmarks/serve_load.py "$WORK/$1/model" --device cuda \
-    --dataset "/tmp/egs_ds/$1" --audio .render_bench/speech_60s_16k.wav --levels "${LEVELS:-1,8,16,24,32}" \
+    --dataset "/tmp/egs_ds/$1" --audio "$speech" --levels "${LEVELS:-1,8,16,24,32}" \
     --seconds 8 "${weights[@]}" --out "$OUT/serve_load_$1.json"
 }
 

@@ -20,7 +20,7 @@ from egstalker.errors import EgstalkerError
 from egstalker.serve import protocol
 from egstalker.serve.client import stream_speech
 from egstalker.serve.features import SessionSpeech
-from egstalker.serve.scheduler import ServeConfig
+from egstalker.serve.scheduler import ServeConfig, StreamSession
 from egstalker.serve.server import TalkingHeadServer, check_bind
 from conftest import shared_media
 
@@ -482,3 +482,27 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 CANVAS_DIGEST = """() => { const c = document.getElementById('stage');
   const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
   let h = 0; for (let i = 0; i < d.length; i += 7) h = (h * 31 + d[i]) >>> 0; return h; }"""
+
+
+def test_block_features_are_released_at_one_steady_look_ahead():
+    """whisper finishes 5 frames at once (a 200 ms block + 200 ms of its window's future). By features alone
+    frames 0-1 of a block would be renderable 120 ms before frames 2-4 (whose 3 future rows lie in the next block),
+    so a stream would start ahead of its steady latency and a player's 150 ms buffer would lose 120 ms of it.
+    Each frame waits for its own speech + the server's look-ahead (120 ms of rows + 360 ms): equally late."""
+    from types import SimpleNamespace
+
+    speech = SimpleNamespace(n_final=0, n_samples=0, n_frames_total=None)
+    session = StreamSession(id="s", features=speech, right_reach=3, pose=None, lookahead_s=0.48)
+    for heard_ms, final, expected in ((400, 5, 0),    # block 0 is final; frame 0 needs speech to 40 + 480 ms
+                                      (520, 5, 1),    # frame 0's look-ahead has arrived
+                                      (560, 5, 2),    # frame 1's
+                                      (599, 5, 2),    # frame 2 needs block 1 (and 600 ms) anyway
+                                      (600, 10, 3),   # block 1 final: features would allow 7, speech allows 3
+                                      (1000, 20, 13)):
+        speech.n_samples, speech.n_final = heard_ms * 16, final
+        assert session.renderable_limit() == expected, heard_ms
+    # without a look-ahead (or at the end of the utterance) the features alone decide
+    assert StreamSession(id="t", features=speech, right_reach=3, pose=None).renderable_limit() == 17
+    speech.n_frames_total = 25
+    speech.n_final = 25
+    assert session.renderable_limit() == 25

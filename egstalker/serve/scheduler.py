@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from egstalker.audio.base import SAMPLE_RATE
 from egstalker.serve.features import SessionSpeech
 
 
@@ -72,6 +73,9 @@ class StreamSession:
     right_reach: int
     """Future feature rows a frame reads (rows up to frame + right_reach must be final)."""
     pose: PoseClock
+    lookahead_s: float = 0.0
+    """Speech after a frame's own 40 ms that any frame may need (the server's look-ahead): every frame waits for
+    it, so all frames of a stream come equally late (see renderable_limit)."""
     created: float = field(default_factory=time.monotonic)
     next_render: int = 0
     """First frame not yet handed to a render call."""
@@ -94,7 +98,12 @@ class StreamSession:
         total = self.features.n_frames_total
         if total is not None and self.features.n_final >= total:
             return total
-        return max(0, self.features.n_final - self.right_reach)
+        limit = self.features.n_final - self.right_reach
+        # A block encoder (whisper) finishes 5 frames at once, so some frames would be renderable 120 ms sooner
+        # than others and a stream would start that much ahead of its steady latency, eating a player's buffer.
+        # Holding each frame until its own speech + the look-ahead has arrived makes every frame equally late.
+        heard_s = self.features.n_samples / SAMPLE_RATE
+        return max(0, min(limit, math.floor((heard_s - self.lookahead_s) * 25.0 + 1e-6)))
 
     def deadline(self, frame: int) -> float:
         return self.t_first_ready + frame / 25.0

@@ -248,7 +248,7 @@ class TalkingHeadServer:
         pose = self.pose if start.get("pose", self.config.pose) == self.config.pose else PoseClock(
             self.head, start["pose"])
         state = StreamSession(id=uuid.uuid4().hex[:12], features=SessionSpeech(self.encoder.encode_stream()),
-                              right_reach=self.right_reach, pose=pose)
+                              right_reach=self.right_reach, pose=pose, lookahead_s=self.lookahead_ms / 1000.0)
         conn = _Connection(ws, state)
         self.connections[state.id] = conn
         self.sessions_served += 1
