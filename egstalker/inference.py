@@ -43,13 +43,15 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
 
 
 def dataset_audio_weights(dataset_dir: Path) -> str | None:
-    """The audio weights a dataset was preprocessed with (`--audio-weights`), if that path still exists: a model
-    must hear speech through the encoder its training features came from."""
+    """The audio weights a dataset was preprocessed with (`--audio-weights`), or None: a model must hear speech
+    through the weights its training features came from (a path that is gone is the encoder's clear error, not a
+    silent fall-back to other weights). deepspeech's "weights" are the training clip's own imported features,
+    never right for other speech: not returned."""
     try:
-        weights = json.loads((Path(dataset_dir) / "preprocess_config.json").read_text())["audio"]["weights"]
+        audio = json.loads((Path(dataset_dir) / "preprocess_config.json").read_text())["audio"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return weights if weights and Path(weights).exists() else None
+    return None if audio.get("encoder") == "deepspeech" else audio.get("weights")
 
 
 class TalkingHead:

