@@ -383,6 +383,8 @@ def score(results: Path, datasets: dict[str, Path]) -> dict:
                                                    for v in mouth.mouth_corr_interval],
                          "mouth_frames": int(mouth.n_frames),
                          "psnr_jpeg_vs_original_gt": float(np.mean(metrics.psnr(renders, truths)))}
+        if "lpips_alex" not in info:  # the device's `lpips` step did not run (alexnet.ckpt not carried)
+            info["local"]["lpips_alex_jpeg_vs_original_gt"] = float(np.mean(metrics.lpips(renders, truths)))
         print(info["run"], json.dumps({k: info.get(k) for k in ("psnr", "ssim", "lpips_alex", "iterations",
                                                                 "n_gaussians")}), json.dumps(info["local"]))
         runs[info["run"]] = info
