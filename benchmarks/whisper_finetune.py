@@ -35,7 +35,7 @@ def finetune_clip(ds: Path, lr: float, epochs: int, steps: int, seed: int) -> di
 
     from egstalker.audio.base import SAMPLE_RATE, SAMPLES_PER_FRAME, window_offsets
     from egstalker.audio.whisper import (BATCH_WINDOWS, BLOCK_FRAMES, WINDOW_CONTEXT_SECONDS,
-                                         WINDOW_LOOKAHEAD_SECONDS, WhisperEncoder)
+                                         WINDOW_LOOKAHEAD_SECONDS, WhisperEncoder, encoder_block)
     from egstalker.dataset.reader import open_dataset
 
     torch.manual_seed(seed)
@@ -66,18 +66,8 @@ def finetune_clip(ds: Path, lr: float, epochs: int, steps: int, seed: int) -> di
     own = slice(before // 320, (before + block) // 320)  # the block's own 20 ms states
 
     def block3(x):
-        p, (n, t, d) = params, x.shape
-        y = functional.layer_norm(x, (d,), p["self_attention/layer_norm/gamma"], p["self_attention/layer_norm/beta"])
-        q, k, v = functional.linear(y, p["self_attention/linear_0/weight"],
-                                    p["self_attention/linear_0/bias"]).split(d, dim=-1)
-        split = lambda z: z.reshape(n, z.shape[1], heads, d // heads).transpose(1, 2)  # noqa: E731
-        attended = functional.scaled_dot_product_attention(split(q[:, own]), split(k), split(v))
-        x = x[:, own] + functional.linear(attended.transpose(1, 2).reshape(n, -1, d),
-                                          p["self_attention/linear_1/weight"], p["self_attention/linear_1/bias"])
-        y = functional.layer_norm(x, (d,), p["ffn/layer_norm/gamma"], p["ffn/layer_norm/beta"])
-        hidden = functional.gelu(functional.linear(y, p["ffn/linear_0/weight"], p["ffn/linear_0/bias"]))
-        x = x + functional.linear(hidden, p["ffn/linear_1/weight"], p["ffn/linear_1/bias"])
-        return x.reshape(n, BLOCK_FRAMES, 2, d).mean(dim=2).reshape(-1, d)[:n_frames]
+        return encoder_block(x, params, heads, own).reshape(-1, BLOCK_FRAMES, 2, width).mean(dim=2) \
+            .reshape(-1, width)[:n_frames]
 
     offsets = torch.from_numpy(window_offsets(WINDOW, AHEAD))
     rows_train = torch.clamp(torch.from_numpy(train.audio_ids)[:, None] + offsets, 0, n_frames - 1)

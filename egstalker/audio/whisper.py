@@ -197,6 +197,27 @@ def encoder_depth(raw: dict[str, np.ndarray]) -> int:
     return 1 + max((_block_index(k) for k in raw), default=-1)
 
 
+def encoder_block(x, weights: dict, heads: int, outputs: slice = slice(None)):
+    """One Whisper encoder block (pre-norm self-attention, then a GELU MLP) on [N, states, width] tensors;
+    `weights` are the block's own (names after `layer_i/`). Only the states in `outputs` are computed (all of
+    them attend to every state): benchmarks/whisper_finetune.py trains one block on a window's own states."""
+    import torch.nn.functional as functional
+
+    n, t, d = x.shape
+    y = functional.layer_norm(x, (d,), weights["self_attention/layer_norm/gamma"],
+                              weights["self_attention/layer_norm/beta"])
+    q, k, v = functional.linear(y, weights["self_attention/linear_0/weight"],
+                                weights["self_attention/linear_0/bias"]).split(d, dim=-1)
+    q = q[:, outputs]
+    split = [z.reshape(n, z.shape[1], heads, d // heads).transpose(1, 2) for z in (q, k, v)]
+    attended = functional.scaled_dot_product_attention(*split).transpose(1, 2).reshape(n, q.shape[1], d)
+    x = x[:, outputs] + functional.linear(attended, weights["self_attention/linear_1/weight"],
+                                          weights["self_attention/linear_1/bias"])
+    y = functional.layer_norm(x, (d,), weights["ffn/layer_norm/gamma"], weights["ffn/layer_norm/beta"])
+    hidden = functional.gelu(functional.linear(y, weights["ffn/linear_0/weight"], weights["ffn/linear_0/bias"]))
+    return x + functional.linear(hidden, weights["ffn/linear_1/weight"], weights["ffn/linear_1/bias"])
+
+
 class WhisperEncoder(AudioEncoder):
     name = "whisper"
     exact_streaming = True  # blocks: a stream cuts the same windows as a whole clip
@@ -235,6 +256,8 @@ class WhisperEncoder(AudioEncoder):
         self.device = torch.device(device or "cpu")
         self.weights = {k[len("encoder/"):]: torch.tensor(raw[k].astype(np.float32), device=self.device)
                         for k in raw if raw[k].ndim > 0 and _block_index(k) < self.layer}
+        self._blocks = [{k[len(f"layer_{i}/"):]: v for k, v in self.weights.items() if k.startswith(f"layer_{i}/")}
+                        for i in range(self.layer)]
         self.heads = int(raw["encoder/num_heads"])
         self.width = int(self.weights["conv1/weight"].shape[0])
         self.feature_shape = (self.width,)
@@ -262,20 +285,8 @@ class WhisperEncoder(AudioEncoder):
             x = functional.gelu(functional.conv1d(x, w["conv2/weight"], w["conv2/bias"], stride=2, padding=1))
             x = x.transpose(1, 2)  # [N, states, width]
             x = x + w["position_encodings/encodings"][: x.shape[1]]
-            n, t, d = x.shape
-            for i in range(self.layer):
-                p = f"layer_{i}/"
-                y = functional.layer_norm(x, (d,), w[p + "self_attention/layer_norm/gamma"],
-                                          w[p + "self_attention/layer_norm/beta"])
-                q, k, v = functional.linear(y, w[p + "self_attention/linear_0/weight"],
-                                            w[p + "self_attention/linear_0/bias"]).split(d, dim=-1)
-                heads = [z.reshape(n, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v)]
-                attended = functional.scaled_dot_product_attention(*heads).transpose(1, 2).reshape(n, t, d)
-                x = x + functional.linear(attended, w[p + "self_attention/linear_1/weight"],
-                                          w[p + "self_attention/linear_1/bias"])
-                y = functional.layer_norm(x, (d,), w[p + "ffn/layer_norm/gamma"], w[p + "ffn/layer_norm/beta"])
-                hidden = functional.gelu(functional.linear(y, w[p + "ffn/linear_0/weight"], w[p + "ffn/linear_0/bias"]))
-                x = x + functional.linear(hidden, w[p + "ffn/linear_1/weight"], w[p + "ffn/linear_1/bias"])
+            for block in self._blocks:
+                x = encoder_block(x, block, self.heads)
             return x.float().cpu().numpy()
 
     def encode_blocks(self, wav: np.ndarray, first_block: int, n_blocks: int) -> np.ndarray:
