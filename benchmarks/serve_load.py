@@ -138,7 +138,7 @@ def summarise(n: int, streams: list, health: dict, rss: float | None) -> dict:
         "av_offset_ms_max": max((abs(t["av_offset_ms"] or 0.0) for t in timings if t["frames"]), default=None),
         "server": {key: health.get(key) for key in ("render_fps", "mean_batch", "mean_render_ms_per_call",
                                                    "gpu_memory_mb", "gpu_peak_memory_mb", "lookahead_ms",
-                                                   "precision", "warm_up_s")},
+                                                   "precision", "warm_up_s", "render_queue", "render_busy")},
         "server_rss_mib": rss,
     }
 
@@ -154,6 +154,7 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto", help="passed to serve")
     parser.add_argument("--render-process", choices=("auto", "yes", "no"), default="auto", help="passed to serve")
+    parser.add_argument("--render-queue", type=int, default=2, help="passed to serve")
     parser.add_argument("--dataset", help="the model's dataset folder, if it moved (passed to serve)")
     parser.add_argument("--audio-weights", help="the audio encoder's weights (passed to serve)")
     parser.add_argument("--stop-below", type=float, default=0.5,
@@ -174,7 +175,7 @@ def main() -> int:
         command = [sys.executable, "-m", "egstalker", "serve", args.model_dir, "--host", "127.0.0.1",
                    "--port", str(port), "--device", args.device, "--max-sessions", str(max(levels)),
                    "--max-batch", str(args.max_batch), "--precision", args.precision,
-                   "--render-process", args.render_process]
+                   "--render-process", args.render_process, "--render-queue", str(args.render_queue)]
         command += ["--dataset", args.dataset] if args.dataset else []
         command += ["--audio-weights", args.audio_weights] if args.audio_weights else []
         print("starting:", " ".join(command), flush=True)

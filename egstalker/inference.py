@@ -239,14 +239,15 @@ class TalkingHead:
 
     @torch.no_grad()
     def render_frames(self, features: np.ndarray, frame_indices: Sequence[int], pose_indices: Sequence[int],
-                      background: np.ndarray | None = None) -> np.ndarray:
-        """Render a batch; returns uint8 [B, H, W, 3].
+                      background: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Render a batch; returns uint8 [B, H, W, 3] (`out`, when given: the frames are copied into it).
 
         Args:
             features: [n_frames, *feature_shape] audio features of the utterance.
             frame_indices: [B] rows of `features`; each frame reads the window around its row (edges clamped).
             pose_indices: [B] rows of `poses` (training frames first, then held-out) for camera/eye/torso.
             background: optional [H, W, 3] uint8 replacing the dataset background (needs RGBA torso images).
+            out: optional uint8 [B, H, W, 3] array to write the frames into (e.g. shared memory).
         """
         frame_indices = np.asarray(frame_indices, np.int64)
         pose_indices = np.asarray(pose_indices, np.int64)
@@ -268,9 +269,15 @@ class TalkingHead:
         viewmats = self._viewmats[idx]
         Ks = self._K.expand(len(idx), 3, 3)
         backgrounds = self.torso_backgrounds(pose_indices, bg)
-        out = self.model.render(viewmats, Ks, self.width, self.height, backgrounds, audio=audio,
-                                au45=self._au45[idx], dynamic=True)
-        return (out.image * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+        rendered = self.model.render(viewmats, Ks, self.width, self.height, backgrounds, audio=audio,
+                                     au45=self._au45[idx], dynamic=True)
+        frames = (rendered.image * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
+        if out is None:
+            return frames.cpu().numpy()
+        if out.shape != tuple(frames.shape) or out.dtype != np.uint8:
+            raise ValueError(f"out must be uint8 {list(frames.shape)}, got {out.dtype} {list(out.shape)}")
+        torch.from_numpy(out).copy_(frames)
+        return out
 
     def __call__(self, wav: np.ndarray, pose: PoseMode = "loop", batch_size: int = 8) -> Iterator[np.ndarray]:
         """Stream frames (uint8 [H, W, 3]) for a whole utterance: exactly round(len(wav)/16000*25) frames."""

@@ -9,6 +9,8 @@ import shutil
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import shared_memory
 
 import cv2
 import numpy as np
@@ -166,7 +168,8 @@ def test_a_render_process_serves_the_same_frames(request, small_head, speech):
     from egstalker.serve.render_process import ProcessHead
 
     model_dir = os.environ.get("EGSTALKER_TEST_MODEL") or request.getfixturevalue("small_model")
-    head = ProcessHead.start(model_dir, device="cpu", warm_up_sizes=(1, 3), precision="auto")
+    head = ProcessHead.start(model_dir, device="cpu", warm_up_sizes=(1, 3), precision="auto", max_batch=4)
+    frames_name = head._frames_memory.name
     try:
         assert (head.width, head.audio_future, head.fps) == (small_head.width, small_head.audio_future, 25.0)
         assert head.warm_up_seconds > 0.0 and head.precision == "fp32"  # the child rendered its warm-up batches
@@ -177,6 +180,7 @@ def test_a_render_process_serves_the_same_frames(request, small_head, speech):
             assert received.error is None and len(received.frames) == 20
             health = server.health()
             assert health["warm_up_s"] > 0.0 and health["precision"] == "fp32"
+            assert health["render_queue"] == 2 and 0.0 < health["render_busy"] <= 1.0
             assert_frames_match_offline(small_head, piece, received, [0, 7, 19])
         finally:
             server.close()
@@ -185,6 +189,15 @@ def test_a_render_process_serves_the_same_frames(request, small_head, speech):
             head.render_frames(features, [0], [10**6])
         assert np.array_equal(head.render_frames(features, [3, 4], [3, 4]),
                               small_head.render_frames(features, [3, 4], [3, 4]))
+        # two callers at once (the server's queue of 2): each gets its own frames, though both wait at the child;
+        # 6 frames exceed the 4-frame shared slots and come back through the pipe
+        calls = {"small": ([5, 6], [1, 2]), "large": ([0, 1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4]), "one": ([7], [3])}
+        with ThreadPoolExecutor(2) as pool:
+            answers = {name: pool.submit(head.render_frames, features, rows, poses)
+                       for name, (rows, poses) in calls.items()}
+            for name, (rows, poses) in calls.items():
+                assert np.array_equal(answers[name].result(), small_head.render_frames(features, rows, poses)), name
+        assert len(head.render_log) >= 5 and all(seconds > 0 for _, seconds in head.render_log)
         assert head.healthy
         head._process.kill()
         head._process.join()
@@ -195,6 +208,8 @@ def test_a_render_process_serves_the_same_frames(request, small_head, speech):
             head.render_frames(features, [0], [0])
     finally:
         head.close()
+    with pytest.raises(FileNotFoundError):  # the shared frames are freed
+        shared_memory.SharedMemory(name=frames_name)
 
 
 def test_the_render_process_resolves_precision_for_its_own_device(monkeypatch):

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "fp32 on the CPU; docs/gpu.md)")
     parser.add_argument("--render-process", choices=("auto", "yes", "no"), default="auto",
                         help="render in a child process with its own GIL (auto: on a GPU; docs/gpu.md)")
+    parser.add_argument("--render-queue", type=int, default=2,
+                        help="render calls waiting at the render process at once (default 2: the device starts "
+                             "the next batch while the server takes the last; 1 waits for each)")
     add_audio_weights_argument(parser)
 
 
@@ -42,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from egstalker.serve.server import check_bind, serve_forever
 
     check_bind(args.host, args.token)  # before loading the model: fail fast
-    if args.max_sessions < 1 or args.max_batch < 1:
-        raise EgstalkerError("--max-sessions and --max-batch must be at least 1")
+    if args.max_sessions < 1 or args.max_batch < 1 or args.render_queue < 1:
+        raise EgstalkerError("--max-sessions, --max-batch and --render-queue must be at least 1")
     if not 1 <= args.jpeg_quality <= 100:
         raise EgstalkerError("--jpeg-quality must be between 1 and 100")
     device = args.device
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     warm_up_sizes = range(1, args.max_batch + 1) if device.startswith("cuda") else ()
     if in_child:
         head = ProcessHead.start(args.model_dir, device=device, dataset_dir=args.dataset, precision=args.precision,
-                                 warm_up_sizes=warm_up_sizes, audio_weights=args.audio_weights)
+                                 warm_up_sizes=warm_up_sizes, max_batch=args.max_batch,
+                                 queue_depth=args.render_queue, audio_weights=args.audio_weights)
     else:
         head = TalkingHead.from_dir(args.model_dir, device=device, dataset_dir=args.dataset,
                                     precision=args.precision, audio_weights=args.audio_weights)

@@ -4,7 +4,11 @@ Inside the server process the render thread gives up the GIL around each of the 
 dispatches and must take it back from the event loop and the JPEG and speech-feature threads; on an H200 a
 7-frame call took 28 ms inside the server against about 15 ms alone (docs/gpu.md). A child process renders
 with a GIL of its own: the server sends each batch's inputs (feature rows and indices, kilobytes) through a
-pipe and gets the frames back as uint8 arrays.
+pipe, and the child writes the uint8 frames into shared memory and answers with their count.
+
+Up to `queue_depth` calls wait at the child at once (2 by default), so the device starts the next batch as
+soon as one ends instead of idling while the server takes the answer, schedules and sends the next request.
+The shared memory holds queue_depth + 1 slots of max_batch frames: a slot is read back before its reuse.
 
     >>> head = ProcessHead.start("models/lieu", device="cuda")   # a CPU copy here, the device copy in the child
     >>> frames = head.render_frames(features, rows, poses)       # [B, H, W, 3] uint8, rendered in the child
@@ -13,8 +17,12 @@ pipe and gets the frames back as uint8 arrays.
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import threading
+import time
+from concurrent.futures import Future
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Sequence
 
@@ -24,16 +32,20 @@ from egstalker.errors import EgstalkerError
 
 RENDER_TIMEOUT_S = 120.0
 """A render call that takes longer than this is taken for a hung device: the render process is killed."""
+QUEUE_DEPTH = 2
+"""Render calls waiting at the render process at once (serve --render-queue)."""
 
 
 def _child(conn, model_dir: str, device: str, dataset_dir: str | None, precision: str,
-           warm_up_sizes: tuple[int, ...]) -> None:
+           warm_up_sizes: tuple[int, ...], frames_name: str, slots_shape: tuple[int, ...]) -> None:
     """The render process: load the head on `device`, warm it up, then answer render requests until told to
-    stop."""
+    stop. A batch that fits a slot is written into the shared frames; a larger one travels in the answer."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides when to stop
     try:
+        frames_memory = _attach(frames_name)
+        slots = np.ndarray(slots_shape, np.uint8, buffer=frames_memory.buf)
         from egstalker.inference import TalkingHead
 
         head = TalkingHead.from_dir(model_dir, device=device, dataset_dir=dataset_dir, check_encoder=False,
@@ -54,11 +66,31 @@ def _child(conn, model_dir: str, device: str, dataset_dir: str | None, precision
             return
         if message is None:
             return
+        seq, features, frame_indices, pose_indices = message
         try:
-            frames = head.render_frames(*message)
-            conn.send(("ok", frames, _memory(device)))
+            start = time.perf_counter()
+            if len(frame_indices) <= slots.shape[1]:
+                head.render_frames(features, frame_indices, pose_indices,
+                                   out=slots[seq % len(slots), :len(frame_indices)])
+                frames = len(frame_indices)
+            else:
+                frames = head.render_frames(features, frame_indices, pose_indices)
+            conn.send(("ok", seq, frames, _memory(device), time.perf_counter() - start))
         except Exception as e:  # noqa: BLE001 - this batch fails, the process keeps serving
-            conn.send(("error", f"{e.__class__.__name__}: {e}"))
+            conn.send(("error", seq, f"{e.__class__.__name__}: {e}"))
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    """Open the server's shared frames without handing them to this process's resource tracker: the server
+    owns (and unlinks) them, and a tracked copy would be unlinked, with a warning, when this process ends."""
+    memory = shared_memory.SharedMemory(name=name)
+    try:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(memory._name, "shared_memory")  # noqa: SLF001 - Python < 3.13 has no track=False
+    except Exception:  # noqa: BLE001 - only a warning at exit is at stake
+        pass
+    return memory
 
 
 def _memory(device: str) -> dict:
@@ -74,42 +106,65 @@ def _memory(device: str) -> dict:
 
 class ProcessHead:
     """A TalkingHead whose `render_frames` runs in a child process; every other attribute (size, fps, audio
-    window, encoder, poses) is read from a CPU copy of the same model folder loaded in this process."""
+    window, encoder, poses) is read from a CPU copy of the same model folder loaded in this process.
 
-    def __init__(self, local_head, process, conn, memory: dict, warm_up_seconds: float = 0.0):
+    `render_frames` may be called from up to `queue_depth` threads at once: their calls queue at the child in
+    the order they were sent, and a reader thread hands each answer to its caller."""
+
+    def __init__(self, local_head, process, conn, memory: dict, warm_up_seconds: float,
+                 frames_memory: shared_memory.SharedMemory, slots: np.ndarray, queue_depth: int):
         self._head = local_head
         self._process = process
         self._conn = conn
-        self._lock = threading.Lock()  # one request on the pipe at a time
+        self._frames_memory = frames_memory
+        self._slots = slots
+        self.queue_depth = int(queue_depth)
+        """Render calls that may wait at the render process at once (the server renders from as many threads)."""
+        self._send_lock = threading.Lock()  # one request on the pipe at a time; guards _pending and _seq
+        self._room = threading.BoundedSemaphore(self.queue_depth)  # also keeps a slot from reuse while unread
+        self._pending: collections.deque[tuple[int, Future, float]] = collections.deque()
+        self._seq = 0
+        self._closing = False
         self._broken: str | None = None
         """Why the render process can no longer be used (it died, hung, or the pipe lost its place)."""
         self.device_memory = memory
         """Device memory of the render process, as of its last answer (served in /health)."""
         self.warm_up_seconds = warm_up_seconds
         """How long the render process's warm-up took (TalkingHead.warm_up)."""
+        self.render_log: collections.deque = collections.deque(maxlen=2000)
+        """(time answered, seconds the child spent rendering) of recent calls: how busy the device is."""
+        self._reader = threading.Thread(target=self._read_answers, name="egs-render-answers", daemon=True)
+        self._reader.start()
 
     @classmethod
     def start(cls, model_dir: str | Path, device: str = "cuda", dataset_dir: str | Path | None = None,
-              precision: str = "fp32", warm_up_sizes: Sequence[int] = (),
-              start_timeout_s: float = 600.0, audio_weights: str | Path | None = None) -> "ProcessHead":
+              precision: str = "fp32", warm_up_sizes: Sequence[int] = (), max_batch: int = 32,
+              queue_depth: int = QUEUE_DEPTH, start_timeout_s: float = 600.0,
+              audio_weights: str | Path | None = None) -> "ProcessHead":
         """Load the model here (CPU, for its metadata) and start the render process on `device`, which loads
         the torso images and renders a throwaway batch of each of `warm_up_sizes` before it answers. The audio
         encoder runs here, on `device` too: a speech model (whisper) on the CPU would take a core per few streams.
+        Batches of up to `max_batch` frames come back through shared memory, larger ones through the pipe.
 
         Raises EgstalkerError when the model cannot be loaded or the process does not come up in time.
         """
         from egstalker.inference import TalkingHead, resolve_precision
 
+        if queue_depth < 1 or max_batch < 1:
+            raise EgstalkerError(f"the render queue depth ({queue_depth}) and batch ({max_batch}) must be at least 1")
         precision = resolve_precision(precision, device)  # the render device's, not this CPU copy's
         local = TalkingHead.from_dir(model_dir, device="cpu", dataset_dir=dataset_dir, precision=precision,
                                      audio_weights=audio_weights, encoder_device=device)
+        slots_shape = (queue_depth + 1, int(max_batch), local.height, local.width, 3)
+        frames_memory = shared_memory.SharedMemory(create=True, size=int(np.prod(slots_shape)))
+        slots = np.ndarray(slots_shape, np.uint8, buffer=frames_memory.buf)
         # spawn, not fork: the child initialises CUDA itself and shares nothing it could inherit half-made
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
         process = context.Process(target=_child, name="egs-render", daemon=True,
                                   args=(child, str(model_dir), str(device),
                                         None if dataset_dir is None else str(dataset_dir), precision,
-                                        tuple(int(n) for n in warm_up_sizes)))
+                                        tuple(int(n) for n in warm_up_sizes), frames_memory.name, slots_shape))
         process.start()
         child.close()
         try:
@@ -129,21 +184,16 @@ class ProcessHead:
             if process.is_alive():
                 process.kill()
                 process.join(5)
+            del slots
+            frames_memory.close()
+            frames_memory.unlink()
             raise
-        return cls(local, process, parent, answer[1], answer[2])
+        return cls(local, process, parent, answer[1], answer[2], frames_memory, slots, queue_depth)
 
     @property
     def healthy(self) -> bool:
         """Whether the render process can still render (shown as /health's status)."""
         return self._broken is None and self._process.is_alive()
-
-    def _fail(self, reason: str) -> EgstalkerError:
-        """Give the render process up: kill it (its pipe may be out of step) and say why, for every later call."""
-        self._broken = reason
-        if self._process.is_alive():
-            self._process.kill()
-        self._process.join(5)
-        return EgstalkerError(f"{reason}; restart the server")
 
     def __getattr__(self, name):
         return getattr(self._head, name)
@@ -152,41 +202,94 @@ class ProcessHead:
         """As TalkingHead.render_frames, rendered by the child process (no custom background)."""
         if background is not None:
             raise EgstalkerError("a custom background is not supported by the render process")
-        with self._lock:
+        self._room.acquire()
+        future: Future = Future()
+        with self._send_lock:
             if self._broken is not None:
+                self._room.release()
                 raise EgstalkerError(f"{self._broken}; restart the server")
+            seq = self._seq
+            self._seq += 1
+            self._pending.append((seq, future, time.monotonic()))
             try:
-                self._conn.send((np.ascontiguousarray(features), np.asarray(frame_indices, np.int64),
+                self._conn.send((seq, np.ascontiguousarray(features), np.asarray(frame_indices, np.int64),
                                  np.asarray(pose_indices, np.int64)))
-                if not self._conn.poll(RENDER_TIMEOUT_S):
-                    raise self._fail(f"the render process did not answer within {RENDER_TIMEOUT_S:.0f} s")
+            except (BrokenPipeError, OSError):
+                pass  # the reader sees the process gone and fails this call with the others
+        return future.result()
+
+    def _read_answers(self) -> None:
+        """Hand each answer to its caller, in the order the calls were sent; fail them all when the process
+        dies or hangs."""
+        while True:
+            try:
+                ready = self._conn.poll(0.5)
+            except (OSError, EOFError):
+                ready = True  # recv below says what happened
+            if not ready:
+                with self._send_lock:
+                    oldest = self._pending[0][2] if self._pending else None
+                if oldest is not None and time.monotonic() - oldest > RENDER_TIMEOUT_S:
+                    self._fail_all(f"the render process did not answer within {RENDER_TIMEOUT_S:.0f} s")
+                    return
+                continue
+            try:
                 answer = self._conn.recv()
-            except (EOFError, BrokenPipeError, OSError):
-                self._process.join(1)
-                raise self._fail(f"the render process has stopped (exit code {self._process.exitcode})") from None
-            except EgstalkerError:
-                raise
-            except BaseException as e:  # the reply may still be in the pipe: never read it as the next one's
-                raise self._fail(f"the render process pipe failed ({e.__class__.__name__})") from e
-        if answer[0] != "ok":
-            raise EgstalkerError(f"rendering failed in the render process: {answer[1]}")
-        self.device_memory = answer[2]
-        return answer[1]
+            except (EOFError, OSError):
+                if not self._closing:
+                    self._process.join(1)
+                    self._fail_all(f"the render process has stopped (exit code {self._process.exitcode})")
+                return
+            with self._send_lock:
+                seq, future, _ = self._pending.popleft() if self._pending else (None, None, 0.0)
+            if future is None or answer[1] != seq:  # out of step: no later answer can be trusted
+                self._fail_all("the render process answered out of order")
+                return
+            if answer[0] == "ok":
+                frames = answer[2]
+                if isinstance(frames, int):  # in a shared slot, which the next calls may reuse: copy it out
+                    frames = self._slots[seq % len(self._slots), :frames].copy()
+                self.device_memory = answer[3]
+                self.render_log.append((time.monotonic(), answer[4]))
+                future.set_result(frames)
+            else:
+                future.set_exception(EgstalkerError(f"rendering failed in the render process: {answer[2]}"))
+            self._room.release()
+
+    def _fail_all(self, reason: str) -> None:
+        """Give the render process up: kill it (its pipe may be out of step) and fail every waiting call."""
+        with self._send_lock:
+            self._broken = reason
+            pending = list(self._pending)
+            self._pending.clear()
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join(5)
+        for _, future, _ in pending:
+            future.set_exception(EgstalkerError(f"{reason}; restart the server"))
+            self._room.release()
 
     def close(self) -> None:
-        """Stop the render process (after the call in flight, if it ends within the render timeout)."""
-        if self._lock.acquire(timeout=RENDER_TIMEOUT_S):
+        """Stop the render process (after the calls in flight, if they end within the render timeout) and free
+        the shared frames."""
+        deadline = time.monotonic() + RENDER_TIMEOUT_S
+        while self._pending and self._broken is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._closing = True
+        with self._send_lock:
             try:
                 self._conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
-            finally:
-                self._lock.release()
         self._process.join(10)
         if self._process.is_alive():
             self._process.kill()
             self._process.join(5)
+        self._reader.join(5)
         self._conn.close()
+        self._slots = None
+        self._frames_memory.close()
+        self._frames_memory.unlink()
 
 
-__all__ = ["ProcessHead"]
+__all__ = ["ProcessHead", "QUEUE_DEPTH"]

@@ -98,7 +98,11 @@ class TalkingHeadServer:
         """Sockets accepted but not yet started (they count against max_sessions)."""
         self._wake = asyncio.Event()
         self._deliveries: asyncio.Queue | None = None
-        self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="egs-render")
+        # A ProcessHead takes `queue_depth` calls at once (they queue at its render process: the device never
+        # waits for this process between batches); an in-process head renders one call at a time.
+        self.render_queue = int(getattr(head, "queue_depth", 1))
+        self._render_pool = ThreadPoolExecutor(self.render_queue, thread_name_prefix="egs-render")
+        self._render_tasks: set[asyncio.Task] = set()
         workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # speech encoding and JPEG run on the CPU
         self._encode_pool = ThreadPoolExecutor(workers, thread_name_prefix="egs-audio")
         self._jpeg_pool = ThreadPoolExecutor(workers, thread_name_prefix="egs-jpeg")
@@ -168,6 +172,8 @@ class TalkingHeadServer:
             "render_fps": round(frames / span, 1) if span > 0 else 0.0,
             "mean_batch": round(frames / len(recent), 2) if recent else 0.0,
             "mean_render_ms_per_call": round(1000 * sum(s for *_, s in recent) / len(recent), 2) if recent else 0.0,
+            "render_queue": self.render_queue,
+            "render_busy": self._render_busy(now),
             "frames_rendered": self.frames_rendered,
             "shared_batches": self.shared_batches,
             "frames_skipped": self.frames_skipped,
@@ -178,6 +184,14 @@ class TalkingHeadServer:
         # a ProcessHead renders in a child process and reports that process's device memory
         info.update(getattr(self.head, "device_memory", None) or _device_memory(self.device))
         return info
+
+    def _render_busy(self, now: float) -> float:
+        """Share of the last 5 s the device spent rendering (a render process's own timing; in-process calls
+        run one at a time, so their durations are the device's busy time)."""
+        log = getattr(self.head, "render_log", None)
+        busy = ([s for t, s in log if now - t <= 5.0] if log is not None
+                else [s for t, _, s in self._render_log if now - t <= 5.0])
+        return round(min(1.0, sum(busy) / 5.0), 3)
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response(self.health())
@@ -351,35 +365,45 @@ class TalkingHeadServer:
 
     async def _render_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        room = asyncio.Semaphore(self.render_queue)
         while True:
-            self._wake.clear()
-            picks = pick_frames(self._live_sessions(), time.monotonic(), self.config, self._batch_cap())
-            if not picks:
+            await room.acquire()
+            while True:
+                self._wake.clear()
+                picks = pick_frames(self._live_sessions(), time.monotonic(), self.config, self._batch_cap())
+                if picks:
+                    break
                 with contextlib.suppress(asyncio.TimeoutError):
                     # the timeout releases paced (faster than real time) sessions as their clock advances
                     await asyncio.wait_for(self._wake.wait(), timeout=0.01)
-                continue
             batch = gather_batch(picks, self.left_reach)
-            started = time.monotonic()
             rendered = loop.run_in_executor(self._render_pool, self.head.render_frames, batch.features,
                                             batch.frame_rows, batch.pose_indices)
             # Queued for delivery before it renders: frames skipped meanwhile (overload) stay behind it.
             self._deliveries.put_nowait((batch, asyncio.ensure_future(self._encode_frames(batch, rendered))))
-            try:
-                await rendered
-            except Exception as e:  # noqa: BLE001 - fail the sessions of this batch, keep serving the rest
-                log.exception("render call failed")
-                for session in {s.id: s for s in batch.sessions}.values():
-                    conn = self.connections.get(session.id)
-                    if conn is not None:
-                        await _refuse(conn.ws, f"rendering failed: {e}", WSCloseCode.INTERNAL_ERROR)
-                continue
-            finished = time.monotonic()
-            self._render_log.append((finished, len(picks), finished - started))
-            self.frames_rendered += len(picks)
-            self.shared_batches += len({s.id for s in batch.sessions}) > 1
+            task = asyncio.ensure_future(self._finish_render(batch, rendered, time.monotonic(), room))
+            self._render_tasks.add(task)
+            task.add_done_callback(self._render_tasks.discard)
+
+    async def _finish_render(self, batch, rendered: asyncio.Future, started: float, room: asyncio.Semaphore) -> None:
+        """Book a render call once it is done (and fail its sessions if it failed), then let the next one go."""
+        try:
+            await rendered
+        except Exception as e:  # noqa: BLE001 - fail the sessions of this batch, keep serving the rest
+            log.exception("render call failed")
             for session in {s.id: s for s in batch.sessions}.values():
-                session.features.release(max(0, session.next_render - self.left_reach))
+                conn = self.connections.get(session.id)
+                if conn is not None:
+                    await _refuse(conn.ws, f"rendering failed: {e}", WSCloseCode.INTERNAL_ERROR)
+            return
+        finally:
+            room.release()
+        finished = time.monotonic()
+        self._render_log.append((finished, len(batch.frames), finished - started))
+        self.frames_rendered += len(batch.frames)
+        self.shared_batches += len({s.id for s in batch.sessions}) > 1
+        for session in {s.id: s for s in batch.sessions}.values():
+            session.features.release(max(0, session.next_render - self.left_reach))
 
     def _batch_cap(self) -> int:
         """Frames per render call: max_batch, or fewer when the overload policy is on and a call that size
