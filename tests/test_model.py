@@ -149,36 +149,6 @@ def test_inference_chunks_give_the_same_offsets(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_offset_heads_equal_the_five_heads_and_train_them():
-    """The heads run as one product (side-by-side first layers, block-diagonal last layers): the offsets equal
-    each head module applied on its own, and every head's parameters get gradients."""
-    model = small_head(n=200)
-    net = model.deformation
-    for head in net.heads.values():
-        torch.nn.init.normal_(head[2].weight, std=0.3)
-        torch.nn.init.normal_(head[2].bias, std=0.1)
-    viewmats, _ = cameras(2)
-    audio, au45 = frame_inputs(model, 2)
-    net.eval()  # no dropout, so the hidden state below is the forward's own
-    cache = net.spatial_cache(model.gaussians.means)
-    tokens = net.tokens(audio, au45, viewmats)
-    with torch.enable_grad():
-        fused = net(cache, tokens)
-        b, t, _ = tokens.shape
-        k, v = net.to_kv(net.token_norm(tokens)).view(b, t, 2, net.n_heads, net.head_dim).unbind(2)
-        weights = torch.softmax(torch.einsum("nhd,bthd->bnht", cache.queries, k) / net.head_dim ** 0.5, dim=-1)
-        hidden = cache.features + net.attn_out(torch.einsum("bnht,bthd->bnhd", weights, v).reshape(b, -1, 64))
-        hidden = hidden + net.ffn(net.ffn_norm(hidden))
-        for name in ("means", "scales", "quats", "opacities", "colors"):
-            separate = net.heads[name](hidden) * (net.position_scale if name == "means" else 1.0)
-            torch.testing.assert_close(getattr(fused, name), separate, rtol=1e-5, atol=1e-6)
-        assert fused.quats.shape == (2, 200, 4) and fused.opacities.shape == (2, 200, 1)
-        sum(getattr(fused, name).square().sum() for name in ("means", "scales", "quats", "opacities", "colors")).backward()
-    for name, head in net.heads.items():
-        assert head[0].weight.grad is not None and head[0].weight.grad.abs().sum() > 0, name
-        assert head[2].weight.grad is not None and head[2].weight.grad.abs().sum() > 0, name
-
-
 def _optimizer(model):
     groups = [{"name": n, "params": [model.gaussians.params[n]], "lr": 1e-2} for n in PARAM_NAMES]
     groups.append({"name": "network", "params": list(model.deformation.parameters()), "lr": 1e-3})

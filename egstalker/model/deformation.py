@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from egstalker.model.audio_adapter import AudioAdapter
@@ -181,18 +180,14 @@ class DeformationNetwork(nn.Module):
         mixed = torch.einsum("bnht,bthd->bnhd", weights, v).reshape(b, -1, self.d_model)
         hidden = cache.features.unsqueeze(0) + self.dropout(self.attn_out(mixed))
         hidden = hidden + self.dropout(self.ffn(self.ffn_norm(hidden)))
-        # The five heads run as one: their first layers side by side (one 64 -> 5 x 128 product instead of five,
-        # and in fp16 one cast of `hidden` instead of five), their last layers as one block-diagonal product.
-        # Same parameters and function as five separate heads (benchmarks/render_profile_gpu.py times both).
-        first = [self.heads[name][0] for name in HEAD_NAMES]
-        last = [self.heads[name][2] for name in HEAD_NAMES]
-        inner = F.relu(F.linear(hidden, torch.cat([layer.weight for layer in first]),
-                                torch.cat([layer.bias for layer in first])))
-        out = F.linear(inner, torch.block_diag(*[layer.weight for layer in last]),
-                       torch.cat([layer.bias for layer in last]))
-        means, scales, quats, opacities, colors = out.split([layer.out_features for layer in last], dim=-1)
-        return Offsets(means=means * self.position_scale, scales=scales, quats=quats, opacities=opacities,
-                       colors=colors)
+        if torch.is_autocast_enabled("cuda"):
+            # fp16 inference: every head would cast `hidden` (fp32 after the residual sums) on its own; cast once
+            hidden = hidden.to(torch.get_autocast_dtype("cuda"))
+        # Five separate heads, not one fused 64 -> 640 product: on the CPU the fused product's 640-wide
+        # activations leave the cache and the network ran twice as slow (benchmarks/render_profile_gpu.py
+        # times both on a GPU).
+        return Offsets(**{name: self.heads[name](hidden) * (self.position_scale if name == "means" else 1.0)
+                          for name in HEAD_NAMES})
 
 
 __all__ = ["DeformationNetwork", "HEAD_NAMES", "Offsets", "SpatialCache", "TokenEncoder", "N_TOKENS",
