@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -86,6 +87,49 @@ def rss_mib(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def cpu_seconds(pid: int, thread: int | None = None) -> float | None:
+    """User + system CPU seconds of a process (or one of its threads) so far (Linux /proc; None elsewhere)."""
+    path = f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat"
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+class CpuMeter:
+    """CPU cores used over a level by the server (its event-loop thread apart), its render process and this load
+    generator: which one runs out of CPU first."""
+
+    def __init__(self, server_pid: int | None):
+        self.server_pid = server_pid
+        self.start = self._read()
+
+    def _read(self) -> dict:
+        pids = {"load_generator": os.getpid()}
+        if self.server_pid is not None:
+            pids["server"] = self.server_pid
+            for child in child_pids(self.server_pid):  # the render process (spawned; its resource tracker is tiny)
+                pids[f"server_child_{child}"] = child
+        times = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        if self.server_pid is not None:
+            times["server_event_loop_thread"] = cpu_seconds(self.server_pid, self.server_pid)
+        return {"wall": time.monotonic()} | {k: v for k, v in times.items() if v is not None}
+
+    def cores(self) -> dict:
+        end = self._read()
+        wall = end["wall"] - self.start["wall"]
+        return {name: round((end[name] - self.start[name]) / wall, 2) for name in end
+                if name != "wall" and name in self.start}
 
 
 async def run_level(url: str, speech: np.ndarray, n: int, seconds: float, rng: np.random.Generator) -> list:
@@ -159,6 +203,8 @@ def main() -> int:
     parser.add_argument("--audio-weights", help="the audio encoder's weights (passed to serve)")
     parser.add_argument("--stop-below", type=float, default=0.5,
                         help="stop the ramp once fewer than this fraction of streams hold 25 fps")
+    parser.add_argument("--profile-server", metavar="PATH",
+                        help="run the server under cProfile (its event-loop thread) and write the stats here")
     parser.add_argument("--out", help="result JSON (default benchmarks/results/serve_load_<device>_<time>.json)")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -172,7 +218,8 @@ def main() -> int:
             parser.error("give MODEL_DIR or --url")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "egstalker", "serve", args.model_dir, "--host", "127.0.0.1",
+        profiler = ["-m", "cProfile", "-o", args.profile_server] if args.profile_server else []
+        command = [sys.executable, *profiler, "-m", "egstalker", "serve", args.model_dir, "--host", "127.0.0.1",
                    "--port", str(port), "--device", args.device, "--max-sessions", str(max(levels)),
                    "--max-batch", str(args.max_batch), "--precision", args.precision,
                    "--render-process", args.render_process, "--render-queue", str(args.render_queue)]
@@ -191,10 +238,14 @@ def main() -> int:
         print(f"{'sessions':>8} {'held25':>6} {'first<=300':>10} {'first p50/p95 ms':>17} "
               f"{'frame p50/p95/p99 ms':>21} {'batch':>6} {'render fps':>10} {'GPU MiB':>8}", flush=True)
         for n in levels:
+            meter = CpuMeter(process.pid if process else None)
             streams = asyncio.run(run_level(url, speech, n, args.seconds, rng))
+            cores = meter.cores()
             time.sleep(0.5)
             health = get_health(url)
             record = summarise(n, streams, health, rss_mib(process.pid) if process else None)
+            record["cpu_cores"] = cores
+            print(f"  CPU cores used: {json.dumps(cores)}", flush=True)
             records.append(record)
             first, frame, server = record["first_frame_latency_ms"], record["frame_latency_ms"], record["server"]
             print(f"{n:>8} {record['streams_held_25fps']:>6} {record['streams_first_frame_within_300ms']:>10} "
@@ -223,7 +274,8 @@ def main() -> int:
         print(f"max sessions all held at 25 fps: {result['max_sessions_held_25fps']}; wrote {out}")
     finally:
         if process is not None:
-            process.terminate()
+            # SIGINT stops the server cleanly (cProfile then writes its stats); SIGTERM would not
+            process.send_signal(signal.SIGINT if args.profile_server else signal.SIGTERM)
             try:
                 process.wait(20)
             except subprocess.TimeoutExpired:

@@ -118,15 +118,19 @@ def unpack(packed: Path, target: Path) -> None:
     layout = DatasetLayout(target)
     for d in (layout.frames_dir, layout.parsing_dir, layout.torso_dir, layout.gt_dir):
         d.mkdir(parents=True, exist_ok=True)
+    # A pack for serving alone (gpu_serve_diagnose.sh) lacks the training images, landmarks and parsing: skip them.
     for f in SMALL_FILES:
-        shutil.copy2(packed / f, target / f)
+        if (packed / f).exists():
+            shutil.copy2(packed / f, target / f)
     np.save(target / "aud.npy", np.load(packed / "aud.npy").astype(np.float32))  # as preprocess writes it
-    for name, data in load_blob(packed / "lms.npz").items():
-        (layout.frames_dir / name).write_bytes(data)
-    for name, data in load_blob(packed / "parsing.npz").items():
-        (layout.parsing_dir / name).write_bytes(data)
+    for blob, folder in (("lms.npz", layout.frames_dir), ("parsing.npz", layout.parsing_dir)):
+        if (packed / blob).exists():
+            for name, data in load_blob(packed / blob).items():
+                (folder / name).write_bytes(data)
     alphas = load_blob(packed / "torso_alpha.npz")
     for video, kind in (("gt.mp4", "gt"), ("torso.mp4", "torso")):
+        if not (packed / video).exists():
+            continue
         cap = cv2.VideoCapture(str(packed / video))
         i = 0
         while True:
@@ -415,6 +419,9 @@ def main() -> None:
     lp = sub.add_parser("lpips", help="LPIPS of every finished run under --work (needs alexnet.ckpt)")
     lp.add_argument("--work", type=Path, required=True)
     lp.add_argument("--device", default="cuda")
+    u = sub.add_parser("unpack", help="rebuild a dataset folder from a pack (the device run does this itself)")
+    u.add_argument("packed", type=Path)
+    u.add_argument("target", type=Path)
     w = sub.add_parser("pack-weights")
     w.add_argument("-o", "--out", type=Path, default=ROOT / ".carry")
     s = sub.add_parser("score")
@@ -431,6 +438,8 @@ def main() -> None:
                      args.overrides, args.workers, args.device, args.val_frames, args.iterations, args.audio_offset)
     elif args.cmd == "lpips":
         device_lpips(args.work, args.device)
+    elif args.cmd == "unpack":
+        unpack(args.packed, args.target)
     else:
         summary = score(args.results, {k: Path(v) for k, v in (x.split("=", 1) for x in args.datasets)})
         if args.output:

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One device call: what limits the streams a trained model serves. On the model gpu_render_speedup.sh brought
+# back (lieu, whisper, 115k Gaussians), serving load with the render queue 1 and 2 deep while recording the CPU
+# cores each process uses per level (server, its event-loop thread, render process, load generator) and the GPU
+# utilisation, then once more with the server's event-loop thread under cProfile.
+#
+#   bash benchmarks/gpu_serve_diagnose.sh                  (carry .whl .carry_diag; ~6 minutes)
+# .carry_diag: model/ (the model folder, model.pt joined from its parts), lieu/ (a pack for serving alone:
+# train_quality_gpu.py pack's meta/preprocess_config/transforms/au.csv/aud.npy/bc.jpg/torso.mp4/torso_alpha.npz),
+# gsplat_cuda.so.xz, whisper_l3.bin.xz, speech_60s_16k.wav.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+WORK=$PWD/.gpu_work
+CARRY=.carry_diag
+LEVELS=${LEVELS:-16,20,24,28}
+mkdir -p "$OUT" "$WORK" /tmp/site
+exec > >(tee "$OUT/serve_diagnose_log.txt") 2>&1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+mkdir -p .torch_ext/gsplat_cuda
+unxz() { python3 -c "import lzma, sys; open(sys.argv[2], 'wb').write(lzma.decompress(open(sys.argv[1], 'rb').read()))" "$1" "$2"; }
+unxz "$CARRY/gsplat_cuda.so.xz" .torch_ext/gsplat_cuda/gsplat_cuda.so || exit 1
+unxz "$CARRY/whisper_l3.bin.xz" /tmp/whisper_l3.bin || exit 1
+export PYTHONPATH=/tmp/site:$PWD TORCH_EXTENSIONS_DIR=$PWD/.torch_ext PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+nproc
+DATA=$(python3 -c "import json; print(json.load(open('$CARRY/model/model.json'))['dataset'])")
+python3 benchmarks/train_quality_gpu.py unpack "$CARRY/lieu" "$DATA" || exit 1
+MODEL=$CARRY/model
+SECONDS=0
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 > "$WORK/gpu_util.csv" &
+SMI=$!
+
+for depth in 1 2; do
+  echo "== serve, render queue $depth (t=${SECONDS}s)"
+  timeout 160 python3 benchmarks/serve_load.py "$MODEL" --device cuda --dataset "$DATA" \
+    --audio "$CARRY/speech_60s_16k.wav" --audio-weights /tmp/whisper_l3.bin --levels "$LEVELS" --seconds 8 \
+    --stop-below 0 --render-queue $depth --out "$WORK/serve_diag_queue$depth.json" 2>&1 \
+    | grep -v "egstalker.serve: session"
+done
+echo "== serve under cProfile, render queue 1, 24 sessions (t=${SECONDS}s)"
+timeout 120 python3 benchmarks/serve_load.py "$MODEL" --device cuda --dataset "$DATA" \
+  --audio "$CARRY/speech_60s_16k.wav" --audio-weights /tmp/whisper_l3.bin --levels 24 --seconds 8 \
+  --stop-below 0 --render-queue 1 --profile-server "$WORK/server.prof" --out "$WORK/serve_diag_profiled.json" 2>&1 \
+  | grep -v "egstalker.serve: session"
+kill $SMI
+python3 - "$WORK/server.prof" > "$WORK/server_profile.txt" <<'PY'
+import pstats, sys
+stats = pstats.Stats(sys.argv[1])
+stats.sort_stats("tottime").print_stats(45)
+stats.sort_stats("cumulative").print_stats(45)
+PY
+head -c 6000 "$WORK/server_profile.txt"
+(cd "$WORK" && tar czf "$OUT/serve_diagnose.tgz" serve_diag_*.json gpu_util.csv server_profile.txt server.prof)
+echo "done after ${SECONDS}s"
+ls -la "$OUT"
