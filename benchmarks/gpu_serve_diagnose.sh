@@ -5,6 +5,8 @@
 # utilisation, then once more with the server's event-loop thread under cProfile.
 #
 #   bash benchmarks/gpu_serve_diagnose.sh                  (carry .whl .carry_diag; ~6 minutes)
+#   RENDER_PROFILE=1 CPROFILE=0 PLAN="2:20,24,28 1:20,24 2:20,24,28" bash benchmarks/gpu_serve_diagnose.sh
+#                     (render_profile_gpu.py's variants on this model, then serving runs DEPTH:LEVELS in order)
 # .carry_diag: model/ (the model folder, model.pt joined from its parts), lieu/ (a pack for serving alone:
 # train_quality_gpu.py pack's meta/preprocess_config/transforms/au.csv/aud.npy/bc.jpg/torso.mp4/torso_alpha.npz),
 # gsplat_cuda.so.xz, whisper_l3.bin.xz, speech_60s_16k.wav.
@@ -30,26 +32,35 @@ SECONDS=0
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 > "$WORK/gpu_util.csv" &
 SMI=$!
 
-for depth in 1 2; do
-  echo "== serve, render queue $depth (t=${SECONDS}s)"
+if [ "${RENDER_PROFILE:-0}" = 1 ]; then
+  echo "== render variants (t=${SECONDS}s)"
+  timeout 120 python3 benchmarks/render_profile_gpu.py "$MODEL" --dataset "$DATA" --skip-static \
+    --json "$WORK/serve_diag_render_profile.json"
+fi
+# PLAN: serving runs in order, each DEPTH:LEVELS (a fresh server each; repeats show the run-to-run spread)
+k=0
+for run in ${PLAN:-1:$LEVELS 2:$LEVELS}; do
+  depth=${run%%:*} levels=${run#*:} k=$((k + 1))
+  echo "== serve $k, render queue $depth, levels $levels (t=${SECONDS}s)"
   timeout 160 python3 benchmarks/serve_load.py "$MODEL" --device cuda --dataset "$DATA" \
-    --audio "$CARRY/speech_60s_16k.wav" --audio-weights /tmp/whisper_l3.bin --levels "$LEVELS" --seconds 8 \
-    --stop-below 0 --render-queue $depth --out "$WORK/serve_diag_queue$depth.json" 2>&1 \
+    --audio "$CARRY/speech_60s_16k.wav" --audio-weights /tmp/whisper_l3.bin --levels "$levels" --seconds 8 \
+    --stop-below 0 --render-queue "$depth" --out "$WORK/serve_diag_${k}_queue$depth.json" 2>&1 \
     | grep -v "egstalker.serve: session"
 done
-echo "== serve under cProfile, render queue 1, 24 sessions (t=${SECONDS}s)"
-timeout 120 python3 benchmarks/serve_load.py "$MODEL" --device cuda --dataset "$DATA" \
-  --audio "$CARRY/speech_60s_16k.wav" --audio-weights /tmp/whisper_l3.bin --levels 24 --seconds 8 \
-  --stop-below 0 --render-queue 1 --profile-server "$WORK/server.prof" --out "$WORK/serve_diag_profiled.json" 2>&1 \
-  | grep -v "egstalker.serve: session"
-kill $SMI
-python3 - "$WORK/server.prof" > "$WORK/server_profile.txt" <<'PY'
+if [ "${CPROFILE:-1}" = 1 ]; then
+  echo "== serve under cProfile, render queue 1, 24 sessions (t=${SECONDS}s)"
+  timeout 120 python3 benchmarks/serve_load.py "$MODEL" --device cuda --dataset "$DATA" \
+    --audio "$CARRY/speech_60s_16k.wav" --audio-weights /tmp/whisper_l3.bin --levels 24 --seconds 8 \
+    --stop-below 0 --render-queue 1 --profile-server "$WORK/server.prof" --out "$WORK/serve_diag_profiled.json" 2>&1 \
+    | grep -v "egstalker.serve: session"
+  python3 - "$WORK/server.prof" > "$WORK/server_profile.txt" <<'PY'
 import pstats, sys
 stats = pstats.Stats(sys.argv[1])
 stats.sort_stats("tottime").print_stats(45)
 stats.sort_stats("cumulative").print_stats(45)
 PY
-head -c 6000 "$WORK/server_profile.txt"
-(cd "$WORK" && tar czf "$OUT/serve_diagnose.tgz" serve_diag_*.json gpu_util.csv server_profile.txt server.prof)
+fi
+kill $SMI
+(cd "$WORK" && tar czf "$OUT/serve_diagnose.tgz" serve_diag_*.json gpu_util.csv server_profile.txt server.prof 2>/dev/null)
 echo "done after ${SECONDS}s"
 ls -la "$OUT"

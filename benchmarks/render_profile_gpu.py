@@ -11,7 +11,9 @@ At each batch size (fp16 deformation network, as served on CUDA), median wall ti
   - rasterize: gsplat's projection, tile sort and compositing of those Gaussians;
   - model_render: frame_gaussians + rasterize + compositing over the torso/background;
   - render_frames: the TalkingHead API (+ audio windows, torso images, uint8 frames copied to the host);
+  - deformation_half_network: the whole network in float16 (LayerNorm and residual stream too; CUDA only);
   - deformation_compiled: the network under torch.compile (batch 32 only; its compile time is reported).
+Each variant's held-out renders are compared with the shipped code's (PSNR, largest 8-bit difference).
 Then a torch.profiler table of the top device kernels of model_render at the largest batch (--trace).
 
 Static Gaussians: over every training frame, how far each Gaussian's offsets stray from their mean, in pixels
@@ -24,6 +26,7 @@ the network's time over the rest.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -85,6 +88,19 @@ def variant_forward(net, fused: bool):
     return forward
 
 
+def half_network_forward(net):
+    """The whole network in float16 (a half copy of its weights, the cached features cast too), without
+    autocast, which keeps LayerNorm and the residual stream in float32."""
+    half = copy.deepcopy(net).half()
+
+    def forward(cache: SpatialCache, tokens: torch.Tensor) -> Offsets:
+        with torch.autocast("cuda", enabled=False):
+            return half._forward(SpatialCache(features=cache.features.half(), queries=cache.queries.half()),
+                                 tokens.half())
+
+    return forward
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
@@ -94,6 +110,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--skip-static", action="store_true", help="skip the static Gaussians and the compiler")
     parser.add_argument("--json", required=True)
     parser.add_argument("--trace", default=None, help="write the profiler's kernel table here")
     args = parser.parse_args()
@@ -125,6 +142,8 @@ def main() -> None:
     shipped_forward = net._forward
     variants = {"deformation_five_casts": variant_forward(net, fused=False),
                 "deformation_fused_heads": variant_forward(net, fused=True)}
+    if device.type == "cuda":
+        variants["deformation_half_network"] = half_network_forward(net)
     with torch.no_grad():
         cache = model.spatial_cache()
         for b in args.batch_sizes:
@@ -170,6 +189,29 @@ def main() -> None:
                                             f"{result['device']}\n{table}\n")
             print(table, flush=True)
 
+        # each variant's held-out renders against the shipped code's (do they change the image?)
+        held = np.arange(poses.n_train, len(poses.frame_ids))
+
+        def render_held() -> np.ndarray:
+            return np.concatenate([head.render_frames(features, poses.audio_ids[c], c)
+                                   for c in np.array_split(held, max(1, len(held) // largest))])
+
+        shipped = render_held()
+        result["variants_psnr_vs_shipped"] = {}
+        for name, variant in variants.items():
+            net._forward = variant
+            try:
+                renders = render_held()
+            finally:
+                net._forward = shipped_forward
+            result["variants_psnr_vs_shipped"][name] = {
+                "psnr": float(np.mean(metrics.psnr(renders, shipped))),
+                "max_abs_diff_8bit": int(np.abs(renders.astype(np.int16) - shipped.astype(np.int16)).max())}
+        print("variants vs shipped:", json.dumps(result["variants_psnr_vs_shipped"]), flush=True)
+        if args.skip_static:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+            print("wrote", args.json, flush=True)
+            return
         result["static"] = static_gaussians(head, features, args.thresholds, device, args.repeats, largest, cache,
                                             metrics)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")  # before the compiler, which may be slow

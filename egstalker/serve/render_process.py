@@ -44,7 +44,9 @@ def _child(conn, model_dir: str, device: str, dataset_dir: str | None, precision
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides when to stop
     try:
-        frames_memory = _attach(frames_name)
+        # the server owns and unlinks the shared frames; a spawned child shares its resource tracker, so
+        # attaching here registers nothing new
+        frames_memory = shared_memory.SharedMemory(name=frames_name)
         slots = np.ndarray(slots_shape, np.uint8, buffer=frames_memory.buf)
         from egstalker.inference import TalkingHead
 
@@ -78,19 +80,6 @@ def _child(conn, model_dir: str, device: str, dataset_dir: str | None, precision
             conn.send(("ok", seq, frames, _memory(device), time.perf_counter() - start))
         except Exception as e:  # noqa: BLE001 - this batch fails, the process keeps serving
             conn.send(("error", seq, f"{e.__class__.__name__}: {e}"))
-
-
-def _attach(name: str) -> shared_memory.SharedMemory:
-    """Open the server's shared frames without handing them to this process's resource tracker: the server
-    owns (and unlinks) them, and a tracked copy would be unlinked, with a warning, when this process ends."""
-    memory = shared_memory.SharedMemory(name=name)
-    try:
-        from multiprocessing import resource_tracker
-
-        resource_tracker.unregister(memory._name, "shared_memory")  # noqa: SLF001 - Python < 3.13 has no track=False
-    except Exception:  # noqa: BLE001 - only a warning at exit is at stake
-        pass
-    return memory
 
 
 def _memory(device: str) -> dict:
