@@ -212,6 +212,44 @@ def test_a_render_process_serves_the_same_frames(request, small_head, speech):
         shared_memory.SharedMemory(name=frames_name)
 
 
+def test_sigterm_stops_the_server_and_its_render_process_cleanly(request):
+    """A service manager's SIGTERM stops `egstalker serve` as Ctrl-C does: exit code 0, the render process gone
+    and its shared frames freed (no leak warning from the resource tracker)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    model_dir = os.environ.get("EGSTALKER_TEST_MODEL") or request.getfixturevalue("small_model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    process = subprocess.Popen([sys.executable, "-m", "egstalker", "serve", str(model_dir), "--device", "cpu",
+                                "--render-process", "yes", "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        health = None
+        while health is None and time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    health = json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+        assert health is not None and health["status"] == "ok" and health["render_queue"] == 2, process.poll()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr[-2000:]
+    assert "egstalker serve: stopped" in stderr and "leaked" not in stderr, stderr[-2000:]
+    after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    assert not {name for name in after - before if name.startswith("psm_")}
+
+
 def test_the_render_process_resolves_precision_for_its_own_device(monkeypatch):
     """'auto' means fp16 for a CUDA render process, though the server's own copy of the model is on the CPU; that
     copy's audio encoder runs on the render device (a speech model on the CPU would limit the streams)."""

@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
+    import signal
+    import sys
 
     from egstalker.errors import EgstalkerError
     from egstalker.serve.scheduler import ServeConfig
@@ -72,11 +74,16 @@ def run(args: argparse.Namespace) -> int:
     config = ServeConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, jpeg_quality=args.jpeg_quality,
                          pose=args.pose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Service managers (systemd, docker) stop a server with SIGTERM: stop as on Ctrl-C, so the render process
+    # and its shared frames are released rather than left to the resource tracker.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         asyncio.run(serve_forever(head, args.host, args.port, config, args.token, device))
     except OSError as e:
         raise EgstalkerError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); "
                              "choose another --port or stop the program using it") from None
+    except KeyboardInterrupt:
+        print("egstalker serve: stopped", file=sys.stderr)
     finally:
         if in_child:
             head.close()
