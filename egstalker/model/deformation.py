@@ -13,6 +13,7 @@ iteration (shared by the frames of a batch) or once per model at inference.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -144,9 +145,9 @@ class DeformationNetwork(nn.Module):
         return SpatialCache(features=features, queries=queries)
 
     inference_dtype: torch.dtype | None = None
-    """Inference on CUDA only (eval mode, no autograd): run the network's matrix products in this dtype
-    (torch.float16 halves the memory traffic of its 128-wide hidden layers, the bulk of a served frame's cost);
-    None keeps float32. Offsets come back as float32 either way. Set through TalkingHead(precision=...)."""
+    """Inference on CUDA only (eval mode, no autograd): run the per-Gaussian network in this dtype end to end
+    (torch.float16 halves the memory traffic of its activations, the bulk of a served frame's cost); None keeps
+    float32. Offsets come back as float32 either way. Set through TalkingHead(precision=...)."""
 
     INFERENCE_CHUNK_ROWS = 2**19
     """In eval mode without autograd, at most this many (frame, Gaussian) rows go through the network at once:
@@ -158,18 +159,36 @@ class DeformationNetwork(nn.Module):
         b, n = tokens.shape[0], cache.features.shape[0]
         if self.training or torch.is_grad_enabled():
             return self._forward(cache, tokens)
-        half = self.inference_dtype is not None and tokens.device.type == "cuda"
-        with torch.autocast("cuda", dtype=self.inference_dtype or torch.float16, enabled=half):
-            if b * n <= self.INFERENCE_CHUNK_ROWS:
-                parts = [self._forward(cache, tokens)]
-            else:
-                step = max(1, self.INFERENCE_CHUNK_ROWS // b)
-                parts = [self._forward(SpatialCache(features=cache.features[i:i + step],
-                                                    queries=cache.queries[i:i + step]), tokens)
-                         for i in range(0, n, step)]
+        net = self
+        if self.inference_dtype is not None and tokens.device.type == "cuda":
+            # A copy of the weights in half precision, so LayerNorm and the residual stream run in it too (autocast
+            # keeps them in float32): the network 15% faster on an H200, its frames 74 dB from autocast's
+            # (benchmarks/render_profile_gpu.py).
+            net, dtype = self._reduced_precision_copy(), self.inference_dtype
+            cache = SpatialCache(features=cache.features.to(dtype), queries=cache.queries.to(dtype))
+            tokens = tokens.to(dtype)
+        if b * n <= self.INFERENCE_CHUNK_ROWS:
+            parts = [net._forward(cache, tokens)]
+        else:
+            step = max(1, self.INFERENCE_CHUNK_ROWS // b)
+            parts = [net._forward(SpatialCache(features=cache.features[i:i + step],
+                                               queries=cache.queries[i:i + step]), tokens)
+                     for i in range(0, n, step)]
         return Offsets(**{name: (getattr(parts[0], name) if len(parts) == 1
                                  else torch.cat([getattr(part, name) for part in parts], dim=1)).float()
                           for name in ("means", "scales", "quats", "opacities", "colors")})
+
+    def _reduced_precision_copy(self) -> "DeformationNetwork":
+        """This network with its weights in `inference_dtype`, made on first use and kept outside the module tree
+        (not saved, not trained): inference only, so later weight changes do not reach it."""
+        key = (self.inference_dtype, self.null.device)
+        made = self.__dict__.get("_reduced_copy")
+        if made is None or made[0] != key:
+            self.__dict__.pop("_reduced_copy", None)
+            copy_ = copy.deepcopy(self).to(self.inference_dtype)
+            copy_.inference_dtype = None
+            self.__dict__["_reduced_copy"] = made = (key, copy_)
+        return made[1]
 
     def _forward(self, cache: SpatialCache, tokens: torch.Tensor) -> Offsets:
         b, t, _ = tokens.shape
@@ -180,12 +199,9 @@ class DeformationNetwork(nn.Module):
         mixed = torch.einsum("bnht,bthd->bnhd", weights, v).reshape(b, -1, self.d_model)
         hidden = cache.features.unsqueeze(0) + self.dropout(self.attn_out(mixed))
         hidden = hidden + self.dropout(self.ffn(self.ffn_norm(hidden)))
-        if torch.is_autocast_enabled("cuda"):
-            # fp16 inference: every head would cast `hidden` (fp32 after the residual sums) on its own; cast once
-            hidden = hidden.to(torch.get_autocast_dtype("cuda"))
-        # Five separate heads, not one fused 64 -> 640 product: on the CPU the fused product's 640-wide
-        # activations leave the cache and the network ran twice as slow (benchmarks/render_profile_gpu.py
-        # times both on a GPU).
+        # Five separate heads, not one fused 64 -> 640 product: on an H200 the fused product is 13% faster, but
+        # on the CPU its 640-wide activations leave the cache and the network runs twice as slow
+        # (benchmarks/render_profile_gpu.py).
         return Offsets(**{name: self.heads[name](hidden) * (self.position_scale if name == "means" else 1.0)
                           for name in HEAD_NAMES})
 
