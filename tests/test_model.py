@@ -238,6 +238,31 @@ def test_model_spec_window_alignment_defaults_to_the_centred_window_of_older_mod
         ModelSpec.from_json(old | {"audio_future": 8})
 
 
+def test_reduced_precision_copy_is_made_once_and_kept_out_of_the_model():
+    """fp16 inference (CUDA) runs a half copy of the network: same function up to rounding, made once per dtype,
+    not among the model's parameters or saved weights."""
+    model = small_head().eval()
+    net = model.deformation
+    net.inference_dtype = torch.bfloat16  # the CPU runs bfloat16 matrix products; fp16 is the CUDA case
+    half = net._reduced_precision_copy()
+    assert half is net._reduced_precision_copy() and half.inference_dtype is None
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert not any("_reduced" in key for key in model.state_dict())
+    viewmats, _ = cameras(2)
+    audio, au45 = frame_inputs(model, 2)
+    with torch.no_grad():
+        cache = net.spatial_cache(model.gaussians.means)
+        tokens = net.tokens(audio, au45, viewmats)
+        full = net._forward(cache, tokens).means
+        reduced = half._forward(type(cache)(features=cache.features.bfloat16(), queries=cache.queries.bfloat16()),
+                                tokens.bfloat16()).means
+    assert reduced.dtype == torch.bfloat16
+    torch.testing.assert_close(reduced.float(), full, atol=0.05 * full.abs().max().item(), rtol=0.0)
+    net.inference_dtype = torch.float16
+    assert net._reduced_precision_copy() is not half  # a new dtype, a new copy
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 inference runs on CUDA only")
 def test_fp16_inference_offsets_match_fp32(monkeypatch):
     model = small_head().cuda().eval()

@@ -181,7 +181,7 @@ class DeformationNetwork(nn.Module):
     def _reduced_precision_copy(self) -> "DeformationNetwork":
         """This network with its weights in `inference_dtype`, made on first use and kept outside the module tree
         (not saved, not trained): inference only, so later weight changes do not reach it."""
-        key = (self.inference_dtype, self.null.device)
+        key = (self.inference_dtype, self.to_q.weight.device)
         made = self.__dict__.get("_reduced_copy")
         if made is None or made[0] != key:
             self.__dict__.pop("_reduced_copy", None)
