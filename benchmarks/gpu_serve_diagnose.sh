@@ -6,7 +6,8 @@
 #
 #   bash benchmarks/gpu_serve_diagnose.sh                  (carry .whl .carry_diag; ~6 minutes)
 #   RENDER_PROFILE=1 CPROFILE=0 PLAN="2:20,24,28 1:20,24 2:20,24,28" bash benchmarks/gpu_serve_diagnose.sh
-#                     (render_profile_gpu.py's variants on this model, then serving runs DEPTH:LEVELS in order)
+#                     (render_profile_gpu.py's variants on this model, then serving runs DEPTH:LEVELS in order;
+#                     HALF=1 first compares fp16 with fp32 frames and speed: half_precision_gpu.py)
 # .carry_diag: model/ (the model folder, model.pt joined from its parts), lieu/ (a pack for serving alone:
 # train_quality_gpu.py pack's meta/preprocess_config/transforms/au.csv/aud.npy/bc.jpg/torso.mp4/torso_alpha.npz),
 # gsplat_cuda.so.xz, whisper_l3.bin.xz, speech_60s_16k.wav.
@@ -32,6 +33,10 @@ SECONDS=0
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 > "$WORK/gpu_util.csv" &
 SMI=$!
 
+if [ "${HALF:-0}" = 1 ]; then
+  echo "== fp16 against fp32 (t=${SECONDS}s)"
+  timeout 120 python3 benchmarks/half_precision_gpu.py "$MODEL" --dataset "$DATA" --json "$WORK/serve_diag_half_precision.json"
+fi
 if [ "${RENDER_PROFILE:-0}" = 1 ]; then
   echo "== render variants (t=${SECONDS}s)"
   timeout 120 python3 benchmarks/render_profile_gpu.py "$MODEL" --dataset "$DATA" --skip-static \
