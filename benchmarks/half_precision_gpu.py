@@ -62,11 +62,12 @@ def main() -> None:
             speed[b] = round(1.0 / float(np.median(times)), 1)
         result[precision] = {"render_frames_fps": speed, "gaussians": len(head.model.gaussians)}
         gt = Path(args.dataset) / "gt_imgs"
-        if precision == "fp32" and gt.is_dir():  # a pack for serving alone has no ground truth
+        has_gt = gt.is_dir() and any(gt.iterdir())  # a pack for serving alone has no ground truth
+        if precision == "fp32" and has_gt:
             truths = np.stack([cv2.resize(cv2.cvtColor(cv2.imread(str(gt / f"{i}.jpg")), cv2.COLOR_BGR2RGB),
                                           (head.width, head.height), interpolation=cv2.INTER_AREA)
                                for i in poses.frame_ids[positions]])
-        if gt.is_dir():
+        if has_gt:
             result[precision]["psnr_vs_gt"] = float(np.mean(metrics.psnr(renders[precision], truths)))
         print(precision, json.dumps(result[precision]), flush=True)
         del head
