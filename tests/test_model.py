@@ -259,8 +259,13 @@ def test_reduced_precision_copy_is_made_once_and_kept_out_of_the_model():
                                 tokens.bfloat16()).means
     assert reduced.dtype == torch.bfloat16
     torch.testing.assert_close(reduced.float(), full, atol=0.05 * full.abs().max().item(), rtol=0.0)
+    assert half.field is None  # the planes stay with the full-precision network, which computes the cache
+    with torch.no_grad():
+        net.heads["means"][2].bias.add_(1.0)  # new weights (e.g. load_state_dict): a new copy
+    renewed = net._reduced_precision_copy()
+    assert renewed is not half and torch.equal(renewed.heads["means"][2].bias.float(), net.heads["means"][2].bias)
     net.inference_dtype = torch.float16
-    assert net._reduced_precision_copy() is not half  # a new dtype, a new copy
+    assert net._reduced_precision_copy() is not renewed  # a new dtype, a new copy
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 inference runs on CUDA only")

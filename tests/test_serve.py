@@ -11,6 +11,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import shared_memory
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -201,6 +202,9 @@ def test_a_render_process_serves_the_same_frames(request, small_head, speech):
         assert head.healthy
         head._process.kill()
         head._process.join()
+        deadline = time.monotonic() + 10  # the answer reader notices the closed pipe within moments
+        while head.healthy and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert not head.healthy
         with pytest.raises(EgstalkerError, match="render process has stopped"):
             head.render_frames(features, [0], [0])
@@ -210,6 +214,54 @@ def test_a_render_process_serves_the_same_frames(request, small_head, speech):
         head.close()
     with pytest.raises(FileNotFoundError):  # the shared frames are freed
         shared_memory.SharedMemory(name=frames_name)
+
+
+def test_a_hung_render_process_fails_every_waiting_call(monkeypatch):
+    """A render process that stops answering is given up after the timeout and every waiting call fails with a
+    clear error, also when a second request is too large for the pipe and its sender is stuck in send."""
+    import multiprocessing
+
+    from egstalker.serve import render_process
+
+    monkeypatch.setattr(render_process, "RENDER_TIMEOUT_S", 1.0)
+    parent, child = multiprocessing.Pipe()
+    taken = threading.Event()
+
+    def hung_child():  # takes the first request, then never reads or answers again
+        child.recv()
+        taken.set()
+
+    threading.Thread(target=hung_child, daemon=True).start()
+
+    class HungProcess:
+        exitcode = None
+        alive = True
+
+        def is_alive(self):
+            return self.alive
+
+        def kill(self):
+            self.alive = False
+            child.close()  # as a killed process's end of the pipe closes
+
+        def join(self, timeout=None):
+            pass
+
+    memory = shared_memory.SharedMemory(create=True, size=3 * 2 * 4 * 4 * 3)
+    head = render_process.ProcessHead(None, HungProcess(), parent, {}, 0.0, memory,
+                                      np.ndarray((3, 2, 4, 4, 3), np.uint8, buffer=memory.buf), 2)
+    large = np.zeros((200, 512), np.float32)  # 400 kB: more than the pipe holds
+    started = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        calls = [pool.submit(head.render_frames, large, [0], [0]) for _ in range(2)]
+        for call in calls:
+            with pytest.raises(EgstalkerError, match="did not answer within 1 s; restart the server"):
+                call.result(timeout=30)
+    assert taken.is_set() and time.monotonic() - started < 10
+    assert not head.healthy
+    with pytest.raises(EgstalkerError, match="did not answer"):  # and later calls fail at once
+        head.render_frames(large, [0], [0])
+    head.close()
 
 
 def test_sigterm_stops_the_server_and_its_render_process_cleanly(request):
@@ -238,6 +290,8 @@ def test_sigterm_stops_the_server_and_its_render_process_cleanly(request):
             except OSError:
                 time.sleep(0.5)
         assert health is not None and health["status"] == "ok" and health["render_queue"] == 2, process.poll()
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+        render_pids = [int(pid) for pid in children.read_text().split()] if children.exists() else []
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     finally:
@@ -248,6 +302,10 @@ def test_sigterm_stops_the_server_and_its_render_process_cleanly(request):
     assert "egstalker serve: stopped" in stderr and "leaked" not in stderr, stderr[-2000:]
     after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     assert not {name for name in after - before if name.startswith("psm_")}
+    deadline = time.monotonic() + 10  # the render process (and the resource tracker) end with the server
+    while any(Path(f"/proc/{pid}").exists() for pid in render_pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in render_pids if Path(f"/proc/{pid}").exists()]
 
 
 def test_the_render_process_resolves_precision_for_its_own_device(monkeypatch):

@@ -162,8 +162,8 @@ class DeformationNetwork(nn.Module):
         net = self
         if self.inference_dtype is not None and tokens.device.type == "cuda":
             # A copy of the weights in half precision, so LayerNorm and the residual stream run in it too (autocast
-            # keeps them in float32): the network 15% faster on an H200, its frames 74 dB from autocast's
-            # (benchmarks/render_profile_gpu.py).
+            # keeps them in float32): the network 19% faster than under autocast on an H200, the frames 74 dB from
+            # float32's (benchmarks/render_profile_gpu.py, half_precision_gpu.py).
             net, dtype = self._reduced_precision_copy(), self.inference_dtype
             cache = SpatialCache(features=cache.features.to(dtype), queries=cache.queries.to(dtype))
             tokens = tokens.to(dtype)
@@ -179,13 +179,14 @@ class DeformationNetwork(nn.Module):
                           for name in ("means", "scales", "quats", "opacities", "colors")})
 
     def _reduced_precision_copy(self) -> "DeformationNetwork":
-        """This network with its weights in `inference_dtype`, made on first use and kept outside the module tree
-        (not saved, not trained): inference only, so later weight changes do not reach it."""
-        key = (self.inference_dtype, self.to_q.weight.device)
+        """This network with its weights in `inference_dtype`, kept outside the module tree (not saved, not
+        trained) and made again when the dtype, the device or any weight changes. It leaves out the tri-plane
+        field: the spatial cache is computed by this network."""
+        key = (self.inference_dtype, self.to_q.weight.device, sum(p._version for p in self.parameters()))
         made = self.__dict__.get("_reduced_copy")
         if made is None or made[0] != key:
             self.__dict__.pop("_reduced_copy", None)
-            copy_ = copy.deepcopy(self).to(self.inference_dtype)
+            copy_ = copy.deepcopy(self, memo={id(self.field): None}).to(self.inference_dtype)
             copy_.inference_dtype = None
             self.__dict__["_reduced_copy"] = made = (key, copy_)
         return made[1]

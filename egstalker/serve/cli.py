@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", metavar="DIR",
                         help="the dataset the model was trained on, if it moved (torso/background source)")
     parser.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
-                        help="deformation network precision (auto: fp16 on CUDA, 75 dB from fp32 and faster; "
+                        help="deformation network precision (auto: fp16 on CUDA, 74 dB from fp32 and faster; "
                              "fp32 on the CPU; docs/gpu.md)")
     parser.add_argument("--render-process", choices=("auto", "yes", "no"), default="auto",
                         help="render in a child process with its own GIL (auto: on a GPU; docs/gpu.md)")

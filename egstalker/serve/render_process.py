@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -109,7 +110,8 @@ class ProcessHead:
         self._slots = slots
         self.queue_depth = int(queue_depth)
         """Render calls that may wait at the render process at once (the server renders from as many threads)."""
-        self._send_lock = threading.Lock()  # one request on the pipe at a time; guards _pending and _seq
+        self._send_lock = threading.Lock()  # one request on the pipe at a time (a large one may block in send)
+        self._state_lock = threading.Lock()  # _pending, _seq, _broken: never held while the pipe blocks
         self._room = threading.BoundedSemaphore(self.queue_depth)  # also keeps a slot from reuse while unread
         self._pending: collections.deque[tuple[int, Future, float]] = collections.deque()
         self._seq = 0
@@ -145,6 +147,7 @@ class ProcessHead:
         local = TalkingHead.from_dir(model_dir, device="cpu", dataset_dir=dataset_dir, precision=precision,
                                      audio_weights=audio_weights, encoder_device=device)
         slots_shape = (queue_depth + 1, int(max_batch), local.height, local.width, 3)
+        _check_shared_memory(int(np.prod(slots_shape)))
         frames_memory = shared_memory.SharedMemory(create=True, size=int(np.prod(slots_shape)))
         slots = np.ndarray(slots_shape, np.uint8, buffer=frames_memory.buf)
         # spawn, not fork: the child initialises CUDA itself and shares nothing it could inherit half-made
@@ -173,7 +176,7 @@ class ProcessHead:
             if process.is_alive():
                 process.kill()
                 process.join(5)
-            del slots
+            slots = None  # the array's view of the buffer must go before the buffer can close
             frames_memory.close()
             frames_memory.unlink()
             raise
@@ -194,12 +197,13 @@ class ProcessHead:
         self._room.acquire()
         future: Future = Future()
         with self._send_lock:
-            if self._broken is not None:
-                self._room.release()
-                raise EgstalkerError(f"{self._broken}; restart the server")
-            seq = self._seq
-            self._seq += 1
-            self._pending.append((seq, future, time.monotonic()))
+            with self._state_lock:
+                if self._broken is not None:
+                    self._room.release()
+                    raise EgstalkerError(f"{self._broken}; restart the server")
+                seq = self._seq
+                self._seq += 1
+                self._pending.append((seq, future, time.monotonic()))
             try:
                 self._conn.send((seq, np.ascontiguousarray(features), np.asarray(frame_indices, np.int64),
                                  np.asarray(pose_indices, np.int64)))
@@ -209,46 +213,59 @@ class ProcessHead:
 
     def _read_answers(self) -> None:
         """Hand each answer to its caller, in the order the calls were sent; fail them all when the process
-        dies or hangs."""
-        while True:
-            try:
-                ready = self._conn.poll(0.5)
-            except (OSError, EOFError):
-                ready = True  # recv below says what happened
-            if not ready:
-                with self._send_lock:
-                    oldest = self._pending[0][2] if self._pending else None
-                if oldest is not None and time.monotonic() - oldest > RENDER_TIMEOUT_S:
-                    self._fail_all(f"the render process did not answer within {RENDER_TIMEOUT_S:.0f} s")
-                    return
-                continue
-            try:
-                answer = self._conn.recv()
-            except (EOFError, OSError):
-                if not self._closing:
-                    self._process.join(1)
-                    self._fail_all(f"the render process has stopped (exit code {self._process.exitcode})")
-                return
-            with self._send_lock:
-                seq, future, _ = self._pending.popleft() if self._pending else (None, None, 0.0)
-            if future is None or answer[1] != seq:  # out of step: no later answer can be trusted
-                self._fail_all("the render process answered out of order")
-                return
-            if answer[0] == "ok":
-                frames = answer[2]
-                if isinstance(frames, int):  # in a shared slot, which the next calls may reuse: copy it out
-                    frames = self._slots[seq % len(self._slots), :frames].copy()
-                self.device_memory = answer[3]
-                self.render_log.append((time.monotonic(), answer[4]))
-                future.set_result(frames)
+        dies, hangs or answers out of step, or when this thread itself fails."""
+        try:
+            while self._read_one():
+                pass
+        except BaseException as e:  # noqa: BLE001 - no caller may be left waiting for an answer
+            self._fail_all(f"the render process's answers could not be read ({e.__class__.__name__}: {e})")
+
+    def _read_one(self) -> bool:
+        """Wait for and deliver one answer; False when reading is over."""
+        try:
+            ready = self._conn.poll(0.5)
+        except (OSError, EOFError):
+            ready = True  # recv below says what happened
+        if not ready:
+            with self._state_lock:
+                oldest = self._pending[0][2] if self._pending else None
+            if oldest is not None and time.monotonic() - oldest > RENDER_TIMEOUT_S:
+                self._fail_all(f"the render process did not answer within {RENDER_TIMEOUT_S:.0f} s")
+                return False
+            return True
+        try:
+            answer = self._conn.recv()
+        except (EOFError, OSError):
+            if self._closing:
+                self._fail_all("the render process was closed")  # a no-op unless close() gave up waiting
             else:
-                future.set_exception(EgstalkerError(f"rendering failed in the render process: {answer[2]}"))
-            self._room.release()
+                self._process.join(1)
+                self._fail_all(f"the render process has stopped (exit code {self._process.exitcode})")
+            return False
+        with self._state_lock:
+            seq, future, _ = self._pending.popleft() if self._pending else (None, None, 0.0)
+        if future is None or answer[1] != seq:  # out of step: no later answer can be trusted
+            if future is not None:
+                future.set_exception(EgstalkerError("the render process answered out of order; restart the server"))
+                self._room.release()
+            self._fail_all("the render process answered out of order")
+            return False
+        if answer[0] == "ok":
+            frames = answer[2]
+            if isinstance(frames, int):  # in a shared slot, which the next calls may reuse: copy it out
+                frames = self._slots[seq % len(self._slots), :frames].copy()
+            self.device_memory = answer[3]
+            self.render_log.append((time.monotonic(), answer[4]))
+            future.set_result(frames)
+        else:
+            future.set_exception(EgstalkerError(f"rendering failed in the render process: {answer[2]}"))
+        self._room.release()
+        return True
 
     def _fail_all(self, reason: str) -> None:
         """Give the render process up: kill it (its pipe may be out of step) and fail every waiting call."""
-        with self._send_lock:
-            self._broken = reason
+        with self._state_lock:
+            self._broken = self._broken or reason
             pending = list(self._pending)
             self._pending.clear()
         if self._process.is_alive():
@@ -260,12 +277,14 @@ class ProcessHead:
 
     def close(self) -> None:
         """Stop the render process (after the calls in flight, if they end within the render timeout) and free
-        the shared frames."""
+        the shared frames; later calls fail at once."""
         deadline = time.monotonic() + RENDER_TIMEOUT_S
         while self._pending and self._broken is None and time.monotonic() < deadline:
             time.sleep(0.01)
         self._closing = True
         with self._send_lock:
+            with self._state_lock:
+                self._broken = self._broken or "the render process was closed"
             try:
                 self._conn.send(None)
             except (BrokenPipeError, OSError):
@@ -279,6 +298,21 @@ class ProcessHead:
         self._slots = None
         self._frames_memory.close()
         self._frames_memory.unlink()
+
+
+def _check_shared_memory(size: int) -> None:
+    """Fail clearly, before the render process starts, when /dev/shm cannot hold the shared frames (Docker gives
+    containers 64 MB by default; a 512 px stream at batch 32 with a queue of 2 needs 75 MB): pages are only taken
+    when first written, so running out would kill the render process mid-stream."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:  # no /dev/shm (not Linux): the platform's shared memory has no such small default
+        return
+    free = stat.f_bavail * stat.f_frsize
+    if free < size:
+        raise EgstalkerError(f"the render process needs {size / 2**20:.0f} MB of shared memory for its frames but "
+                             f"/dev/shm has {free / 2**20:.0f} MB free; give it more (docker run --shm-size=1g) or "
+                             "lower --max-batch or --render-queue")
 
 
 __all__ = ["ProcessHead", "QUEUE_DEPTH"]

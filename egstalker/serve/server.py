@@ -108,6 +108,7 @@ class TalkingHeadServer:
         self._jpeg_pool = ThreadPoolExecutor(workers, thread_name_prefix="egs-jpeg")
         self._render_log: collections.deque = collections.deque(maxlen=2000)
         """(finish time, batch size, render seconds) of recent render calls."""
+        self._last_render_end = 0.0
         self.frames_rendered = 0
         self.shared_batches = 0
         self.frames_skipped = 0
@@ -140,7 +141,7 @@ class TalkingHeadServer:
                 await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
     async def _cleanup(self, app) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._render_tasks]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -385,21 +386,27 @@ class TalkingHeadServer:
             self._render_tasks.add(task)
             task.add_done_callback(self._render_tasks.discard)
 
-    async def _finish_render(self, batch, rendered: asyncio.Future, started: float, room: asyncio.Semaphore) -> None:
+    async def _finish_render(self, batch, rendered: asyncio.Future, submitted: float, room: asyncio.Semaphore) -> None:
         """Book a render call once it is done (and fail its sessions if it failed), then let the next one go."""
         try:
             await rendered
         except Exception as e:  # noqa: BLE001 - fail the sessions of this batch, keep serving the rest
+            room.release()
             log.exception("render call failed")
-            for session in {s.id: s for s in batch.sessions}.values():
+            sessions = list({s.id: s for s in batch.sessions}.values())
+            for session in sessions:
+                session.closed = True  # frames of a call still in flight must not follow the error
+            for session in sessions:
                 conn = self.connections.get(session.id)
                 if conn is not None:
                     await _refuse(conn.ws, f"rendering failed: {e}", WSCloseCode.INTERNAL_ERROR)
             return
-        finally:
-            room.release()
+        room.release()
         finished = time.monotonic()
-        self._render_log.append((finished, len(batch.frames), finished - started))
+        # Calls are served one after another, so this one's device time began when it was sent or when the one
+        # before it ended, whichever came later (with a queue, sending is not starting).
+        self._render_log.append((finished, len(batch.frames), finished - max(submitted, self._last_render_end)))
+        self._last_render_end = finished
         self.frames_rendered += len(batch.frames)
         self.shared_batches += len({s.id for s in batch.sessions}) > 1
         for session in {s.id: s for s in batch.sessions}.values():
