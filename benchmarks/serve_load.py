@@ -6,8 +6,11 @@ For each level N it starts N clients together (start times spread over 1 s), eac
     later than a player that starts 150 ms after the first frame would need it (no stall);
   - first-frame latency: arrival of frame 0 - the end of its 40 ms of speech (includes the model's look-ahead);
   - per-frame latency percentiles (same definition), frame-interval jitter;
-plus, from the server's /health, the accelerator memory, render throughput and mean batch size. Only 127.0.0.1
-is contacted. The server is started here (`egstalker serve MODEL_DIR`) unless --url points at a running one.
+plus, from the server's /health, the accelerator memory, render throughput, mean batch size and the render
+process's busy share, and the CPU cores each process used during the level (server, its event-loop thread, render
+process, this load generator). --render-queue passes serve's option; --profile-server runs the server under
+cProfile and writes its stats. Only 127.0.0.1 is contacted. The server is started here (`egstalker serve
+MODEL_DIR`) unless --url points at a running one.
 
 Usage (CPU, small model):
     python benchmarks/serve_load.py MODEL_DIR --device cpu --levels 1,2,4

@@ -176,7 +176,7 @@ class DeformationNetwork(nn.Module):
                      for i in range(0, n, step)]
         return Offsets(**{name: (getattr(parts[0], name) if len(parts) == 1
                                  else torch.cat([getattr(part, name) for part in parts], dim=1)).float()
-                          for name in ("means", "scales", "quats", "opacities", "colors")})
+                          for name in HEAD_NAMES})
 
     def _reduced_precision_copy(self) -> "DeformationNetwork":
         """This network with its weights in `inference_dtype`, kept outside the module tree (not saved, not

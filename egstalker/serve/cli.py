@@ -6,6 +6,7 @@ import argparse
 import os
 
 from egstalker.render.cli import add_audio_weights_argument
+from egstalker.serve.render_process import QUEUE_DEPTH
 
 HELP = "stream a trained head in real time: a browser page at / and WebSocket sessions at /ws"
 
@@ -30,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "fp32 on the CPU; docs/gpu.md)")
     parser.add_argument("--render-process", choices=("auto", "yes", "no"), default="auto",
                         help="render in a child process with its own GIL (auto: on a GPU; docs/gpu.md)")
-    parser.add_argument("--render-queue", type=int, default=2,
-                        help="render calls waiting at the render process at once (default 2: the device starts "
-                             "the next batch while the server takes the last; 1 waits for each)")
+    parser.add_argument("--render-queue", type=int, default=QUEUE_DEPTH,
+                        help=f"render calls waiting at the render process at once (default {QUEUE_DEPTH}: the "
+                             "device starts the next batch while the server takes the last; 1 waits for each)")
     add_audio_weights_argument(parser)
 
 
