@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/gpu_serve_diagnose.sh                  (carry .whl .carry_diag; ~6 minutes)
 #   RENDER_PROFILE=1 CPROFILE=0 PLAN="2:20,24,28 1:20,24 2:20,24,28" bash benchmarks/gpu_serve_diagnose.sh
+#   CPROFILE=0 PLAN="2:24,28:auto:0 2:24,28 2:24,28:cpu" bash benchmarks/gpu_serve_diagnose.sh
 #                     (render_profile_gpu.py's variants on this model, then serving runs DEPTH:LEVELS in order;
 #                     HALF=1 first compares fp16 with fp32 frames and speed: half_precision_gpu.py)
 # .carry_diag: model/ (the model folder, model.pt joined from its parts), lieu/ (a pack for serving alone:
@@ -42,15 +43,20 @@ if [ "${RENDER_PROFILE:-0}" = 1 ]; then
   timeout 120 python3 benchmarks/render_profile_gpu.py "$MODEL" --dataset "$DATA" --skip-static \
     --json "$WORK/serve_diag_render_profile.json"
 fi
-# PLAN: serving runs in order, each DEPTH:LEVELS (a fresh server each; repeats show the run-to-run spread)
+# PLAN: serving runs in order, each DEPTH:LEVELS[:ENCODER_DEVICE[:MERGE]] (a fresh server each; repeats show the
+# run-to-run spread). ENCODER_DEVICE: serve --encoder-device (default auto: the GPU); MERGE=0 turns off merging
+# the sessions' encoder calls (EGSTALKER_MERGE_ENCODER=0).
 k=0
 for run in ${PLAN:-1:$LEVELS 2:$LEVELS}; do
-  depth=${run%%:*} levels=${run#*:} k=$((k + 1))
-  echo "== serve $k, render queue $depth, levels $levels (t=${SECONDS}s)"
-  timeout 160 python3 benchmarks/serve_load.py "$MODEL" --device cuda --dataset "$DATA" \
+  IFS=: read -r depth levels encoder merge <<< "$run"
+  encoder=${encoder:-auto} merge=${merge:-1} k=$((k + 1))
+  echo "== serve $k, render queue $depth, levels $levels, encoder on $encoder, merged calls $merge (t=${SECONDS}s)"
+  EGSTALKER_MERGE_ENCODER=$merge timeout 160 python3 benchmarks/serve_load.py "$MODEL" --device cuda --dataset "$DATA" \
     --audio "$CARRY/speech_60s_16k.wav" --audio-weights /tmp/whisper_l3.bin --levels "$levels" --seconds 8 \
-    --stop-below 0 --render-queue "$depth" --out "$WORK/serve_diag_${k}_queue$depth.json" 2>&1 \
+    --stop-below 0 --render-queue "$depth" --encoder-device "$encoder" \
+    --out "$WORK/serve_diag_${k}_queue${depth}_encoder_${encoder}_merge$merge.json" 2>&1 \
     | grep -v "egstalker.serve: session"
+  cp "$WORK"/serve_diag_${k}_*.json "$OUT"/ 2>/dev/null  # back even if a later run hits the call's time limit
 done
 if [ "${CPROFILE:-1}" = 1 ]; then
   echo "== serve under cProfile, render queue 1, 24 sessions (t=${SECONDS}s)"

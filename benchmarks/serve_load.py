@@ -185,7 +185,8 @@ def summarise(n: int, streams: list, health: dict, rss: float | None) -> dict:
         "av_offset_ms_max": max((abs(t["av_offset_ms"] or 0.0) for t in timings if t["frames"]), default=None),
         "server": {key: health.get(key) for key in ("render_fps", "mean_batch", "mean_render_ms_per_call",
                                                    "gpu_memory_mb", "gpu_peak_memory_mb", "lookahead_ms",
-                                                   "precision", "warm_up_s", "render_queue", "render_busy")},
+                                                   "precision", "warm_up_s", "render_queue", "render_busy",
+                                                   "encoder_device", "encoder_calls_merged")},
         "server_rss_mib": rss,
     }
 
@@ -202,6 +203,7 @@ def main() -> int:
     parser.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto", help="passed to serve")
     parser.add_argument("--render-process", choices=("auto", "yes", "no"), default="auto", help="passed to serve")
     parser.add_argument("--render-queue", type=int, default=2, help="passed to serve")
+    parser.add_argument("--encoder-device", default="auto", help="passed to serve")
     parser.add_argument("--dataset", help="the model's dataset folder, if it moved (passed to serve)")
     parser.add_argument("--audio-weights", help="the audio encoder's weights (passed to serve)")
     parser.add_argument("--stop-below", type=float, default=0.5,
@@ -225,7 +227,7 @@ def main() -> int:
         command = [sys.executable, *profiler, "-m", "egstalker", "serve", args.model_dir, "--host", "127.0.0.1",
                    "--port", str(port), "--device", args.device, "--max-sessions", str(max(levels)),
                    "--max-batch", str(args.max_batch), "--precision", args.precision,
-                   "--render-process", args.render_process, "--render-queue", str(args.render_queue)]
+                   "--render-process", args.render_process, "--render-queue", str(args.render_queue), "--encoder-device", args.encoder_device]
         command += ["--dataset", args.dataset] if args.dataset else []
         command += ["--audio-weights", args.audio_weights] if args.audio_weights else []
         print("starting:", " ".join(command), flush=True)
@@ -248,7 +250,8 @@ def main() -> int:
             health = get_health(url)
             record = summarise(n, streams, health, rss_mib(process.pid) if process else None)
             record["cpu_cores"] = cores
-            print(f"  CPU cores used: {json.dumps(cores)}", flush=True)
+            print(f"  CPU cores used: {json.dumps(cores)}; encoder calls merged per call: "
+                  f"{record['server'].get('encoder_calls_merged')}", flush=True)
             records.append(record)
             first, frame, server = record["first_frame_latency_ms"], record["frame_latency_ms"], record["server"]
             print(f"{n:>8} {record['streams_held_25fps']:>6} {record['streams_first_frame_within_300ms']:>10} "

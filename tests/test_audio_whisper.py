@@ -187,3 +187,25 @@ def test_trimmed_weights_and_a_dataset_that_remembers_its_weights(small_dataset,
     assert main(render + ["--audio-weights", str(tmp_path / "moved.bin")]) != 0
     assert "moved.bin not found" in capsys.readouterr().err and not out.exists()
     assert main(render + ["--audio-weights", str(trimmed)]) == 0 and out.stat().st_size > 0
+
+
+def test_sessions_encoding_at_once_share_calls_and_get_their_own_features(speech):
+    """serve's sessions encode in threads; with calls merged, each stream still equals its own clip's encoding."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    encoder = get_encoder("whisper")
+    clips = [np.roll(speech, 7919 * k) * (0.5 + 0.1 * k) for k in range(6)]
+    expected = [encoder.encode(clip) for clip in clips]
+    batcher = encoder.merge_concurrent_calls()
+    assert encoder.merge_concurrent_calls() is batcher
+
+    def stream(clip):
+        s = encoder.encode_stream()
+        parts = [s.push(clip[i:i + 3200]) for i in range(0, len(clip), 3200)]
+        return np.concatenate(parts + [s.flush()])
+
+    with ThreadPoolExecutor(6) as pool:
+        streamed = list(pool.map(stream, clips))
+    for got, want in zip(streamed, expected):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert batcher.inputs > batcher.calls  # some calls carried several sessions' windows

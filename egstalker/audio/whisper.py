@@ -264,6 +264,16 @@ class WhisperEncoder(AudioEncoder):
         self._filters = torch.tensor(slaney_mel_filterbank(), device=self.device)
         self._window = torch.hann_window(N_FFT, device=self.device)
         self._torch = torch
+        self._run_states = self.states
+
+    def merge_concurrent_calls(self, max_windows: int = 256):
+        """From now on, windows that several threads encode at the same time (a server's sessions) go through
+        the network in one call; returns the `egstalker.audio.batching.ConcurrentBatcher` (its counts)."""
+        from egstalker.audio.batching import ConcurrentBatcher
+
+        if not isinstance(self._run_states, ConcurrentBatcher):
+            self._run_states = ConcurrentBatcher(self.states, max_windows)
+        return self._run_states
 
     def log_mel(self, windows):
         """[N, 80, samples // 160] Whisper's log-mel input of [N, samples] audio windows: log10 power, floored 8
@@ -304,7 +314,7 @@ class WhisperEncoder(AudioEncoder):
                 lo, hi = max(0, start), min(len(wav), start + length)
                 if hi > lo:
                     windows[row, lo - start:hi - start] = wav[lo:hi]
-            states = self.states(windows)[:, before // 320:(before + block) // 320]  # the block's own states
+            states = self._run_states(windows)[:, before // 320:(before + block) // 320]  # the block's own states
             out.append(states.reshape(b - a, BLOCK_FRAMES, 2, self.width).mean(axis=2).reshape(-1, self.width))
             if self.on_progress is not None:
                 self.on_progress((b - a) * BLOCK_FRAMES)

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--render-queue", type=int, default=QUEUE_DEPTH,
                         help=f"render calls waiting at the render process at once (default {QUEUE_DEPTH}: the "
                              "device starts the next batch while the server takes the last; 1 waits for each)")
+    parser.add_argument("--encoder-device", default="auto",
+                        help="where the speech encoder runs: auto (the render device), cpu, cuda, cuda:1; cpu keeps "
+                             "the GPU for rendering at the cost of CPU cores (docs/gpu.md)")
     add_audio_weights_argument(parser)
 
 
@@ -57,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder_device = device if args.encoder_device == "auto" else args.encoder_device
     from egstalker.inference import TalkingHead
     from egstalker.serve.render_process import ProcessHead
+    from egstalker.serve.server import encode_workers
 
     in_child = args.render_process == "yes" or (args.render_process == "auto" and not device.startswith("cpu"))
     # every batch size once before listening, on a GPU: the first sessions must not pay for kernel loading
@@ -66,12 +71,20 @@ def run(args: argparse.Namespace) -> int:
     if in_child:
         head = ProcessHead.start(args.model_dir, device=device, dataset_dir=args.dataset, precision=args.precision,
                                  warm_up_sizes=warm_up_sizes, max_batch=args.max_batch,
-                                 queue_depth=args.render_queue, audio_weights=args.audio_weights)
+                                 queue_depth=args.render_queue, audio_weights=args.audio_weights,
+                                 encoder_device=encoder_device)
     else:
         head = TalkingHead.from_dir(args.model_dir, device=device, dataset_dir=args.dataset,
-                                    precision=args.precision, audio_weights=args.audio_weights)
+                                    precision=args.precision, audio_weights=args.audio_weights,
+                                    encoder_device=encoder_device)
         head.preload_torso()  # the first sessions must not wait for torso images
         head.warm_up(warm_up_sizes)
+    if encoder_device == "cpu" and device != "cpu":
+        import torch
+
+        # torch's CPU ops here are only the encoder's, run by several workers at once: split the cores among them
+        # rather than let each take them all
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // encode_workers()))
     config = ServeConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, jpeg_quality=args.jpeg_quality,
                          pose=args.pose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

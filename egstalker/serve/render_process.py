@@ -131,10 +131,11 @@ class ProcessHead:
     def start(cls, model_dir: str | Path, device: str = "cuda", dataset_dir: str | Path | None = None,
               precision: str = "fp32", warm_up_sizes: Sequence[int] = (), max_batch: int = 32,
               queue_depth: int = QUEUE_DEPTH, start_timeout_s: float = 600.0,
-              audio_weights: str | Path | None = None) -> "ProcessHead":
+              audio_weights: str | Path | None = None, encoder_device: str | None = None) -> "ProcessHead":
         """Load the model here (CPU, for its metadata) and start the render process on `device`, which loads
         the torso images and renders a throwaway batch of each of `warm_up_sizes` before it answers. The audio
-        encoder runs here, on `device` too: a speech model (whisper) on the CPU would take a core per few streams.
+        encoder runs here, on `encoder_device` (default `device`: a speech model (whisper) on the CPU takes a core
+        per few streams).
         Batches of up to `max_batch` frames come back through shared memory, larger ones through the pipe.
 
         Raises EgstalkerError when the model cannot be loaded or the process does not come up in time.
@@ -145,7 +146,7 @@ class ProcessHead:
             raise EgstalkerError(f"the render queue depth ({queue_depth}) and batch ({max_batch}) must be at least 1")
         precision = resolve_precision(precision, device)  # the render device's, not this CPU copy's
         local = TalkingHead.from_dir(model_dir, device="cpu", dataset_dir=dataset_dir, precision=precision,
-                                     audio_weights=audio_weights, encoder_device=device)
+                                     audio_weights=audio_weights, encoder_device=encoder_device or device)
         slots_shape = (queue_depth + 1, int(max_batch), local.height, local.width, 3)
         _check_shared_memory(int(np.prod(slots_shape)))
         frames_memory = shared_memory.SharedMemory(create=True, size=int(np.prod(slots_shape)))

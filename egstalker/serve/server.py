@@ -58,6 +58,11 @@ def audio_encoder_of(head):
     return encoder
 
 
+def encode_workers() -> int:
+    """Threads for speech encoding (and as many for JPEG): both run on the CPU, half its cores, 2 to 8."""
+    return max(2, min(8, (os.cpu_count() or 2) // 2))
+
+
 def check_bind(host: str, token: str | None) -> None:
     """Refuse to listen beyond this machine without a token."""
     from egstalker.errors import EgstalkerError
@@ -90,6 +95,12 @@ class TalkingHeadServer:
         self.token = token or None
         self.device = str(device)
         self.encoder = audio_encoder_of(head)
+        # Sessions encode in worker threads; a speech model's calls from several of them at once run as one call
+        # (fewer launches under the GIL, fewer slices of device time taken from rendering). The switch is for
+        # measuring it (docs/gpu.md).
+        self._encoder_batcher = None
+        if hasattr(self.encoder, "merge_concurrent_calls") and os.environ.get("EGSTALKER_MERGE_ENCODER", "1") != "0":
+            self._encoder_batcher = self.encoder.merge_concurrent_calls()
         self.left_reach, self.right_reach = window_reach(head)
         self.lookahead_ms = 1000.0 * (self.right_reach / head.fps + self.encoder.lookahead_seconds)
         self.pose = PoseClock(head, self.config.pose)
@@ -103,7 +114,7 @@ class TalkingHeadServer:
         self.render_queue = int(getattr(head, "queue_depth", 1))
         self._render_pool = ThreadPoolExecutor(self.render_queue, thread_name_prefix="egs-render")
         self._render_tasks: set[asyncio.Task] = set()
-        workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # speech encoding and JPEG run on the CPU
+        workers = encode_workers()
         self._encode_pool = ThreadPoolExecutor(workers, thread_name_prefix="egs-audio")
         self._jpeg_pool = ThreadPoolExecutor(workers, thread_name_prefix="egs-jpeg")
         self._render_log: collections.deque = collections.deque(maxlen=2000)
@@ -165,6 +176,7 @@ class TalkingHeadServer:
             "capacity": self.config.max_sessions,
             "fps": float(self.head.fps),
             "device": self.device,
+            "encoder_device": str(getattr(self.encoder, "device", "cpu")),
             "precision": str(getattr(self.head, "precision", "fp32")),
             "warm_up_s": round(float(getattr(self.head, "warm_up_seconds", 0.0)), 2),
             "width": int(self.head.width),
@@ -174,6 +186,8 @@ class TalkingHeadServer:
             "mean_batch": round(frames / len(recent), 2) if recent else 0.0,
             "mean_render_ms_per_call": round(1000 * sum(s for *_, s in recent) / len(recent), 2) if recent else 0.0,
             "render_queue": self.render_queue,
+            "encoder_calls_merged": (round(self._encoder_batcher.inputs / self._encoder_batcher.calls, 2)
+                                     if self._encoder_batcher is not None and self._encoder_batcher.calls else None),
             "render_busy": self._render_busy(now),
             "frames_rendered": self.frames_rendered,
             "shared_batches": self.shared_batches,
