@@ -162,7 +162,9 @@ def test_concurrent_clients_get_their_own_streams(running, small_head, speech):
     assert health["frames_rendered"] == sum(len(s.frames) for s in streams)
     assert health["shared_batches"] > 0, "no render call carried frames of several sessions"
     # the sessions' whisper calls go through one merging batcher (docs/gpu.md): counted, at least one per call
-    assert health["encoder_device"] == "cpu" and health["encoder_calls_merged"] >= 1.0
+    assert health["encoder_device"] == "cpu"
+    if small_head.encoder_name == "whisper":
+        assert health["encoder_calls_merged"] is not None and health["encoder_calls_merged"] >= 1.0
 
 
 def test_a_render_process_serves_the_same_frames(request, small_head, speech):

@@ -28,7 +28,9 @@ class ConcurrentBatcher:
 
     The first caller runs `fn` on its own input at once; callers that arrive meanwhile queue, and when it is done
     the oldest of them runs one call for all the queued inputs (up to `max_rows` rows), and so on. Each caller
-    gets the rows of its own input back (or the call's exception). No thread of its own, no added delay.
+    gets the rows of its own input back. When a merged call fails, its inputs are run again one by one, so only a
+    caller whose own input fails gets an exception (another thread's exception is raised as a RuntimeError from
+    it). No thread of its own, no added delay.
 
     Args:
         fn: maps an array [n, ...] to an array [n, ...], row for row (rows must not depend on each other).
@@ -50,38 +52,67 @@ class ConcurrentBatcher:
         call = _Call(inputs)
         with self._changed:
             self._queue.append(call)
-            # wait until served by another caller's merged call, or until first in line with fn free
-            while not call.finished and (self._busy or self._queue[0] is not call):
-                self._changed.wait()
-            if not call.finished:
+            try:
+                # wait until served by another caller's merged call, or until first in line with fn free
+                while not call.finished and (self._busy or self._queue[0] is not call):
+                    self._changed.wait()
+            except BaseException:  # interrupted while waiting: leave the line, or the callers behind would hang
+                if not call.finished:
+                    self._queue.remove(call)
+                    self._changed.notify_all()
+                raise
+            if call.finished:
+                lead = None
+            else:
                 self._busy = True
-                batch, rows = [], 0
-                while self._queue and (not batch or rows + len(self._queue[0].inputs) <= self.max_rows):
-                    batch.append(self._queue.pop(0))
-                    rows += len(batch[-1].inputs)
-        if not call.finished:
-            self._run(batch)
+                lead, rows = [], 0
+                while self._queue and (not lead or rows + len(self._queue[0].inputs) <= self.max_rows):
+                    lead.append(self._queue.pop(0))
+                    rows += len(lead[-1].inputs)
+        if lead is not None:
+            try:
+                self._run(lead)
+            finally:
+                with self._changed:
+                    for c in lead:
+                        if not c.finished:  # _run itself was interrupted
+                            c.error, c.finished = RuntimeError("a merged call was interrupted"), True
+                    self._busy = False
+                    self._changed.notify_all()
         if call.error is not None:
-            raise call.error
+            if lead is not None:
+                raise call.error
+            # another thread's exception: raised afresh here, so its traceback is not shared between threads
+            raise RuntimeError(f"{call.error.__class__.__name__}: {call.error}") from call.error
         return call.result
 
     def _run(self, batch: list[_Call]) -> None:
-        results, error = [], None
+        """One call of fn for the batch; when a merged call fails, each input again alone, so one bad input (or
+        a batch too large for the device) fails only its own caller."""
+        outputs, error = None, None
         try:
-            merged = batch[0].inputs if len(batch) == 1 else np.concatenate([c.inputs for c in batch])
-            out = self.fn(merged)
-            if len(out) != len(merged):
-                raise RuntimeError(f"a batched call returned {len(out)} rows for {len(merged)}")
-            start = 0
-            for c in batch:
-                results.append(out[start:start + len(c.inputs)])
-                start += len(c.inputs)
-        except BaseException as e:  # noqa: BLE001 - every caller of this merged call gets the error
+            outputs = self._split(batch)
+        except Exception as e:  # noqa: BLE001 - handed to the callers
             error = e
-        with self._changed:
+        if error is not None and len(batch) > 1:
+            for c in batch:
+                try:
+                    c.result = self._split([c])[0]
+                except Exception as e:  # noqa: BLE001 - handed to its caller
+                    c.error = e
+                c.finished = True
+        else:
             for k, c in enumerate(batch):
-                c.result, c.error, c.finished = (None, error, True) if error is not None else (results[k], None, True)
+                c.result, c.error = (None, error) if error is not None else (outputs[k], None)
+                c.finished = True
+        with self._changed:
             self.calls += 1
             self.inputs += len(batch)
-            self._busy = False
-            self._changed.notify_all()
+
+    def _split(self, batch: list[_Call]) -> list[np.ndarray]:
+        merged = batch[0].inputs if len(batch) == 1 else np.concatenate([c.inputs for c in batch])
+        out = self.fn(merged)
+        if len(out) != len(merged):
+            raise RuntimeError(f"a batched call returned {len(out)} rows for {len(merged)}")
+        starts = np.cumsum([0] + [len(c.inputs) for c in batch])
+        return [out[a:b] for a, b in zip(starts[:-1], starts[1:])]

@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_audio_weights_argument(parser)
 
 
+def torch_device_type(device: str) -> str:
+    """'cuda:1' -> 'cuda', 'CPU' -> 'cpu'."""
+    return str(device).split(":")[0].lower()
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -63,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
     encoder_device = device if args.encoder_device == "auto" else args.encoder_device
     from egstalker.inference import TalkingHead
     from egstalker.serve.render_process import ProcessHead
-    from egstalker.serve.server import encode_workers
 
     in_child = args.render_process == "yes" or (args.render_process == "auto" and not device.startswith("cpu"))
     # every batch size once before listening, on a GPU: the first sessions must not pay for kernel loading
@@ -79,12 +83,13 @@ def run(args: argparse.Namespace) -> int:
                                     encoder_device=encoder_device)
         head.preload_torso()  # the first sessions must not wait for torso images
         head.warm_up(warm_up_sizes)
-    if encoder_device == "cpu" and device != "cpu":
+    if torch_device_type(encoder_device) == "cpu" and torch_device_type(device) != "cpu":
         import torch
 
-        # torch's CPU ops here are only the encoder's, run by several workers at once: split the cores among them
-        # rather than let each take them all
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // encode_workers()))
+        # torch's CPU ops in this process are then only the encoder's, one merged call at a time (server.py):
+        # give it half the cores, leaving the rest to JPEG encoding, the event loop and the render process. Set
+        # before the server's worker threads start (a thread keeps the count it first ran with).
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     config = ServeConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, jpeg_quality=args.jpeg_quality,
                          pose=args.pose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

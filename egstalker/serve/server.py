@@ -58,11 +58,6 @@ def audio_encoder_of(head):
     return encoder
 
 
-def encode_workers() -> int:
-    """Threads for speech encoding (and as many for JPEG): both run on the CPU, half its cores, 2 to 8."""
-    return max(2, min(8, (os.cpu_count() or 2) // 2))
-
-
 def check_bind(host: str, token: str | None) -> None:
     """Refuse to listen beyond this machine without a token."""
     from egstalker.errors import EgstalkerError
@@ -114,7 +109,7 @@ class TalkingHeadServer:
         self.render_queue = int(getattr(head, "queue_depth", 1))
         self._render_pool = ThreadPoolExecutor(self.render_queue, thread_name_prefix="egs-render")
         self._render_tasks: set[asyncio.Task] = set()
-        workers = encode_workers()
+        workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # speech encoding and JPEG run on the CPU
         self._encode_pool = ThreadPoolExecutor(workers, thread_name_prefix="egs-audio")
         self._jpeg_pool = ThreadPoolExecutor(workers, thread_name_prefix="egs-jpeg")
         self._render_log: collections.deque = collections.deque(maxlen=2000)
