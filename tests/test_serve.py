@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -268,9 +269,12 @@ def test_a_hung_render_process_fails_every_waiting_call(monkeypatch):
     head.close()
 
 
-def test_sigterm_stops_the_server_and_its_render_process_cleanly(request):
-    """A service manager's SIGTERM stops `egstalker serve` as Ctrl-C does: exit code 0, the render process gone
-    and its shared frames freed (no leak warning from the resource tracker)."""
+def test_sigterm_stops_the_server_and_its_render_process_cleanly(request, speech):
+    """A service manager's SIGTERM stops `egstalker serve` as Ctrl-C does, also in the middle of a stream: exit
+    code 0, no traceback, the render process gone and its shared frames freed (no leak warning from the resource
+    tracker)."""
+    import threading
+
     import signal
     import socket
     import subprocess
@@ -296,6 +300,18 @@ def test_sigterm_stops_the_server_and_its_render_process_cleanly(request):
         assert health is not None and health["status"] == "ok" and health["render_queue"] == 2, process.poll()
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
         render_pids = [int(pid) for pid in children.read_text().split()] if children.exists() else []
+        def client_stream():
+            with contextlib.suppress(Exception):  # the server goes away mid-stream
+                stream(f"http://127.0.0.1:{port}", speech[:48000], realtime=True)
+
+        client = threading.Thread(target=client_stream, daemon=True)
+        client.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the stream's frames are being rendered
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                if json.loads(response.read())["frames_rendered"] > 10:
+                    break
+            time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     finally:
@@ -304,12 +320,45 @@ def test_sigterm_stops_the_server_and_its_render_process_cleanly(request):
             process.communicate()
     assert process.returncode == 0, stderr[-2000:]
     assert "egstalker serve: stopped" in stderr and "leaked" not in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr and "never retrieved" not in stderr, stderr[-2000:]
     after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     assert not {name for name in after - before if name.startswith("psm_")}
     deadline = time.monotonic() + 10  # the render process (and the resource tracker) end with the server
     while any(Path(f"/proc/{pid}").exists() for pid in render_pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in render_pids if Path(f"/proc/{pid}").exists()]
+
+
+def test_a_signal_ends_serve_forever_without_interrupting_a_running_task(small_head):
+    """Ctrl-C / SIGTERM while a task is mid-step: serve_forever returns (the CLI then prints "stopped") instead of
+    a KeyboardInterrupt tearing through that task (which asyncio reported at exit as a traceback)."""
+    import signal
+    import socket
+
+    from egstalker.serve.server import serve_forever
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def main():
+        ready = asyncio.Event()
+        serving = asyncio.create_task(serve_forever(small_head, "127.0.0.1", port, ServeConfig(), None, "cpu",
+                                                    ready=ready))
+        await asyncio.wait_for(ready.wait(), 60)
+        signal.raise_signal(signal.SIGINT)
+        busy_until = time.monotonic() + 0.3  # a task mid-step when the signal arrives (the render loop, say)
+        while time.monotonic() < busy_until:
+            pass
+        await asyncio.wait_for(serving, 30)
+        return serving
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        serving = asyncio.run(main())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert serving.done() and serving.exception() is None
 
 
 def test_the_render_process_resolves_precision_for_its_own_device(monkeypatch):

@@ -94,10 +94,12 @@ def run(args: argparse.Namespace) -> int:
                          pose=args.pose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # Service managers (systemd, docker) stop a server with SIGTERM: stop as on Ctrl-C, so the render process
-    # and its shared frames are released rather than left to the resource tracker.
+    # and its shared frames are released rather than left to the resource tracker (while serving, serve_forever
+    # takes both signals itself and returns).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         asyncio.run(serve_forever(head, args.host, args.port, config, args.token, device))
+        print("egstalker serve: stopped", file=sys.stderr)
     except OSError as e:
         raise EgstalkerError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); "
                              "choose another --port or stop the program using it") from None

@@ -18,6 +18,7 @@ import contextlib
 import hmac
 import logging
 import os
+import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -527,8 +528,21 @@ async def serve_forever(head, host: str, port: int, config: ServeConfig, token: 
           f"{', token required' if token else ''})", flush=True)
     if ready is not None:
         ready.set()
+    # Ctrl-C and SIGTERM (service managers) end the wait below rather than raise KeyboardInterrupt inside whichever
+    # task runs at that moment (that task would then die mid-step and be reported at exit)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+            handled.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or not on this platform
+            pass
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
         await runner.cleanup()
 
