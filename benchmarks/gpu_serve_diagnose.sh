@@ -18,6 +18,7 @@ WORK=$PWD/.gpu_work
 CARRY=.carry_diag
 LEVELS=${LEVELS:-16,20,24,28}
 mkdir -p "$OUT" "$WORK" /tmp/site
+rm -f "$WORK"/serve_diag_*.json  # a warm machine keeps the last call's
 exec > >(tee "$OUT/serve_diagnose_log.txt") 2>&1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 mkdir -p .torch_ext/gsplat_cuda
