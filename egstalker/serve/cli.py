@@ -90,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
         # give it half the cores, leaving the rest to JPEG encoding, the event loop and the render process. Set
         # before the server's worker threads start (a thread keeps the count it first ran with).
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    encoder_warm_up = getattr(head.encoder, "warm_up", None)
+    if encoder_warm_up is not None and torch_device_type(encoder_device) == "cuda":
+        encoder_warm_up()  # the sessions' merged speech-model calls, every size up to 32 windows, once
     config = ServeConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, jpeg_quality=args.jpeg_quality,
                          pose=args.pose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
