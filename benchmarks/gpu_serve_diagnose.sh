@@ -44,18 +44,18 @@ if [ "${RENDER_PROFILE:-0}" = 1 ]; then
   timeout 120 python3 benchmarks/render_profile_gpu.py "$MODEL" --dataset "$DATA" --skip-static \
     --json "$WORK/serve_diag_render_profile.json"
 fi
-# PLAN: serving runs in order, each DEPTH:LEVELS[:ENCODER_DEVICE[:MERGE[:FILL]]] (a fresh server each; repeats show
-# the run-to-run spread). ENCODER_DEVICE: serve --encoder-device (default auto: the GPU); MERGE=0 turns off merging
-# the sessions' encoder calls (EGSTALKER_MERGE_ENCODER=0); FILL: serve --fill-lead-ms (default 5; off).
+# PLAN: serving runs in order, each DEPTH:LEVELS[:ENCODER_DEVICE[:MERGE]] (a fresh server each; repeats show the
+# run-to-run spread). ENCODER_DEVICE: serve --encoder-device (default auto: the GPU); MERGE=0 turns off merging
+# the sessions' encoder calls (EGSTALKER_MERGE_ENCODER=0).
 k=0
 for run in ${PLAN:-1:$LEVELS 2:$LEVELS}; do
-  IFS=: read -r depth levels encoder merge fill <<< "$run"
-  encoder=${encoder:-auto} merge=${merge:-1} fill=${fill:-5} k=$((k + 1))
-  echo "== serve $k, render queue $depth, levels $levels, encoder on $encoder, merged calls $merge, fill lead $fill (t=${SECONDS}s)"
+  IFS=: read -r depth levels encoder merge <<< "$run"
+  encoder=${encoder:-auto} merge=${merge:-1} k=$((k + 1))
+  echo "== serve $k, render queue $depth, levels $levels, encoder on $encoder, merged calls $merge (t=${SECONDS}s)"
   EGSTALKER_MERGE_ENCODER=$merge timeout 160 python3 benchmarks/serve_load.py "$MODEL" --device cuda --dataset "$DATA" \
     --audio "$CARRY/speech_60s_16k.wav" --audio-weights /tmp/whisper_l3.bin --levels "$levels" --seconds 8 \
-    --stop-below 0 --render-queue "$depth" --encoder-device "$encoder" --fill-lead-ms "$fill" \
-    --out "$WORK/serve_diag_${k}_queue${depth}_encoder_${encoder}_merge${merge}_fill$fill.json" 2>&1 \
+    --stop-below 0 --render-queue "$depth" --encoder-device "$encoder" \
+    --out "$WORK/serve_diag_${k}_queue${depth}_encoder_${encoder}_merge$merge.json" 2>&1 \
     | grep -v "egstalker.serve: session"
   cp "$WORK"/serve_diag_${k}_*.json "$OUT"/ 2>/dev/null  # back even if a later run hits the call's time limit
 done

@@ -204,7 +204,6 @@ def main() -> int:
     parser.add_argument("--render-process", choices=("auto", "yes", "no"), default="auto", help="passed to serve")
     parser.add_argument("--render-queue", type=int, default=2, help="passed to serve")
     parser.add_argument("--encoder-device", default="auto", help="passed to serve")
-    parser.add_argument("--fill-lead-ms", default="5", help="passed to serve")
     parser.add_argument("--dataset", help="the model's dataset folder, if it moved (passed to serve)")
     parser.add_argument("--audio-weights", help="the audio encoder's weights (passed to serve)")
     parser.add_argument("--stop-below", type=float, default=0.5,
@@ -228,7 +227,7 @@ def main() -> int:
         command = [sys.executable, *profiler, "-m", "egstalker", "serve", args.model_dir, "--host", "127.0.0.1",
                    "--port", str(port), "--device", args.device, "--max-sessions", str(max(levels)),
                    "--max-batch", str(args.max_batch), "--precision", args.precision,
-                   "--render-process", args.render_process, "--render-queue", str(args.render_queue), "--encoder-device", args.encoder_device, "--fill-lead-ms", args.fill_lead_ms]
+                   "--render-process", args.render_process, "--render-queue", str(args.render_queue), "--encoder-device", args.encoder_device]
         command += ["--dataset", args.dataset] if args.dataset else []
         command += ["--audio-weights", args.audio_weights] if args.audio_weights else []
         print("starting:", " ".join(command), flush=True)

@@ -412,23 +412,6 @@ class SlowDevice:
         return self._head.render_frames(features, frame_indices, pose_indices, background)
 
 
-def test_a_call_is_held_back_to_fill_while_the_device_is_busy(small_head):
-    """With render calls in flight the next one gathers frames until shortly before the device is expected to be
-    free (recent cost per frame x frames ahead of it); with none in flight, or the option off, it goes at once."""
-    server = TalkingHeadServer(small_head, ServeConfig(fill_lead_s=0.005))
-    assert server._hold_seconds(100.0) == 0.0  # nothing in flight
-    server._render_log.extend([(99.0, 10, 0.010), (99.5, 30, 0.030)])  # 1 ms per frame
-    server._last_render_end = 99.5
-    server._in_flight.extend([(100.0, 20)])
-    assert server._hold_seconds(100.002) == pytest.approx(0.020 - 0.002 - 0.005)
-    server._in_flight.append((100.001, 10))  # a second call waits behind the first
-    assert server._hold_seconds(100.002) == pytest.approx(0.030 - 0.002 - 0.005)
-    server._last_render_end = 100.010  # the device was still busy with an earlier call when these were sent
-    assert server._hold_seconds(100.012) == pytest.approx(100.040 - 100.012 - 0.005)
-    assert server._hold_seconds(100.050) < 0.0  # overdue: send now
-    assert TalkingHeadServer(small_head, ServeConfig(fill_lead_s=None))._hold_seconds(100.0) == 0.0
-
-
 def test_an_overloaded_device_skips_images_not_speech(small_head, speech):
     """A device far slower than 25 fps: with the overload policy a real-time session still gets every
     frame's speech in time (frames without a new image), instead of falling further and further behind."""

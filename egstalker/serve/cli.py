@@ -34,25 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--render-queue", type=int, default=QUEUE_DEPTH,
                         help=f"render calls waiting at the render process at once (default {QUEUE_DEPTH}: the "
                              "device starts the next batch while the server takes the last; 1 waits for each)")
-    parser.add_argument("--fill-lead-ms", default="5", metavar="MS|off",
-                        help="while render calls are in flight, hold the next one back to gather frames until MS "
-                             "before the device should be free (default 5); off: send it at once")
     parser.add_argument("--encoder-device", default="auto",
                         help="where the speech encoder runs: auto (the render device), cpu, cuda, cuda:1; cpu keeps "
                              "the GPU for rendering at the cost of CPU cores (docs/gpu.md)")
     add_audio_weights_argument(parser)
-
-
-def _milliseconds(text: str, option: str) -> float:
-    from egstalker.errors import EgstalkerError
-
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1000.0:
-        raise EgstalkerError(f"{option} takes milliseconds (0-999) or 'off', not {text!r}")
-    return value
 
 
 def torch_device_type(device: str) -> str:
@@ -73,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
     check_bind(args.host, args.token)  # before loading the model: fail fast
     if args.max_sessions < 1 or args.max_batch < 1 or args.render_queue < 1:
         raise EgstalkerError("--max-sessions, --max-batch and --render-queue must be at least 1")
-    fill_lead_s = None if args.fill_lead_ms == "off" else _milliseconds(args.fill_lead_ms, "--fill-lead-ms") / 1000
     if not 1 <= args.jpeg_quality <= 100:
         raise EgstalkerError("--jpeg-quality must be between 1 and 100")
     device = args.device
@@ -110,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if encoder_warm_up is not None and torch_device_type(encoder_device) == "cuda":
         encoder_warm_up()  # the sessions' merged speech-model calls, every size up to 32 windows, once
     config = ServeConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, jpeg_quality=args.jpeg_quality,
-                         pose=args.pose, fill_lead_s=fill_lead_s)
+                         pose=args.pose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # Service managers (systemd, docker) stop a server with SIGTERM: stop as on Ctrl-C, so the render process
     # and its shared frames are released rather than left to the resource tracker (while serving, serve_forever

@@ -44,10 +44,6 @@ class ServeConfig:
     """Rendered frames waiting to be sent per session (2 s); rendering for a session pauses when full."""
     pose: str = "loop"
     """Default pose source: 'loop' (ping-pong over training frames) or 'static'."""
-    fill_lead_s: float | None = 0.005
-    """While render calls are in flight, the next one is held back to gather more frames until this long before
-    the device is expected to finish them (from recent calls' cost per frame): the device renders fuller, cheaper
-    batches and never waits for it. None: send each call as soon as a queue slot is free."""
     max_lag_s: float | None = 0.5
     """Overload policy: a frame that could have been rendered this long ago but was not (the device is
     saturated) is sent with its speech and no new image; the viewer keeps the previous image. Video then

@@ -116,8 +116,6 @@ class TalkingHeadServer:
         self._render_log: collections.deque = collections.deque(maxlen=2000)
         """(finish time, batch size, render seconds) of recent render calls."""
         self._last_render_end = 0.0
-        self._in_flight: collections.deque = collections.deque()
-        """(sent, frames) of the render calls not yet answered, oldest first."""
         self.frames_rendered = 0
         self.shared_batches = 0
         self.frames_skipped = 0
@@ -383,16 +381,13 @@ class TalkingHeadServer:
             await room.acquire()
             while True:
                 self._wake.clear()
-                now, cap = time.monotonic(), self._batch_cap()
-                picks = pick_frames(self._live_sessions(), now, self.config, cap)
-                hold = self._hold_seconds(now) if 0 < len(picks) < cap else 0.0
-                if picks and hold <= 0.0:
+                picks = pick_frames(self._live_sessions(), time.monotonic(), self.config, self._batch_cap())
+                if picks:
                     break
                 with contextlib.suppress(asyncio.TimeoutError):
                     # the timeout releases paced (faster than real time) sessions as their clock advances
-                    await asyncio.wait_for(self._wake.wait(), timeout=min(0.01, hold) if hold > 0.0 else 0.01)
+                    await asyncio.wait_for(self._wake.wait(), timeout=0.01)
             batch = gather_batch(picks, self.left_reach)
-            self._in_flight.append((time.monotonic(), len(batch.frames)))
             rendered = loop.run_in_executor(self._render_pool, self.head.render_frames, batch.features,
                                             batch.frame_rows, batch.pose_indices)
             # Queued for delivery before it renders: frames skipped meanwhile (overload) stay behind it.
@@ -407,7 +402,6 @@ class TalkingHeadServer:
             await rendered
         except Exception as e:  # noqa: BLE001 - fail the sessions of this batch, keep serving the rest
             room.release()
-            self._in_flight.popleft()
             log.exception("render call failed")
             sessions = list({s.id: s for s in batch.sessions}.values())
             for session in sessions:
@@ -418,7 +412,6 @@ class TalkingHeadServer:
                     await _refuse(conn.ws, f"rendering failed: {e}", WSCloseCode.INTERNAL_ERROR)
             return
         room.release()
-        self._in_flight.popleft()
         finished = time.monotonic()
         # Calls are served one after another, so this one's device time began when it was sent or when the one
         # before it ended, whichever came later (with a queue, sending is not starting).
@@ -428,18 +421,6 @@ class TalkingHeadServer:
         self.shared_batches += len({s.id for s in batch.sessions}) > 1
         for session in {s.id: s for s in batch.sessions}.values():
             session.features.release(max(0, session.next_render - self.left_reach))
-
-    def _hold_seconds(self, now: float) -> float:
-        """How much longer the next render call may gather frames (see ServeConfig.fill_lead_s): until shortly
-        before the device is expected to finish the calls in flight; 0 when none is in flight."""
-        if self.config.fill_lead_s is None or not self._in_flight or not self._render_log:
-            return 0.0
-        recent = list(self._render_log)[-8:]
-        per_frame = sum(s for *_, s in recent) / sum(n for _, n, _ in recent)
-        busy_until = self._last_render_end
-        for submitted, frames in self._in_flight:  # served in order, each from when the one before it ends
-            busy_until = max(busy_until, submitted) + frames * per_frame
-        return busy_until - now - self.config.fill_lead_s
 
     def _batch_cap(self) -> int:
         """Frames per render call: max_batch, or fewer when the overload policy is on and a call that size
