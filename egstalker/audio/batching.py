@@ -2,7 +2,8 @@
 
 A server encodes the speech of every live session in worker threads, each a few 2.4 s windows at a time. On a GPU
 each call is many small kernel launches under the GIL and a slice of device time taken from the render process;
-merged, 24 sessions cost a few calls per 200 ms instead of 24 (docs/gpu.md, "the speech encoder's calls").
+merged, the sessions' calls take fewer (1.1-2.9 sessions' calls per call at 24-40 streams on an H200, which raised
+the streams served from 28 to 36: docs/gpu.md, "the speech encoder's calls").
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"render calls waiting at the render process at once (default {QUEUE_DEPTH}: the "
                              "device starts the next batch while the server takes the last; 1 waits for each)")
     parser.add_argument("--encoder-device", default="auto",
-                        help="where the speech encoder runs: auto (the render device), cpu, cuda, cuda:1; cpu keeps "
-                             "the GPU for rendering at the cost of CPU cores (docs/gpu.md)")
+                        help="where the speech encoder runs: auto (the render device), cpu, cuda, cuda:1; cpu spares "
+                             "the GPU but takes CPU cores, and held fewer streams on an H200 (docs/gpu.md)")
     add_audio_weights_argument(parser)
 
 
@@ -66,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder_device = device if args.encoder_device == "auto" else args.encoder_device
+    try:
+        import torch
+
+        torch.device(encoder_device)
+    except RuntimeError:
+        raise EgstalkerError(f"--encoder-device {encoder_device!r} is not a torch device; use auto, cpu, cuda or "
+                             "cuda:N") from None
     from egstalker.inference import TalkingHead
     from egstalker.serve.render_process import ProcessHead
 
