@@ -50,5 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"egstalker {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"egstalker {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        again = "the same command with --resume" if args.command == "train" else "the same command again"
+        print(f"egstalker {args.command}: interrupted; run {again} to continue", file=sys.stderr)
         return 130

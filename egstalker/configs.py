@@ -30,12 +30,39 @@ def from_dict(cls: type[T], data: dict, *, source: str = "config") -> T:
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise EgstalkerError(f"{source}.{key} must be an object of {hint.__name__}'s keys, not {value!r}")
             value = from_dict(hint, value, source=f"{source}.{key}")
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
-            value = tuple(value)
+        else:
+            value = _checked(value, hint, f"{source}.{key}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _checked(value: Any, hint: Any, where: str) -> Any:
+    """`value` as the type `hint` names (int, float, bool, str, X | None, tuple[X, ...]); a clear error otherwise.
+    Other hints are passed through unchecked."""
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        return _checked(value, rest[0], where) if len(rest) == 1 else value
+    if typing.get_origin(hint) is tuple and args and args[-1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise EgstalkerError(f"{where} must be a list, not {value!r}")
+        return tuple(_checked(item, args[0], f"{where}[{k}]") for k, item in enumerate(value))
+    kinds = {bool: ("true or false", lambda v: isinstance(v, bool)),
+             int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+             float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+             str: ("a string", lambda v: isinstance(v, str))}
+    if hint not in kinds:
+        return value
+    name, ok = kinds[hint]
+    if not ok(value):
+        raise EgstalkerError(f"{where} must be {name}, not {value!r}")
+    return float(value) if hint is float else value
 
 
 def _umask() -> int:
@@ -71,4 +98,8 @@ def load_config(cls: type[T], path: str | os.PathLike) -> T:
         raise EgstalkerError(f"config file {path} does not exist") from None
     except json.JSONDecodeError as e:
         raise EgstalkerError(f"config file {path} is not valid JSON ({e}); fix or delete it") from None
+    except OSError as e:
+        raise EgstalkerError(f"config file {path} cannot be read ({e.strerror}); pass a JSON file") from None
+    if not isinstance(data, dict):
+        raise EgstalkerError(f"config file {path} must hold a JSON object of {cls.__name__}'s keys")
     return from_dict(cls, data, source=str(path))

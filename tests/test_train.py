@@ -179,6 +179,80 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(small_dataset, 
     assert (tmp_path / "m" / "model.pt").is_file()
 
 
+def test_non_finite_parameters_are_never_checkpointed(small_dataset, tmp_path, monkeypatch):
+    """A finite loss can still leave NaN in the parameters (e.g. through its gradients): the next checkpoint is
+    refused with a clear message and the last good one stays the newest."""
+    config = tiny_config(6)
+    config.schedule.checkpoint_every = 2
+    original = Trainer.compute_loss
+
+    def corrupting(self, out, batch, step, dynamic):
+        result = original(self, out, batch, step, dynamic)
+        if step == 4:  # after this step's loss: it stays finite, the parameters do not
+            with torch.no_grad():
+                self.model.gaussians.params["opacities"][0] = float("nan")
+        return result
+
+    monkeypatch.setattr(Trainer, "compute_loss", corrupting)
+    with pytest.raises(EgstalkerError, match=r"diverged before iteration 4: .*opacities.* NaN .*step_0000002\.pt"):
+        train(small_dataset, tmp_path / "m", config, show_progress=False)
+    assert sorted(p.name for p in (tmp_path / "m" / "checkpoints").glob("step_*.pt"))[-1] == "step_0000002.pt"
+
+
+def test_the_cli_resumes_the_saved_run_and_refuses_bad_input_in_one_line(small_dataset, tmp_path, monkeypatch,
+                                                                        capsys):
+    """`--resume` continues the saved config (not the preset's iteration count); wrongly typed values, a config
+    that is a folder, an unknown device and zero intervals are one-line errors before anything is written."""
+    from egstalker.cli import main
+
+    config_path = tmp_path / "tiny.json"
+    save_config(tiny_config(2), config_path)
+    out = tmp_path / "m"
+    assert main(["train", str(small_dataset), "-o", str(out), "--config", str(config_path), "--quiet"]) == 0
+    asked = []
+
+    class Asked(Exception):
+        pass
+
+    def capture(dataset, model_dir, config, **kwargs):
+        asked.append(config)
+        raise Asked  # what the CLI would train is what counts
+
+    monkeypatch.setattr(trainer_module, "train", capture)
+    with pytest.raises(Asked):
+        main(["train", str(small_dataset), "-o", str(out), "--resume", "--quiet"])
+    assert asked[-1].schedule.iterations == 2 and asked[-1].data.resolution == 64
+    with pytest.raises(Asked):
+        main(["train", str(small_dataset), "-o", str(out), "--resume", "--iterations", "5", "--resolution", "32"])
+    assert asked[-1].schedule.iterations == 5 and asked[-1].data.resolution == 64  # only the count may change
+    assert "--resolution ignored with --resume" in capsys.readouterr().out
+    monkeypatch.undo()
+
+    def broken(**sections):
+        data = json.loads(config_path.read_text())
+        for section, values in sections.items():
+            data[section] = values if not isinstance(values, dict) else {**data[section], **values}
+        path = tmp_path / f"broken{len(list(tmp_path.glob('broken*.json')))}.json"
+        path.write_text(json.dumps(data))
+        return str(path)
+
+    cases = [
+        (["--config", broken(schedule={"iterations": "abc"})], "schedule.iterations must be an integer, not 'abc'"),
+        (["--config", broken(data=5)], "data must be an object of DataConfig's keys"),
+        (["--config", broken(schedule={"log_every": 0})], "schedule.log_every must be > 0"),
+        (["--config", broken(densify={"every": 0})], "densify.every must be > 0"),
+        (["--config", str(tmp_path)], "cannot be read"),
+        (["--device", "xyz"], "--device 'xyz' is not a torch device"),
+        (["-o", str(small_dataset)], "not the dataset folder"),
+    ]
+    for k, (flags, message) in enumerate(cases):
+        argv = ["train", str(small_dataset), "-o", str(tmp_path / f"bad{k}"), *flags]
+        assert main(argv) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (flags, err)
+        assert not (tmp_path / f"bad{k}").exists(), flags
+
+
 def test_sampler_order_is_a_function_of_seed_and_step():
     s = trainer_module.IterationBatchSampler(10, 3, seed=1, start_step=0, end_step=8)
     batches = list(s)

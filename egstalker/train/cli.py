@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from egstalker.train.config import QUALITY_PRESETS
 
@@ -38,9 +39,25 @@ def run(args: argparse.Namespace) -> int:
     from egstalker.train.trainer import train
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise EgstalkerError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EgstalkerError("--device cuda was asked for but this PyTorch sees no CUDA GPU; use --device cpu")
-    if args.config:
+    if Path(args.output).resolve() == Path(args.dataset).resolve():
+        raise EgstalkerError("-o must name a model folder of its own, not the dataset folder")
+    saved = Path(args.output) / "train_config.json"
+    if args.resume and saved.is_file():
+        # a resume continues the saved run: its config, changed only by an explicit --iterations
+        ignored = [flag for flag, given in (("--config", args.config), ("--resolution", args.resolution),
+                                            ("--quality", args.quality != "auto"), ("--workers", args.workers))
+                   if given]
+        if ignored and not args.quiet:
+            print(f"egstalker train: {', '.join(ignored)} ignored with --resume: the run continues with {saved} "
+                  "(edit it to change a setting such as the learning rates)")
+        config = load_config(TrainConfig, saved)
+    elif args.config:
         config = load_config(TrainConfig, args.config)
     else:
         config = preset_config(args.quality, device)
@@ -50,10 +67,11 @@ def run(args: argparse.Namespace) -> int:
     if args.iterations is not None:  # an explicit count is trained in full, whatever the time
         config.schedule.iterations = args.iterations
         config.schedule.time_budget_minutes = None
-    if args.resolution is not None:
-        config.data.resolution = args.resolution
-    if args.workers is not None:
-        config.data.num_workers = args.workers
+    if not args.resume:
+        if args.resolution is not None:
+            config.data.resolution = args.resolution
+        if args.workers is not None:
+            config.data.num_workers = args.workers
     result = train(args.dataset, args.output, config, device=device, resume=args.resume,
                    show_progress=not args.quiet)
     psnr = (f"{result.val_psnr:.2f} dB (head {result.val_psnr_head:.2f} dB)" if result.val_psnr is not None

@@ -120,8 +120,12 @@ def _log_lerp(a: float, b: float, t: float) -> float:
 
 
 def update_learning_rates(optimizer, config: TrainConfig, radius: float, step: int) -> None:
-    """Exponential decay of the position and network learning rates (as in 3DGS / GaussianTalker)."""
+    """Every group's learning rate at `step`, from the config alone (so a resumed run follows an edited
+    train_config.json): exponential decay of the position and network rates (as in 3DGS / GaussianTalker), the
+    others constant."""
     o = config.optim
+    constant = {"scales": o.scales_lr, "quats": o.quats_lr, "opacities": o.opacities_lr, "sh0": o.sh0_lr,
+                "shN": o.shN_lr}
     total = max(1, config.schedule.iterations)
     coarse = config.coarse_iterations
     fine_t = (step - coarse) / max(1, total - coarse)
@@ -132,6 +136,8 @@ def update_learning_rates(optimizer, config: TrainConfig, radius: float, step: i
             group["lr"] = _log_lerp(o.network_lr, o.network_lr_final, fine_t)
         elif group["name"] == "planes":
             group["lr"] = _log_lerp(o.planes_lr, o.planes_lr * o.network_lr_final / o.network_lr, fine_t)
+        elif group["name"] in constant:
+            group["lr"] = constant[group["name"]]
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -281,7 +287,16 @@ class Trainer:
                            au45=np.concatenate([t.au45, v.au45]), n_train=len(t))
 
     def save_checkpoint(self) -> Path:
-        """Full training state + the inference files, atomically; keeps the newest `keep_checkpoints`."""
+        """Full training state + the inference files, atomically; keeps the newest `keep_checkpoints`. Refuses
+        (EgstalkerError) parameters that are no longer finite: a finite loss can still give NaN gradients, and
+        the checkpoint kept must be a good one."""
+        bad = [name for name, value in self.model.state_dict().items()
+               if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        if bad:
+            raise EgstalkerError(
+                f"training diverged before iteration {self.step}: {', '.join(bad[:3])} hold NaN or infinite values; "
+                f"the last good checkpoint {self.latest_checkpoint()} is kept: lower the learning rates (optim.* in "
+                f"{self.model_dir / 'train_config.json'}) and run again with --resume")
         state = {
             "version": CHECKPOINT_VERSION, "step": self.step, "spec": self.model.spec.to_json(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -419,7 +434,8 @@ class Trainer:
                 if not math.isfinite(loss_value) or loss_value > c.loss.max_loss:
                     raise EgstalkerError(
                         f"training diverged at iteration {step} (loss {loss_value:.4g}); the last good checkpoint "
-                        f"{last_good} is kept: lower the learning rates (--config) and run again with --resume")
+                        f"{last_good} is kept: lower the learning rates (optim.* in {self.model_dir / 'train_config.json'}) "
+                        "and run again with --resume")
                 loss.backward()
                 info = self.strategy.post_backward(step, self.model.gaussians, self.optimizer, out.raster,
                                                    self.width, self.height)
