@@ -162,7 +162,9 @@ class Trainer:
             if latest is None:
                 raise EgstalkerError(f"nothing to resume in {self.model_dir} (no checkpoints/); drop --resume to start")
             saved = load_config(TrainConfig, self.model_dir / "train_config.json")
-            saved.schedule.iterations = config.schedule.iterations  # the one value a resume may change
+            # the one thing a resume may change: how long it trains (an iteration count, or a time budget)
+            saved.schedule.iterations = config.schedule.iterations
+            saved.schedule.time_budget_minutes = config.schedule.time_budget_minutes
             config = saved
         elif latest is not None:
             raise EgstalkerError(f"{self.model_dir} already holds a training run ({latest.name}); add --resume to "
@@ -290,7 +292,8 @@ class Trainer:
         """Full training state + the inference files, atomically; keeps the newest `keep_checkpoints`. Refuses
         (EgstalkerError) parameters that are no longer finite: a finite loss can still give NaN gradients, and
         the checkpoint kept must be a good one."""
-        bad = [name for name, value in self.model.state_dict().items()
+        model_state = self.model.state_dict()
+        bad = [name for name, value in model_state.items()
                if value.is_floating_point() and not bool(torch.isfinite(value).all())]
         if bad:
             raise EgstalkerError(
@@ -299,7 +302,7 @@ class Trainer:
                 f"{self.model_dir / 'train_config.json'}) and run again with --resume")
         state = {
             "version": CHECKPOINT_VERSION, "step": self.step, "spec": self.model.spec.to_json(),
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": model_state, "optimizer": self.optimizer.state_dict(),
             "strategy": self.strategy.state_dict(), "rng": _rng_state(), "config": to_dict(self.config),
             "gaussian_counts": self.gaussian_counts,
         }
