@@ -35,8 +35,8 @@ def tiny_config(iterations: int, resolution: int = 64, points: int = 3000) -> Tr
 
 
 def test_short_training_improves_held_out_psnr(small_dataset, tmp_path):
-    """A short CPU run at 128 px beats the untrained (initialised) model on the held-out frames, by several dB
-    inside the head mask, and adds Gaussians where the images need them."""
+    """A short CPU run at 128 px beats the untrained (initialised) model on the held-out frames by several dB, on
+    the whole frame and inside the head mask, and adds Gaussians where the images need them."""
     config = tiny_config(0, resolution=128, points=3000)
     config.schedule.eval_frames = 18
     untrained = train(small_dataset, tmp_path / "untrained", config, show_progress=False)
@@ -47,8 +47,8 @@ def test_short_training_improves_held_out_psnr(small_dataset, tmp_path):
     assert untrained.n_gaussians >= 3900  # every requested point made it (the GPU default is 60,000)
     print(f"held-out PSNR untrained {untrained.val_psnr:.2f} (head {untrained.val_psnr_head:.2f}), trained "
           f"{trained.val_psnr:.2f} (head {trained.val_psnr_head:.2f}), {trained.seconds:.0f} s")
-    assert trained.val_psnr_head > untrained.val_psnr_head + 3.0, (untrained, trained)
-    assert trained.val_psnr > untrained.val_psnr + 1.0
+    assert trained.val_psnr_head > untrained.val_psnr_head + 4.0, (untrained, trained)  # measured: +6.8 dB
+    assert trained.val_psnr > untrained.val_psnr + 3.0  # the whole frame, several dB (measured: +6.1 dB)
     assert trained.n_gaussians > untrained.n_gaussians
     counts = [n for _, n in trained.gaussian_counts]
     assert max(counts) > counts[0]
@@ -126,8 +126,10 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(small_dataset, t
         assert torch.equal(value, b["model"][key]), key
     for key, value in a["probe"].items():  # the mouth probe (training only) resumes too
         assert torch.equal(value, b["probe"][key]), key
+    assert len(a["optimizer"]["state"]) == len(b["optimizer"]["state"])
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+        assert torch.equal(torch.as_tensor(sa["step"]), torch.as_tensor(sb["step"]))
     assert a["gaussian_counts"][-1] == b["gaussian_counts"][-1]
 
 
@@ -244,6 +246,7 @@ def test_the_cli_resumes_the_saved_run_and_refuses_bad_input_in_one_line(small_d
         (["--config", str(tmp_path)], "cannot be read"),
         (["--device", "xyz"], "--device 'xyz' is not a torch device"),
         (["-o", str(small_dataset)], "not the dataset folder"),
+        (["--resolution", "4096"], "larger than the dataset's frames"),
     ]
     for k, (flags, message) in enumerate(cases):
         argv = ["train", str(small_dataset), "-o", str(tmp_path / f"bad{k}"), *flags]

@@ -315,6 +315,10 @@ def open_dataset(root: str | Path, split: Split = "train", resolution: int | Non
         if not first.exists():
             raise _missing(root, "gt_imgs", f"{first.name} is missing from gt_imgs/")
         src_h, src_w = _read_image(first).shape[:2]
+    if resolution is not None and resolution > max(int(src_w), int(src_h)):
+        raise EgstalkerError(f"resolution {resolution} px is larger than the dataset's frames "
+                             f"({int(src_w)}x{int(src_h)}): upscaled frames add no detail; use at most "
+                             f"{max(int(src_w), int(src_h))} (or leave it out)")
     width, height = target_size(int(src_w), int(src_h), resolution)
     sx, sy = width / src_w, height / src_h
     K = np.array([[focal * sx, 0, cx * sx], [0, focal * sy, cy * sy], [0, 0, 1]], np.float32)
