@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,12 +33,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    import soundfile as sf
-    from audio_mouth_ceiling import mouth_openings, write_json
-    from whisper_layers import score
+    from audio_mouth_ceiling import write_json
+    from whisper_layers import load_clip, score
 
     from egstalker.audio import whisper
-    from egstalker.dataset.reader import open_dataset
 
     encoder = whisper.WhisperEncoder(layer=3)
     packaged = (whisper.BLOCK_FRAMES, whisper.WINDOW_LOOKAHEAD_SECONDS)
@@ -47,11 +44,7 @@ def main() -> None:
                "named", "clips": {}}
     try:
         for ds in args.datasets:
-            wav, rate = sf.read(str(ds / "aud.wav"), dtype="float32")
-            assert rate == 16000
-            train, val = open_dataset(ds, "train"), open_dataset(ds, "val")
-            y_train, y_val = mouth_openings(train), mouth_openings(val)
-            ids, y = np.concatenate([train.audio_ids, val.audio_ids]), np.concatenate([y_train, y_val])
+            wav, train, val, y_train, y_val, ids, y = load_clip(ds)
             n_frames = math.ceil(len(wav) / 640)
             rows = []
             for block, after in VARIANTS:

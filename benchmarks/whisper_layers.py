@@ -55,6 +55,22 @@ def score(feats, ids, y, train, y_train, val, y_val, size: int = 8, future: int 
             "heldout_corr": round(corr(fit_ridge(xa, y_train, xb, alpha=float(xa.shape[1])), y_val), 3)}
 
 
+def load_clip(ds: Path):
+    """(wav, train, val, y_train, y_val, ids, y) of a dataset: its 16 kHz speech, both splits, their tracked mouth
+    openings, and every frame's feature row and opening (train then val), as the fits read them."""
+    import soundfile as sf
+    from audio_mouth_ceiling import mouth_openings
+
+    from egstalker.dataset.reader import open_dataset
+
+    wav, rate = sf.read(str(ds / "aud.wav"), dtype="float32")
+    assert rate == 16000
+    train, val = open_dataset(ds, "train"), open_dataset(ds, "val")
+    y_train, y_val = mouth_openings(train), mouth_openings(val)
+    ids, y = np.concatenate([train.audio_ids, val.audio_ids]), np.concatenate([y_train, y_val])
+    return wav, train, val, y_train, y_val, ids, y
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("datasets", nargs="+", type=Path)
@@ -64,12 +80,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    import soundfile as sf
-    from audio_mouth_ceiling import mouth_openings, write_json
+    from audio_mouth_ceiling import write_json
 
     from egstalker.audio import get_encoder
     from egstalker.audio.whisper import WhisperEncoder
-    from egstalker.dataset.reader import open_dataset
 
     if args.variants:
         encoders = {"mel": get_encoder("mel")}
@@ -82,11 +96,7 @@ def main() -> None:
         fit = "ridge, alpha = input dims, window 8 rows, 3 ahead"
     results = {"command": " ".join(sys.argv), "fit": fit, "clips": {}}
     for ds in args.datasets:
-        wav, rate = sf.read(str(ds / "aud.wav"), dtype="float32")
-        assert rate == 16000
-        train, val = open_dataset(ds, "train"), open_dataset(ds, "val")
-        y_train, y_val = mouth_openings(train), mouth_openings(val)
-        ids, y = np.concatenate([train.audio_ids, val.audio_ids]), np.concatenate([y_train, y_val])
+        wav, train, val, y_train, y_val, ids, y = load_clip(ds)
         rows = []
         if args.variants:
             encoded, encode_s = {}, {}

@@ -27,7 +27,6 @@ import hashlib
 import importlib.util
 import math
 import struct
-import time
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -219,12 +218,6 @@ def encoder_block(x, weights: dict, heads: int, outputs: slice = slice(None)):
     return x + functional.linear(hidden, weights["ffn/linear_1/weight"], weights["ffn/linear_1/bias"])
 
 
-def _window_samples() -> int:
-    """Samples of one encoded window: the context, a block, the look-ahead."""
-    return (round(WINDOW_CONTEXT_SECONDS * SAMPLE_RATE) + BLOCK_FRAMES * SAMPLES_PER_FRAME
-            + round(WINDOW_LOOKAHEAD_SECONDS * SAMPLE_RATE))
-
-
 class WhisperEncoder(AudioEncoder):
     name = "whisper"
     exact_streaming = True  # blocks: a stream cuts the same windows as a whole clip
@@ -306,20 +299,12 @@ class WhisperEncoder(AudioEncoder):
                 x = encoder_block(x, block, self.heads)
             return x.float().cpu().numpy()
 
-    def warm_up(self, max_windows: int = 32) -> float:
-        """Run the network once on 1, 2, ..., `max_windows` windows of silence (a server's merged calls come in
-        all these sizes: on a GPU each size's first call pays for kernel choice and memory); returns seconds."""
-        start = time.perf_counter()
-        for n in range(1, max_windows + 1):
-            self.states(np.zeros((n, _window_samples()), np.float32))
-        return time.perf_counter() - start
-
     def encode_blocks(self, wav: np.ndarray, first_block: int, n_blocks: int) -> np.ndarray:
         """[n_blocks * BLOCK_FRAMES, width] features of blocks [first_block, first_block + n_blocks) of `wav`,
         counted from its sample 0 (audio outside `wav` counts as silence)."""
         block = BLOCK_FRAMES * SAMPLES_PER_FRAME
         before = round(WINDOW_CONTEXT_SECONDS * SAMPLE_RATE)
-        length = _window_samples()
+        length = before + block + round(WINDOW_LOOKAHEAD_SECONDS * SAMPLE_RATE)
         out = []
         for a in range(first_block, first_block + n_blocks, BATCH_WINDOWS):
             b = min(first_block + n_blocks, a + BATCH_WINDOWS)

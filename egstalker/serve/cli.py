@@ -40,11 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_audio_weights_argument(parser)
 
 
-def torch_device_type(device: str) -> str:
-    """'cuda:1' -> 'cuda', 'CPU' -> 'cpu'."""
-    return str(device).split(":")[0].lower()
-
-
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -60,16 +55,14 @@ def run(args: argparse.Namespace) -> int:
         raise EgstalkerError("--max-sessions, --max-batch and --render-queue must be at least 1")
     if not 1 <= args.jpeg_quality <= 100:
         raise EgstalkerError("--jpeg-quality must be between 1 and 100")
+    import torch
+
     device = args.device
     if device == "auto":
-        import torch
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder_device = device if args.encoder_device == "auto" else args.encoder_device
     try:
-        import torch
-
-        torch.device(encoder_device)
+        encoder_on_cpu = torch.device(encoder_device).type == "cpu"
     except RuntimeError:
         raise EgstalkerError(f"--encoder-device {encoder_device!r} is not a torch device; use auto, cpu, cuda or "
                              "cuda:N") from None
@@ -90,16 +83,11 @@ def run(args: argparse.Namespace) -> int:
                                     encoder_device=encoder_device)
         head.preload_torso()  # the first sessions must not wait for torso images
         head.warm_up(warm_up_sizes)
-    if torch_device_type(encoder_device) == "cpu" and torch_device_type(device) != "cpu":
-        import torch
-
+    if encoder_on_cpu and torch.device(device).type != "cpu":
         # torch's CPU ops in this process are then only the encoder's, one merged call at a time (server.py):
         # give it half the cores, leaving the rest to JPEG encoding, the event loop and the render process. Set
         # before the server's worker threads start (a thread keeps the count it first ran with).
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    encoder_warm_up = getattr(head.encoder, "warm_up", None)
-    if encoder_warm_up is not None and torch_device_type(encoder_device) == "cuda":
-        encoder_warm_up()  # the sessions' merged speech-model calls, every size up to 32 windows, once
     config = ServeConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, jpeg_quality=args.jpeg_quality,
                          pose=args.pose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
