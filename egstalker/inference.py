@@ -249,12 +249,41 @@ class TalkingHead:
             background: optional [H, W, 3] uint8 replacing the dataset background (needs RGBA torso images).
             out: optional uint8 [B, H, W, 3] array to write the frames into (e.g. shared memory).
         """
+        rendered = self._render(features, frame_indices, pose_indices, background)
+        if rendered is None:
+            return np.zeros((0, self.height, self.width, 3), np.uint8)
+        frames = (rendered.image * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
+        if out is None:
+            return frames.cpu().numpy()
+        if out.shape != tuple(frames.shape) or out.dtype != np.uint8:
+            raise ValueError(f"out must be uint8 {list(frames.shape)}, got {out.dtype} {list(out.shape)}")
+        torch.from_numpy(out).copy_(frames)
+        return out
+
+    @torch.no_grad()
+    def render_layers(self, features: np.ndarray, frame_indices: Sequence[int],
+                      pose_indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Frames and the head's own coverage, for compositing and for measuring the head/neck seam.
+
+        Same arguments as `render_frames`. Returns (uint8 [B, H, W, 3] frames, float32 [B, H, W] head alpha in
+        [0, 1]: how much of each pixel the Gaussians cover; the pose frame's torso shows through the rest).
+        """
+        rendered = self._render(features, frame_indices, pose_indices, None)
+        if rendered is None:
+            empty = np.zeros((0, self.height, self.width), np.float32)
+            return np.zeros((*empty.shape, 3), np.uint8), empty
+        frames = (rendered.image * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
+        return frames.cpu().numpy(), rendered.alpha[..., 0].float().cpu().numpy()
+
+    def _render(self, features: np.ndarray, frame_indices: Sequence[int], pose_indices: Sequence[int],
+                background: np.ndarray | None):
+        """The model's HeadRender of a batch over its pose frames' torso images (None for an empty batch)."""
         frame_indices = np.asarray(frame_indices, np.int64)
         pose_indices = np.asarray(pose_indices, np.int64)
         if len(frame_indices) != len(pose_indices):
             raise ValueError(f"{len(frame_indices)} frame indices but {len(pose_indices)} pose indices")
         if len(frame_indices) == 0:
-            return np.zeros((0, self.height, self.width, 3), np.uint8)
+            return None
         if pose_indices.min() < 0 or pose_indices.max() >= len(self.poses.frame_ids):
             raise ValueError(f"pose indices must be in [0, {len(self.poses.frame_ids)})")
         bg = None
@@ -269,15 +298,8 @@ class TalkingHead:
         viewmats = self._viewmats[idx]
         Ks = self._K.expand(len(idx), 3, 3)
         backgrounds = self.torso_backgrounds(pose_indices, bg)
-        rendered = self.model.render(viewmats, Ks, self.width, self.height, backgrounds, audio=audio,
-                                     au45=self._au45[idx], dynamic=True)
-        frames = (rendered.image * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
-        if out is None:
-            return frames.cpu().numpy()
-        if out.shape != tuple(frames.shape) or out.dtype != np.uint8:
-            raise ValueError(f"out must be uint8 {list(frames.shape)}, got {out.dtype} {list(out.shape)}")
-        torch.from_numpy(out).copy_(frames)
-        return out
+        return self.model.render(viewmats, Ks, self.width, self.height, backgrounds, audio=audio,
+                                 au45=self._au45[idx], dynamic=True)
 
     def __call__(self, wav: np.ndarray, pose: PoseMode = "loop", batch_size: int = 8) -> Iterator[np.ndarray]:
         """Stream frames (uint8 [H, W, 3]) for a whole utterance: exactly round(len(wav)/16000*25) frames."""

@@ -47,20 +47,37 @@ def extend_upwards(region: np.ndarray, into: np.ndarray, length: int) -> np.ndar
     return out
 
 
+def under_the_chin(neck: np.ndarray, torso: np.ndarray) -> np.ndarray:
+    """The body pixels whose top is continued under the head: [H, W] bool.
+
+    Across the neck's columns that is the neck *and* the torso: the shadow right under the chin is often too
+    dark for the skin test and labelled torso, and continuing only the neck there left a gap between a rendered
+    chin and the neck whenever the jaw moved up (benchmarks/neck_stability.py found it as background showing
+    through the seam on new speech). Outside those columns (shoulders under long hair) nothing is continued;
+    without a neck, the torso is.
+    """
+    columns = np.flatnonzero(neck.any(0))
+    if len(columns) == 0:
+        return torso
+    base = np.zeros_like(neck)
+    span = slice(columns[0], columns[-1] + 1)
+    base[:, span] = neck[:, span] | torso[:, span]
+    return base
+
+
 def torso_image(gt: np.ndarray, labels: np.ndarray, background: np.ndarray, extension: int,
                 colour_step: int = 1) -> np.ndarray:
     """[H, W, 4] uint8 torso image (channel order of `gt`, alpha last), see the module docstring.
 
     Args:
-        extension: how far (px) the neck continues under the head, e.g. 15 % of the face height.
+        extension: how far (px) the neck continues under the head (task 6: a fifth of the face height).
         colour_step: 1 keeps colours exact; 4 rounds them to multiples of 4 (error <= 2 levels, ~50 dB: far
             below the JPEG noise of gt itself) so the PNG is ~40 % smaller.
     """
     neck = labels == NECK
     torso = labels == TORSO
     head = labels == HEAD
-    # continue the neck (or, without a neck, the torso) under the head, in its own colour
-    base = neck if neck.any() else torso
+    base = under_the_chin(neck, torso)
     grown = extend_upwards(base, head, extension)
     alpha = (neck | torso | grown).view(np.uint8)
     colour = cv2.bitwise_and(gt, gt, mask=alpha)  # cv2 masked ops: numpy's broadcast masks cost ~3 ms each
