@@ -39,7 +39,7 @@ else
   python3 benchmarks/train_quality_gpu.py device --clip obama --name obama_whisper_neck --features obama_wh \
     --minutes "${MINUTES:-5}" --carry "$CARRY" --work "$WORK" > "$WORK/obama_train.log" 2>&1
   rc=$?
-  tr '\r' '\n' < "$WORK/obama_train.log" | grep -v "it/s\]" > "$OUT/neck_obama_train_log.txt"  # no tqdm redraws
+  tr '\r' '\n' < "$WORK/obama_train.log" | grep -v "^training: \|^initialising Gaussians: \|^ *$" > "$OUT/neck_obama_train_log.txt"  # no tqdm redraws
   tail -4 "$OUT/neck_obama_train_log.txt"
   [ $rc = 0 ] || exit 1
   cp "$WORK/obama_whisper_neck/summary.json" "$OUT/neck_obama_train_summary.json"

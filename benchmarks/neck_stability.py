@@ -99,24 +99,27 @@ class PoseFrames:
 
 
 def throat_regions(labels: np.ndarray, kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(neck, seam) [H, W] bool. The neck is the body (NECK and TORSO labels) across the neck label's columns,
-    down to its lowest row: the shadow under the chin is often labelled torso. The seam band is the head and
-    body pixels within the kernel's reach of both, across the same columns (plus the kernel's reach)."""
+    """(neck, seam) [H, W] bool, as task 6 sees the throat (egstalker.preprocess.torso.under_the_chin).
+
+    The neck is the body (NECK and TORSO labels) under the head across the neck label's columns, down to the
+    neck label's lowest row: the shadow under the chin is often labelled torso. The seam band is the head and
+    body pixels within the kernel's reach of both, across the same columns (widened by that reach)."""
+    from egstalker.preprocess.torso import under_the_chin
+
     neck_label = labels == NECK
     columns = np.flatnonzero(neck_label.any(0))
     empty = np.zeros(labels.shape, bool)
     if len(columns) == 0:
         return empty, empty
     head, body = labels == HEAD, neck_label | (labels == TORSO)
-    neck = empty.copy()
-    bottom = int(np.flatnonzero(neck_label.any(1))[-1])
-    neck[:bottom + 1, columns[0]:columns[-1] + 1] = body[:bottom + 1, columns[0]:columns[-1] + 1]
+    neck = under_the_chin(neck_label, labels == TORSO, head)
+    neck[int(np.flatnonzero(neck_label.any(1))[-1]) + 1:] = False
     reach = kernel.shape[0] // 2
     near_body = cv2.dilate(body.view(np.uint8), kernel).astype(bool)
     near_head = cv2.dilate(head.view(np.uint8), kernel).astype(bool)
     seam = empty.copy()
     x0, x1 = max(0, columns[0] - reach), columns[-1] + reach + 1
-    seam[:, x0:x1] = (near_body & near_head & (head | body))[:, x0:x1]
+    seam[:, x0:x1] = (near_body & near_head & (head | neck))[:, x0:x1]
     return neck, seam
 
 
@@ -251,18 +254,18 @@ def summarise(s: Series, rotation: np.ndarray | None = None, turns: np.ndarray |
 
 
 def crop_box(pose_frames: PoseFrames, poses: list[int], height: int, width: int) -> tuple[int, int, int, int]:
-    """A square around the chin, neck and seam of these pose frames (y0, y1, x0, x1)."""
+    """A square around the chin/neck seam of these pose frames, twice the seam's width (y0, y1, x0, x1)."""
     mask = np.zeros((height, width), bool)
     for p in poses:
-        f = pose_frames[p]
-        mask |= f.neck | f.seam
+        mask |= pose_frames[p].seam
     if not mask.any():
         return 0, height, 0, width
     ys, xs = np.nonzero(mask)
     cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
-    half = 0.75 * max(ys.max() - ys.min(), xs.max() - xs.min(), 16)
-    y0, x0 = int(max(0, cy - half)), int(max(0, cx - half))
-    return y0, int(min(height, cy + half)), x0, int(min(width, cx + half))
+    side = int(min(height, width, 2 * max(xs.max() - xs.min(), ys.max() - ys.min(), 16)))
+    y0 = int(np.clip(cy - side / 2, 0, height - side))  # shifted, not clipped, at the image's edges: square
+    x0 = int(np.clip(cx - side / 2, 0, width - side))
+    return y0, y0 + side, x0, x0 + side
 
 
 def contact_sheet(rows: list[tuple[str, np.ndarray, np.ndarray]], box: tuple[int, int, int, int],

@@ -47,21 +47,24 @@ def extend_upwards(region: np.ndarray, into: np.ndarray, length: int) -> np.ndar
     return out
 
 
-def under_the_chin(neck: np.ndarray, torso: np.ndarray) -> np.ndarray:
+def under_the_chin(neck: np.ndarray, torso: np.ndarray, head: np.ndarray) -> np.ndarray:
     """The body pixels whose top is continued under the head: [H, W] bool.
 
     Across the neck's columns that is the neck *and* the torso: the shadow right under the chin is often too
     dark for the skin test and labelled torso, and continuing only the neck there left a gap between a rendered
     chin and the neck whenever the jaw moved up (benchmarks/neck_stability.py found it as background showing
-    through the seam on new speech). Outside those columns (shoulders under long hair) nothing is continued;
-    without a neck, the torso is.
+    through the seam on new speech). Only body pixels below a column's lowest head pixel count (parsing leaves
+    stray torso pixels on the hair's edge, above the head). Outside the neck's columns (shoulders under long
+    hair) nothing is continued; without a neck, the torso below the head is.
     """
+    height = head.shape[0]
+    lowest_head = np.where(head.any(0), height - 1 - head[::-1].argmax(0), -1)
+    base = (neck | torso) & (np.arange(height)[:, None] > lowest_head[None])
     columns = np.flatnonzero(neck.any(0))
     if len(columns) == 0:
-        return torso
-    base = np.zeros_like(neck)
-    span = slice(columns[0], columns[-1] + 1)
-    base[:, span] = neck[:, span] | torso[:, span]
+        return base & torso
+    base[:, :columns[0]] = False
+    base[:, columns[-1] + 1:] = False
     return base
 
 
@@ -77,7 +80,7 @@ def torso_image(gt: np.ndarray, labels: np.ndarray, background: np.ndarray, exte
     neck = labels == NECK
     torso = labels == TORSO
     head = labels == HEAD
-    base = under_the_chin(neck, torso)
+    base = under_the_chin(neck, torso, head)
     grown = extend_upwards(base, head, extension)
     alpha = (neck | torso | grown).view(np.uint8)
     colour = cv2.bitwise_and(gt, gt, mask=alpha)  # cv2 masked ops: numpy's broadcast masks cost ~3 ms each
