@@ -237,3 +237,32 @@ def test_torso_backgrounds_are_the_training_composites(small_model, small_datase
         np.testing.assert_allclose(image, expected, atol=1e-6)
     black = head.torso_backgrounds([9], torch.zeros(head.height, head.width, 3)).numpy()[0]
     assert black.mean() < got[3].mean()  # transparent torso pixels now show the given background
+
+
+def test_render_layers_give_the_frames_and_the_heads_coverage(small_model, small_dataset):
+    import cv2
+
+    from egstalker.dataset.layout import DatasetLayout
+    from egstalker.dataset.reader import head_mask_from_parsing
+    from egstalker.inference import TalkingHead
+
+    head = TalkingHead.from_dir(small_model)
+    features = np.load(DatasetLayout(small_dataset).audio_features)
+    rows, poses = np.array([3, 4, 5]), np.array([0, 7, 7])
+    frames, alpha = head.render_layers(features, rows, poses)
+    assert alpha.shape == (3, head.height, head.width) and alpha.dtype == np.float32
+    assert 0.0 <= alpha.min() and alpha.max() <= 1.0
+    np.testing.assert_array_equal(frames, head.render_frames(features, rows, poses))
+    # where the head covers nothing, the frame is the pose frame's torso composite
+    under = (head.torso_backgrounds(poses).numpy() * 255.0 + 0.5).astype(np.uint8)
+    bare = alpha < 1e-4
+    assert bare.mean() > 0.2 and np.abs(frames[bare].astype(int) - under[bare]).max() <= 1
+    # the coverage is the head: high inside the pose frame's parsed head, low outside it (10 iterations: not 1/0)
+    frame_id = int(head.poses.frame_ids[0])
+    parsing = cv2.imread(str(DatasetLayout(small_dataset).parsing(frame_id)))[..., ::-1]
+    mask = cv2.resize(head_mask_from_parsing(parsing).astype(np.uint8), (head.width, head.height),
+                      interpolation=cv2.INTER_NEAREST).astype(bool)
+    inside, outside = alpha[0][mask].mean(), alpha[0][~mask].mean()
+    assert inside > 0.5 and outside < inside / 3, (inside, outside)
+    empty_frames, empty_alpha = head.render_layers(features, [], [])
+    assert empty_frames.shape == (0, head.height, head.width, 3) and empty_alpha.shape == (0, head.height, head.width)
