@@ -171,6 +171,23 @@ def test_torso_images_leave_no_gap_under_the_chin(clip, request):
         assert _neck_span_gaps(labels, alpha, 4) == []
 
 
+def test_a_dataset_from_before_the_torso_fix_redoes_task_6_only(hill, tmp_path):
+    dataset = tmp_path / "ds"
+    shutil.copytree(hill.root, dataset)
+    meta = _meta(DatasetLayout(dataset))
+    assert meta["task_revisions"]["6"] == 2
+    runs = dict(meta["task_runs"])
+    del meta["task_revisions"]  # as written before revisions were recorded
+    (dataset / "meta.json").write_text(json.dumps(meta))
+    torso = DatasetLayout(dataset).torso(0)
+    torso.write_bytes(b"stale")
+    preprocess(hill.root.parent / "clip.mp4", dataset, config=FAST, show_progress=False)
+    meta = _meta(DatasetLayout(dataset))
+    assert meta["task_revisions"]["6"] == 2
+    assert [n for n in runs if meta["task_runs"][n] != runs[n]] == ["6"]
+    assert cv2.imread(str(torso), cv2.IMREAD_UNCHANGED).shape == (512, 512, 4)
+
+
 @pytest.mark.parametrize("clip", ["hill", "aoc"])
 def test_landmarks_fall_inside_the_face(clip, request):
     layout: DatasetLayout = request.getfixturevalue(clip)

@@ -394,7 +394,8 @@ def _transforms_outputs(layout: DatasetLayout, meta: dict) -> list:
 TASKS: list[Task] = [
     Task(4, "parsing", run_parsing, outputs=_parsing_outputs),
     Task(5, "background", run_background, outputs=lambda layout, meta: [layout.background]),
-    Task(6, "torso", run_torso, outputs=_torso_outputs),
+    # revision 2: the torso images continue the body under the whole chin (egstalker.preprocess.torso)
+    Task(6, "torso", run_torso, outputs=_torso_outputs, revision=2),
     Task(7, "landmarks", run_landmarks, outputs=_landmark_outputs),
     Task(8, "tracking", run_tracking, outputs=lambda layout, meta: [layout.track_params, layout.action_units]),
     Task(9, "transforms", run_transforms, outputs=_transforms_outputs),

@@ -161,6 +161,8 @@ def _is_complete(task: Task, layout: DatasetLayout, meta: dict, config: Preproce
         return False
     if _inputs_redone(task.number, meta):
         return False
+    if meta.get("task_revisions", {}).get(str(task.number), 1) < task.revision:  # written before a fix
+        return False
     return all(Path(p).exists() for p in task.outputs(layout, meta))
 
 
@@ -343,6 +345,7 @@ def _run_task(task: Task, video: Path, layout: DatasetLayout, meta: dict, config
     task_meta.setdefault("task_inputs", {})[str(task.number)] = {str(m): runs.get(str(m))
                                                                   for m in sorted(_inputs(task.number))}
     runs[str(task.number)] = max(runs.values(), default=0) + 1
+    task_meta.setdefault("task_revisions", {})[str(task.number)] = task.revision
     task_meta.setdefault("task_seconds", {})[str(task.number)] = round(seconds, 2)
     write_meta(layout, task_meta)
     _log(show_progress, f"{label}: done in {seconds:.1f} s")

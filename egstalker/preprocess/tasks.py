@@ -36,3 +36,6 @@ class Task:
     run: Callable[[TaskContext], None]
     outputs: Callable[[DatasetLayout, dict], list] = field(default=lambda layout, meta: [])
     """Paths that must exist for the task to count as complete (checked besides meta.json)."""
+    revision: int = 1
+    """Raised when a fix changes what the task writes: a dataset whose outputs come from an older revision
+    (meta.json "task_revisions"; none recorded means 1) redoes the task, and what read it, on its next run."""
