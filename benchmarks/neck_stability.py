@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from egstalker.dataset.layout import DatasetLayout  # noqa: E402
-from egstalker.dataset.reader import load_torso_composite, load_torso_rgba  # noqa: E402
+from egstalker.dataset.reader import load_torso_rgba  # noqa: E402
 from egstalker.preprocess.parsing import HEAD, NECK, TORSO, load_labels  # noqa: E402
 
 
@@ -61,8 +61,16 @@ class PoseFrame:
     seam: np.ndarray        # [H, W] bool: chin/neck seam band
     head: np.ndarray        # [H, W] bool
     torso_alpha: np.ndarray  # [H, W] float32 in [0, 1]
-    source: np.ndarray      # [H, W, 3] float32 levels: torso image on the background (what the head covers)
-    truth: np.ndarray | None  # [H, W, 3] float32 levels, when the dataset holds gt_imgs
+    source_u8: np.ndarray   # [H, W, 3] uint8: torso image on the background (what the head is rendered over)
+    truth_u8: np.ndarray | None  # [H, W, 3] uint8, when the dataset holds gt_imgs
+
+    @property
+    def source(self) -> np.ndarray:
+        return self.source_u8.astype(np.float32)
+
+    @property
+    def truth(self) -> np.ndarray | None:
+        return None if self.truth_u8 is None else self.truth_u8.astype(np.float32)
 
 
 class PoseFrames:
@@ -77,9 +85,7 @@ class PoseFrames:
         self._cache: dict[int, PoseFrame] = {}
 
     def __getitem__(self, pose: int) -> PoseFrame:
-        if pose not in self._cache:
-            if len(self._cache) > 64:
-                self._cache.pop(next(iter(self._cache)))
+        if pose not in self._cache:  # all kept (uint8): the loop schedule comes back to every pose frame
             self._cache[pose] = self._load(int(self.frame_ids[pose]))
         return self._cache[pose]
 
@@ -87,15 +93,16 @@ class PoseFrames:
         labels = cv2.resize(load_labels(self.layout.parsing(frame_id)), self.size, interpolation=cv2.INTER_NEAREST)
         head = labels == HEAD
         neck, seam = throat_regions(labels, self.kernel)
-        torso_alpha = load_torso_rgba(self.layout, frame_id, self.size)[..., 3].astype(np.float32) / 255.0
-        source = load_torso_composite(self.layout, frame_id, self.size, self.background) * 255.0
+        rgba = load_torso_rgba(self.layout, frame_id, self.size).astype(np.float32) / 255.0
+        torso_alpha = rgba[..., 3]
+        # as TalkingHead.torso_backgrounds composites it (and the renders round it)
+        source = rgba[..., :3] * rgba[..., 3:] + self.background * (1.0 - rgba[..., 3:])
         truth = None
         gt = self.layout.gt(frame_id)
         if gt.exists():
             bgr = cv2.imread(str(gt))
-            truth = cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self.size,
-                               interpolation=cv2.INTER_AREA).astype(np.float32)
-        return PoseFrame(neck, seam, head, torso_alpha, source.astype(np.float32), truth)
+            truth = cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self.size, interpolation=cv2.INTER_AREA)
+        return PoseFrame(neck, seam, head, torso_alpha, (source * 255.0 + 0.5).astype(np.uint8), truth)
 
 
 def throat_regions(labels: np.ndarray, kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +177,7 @@ def render_sequence(head, pose_frames: PoseFrames, features: np.ndarray, rows: n
             holes = (alpha < 0.5) & (p.torso_alpha < 0.5) & p.seam
             s.seam_holes.append(float(holes.sum() / max(1, p.seam.sum())))
             s.head_over_neck.append(float(alpha[p.neck].mean()) if p.neck.any() else nan)
-            if with_truth_errors and p.truth is not None:
+            if with_truth_errors and p.truth_u8 is not None:
                 diff = level - p.truth
                 s.error_neck.append(masked_mean(diff, p.neck))
                 s.error_seam.append(masked_mean(diff, p.seam))
@@ -182,7 +189,7 @@ def render_sequence(head, pose_frames: PoseFrames, features: np.ndarray, rows: n
                 s.neck_change.append(masked_mean(level - prev, neck))
                 s.source_neck_change.append(masked_mean(p.source - pp.source, neck))
                 s.truth_neck_change.append(masked_mean(p.truth - pp.truth, neck)
-                                           if p.truth is not None and pp.truth is not None else nan)
+                                           if p.truth_u8 is not None and pp.truth_u8 is not None else nan)
             else:
                 for name in ("neck_change", "source_neck_change", "truth_neck_change"):
                     getattr(s, name).append(nan)
@@ -193,7 +200,7 @@ def render_sequence(head, pose_frames: PoseFrames, features: np.ndarray, rows: n
                 s.source_neck_flicker.append(masked_mean(p.source - 2 * pp.source + p2.source, neck))
                 s.truth_neck_flicker.append(
                     masked_mean(p.truth - 2 * pp.truth + p2.truth, neck)
-                    if p.truth is not None and pp.truth is not None and p2.truth is not None else nan)
+                    if p.truth_u8 is not None and pp.truth_u8 is not None and p2.truth_u8 is not None else nan)
             history = (history + [(level, p)])[-2:]
     for name in ("neck_flicker", "source_neck_flicker", "truth_neck_flicker"):  # align to frames: nan at both ends
         values = getattr(s, name)
@@ -346,11 +353,11 @@ def measure(model_dir: Path, dataset: Path | None, speech_features: Path, device
     for t in worst:
         frame = head.render_frames(novel, [t], [loop[t]])[0]
         ref = pose_frames[int(loop[t])]
-        reference = ref.truth if ref.truth is not None else ref.source
+        reference = ref.truth if ref.truth_u8 is not None else ref.source
         rows_sheet.append((f"new speech t={t} {excess[t]:+.2f} lv", frame, reference))
     for t in sorted(kept_loop):
         ref = pose_frames[int(loop[t])]
-        reference = ref.truth if ref.truth is not None else ref.source
+        reference = ref.truth if ref.truth_u8 is not None else ref.source
         rows_sheet.append((f"loop turn t={t} pose {int(loop[t])}", kept_loop[t], reference))
     sheet = contact_sheet(rows_sheet, box)
     result["sheet"] = {"rows": [label for label, _, _ in rows_sheet], "columns": ["render", "pose frame's truth"],
