@@ -49,10 +49,12 @@ fi
 export TORCH_EXTENSIONS_DIR=/tmp/egs_torch_ext  # the prebuilt gsplat .so (training unpacks it there too)
 # the same dataset with the torso images task 6 made before the seam fix (parsing and ground truth are shared)
 OLD=${DATA}_old_torso
-rm -rf "$OLD"
-python3 benchmarks/train_quality_gpu.py unpack "$CARRY/${CLIP}_old_torso" "$OLD" || exit 1
-rm -rf "$OLD/parsing" "$OLD/gt_imgs" && cp -r "$DATA/parsing" "$DATA/gt_imgs" "$OLD/"
-for variant in new old; do
+if [[ "${VARIANTS:-new old}" == *old* ]]; then
+  rm -rf "$OLD"
+  python3 benchmarks/train_quality_gpu.py unpack "$CARRY/${CLIP}_old_torso" "$OLD" || exit 1
+  rm -rf "$OLD/parsing" "$OLD/gt_imgs" && cp -r "$DATA/parsing" "$DATA/gt_imgs" "$OLD/"
+fi
+for variant in ${VARIANTS:-new old}; do  # VARIANTS=new: today's torso images only
   data=$DATA suffix=""
   [ $variant = old ] && data=$OLD suffix=_old_torso
   echo "== measure over the $variant torso images (t=${SECONDS}s)"

@@ -109,24 +109,21 @@ def throat_regions(labels: np.ndarray, kernel: np.ndarray) -> tuple[np.ndarray, 
     """(neck, seam) [H, W] bool, as task 6 sees the throat (egstalker.preprocess.torso.under_the_chin).
 
     The neck is the body (NECK and TORSO labels) under the head across the neck label's columns, down to the
-    neck label's lowest row: the shadow under the chin is often labelled torso. The seam band is the head and
-    body pixels within the kernel's reach of both, across the same columns (widened by that reach)."""
+    neck label's lowest row: the shadow under the chin is often labelled torso. The seam band is the head pixels
+    within the kernel's reach of that neck and the neck pixels within its reach of the head (stray torso pixels
+    on the hair's edge are not body under the head, so the hair's edge is not in the band)."""
     from egstalker.preprocess.torso import under_the_chin
 
     neck_label = labels == NECK
-    columns = np.flatnonzero(neck_label.any(0))
-    empty = np.zeros(labels.shape, bool)
-    if len(columns) == 0:
+    if not neck_label.any():
+        empty = np.zeros(labels.shape, bool)
         return empty, empty
-    head, body = labels == HEAD, neck_label | (labels == TORSO)
+    head = labels == HEAD
     neck = under_the_chin(neck_label, labels == TORSO, head)
     neck[int(np.flatnonzero(neck_label.any(1))[-1]) + 1:] = False
-    reach = kernel.shape[0] // 2
-    near_body = cv2.dilate(body.view(np.uint8), kernel).astype(bool)
+    near_neck = cv2.dilate(neck.view(np.uint8), kernel).astype(bool)
     near_head = cv2.dilate(head.view(np.uint8), kernel).astype(bool)
-    seam = empty.copy()
-    x0, x1 = max(0, columns[0] - reach), columns[-1] + reach + 1
-    seam[:, x0:x1] = (near_body & near_head & (head | neck))[:, x0:x1]
+    seam = (head & near_neck) | (neck & near_head)
     return neck, seam
 
 
