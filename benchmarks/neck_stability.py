@@ -366,6 +366,23 @@ def measure(model_dir: Path, dataset: Path | None, speech_features: Path, device
     return result, sheet
 
 
+def count_gaps(datasets: list[Path], rows: int) -> dict:
+    """Task 6's output alone: frames whose torso image leaves a gap under the chin (chin_gaps, `rows` px)."""
+    from egstalker.preprocess.torso import chin_gaps
+
+    out = {}
+    for root in datasets:
+        layout = DatasetLayout(root)
+        frames = sorted(int(p.stem) for p in layout.torso_dir.glob("*.png"))
+        columns = [len(chin_gaps(load_labels(layout.parsing(i)),
+                                 cv2.imread(str(layout.torso(i)), cv2.IMREAD_UNCHANGED)[..., 3] > 0, rows))
+                   for i in frames]
+        out[str(root)] = {"frames": len(frames), "frames_with_a_gap": int(np.count_nonzero(columns)),
+                          "gap_columns_mean": round(float(np.mean(columns)), 2), "gap_columns_max": int(max(columns))}
+        print(json.dumps({str(root): out[str(root)]}), flush=True)
+    return {"command": "python " + " ".join(sys.argv), "rows_under_the_head": rows, "datasets": out}
+
+
 def encode_features(model_dir: Path, speech: Path, out: Path) -> None:
     from egstalker.inference import TalkingHead
     from egstalker.render.api import load_speech
@@ -395,9 +412,18 @@ def main() -> None:
     m.add_argument("--max-frames", type=int, default=None, help="limit the new speech (CPU dry runs)")
     m.add_argument("--json", type=Path, required=True)
     m.add_argument("--sheet", type=Path, default=None)
+    g = sub.add_parser("gaps", help="count torso images that leave a gap under the chin (no model needed)")
+    g.add_argument("datasets", type=Path, nargs="+")
+    g.add_argument("--rows", type=int, default=4, help="px under the head the torso image must continue")
+    g.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
     if args.cmd == "features":
         encode_features(args.model, args.speech, args.out)
+        return
+    if args.cmd == "gaps":
+        result = count_gaps(args.datasets, args.rows)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
         return
     result, sheet = measure(args.model, args.dataset, args.speech_features, args.device, args.batch, args.seam,
                             args.max_frames)

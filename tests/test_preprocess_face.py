@@ -19,7 +19,7 @@ from egstalker.preprocess.face import FaceTrack, face_cache_path, frame_ranges
 from egstalker.preprocess.landmarks68 import to_ibug68
 from egstalker.preprocess.parsing import BACKGROUND, HEAD, NECK, TORSO, PALETTE, load_labels
 from egstalker.preprocess.pipeline import preprocess
-from egstalker.preprocess.torso import torso_image
+from egstalker.preprocess.torso import chin_gaps, torso_image
 from egstalker.preprocess.tracking import (RIGID_POINTS, canonical_face, euler_to_rotation, eye_aspect_ratio,
                                            focal_length, project, rotation_to_euler, solve_pnp)
 from egstalker.preprocess.transforms import split_index
@@ -127,24 +127,6 @@ def test_gt_and_torso_use_the_background(hill):
     assert bc.mean() > 40 and bc[300:, 200:300].mean() > 40
 
 
-def _neck_span_gaps(labels: np.ndarray, alpha: np.ndarray, rows: int) -> list[int]:
-    """Columns of the neck's span where the head sits right on the body but the torso image does not continue
-    `rows` px under the head (a rendered chin that moves up would show the background there)."""
-    body = (labels == NECK) | (labels == TORSO)
-    columns = np.flatnonzero((labels == NECK).any(0))
-    gaps = []
-    for x in range(columns[0], columns[-1] + 1):
-        head_rows = np.flatnonzero(labels[:, x] == HEAD)
-        if len(head_rows) == 0:
-            continue
-        below = head_rows[-1] + 1  # the first row under the head
-        under = slice(below - rows, below)
-        if below >= rows and below < len(body) and body[below, x] and (labels[under, x] == HEAD).all() \
-                and not alpha[under, x].all():
-            gaps.append(x)
-    return gaps
-
-
 def test_torso_continues_under_the_whole_chin():
     # the shadow under the chin labelled torso between two neck strips (as parsing does on lieu's frames)
     labels = np.full((60, 40), BACKGROUND, np.uint8)
@@ -156,7 +138,7 @@ def test_torso_continues_under_the_whole_chin():
     gt = np.full((60, 40, 3), 120, np.uint8)
     torso = torso_image(gt, labels, np.zeros_like(gt), extension=6)
     alpha = torso[..., 3] > 0
-    assert _neck_span_gaps(labels, alpha, 6) == []
+    assert chin_gaps(labels, alpha, 6) == []
     assert alpha[24:30, 12:28].all() and not alpha[5:24, 12:28].any()  # 6 px under the head, no more
     assert not alpha[24:30, 8:12].any() and not alpha[24:30, 28:32].any()  # not beyond the neck's columns
     assert (torso[24:30, 12:28, :3] > 0).all()  # in the neck's colour, not black
@@ -168,7 +150,7 @@ def test_torso_images_leave_no_gap_under_the_chin(clip, request):
     for i in (0, 35, 70):
         labels = load_labels(layout.parsing(i))
         alpha = cv2.imread(str(layout.torso(i)), cv2.IMREAD_UNCHANGED)[..., 3] > 0
-        assert _neck_span_gaps(labels, alpha, 4) == []
+        assert chin_gaps(labels, alpha, 4) == []
 
 
 def test_a_dataset_from_before_the_torso_fix_redoes_task_6_only(hill, tmp_path):

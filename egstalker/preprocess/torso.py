@@ -68,6 +68,25 @@ def under_the_chin(neck: np.ndarray, torso: np.ndarray, head: np.ndarray) -> np.
     return base
 
 
+def chin_gaps(labels: np.ndarray, alpha: np.ndarray, rows: int) -> list[int]:
+    """Columns of the neck's span where the head sits right on the body but the torso image (alpha > 0 where
+    it covers) does not continue `rows` px under the head: a rendered chin that moves up shows the background
+    there. A check of task 6's output (tests, benchmarks/neck_stability.py gaps)."""
+    body = (labels == NECK) | (labels == TORSO)
+    columns = np.flatnonzero((labels == NECK).any(0))
+    gaps = []
+    for x in range(columns[0], columns[-1] + 1) if len(columns) else ():
+        head_rows = np.flatnonzero(labels[:, x] == HEAD)
+        if len(head_rows) == 0:
+            continue
+        below = head_rows[-1] + 1  # the first row under the head
+        under = slice(below - rows, below)
+        if rows <= below < len(body) and body[below, x] and (labels[under, x] == HEAD).all() \
+                and not alpha[under, x].all():
+            gaps.append(int(x))
+    return gaps
+
+
 def torso_image(gt: np.ndarray, labels: np.ndarray, background: np.ndarray, extension: int,
                 colour_step: int = 1) -> np.ndarray:
     """[H, W, 4] uint8 torso image (channel order of `gt`, alpha last), see the module docstring.
