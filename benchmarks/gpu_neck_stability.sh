@@ -60,7 +60,7 @@ for variant in ${VARIANTS:-new old}; do  # VARIANTS=new: today's torso images on
   echo "== measure over the $variant torso images (t=${SECONDS}s)"
   python3 benchmarks/neck_stability.py measure "$MODEL" --dataset "$data" \
     --speech-features "$CARRY/speech60_wh.npy" --device cuda --json "$OUT/neck_stability_h200_${CLIP}$suffix.json" \
-    --sheet "$OUT/neck_stability_h200_${CLIP}$suffix.jpg"
+    --sheet "$OUT/neck_stability_h200_${CLIP}$suffix.jpg" || exit 1
 done
 echo "done after ${SECONDS}s"
 ls -la "$OUT"

@@ -374,9 +374,13 @@ def count_gaps(datasets: list[Path], rows: int) -> dict:
     for root in datasets:
         layout = DatasetLayout(root)
         frames = sorted(int(p.stem) for p in layout.torso_dir.glob("*.png"))
-        columns = [len(chin_gaps(load_labels(layout.parsing(i)),
-                                 cv2.imread(str(layout.torso(i)), cv2.IMREAD_UNCHANGED)[..., 3] > 0, rows))
-                   for i in frames]
+        if not frames:
+            raise SystemExit(f"{root}: no torso_imgs/*.png; give a preprocessed dataset folder")
+        columns = []
+        for i in frames:
+            torso = cv2.imread(str(layout.torso(i)), cv2.IMREAD_UNCHANGED)
+            covered = torso[..., 3] > 0 if torso.ndim == 3 and torso.shape[2] == 4 else np.ones(torso.shape[:2], bool)
+            columns.append(len(chin_gaps(load_labels(layout.parsing(i)), covered, rows)))
         out[str(root)] = {"frames": len(frames), "frames_with_a_gap": int(np.count_nonzero(columns)),
                           "gap_columns_mean": round(float(np.mean(columns)), 2), "gap_columns_max": int(max(columns))}
         print(json.dumps({str(root): out[str(root)]}), flush=True)

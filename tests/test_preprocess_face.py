@@ -135,12 +135,14 @@ def test_torso_continues_under_the_whole_chin():
     labels[30:45, 12:16] = NECK
     labels[30:45, 24:28] = NECK
     labels[4, 14:20] = TORSO  # a stray torso sliver on the hair's edge, above the head
+    labels[40:48, 20:22] = HEAD  # a strand of hair hanging in front of the neck
     gt = np.full((60, 40, 3), 120, np.uint8)
     torso = torso_image(gt, labels, np.zeros_like(gt), extension=6)
     alpha = torso[..., 3] > 0
     assert chin_gaps(labels, alpha, 6) == []
     assert alpha[24:30, 12:28].all() and not alpha[5:24, 12:28].any()  # 6 px under the head, no more
     assert not alpha[24:30, 8:12].any() and not alpha[24:30, 28:32].any()  # not beyond the neck's columns
+    assert not alpha[40:48, 20:22].any()  # the hair strand is head: not covered
     assert (torso[24:30, 12:28, :3] > 0).all()  # in the neck's colour, not black
 
 

@@ -265,7 +265,7 @@ def run_torso(ctx: TaskContext) -> None:
     _parallel(_torso_chunk, _chunks(n), _workers(ctx, n),
               (str(ctx.dataset.root), str(ctx.staging.root), extension, int(ctx.config.frames.jpeg_quality)),
               _init_torso, ctx.show_progress, "6 torso+gt", n)
-    ctx.meta["torso"] = {"torso_imgs": "RGBA PNG: neck+torso (+ neck continued under the jaw), alpha 0 elsewhere; "
+    ctx.meta["torso"] = {"torso_imgs": "RGBA PNG: neck+torso (+ the body continued under the chin), alpha 0 elsewhere; "
                                        f"colours rounded to multiples of {TORSO_COLOUR_STEP}",
                          "gt_imgs": f"JPEG quality {ctx.config.frames.jpeg_quality}, background = bc.jpg"}
 

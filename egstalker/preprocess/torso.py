@@ -1,11 +1,12 @@
 """Ground-truth and torso images (task 6), as the ER-NeRF / GaussianTalker family uses them.
 
 - gt_imgs/N.jpg: the frame with its background pixels replaced by bc.jpg (the model renders over bc).
-- torso_imgs/N.png: RGBA. Colour = the frame with the head replaced by the background, and the neck extended
-  upwards under the jaw (the top neck colours continued a few pixels into the head, slightly darkened) so a
-  rendered head composited on it never shows a gap; alpha = neck + torso + that extension, 0 elsewhere
-  (colour 0 there too, which keeps the PNG small). Task 6 rounds the colours to multiples of 4 (error <= 2
-  levels, below gt's own JPEG noise), which makes the PNG ~35 % smaller.
+- torso_imgs/N.png: RGBA. Colour = the frame with the head replaced by the background, and the body (neck, and
+  the shadow under the chin that parsing may label torso) continued upwards under the chin across the neck's
+  columns (its top colours carried a few pixels into the head, slightly darkened), so a rendered head composited
+  on it never shows a gap; alpha = neck + torso + that extension, 0 elsewhere (colour 0 there too, which keeps the
+  PNG small). Task 6 rounds the colours to multiples of 4 (error <= 2 levels, below gt's own JPEG noise), which
+  makes the PNG ~35 % smaller.
 """
 
 from __future__ import annotations
@@ -47,42 +48,60 @@ def extend_upwards(region: np.ndarray, into: np.ndarray, length: int) -> np.ndar
     return out
 
 
+def under_the_head(head: np.ndarray) -> np.ndarray:
+    """[W] per column, the first row under the column's first run of head pixels (the chin's underside; the
+    height where the head reaches the bottom, 0 where a column has none). The first run, not the last head pixel:
+    long hair hanging in front of the neck is head below the body."""
+    height = head.shape[0]
+    rows = np.arange(height)[:, None]
+    first = np.where(head.any(0), head.argmax(0), height)
+    after = (rows >= first[None]) & ~head
+    return np.where(head.any(0), np.where(after.any(0), after.argmax(0), height), 0)
+
+
+def neck_columns(neck: np.ndarray) -> slice | None:
+    """The columns the neck label spans, first to last (None without a neck). Parsing keeps only neck connected
+    to the head, so its pieces are the throat's, split by the chin's shadow or fringed at the jaw's sides."""
+    columns = np.flatnonzero(neck.any(0))
+    return slice(int(columns[0]), int(columns[-1]) + 1) if len(columns) else None
+
+
 def under_the_chin(neck: np.ndarray, torso: np.ndarray, head: np.ndarray) -> np.ndarray:
     """The body pixels whose top is continued under the head: [H, W] bool.
 
     Across the neck's columns that is the neck *and* the torso: the shadow right under the chin is often too
     dark for the skin test and labelled torso, and continuing only the neck there left a gap between a rendered
     chin and the neck whenever the jaw moved up (benchmarks/neck_stability.py found it as background showing
-    through the seam on new speech). Only body pixels below a column's lowest head pixel count (parsing leaves
-    stray torso pixels on the hair's edge, above the head). Outside the neck's columns (shoulders under long
-    hair) nothing is continued; without a neck, the torso below the head is.
+    through the seam on new speech). Only body pixels under a column's head count (parsing leaves stray torso
+    pixels on the hair's edge, above the head). Outside the neck's columns (shoulders under long hair) nothing is
+    continued; without a neck, the torso under the head is.
     """
-    height = head.shape[0]
-    lowest_head = np.where(head.any(0), height - 1 - head[::-1].argmax(0), -1)
-    base = (neck | torso) & (np.arange(height)[:, None] > lowest_head[None])
-    columns = np.flatnonzero(neck.any(0))
-    if len(columns) == 0:
+    below = np.arange(head.shape[0])[:, None] >= under_the_head(head)[None]
+    base = (neck | torso) & below
+    span = neck_columns(neck)
+    if span is None:
         return base & torso
-    base[:, :columns[0]] = False
-    base[:, columns[-1] + 1:] = False
-    return base
+    inside = np.zeros(neck.shape[1], bool)
+    inside[span] = True
+    return base & inside[None]
 
 
 def chin_gaps(labels: np.ndarray, alpha: np.ndarray, rows: int) -> list[int]:
     """Columns of the neck's span where the head sits right on the body but the torso image (alpha > 0 where
     it covers) does not continue `rows` px under the head: a rendered chin that moves up shows the background
-    there. A check of task 6's output (tests, benchmarks/neck_stability.py gaps)."""
+    there. A regression check of task 6's output (it follows the same reading of the labels as task 6, so it
+    cannot judge that reading: benchmarks/neck_stability.py measures renders for that)."""
+    head = labels == HEAD
     body = (labels == NECK) | (labels == TORSO)
-    columns = np.flatnonzero((labels == NECK).any(0))
+    span = neck_columns(labels == NECK)
+    if span is None:
+        return []
+    chin = under_the_head(head)
     gaps = []
-    for x in range(columns[0], columns[-1] + 1) if len(columns) else ():
-        head_rows = np.flatnonzero(labels[:, x] == HEAD)
-        if len(head_rows) == 0:
-            continue
-        below = head_rows[-1] + 1  # the first row under the head
+    for x in range(span.start, span.stop):
+        below = int(chin[x])  # the first row under the head
         under = slice(below - rows, below)
-        if rows <= below < len(body) and body[below, x] and (labels[under, x] == HEAD).all() \
-                and not alpha[under, x].all():
+        if rows <= below < len(body) and body[below, x] and head[under, x].all() and not alpha[under, x].all():
             gaps.append(int(x))
     return gaps
 
