@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -26,6 +27,7 @@ from egstalker.dataset.layout import DatasetLayout
 from egstalker.dataset.reader import load_background, load_torso_rgba
 from egstalker.errors import EgstalkerError
 from egstalker.model.folder import ModelInfo, PoseSources, load_model, read_poses
+from egstalker.preprocess.pipeline import outdated_dataset_note
 
 PoseMode = Literal["dataset", "loop", "static"]
 Precision = Literal["auto", "fp32", "fp16"]
@@ -119,6 +121,9 @@ class TalkingHead:
         if not layout.background.exists() or not layout.torso_dir.is_dir():
             raise EgstalkerError(f"the model's torso/background source, dataset {dataset}, is missing or incomplete; "
                                  "pass the dataset folder it was trained on (dataset_dir=...)")
+        stale = outdated_dataset_note(dataset)
+        if stale:  # e.g. torso images from before the chin/neck seam fix
+            warnings.warn(stale, stacklevel=2)
         if audio_weights is None:
             audio_weights = dataset_audio_weights(dataset)
         head = cls(model, info, poses, dataset, model_dir, torch.device(device), precision=precision,

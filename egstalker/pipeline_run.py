@@ -126,7 +126,7 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
     from egstalker.dataset.layout import DatasetLayout
 
     _stage_banner(show_progress, 1, "preprocess", f"{video} -> {paths.dataset}")
-    before = set(read_meta(DatasetLayout(paths.dataset)).get("tasks_complete", [])) if paths.dataset.is_dir() else set()
+    before = read_meta(DatasetLayout(paths.dataset)) if paths.dataset.is_dir() else {}
     t0 = time.perf_counter()
     preprocess_config = None
     if audio_features is not None:
@@ -138,7 +138,10 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
     meta = read_meta(DatasetLayout(paths.dataset))
     after = set(meta.get("tasks_complete", []))
     _check_model_features(paths.model, paths.dataset, meta.get("audio_encoder", {}).get("name"))
-    result.stages.append(StageReport("preprocess", "reused" if after and after == before else "done",
+    # reused only when no task ran: a task redone after a fix or a changed input counts as work done
+    reused = bool(after) and after == set(before.get("tasks_complete", [])) and \
+        meta.get("task_runs") == before.get("task_runs")
+    result.stages.append(StageReport("preprocess", "reused" if reused else "done",
                                      time.perf_counter() - t0, f"{len(after)} tasks complete"))
 
     # 2. train (skipped when finished, resumed when interrupted)

@@ -266,3 +266,21 @@ def test_render_layers_give_the_frames_and_the_heads_coverage(small_model, small
     assert inside > 0.5 and outside < inside / 3, (inside, outside)
     empty_frames, empty_alpha = head.render_layers(features, [], [])
     assert empty_frames.shape == (0, head.height, head.width, 3) and empty_alpha.shape == (0, head.height, head.width)
+
+
+def test_a_dataset_made_before_a_preprocessing_fix_is_named(small_model, small_dataset, tmp_path):
+    import warnings
+
+    from egstalker.inference import TalkingHead
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TalkingHead.from_dir(small_model)
+    assert not [w for w in caught if "preprocessing task" in str(w.message)]
+    old = tmp_path / "old_dataset"
+    shutil.copytree(small_dataset, old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["task_revisions"]  # as datasets were written before the torso fix
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"task 6 \(torso\).*egstalker preprocess VIDEO -o"):
+        TalkingHead.from_dir(small_model, dataset_dir=old)

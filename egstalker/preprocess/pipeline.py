@@ -150,6 +150,24 @@ def _check_same_video(layout: DatasetLayout, old: dict, new: dict) -> None:
                              "or delete that folder")
 
 
+def _outdated(task: Task, meta: dict) -> bool:
+    """Whether the task's outputs were written by an older revision of it (meta.json "task_revisions"; datasets
+    from before revisions were recorded count as revision 1)."""
+    return meta.get("task_revisions", {}).get(str(task.number), 1) < task.revision
+
+
+def outdated_dataset_note(dataset_dir: str | Path) -> str | None:
+    """A one-line note when a complete task of the dataset was fixed since it ran (train, render and serve warn
+    with it: the fix reaches an old dataset only when preprocess runs again); None when it is current."""
+    meta = read_meta(DatasetLayout(dataset_dir))
+    stale = [t for t in all_tasks() if t.number in meta.get("tasks_complete", []) and _outdated(t, meta)]
+    if not stale:
+        return None
+    names = ", ".join(f"{t.number} ({t.name})" for t in stale)
+    return (f"{dataset_dir} was made before a fix of preprocessing task {names}; redo it in seconds, the rest is "
+            f"kept: egstalker preprocess VIDEO -o {dataset_dir}")
+
+
 def _is_complete(task: Task, layout: DatasetLayout, meta: dict, config: PreprocessConfig) -> bool:
     if task.number not in meta.get("tasks_complete", []):
         return False
@@ -161,7 +179,7 @@ def _is_complete(task: Task, layout: DatasetLayout, meta: dict, config: Preproce
         return False
     if _inputs_redone(task.number, meta):
         return False
-    if meta.get("task_revisions", {}).get(str(task.number), 1) < task.revision:  # written before a fix
+    if _outdated(task, meta):  # written before a fix
         return False
     return all(Path(p).exists() for p in task.outputs(layout, meta))
 

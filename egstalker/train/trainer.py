@@ -29,6 +29,7 @@ from egstalker.model.folder import ModelInfo, PoseSources, atomic_torch_save, wr
 from egstalker.model.gaussians import PARAM_NAMES
 from egstalker.model.head import GaussianHead, ModelSpec, build_head
 from egstalker.model.init import dense_head_points
+from egstalker.preprocess.pipeline import outdated_dataset_note
 from egstalker.train import losses
 from egstalker.train.config import TrainConfig
 from egstalker.train.densify import DensifyStrategy
@@ -173,6 +174,9 @@ class Trainer:
         res = config.data.resolution
         self.train_data = open_dataset(self.dataset_dir, "train", resolution=res)
         self.val_data = open_dataset(self.dataset_dir, "val", resolution=res)
+        stale = outdated_dataset_note(self.dataset_dir)
+        if stale:
+            warnings.warn(stale, stacklevel=2)
         tracking = self.train_data.meta.get("tracking") or {}
         if tracking and "pose_points" not in tracking:
             # poses fitted to every landmark tilt with the jaw: the model can open the mouth from the pose
