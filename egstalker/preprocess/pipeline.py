@@ -157,15 +157,16 @@ def _outdated(task: Task, meta: dict) -> bool:
 
 
 def outdated_dataset_note(dataset_dir: str | Path) -> str | None:
-    """A one-line note when a complete task of the dataset was fixed since it ran (train, render and serve warn
-    with it: the fix reaches an old dataset only when preprocess runs again); None when it is current."""
+    """A one-line note when a complete task of the dataset was fixed since it ran (training and TalkingHead, so
+    render, eval and serve, warn with it: the fix reaches an old dataset only when preprocess runs again); None
+    when it is current."""
     meta = read_meta(DatasetLayout(dataset_dir))
     stale = [t for t in all_tasks() if t.number in meta.get("tasks_complete", []) and _outdated(t, meta)]
     if not stale:
         return None
     names = ", ".join(f"{t.number} ({t.name})" for t in stale)
-    return (f"{dataset_dir} was made before a fix of preprocessing task {names}; redo it in seconds, the rest is "
-            f"kept: egstalker preprocess VIDEO -o {dataset_dir}")
+    return (f"{dataset_dir} was made before a fix of preprocessing task {names}; `egstalker preprocess VIDEO -o "
+            f"{dataset_dir}` redoes just that (about 10 s per minute of video)")
 
 
 def _is_complete(task: Task, layout: DatasetLayout, meta: dict, config: PreprocessConfig) -> bool:
