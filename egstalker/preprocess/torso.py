@@ -79,8 +79,8 @@ def under_the_chin(neck: np.ndarray, torso: np.ndarray, head: np.ndarray) -> np.
     below = np.arange(head.shape[0])[:, None] >= under_the_head(head)[None]
     base = (neck | torso) & below
     span = neck_columns(neck)
-    if span is None:
-        return base & torso
+    if span is None:  # no neck: base is the torso under the head
+        return base
     inside = np.zeros(neck.shape[1], bool)
     inside[span] = True
     return base & inside[None]
