@@ -437,20 +437,33 @@ def _check_overload(server, speech):
 
 # ------------------------------------------------------------------------------------------------ robustness
 async def _raw_session(url: str, first: str | bytes | None = '{"type": "start"}', then: list = ()) -> list[dict]:
-    """Open a socket, send `first` then `then`, return the JSON messages received until it closes."""
+    """Open a socket, send `first` then `then`, return the JSON messages received until it closes.
+
+    Like a browser, it waits for the server's answer to `start` before sending more. A server may hang up
+    while a message is still being sent (one over the WebSocket size limit): what came before still counts.
+    """
     import aiohttp
 
     got = []
+
+    def keep(msg) -> None:
+        if msg.type == aiohttp.WSMsgType.TEXT:
+            got.append(json.loads(msg.data))
+
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(f"{url}/ws") as ws:
-            for message in ([first] if first is not None else []) + list(then):
-                if isinstance(message, bytes):
-                    await ws.send_bytes(message)
-                else:
-                    await ws.send_str(message)
+            try:
+                for i, message in enumerate(([first] if first is not None else []) + list(then)):
+                    if isinstance(message, bytes):
+                        await ws.send_bytes(message)
+                    else:
+                        await ws.send_str(message)
+                    if i == 0 and message == '{"type": "start"}':
+                        keep(await ws.receive())
+            except ConnectionError:
+                pass
             async for msg in ws:
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    got.append(json.loads(msg.data))
+                keep(msg)
     return got
 
 
