@@ -566,12 +566,13 @@ def test_binding_beyond_localhost_needs_a_token():
     assert main(["serve", "no/such/model", "--host", "0.0.0.0", "--token", ""]) == 2
 
 
-def test_a_bad_encoder_device_is_a_one_line_error(capsys):
+@pytest.mark.parametrize("flag", ["--device", "--encoder-device"])
+def test_a_bad_device_is_a_one_line_error_naming_its_flag(capsys, flag):
     from egstalker.cli import main
 
-    assert main(["serve", "no/such/model", "--encoder-device", "gpu"]) == 2
+    assert main(["serve", "no/such/model", flag, "gpu"]) == 2
     err = capsys.readouterr().err
-    assert "--encoder-device 'gpu' is not a torch device" in err and "Traceback" not in err
+    assert f"{flag} 'gpu' is not a torch device" in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
 def test_cross_origin_pages_cannot_open_sessions_without_a_token(running):

@@ -61,11 +61,12 @@ def run(args: argparse.Namespace) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder_device = device if args.encoder_device == "auto" else args.encoder_device
-    try:
-        encoder_on_cpu = torch.device(encoder_device).type == "cpu"
-    except RuntimeError:
-        raise EgstalkerError(f"--encoder-device {encoder_device!r} is not a torch device; use auto, cpu, cuda or "
-                             "cuda:N") from None
+    for flag, value in (("--device", device), ("--encoder-device", encoder_device)):
+        try:
+            torch.device(value)
+        except RuntimeError:
+            raise EgstalkerError(f"{flag} {value!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    encoder_on_cpu = torch.device(encoder_device).type == "cpu"
     from egstalker.inference import TalkingHead
     from egstalker.serve.render_process import ProcessHead
 
