@@ -133,6 +133,90 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(small_dataset, t
     assert a["gaussian_counts"][-1] == b["gaussian_counts"][-1]
 
 
+def _stages(config: TrainConfig, step: int) -> tuple[bool, bool, bool]:
+    """(fine stage, densification stopped, perceptual term on) at `step` under config's iteration count."""
+    return (step > config.coarse_iterations, step >= config.densify_stop,
+            config.loss.perceptual > 0 and step > config.loss.perceptual_from * config.schedule.iterations)
+
+
+def test_a_fitted_iteration_count_keeps_every_stage_reached():
+    """keep_reached_stages returns the largest count up to the one wanted under which the stages a step has
+    reached stay reached; one more would undo one."""
+    config = TrainConfig()
+    checked = 0
+    for perceptual in (0.0, 0.01):
+        config.loss.perceptual = perceptual
+        for reached_under in (150, 1000, 6000):
+            for step in (1, 20, 149, 151, 200, 301, 850, 900, 999):
+                if step >= reached_under:
+                    continue
+                for wanted in (step - 5, step + 1, reached_under, 4 * reached_under, 50000):
+                    config.schedule.iterations = reached_under
+                    before = _stages(config, step)
+                    n = trainer_module.keep_reached_stages(config, reached_under, wanted, step)
+                    assert step + 1 <= n <= max(step + 1, wanted)
+                    config.schedule.iterations = n
+                    after = _stages(config, step + 1)
+                    assert all(a or not b for a, b in zip(after, before)), (perceptual, reached_under, step, n)
+                    if n < wanted:  # the bound is tight: one more undoes a stage
+                        config.schedule.iterations = n + 1
+                        after = _stages(config, step + 1)
+                        assert not all(a or not b for a, b in zip(after, before)), (reached_under, step, n)
+                        checked += 1
+    assert checked > 20
+
+
+def test_a_time_budget_grows_the_count_back_when_an_early_fit_was_cautious(small_dataset, tmp_path):
+    """The first fit (in the fast coarse stage, with a safety factor of 0.5) can end a run at 60 % of its budget
+    (seen on an H200: 100 s of a 150 s budget). A later fit that finds time left grows the count again, up to the
+    count asked for and never past a stage already reached; a slower speed shrinks it."""
+    config = tiny_config(1000)
+    config.schedule.time_budget_minutes = 1.0
+    t = Trainer(small_dataset, tmp_path / "m", config, show_progress=False)
+    t.step = 100
+    assert t._fit_time_budget(remaining_s=10.0, per_step_s=0.1, safety=0.5) == 150  # shrinks: 100 + 50
+    assert t.config.coarse_iterations == 22 and t.strategy.stop == 127
+    t.step = 110  # fine stage, still densifying: grows until the coarse stage's end would pass step 110
+    grown = t._fit_time_budget(remaining_s=60.0, per_step_s=0.01, safety=0.95)
+    assert 700 < grown < 1000, grown
+    assert t.config.coarse_iterations <= 110 and t.strategy.stop == int(grown * 0.85) > 110
+    saved = json.loads((tmp_path / "m" / "train_config.json").read_text())
+    assert saved["schedule"]["iterations"] == grown
+    t.step = 120  # slower now: shrinks again
+    assert t._fit_time_budget(remaining_s=5.0, per_step_s=0.1, safety=0.95) == 120 + 47
+    t.step = 150  # densification has stopped (stop 141): growing must not restart it
+    assert t.strategy.stop <= 150
+    assert t._fit_time_budget(remaining_s=600.0, per_step_s=0.001, safety=0.95) == 178  # int(178 * 0.85) = 151
+    assert t.strategy.stop <= 151 < t.config.schedule.iterations
+    assert t._fit_time_budget(remaining_s=0.0, per_step_s=0.1, safety=0.95) == 151  # out of time: the next step
+
+
+def test_resuming_a_budgeted_run_keeps_it_in_the_fine_stage(small_dataset, tmp_path, monkeypatch):
+    """A budgeted run saves the count it fitted; resuming asks for the full count again. The resumed run must
+    not turn static (coarse) again because the coarse stage's end, a fraction of the count, moved past it."""
+    config = tiny_config(16)
+    config.schedule.checkpoint_every = 8
+    config.schedule.coarse_fraction = 0.25  # coarse until step 4
+    model_dir = tmp_path / "m"
+    with monkeypatch.context() as m:
+        _interrupt_at(11, m)
+        with pytest.raises(KeyboardInterrupt):
+            train(small_dataset, model_dir, config, show_progress=False)
+    stages = []
+    original = Trainer.compute_loss
+
+    def recording(self, out, batch, step, dynamic):
+        stages.append((step, dynamic))
+        return original(self, out, batch, step, dynamic)
+
+    monkeypatch.setattr(Trainer, "compute_loss", recording)
+    config.schedule.iterations = 200  # the count asked for: its coarse stage would end at step 50
+    config.schedule.time_budget_minutes = 10.0
+    result = train(small_dataset, model_dir, config, resume=True, show_progress=False)
+    assert stages[0][0] == 9 and all(dynamic for _, dynamic in stages), stages[:3]
+    assert result.steps == 34  # the largest count whose coarse stage ends by step 8: round(34 * 0.25) = 8
+
+
 def test_audio_dropout_reaches_the_trained_model_and_its_folder(small_dataset, tmp_path):
     from egstalker.model.folder import load_model
 

@@ -148,9 +148,10 @@ class ScheduleConfig:
     """Held-out frames used for the periodic PSNR."""
     keep_checkpoints: int = 2
     time_budget_minutes: float | None = None
-    """If set, the iteration count shrinks (after `budget_probe` iterations and then every 100, from the
-    measured speed) so that the training loop ends within about this many minutes; the count reached is saved
-    in train_config.json. (A budgeted run resumes, but not bit-exactly.)"""
+    """If set, the iteration count is fitted (after `budget_probe` iterations and then every 100, from the
+    measured speed; never above `iterations`, never undoing a stage already reached) so that the training loop
+    ends within about this many minutes; the count reached is saved in train_config.json. (A budgeted run
+    resumes, but not bit-exactly.)"""
     budget_probe: int = 200
 
 

@@ -141,6 +141,30 @@ def update_learning_rates(optimizer, config: TrainConfig, radius: float, step: i
             group["lr"] = constant[group["name"]]
 
 
+def keep_reached_stages(config: TrainConfig, reached_under: int, wanted: int, step: int) -> int:
+    """The largest iteration count <= `wanted` that keeps every stage reached by `step` (under the count
+    `reached_under`) reached. The end of the coarse stage, the stop of densification and the start of the perceptual
+    term are fractions of the count, so a larger count can move them past `step`: the head would turn static, or
+    densify, again. Never below step + 1."""
+    cf, sf = config.schedule.coarse_fraction, config.densify.stop_fraction
+    pf = config.loss.perceptual_from if config.loss.perceptual > 0 else None
+    fine = step > round(reached_under * cf)
+    stopped = step >= int(reached_under * sf)
+    perceptual = pf is not None and step > pf * reached_under
+
+    def keeps(n: int) -> bool:  # every term grows with n: the first n that fails bounds the search
+        return not ((fine and round(n * cf) > step) or (stopped and int(n * sf) > step + 1)
+                    or (perceptual and step + 1 <= pf * n))
+
+    lo, hi = step + 1, max(step + 1, wanted)
+    if keeps(hi):
+        return hi
+    while hi - lo > 1:  # keeps(lo) holds, keeps(hi) does not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if keeps(mid) else (lo, mid)
+    return lo
+
+
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     mse = torch.mean((pred.float() - target.float()) ** 2).item()
     return float(10.0 * math.log10(1.0 / max(mse, 1e-12)))
@@ -163,6 +187,7 @@ class Trainer:
             if latest is None:
                 raise EgstalkerError(f"nothing to resume in {self.model_dir} (no checkpoints/); drop --resume to start")
             saved = load_config(TrainConfig, self.model_dir / "train_config.json")
+            reached_under = saved.schedule.iterations  # the count the checkpoint's stages were reached under
             # the one thing a resume may change: how long it trains (an iteration count, or a time budget)
             saved.schedule.iterations = config.schedule.iterations
             saved.schedule.time_budget_minutes = config.schedule.time_budget_minutes
@@ -171,6 +196,8 @@ class Trainer:
             raise EgstalkerError(f"{self.model_dir} already holds a training run ({latest.name}); add --resume to "
                                  "continue it, or choose a new output folder")
         self.config = config.validate()
+        # a time budget fits the count between step + 1 and this (the count asked for)
+        self.planned_iterations = config.schedule.iterations
         res = config.data.resolution
         self.train_data = open_dataset(self.dataset_dir, "train", resolution=res)
         self.val_data = open_dataset(self.dataset_dir, "val", resolution=res)
@@ -228,6 +255,11 @@ class Trainer:
             self.step = int(state["step"])
             self.gaussian_counts = [tuple(x) for x in state.get("gaussian_counts", [])]
             self._rng_to_restore = state["rng"]
+            if config.schedule.time_budget_minutes and self.step < config.schedule.iterations:
+                # a budgeted run had fitted its count; the full count asked for again must not put a run that
+                # had reached the fine stage back into the coarse one (the budget re-fits it from here)
+                self._set_iterations(keep_reached_stages(config, reached_under, config.schedule.iterations,
+                                                         self.step))
         else:
             self.gaussian_counts = [(0, len(self.model.gaussians))]
             self._rng_to_restore = None
@@ -393,15 +425,21 @@ class Trainer:
         total = sum(weights[k] * terms[k] for k in terms)
         return total, terms
 
+    def _set_iterations(self, n: int) -> None:
+        c = self.config
+        c.schedule.iterations = n
+        self.strategy.stop = c.densify_stop
+        self.strategy.reset_until = c.coarse_iterations
+
     def _fit_time_budget(self, remaining_s: float, per_step_s: float, safety: float) -> int:
-        """Shrink the iteration count (never grow it) so the run ends within `remaining_s` at `per_step_s`."""
+        """Fit the iteration count to the time left at `per_step_s`: fewer when the run is slower than the last
+        fit assumed, more (up to the count asked for) when it is faster, as when the cautious first fit made in
+        the fast coarse stage proves too short. Growing never undoes a stage already reached."""
         c = self.config
         fitted = self.step + int(max(0.0, remaining_s) / max(per_step_s, 1e-6) * safety)
-        fitted = max(self.step + 1, min(fitted, c.schedule.iterations))
+        fitted = keep_reached_stages(c, c.schedule.iterations, min(fitted, self.planned_iterations), self.step)
         if fitted != c.schedule.iterations:
-            c.schedule.iterations = fitted
-            self.strategy.stop = c.densify_stop
-            self.strategy.reset_until = c.coarse_iterations
+            self._set_iterations(fitted)
             save_config(c, self.model_dir / "train_config.json")
         return c.schedule.iterations
 
