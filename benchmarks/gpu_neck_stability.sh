@@ -35,6 +35,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 SECONDS=0
 if [ -z "${MINUTES:-}" ]; then
+  [ -f "$CARRY/model/model.pt" ] || { echo "no trained model in $CARRY/model: carry one, or set MINUTES to train $CLIP first"; exit 1; }
   mkdir -p /tmp/egs_torch_ext/gsplat_cuda
   python3 -c "import lzma, sys; open(sys.argv[2], 'wb').write(lzma.decompress(open(sys.argv[1], 'rb').read()))" \
     "$CARRY/gsplat_cuda.so.xz" /tmp/egs_torch_ext/gsplat_cuda/gsplat_cuda.so || exit 1
@@ -49,13 +50,13 @@ else
   [ -n "${FEATURES:-}" ] && args+=(--features "$FEATURES")
   run=${NAME}_neck_train
   python3 benchmarks/train_quality_gpu.py device --clip "$CLIP" --name "$run" --minutes "$MINUTES" \
-    --carry "$CARRY" --work "$WORK" "${args[@]}" > "$WORK/${NAME}_train.log" 2>&1
+    --carry "$CARRY" --work "$WORK" ${args[@]+"${args[@]}"} > "$WORK/${NAME}_train.log" 2>&1
   rc=$?
   tr '\r' '\n' < "$WORK/${NAME}_train.log" | grep -v "^training: \|^initialising Gaussians: \|^ *$" > "$OUT/neck_${NAME}_train_log.txt"  # no tqdm redraws
   tail -4 "$OUT/neck_${NAME}_train_log.txt"
   [ $rc = 0 ] || exit 1
   mkdir -p "$OUT/run/$run"
-  cp "$WORK/$run/summary.json" "$WORK/$run/renders_jpeg.npz" "$OUT/run/$run/"  # `score` reads these locally
+  cp "$WORK/$run/summary.json" "$WORK/$run/renders_jpeg.npz" "$OUT/run/$run/" || exit 1  # `score` reads these locally
   MODEL=$WORK/$run/model
   DATA=/tmp/egs_ds/$run
 fi

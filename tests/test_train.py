@@ -167,33 +167,38 @@ def test_a_fitted_iteration_count_keeps_every_stage_reached():
 
 
 def test_a_time_budget_grows_the_count_back_when_an_early_fit_was_cautious(small_dataset, tmp_path):
-    """The first fit (in the fast coarse stage, with a safety factor of 0.5) can end a run at 60 % of its budget
-    (seen on an H200: 100 s of a 150 s budget). A later fit that finds time left grows the count again, up to the
-    count asked for and never past a stage already reached; a slower speed shrinks it."""
+    """The first fit (in the fast coarse stage, with a safety factor of 0.5) could end a run at 60 % of its budget
+    (seen on an H200: 100 s of a 150 s budget). A later fit that finds time left grows the count again: up to the
+    count asked for, never past a stage already reached, and never so far that a learning rate rises above its
+    value at the last fit. A slower speed shrinks it."""
     config = tiny_config(1000)
     config.schedule.time_budget_minutes = 1.0
     t = Trainer(small_dataset, tmp_path / "m", config, show_progress=False)
     t.step = 100
-    assert t._fit_time_budget(remaining_s=10.0, per_step_s=0.1, safety=0.5) == 150  # shrinks: 100 + 50
-    assert t.config.coarse_iterations == 22 and t.strategy.stop == 127
-    t.step = 110  # fine stage, still densifying: grows until the coarse stage's end would pass step 110
-    grown = t._fit_time_budget(remaining_s=60.0, per_step_s=0.01, safety=0.95)
-    assert 700 < grown < 1000, grown
-    assert t.config.coarse_iterations <= 110 and t.strategy.stop == int(grown * 0.85) > 110
+    assert t._fit_time_budget(remaining_s=30.0, per_step_s=0.1, safety=0.5) == 250  # shrinks: 100 + 150
+    assert t.config.coarse_iterations == 38 and t.strategy.stop == 212
+    t.step = 200  # faster: grows, as far as keeps step / count at its last fit's 100 / 250
+    assert t._fit_time_budget(remaining_s=60.0, per_step_s=0.01, safety=0.95) == 500
+    assert t.strategy.stop == 425 and t.config.coarse_iterations == 75
     saved = json.loads((tmp_path / "m" / "train_config.json").read_text())
-    assert saved["schedule"]["iterations"] == grown
-    t.step = 120  # slower now: shrinks again
-    assert t._fit_time_budget(remaining_s=5.0, per_step_s=0.1, safety=0.95) == 120 + 47
-    t.step = 150  # densification has stopped (stop 141): growing must not restart it
-    assert t.strategy.stop <= 150
-    assert t._fit_time_budget(remaining_s=600.0, per_step_s=0.001, safety=0.95) == 178  # int(178 * 0.85) = 151
-    assert t.strategy.stop <= 151 < t.config.schedule.iterations
-    assert t._fit_time_budget(remaining_s=0.0, per_step_s=0.1, safety=0.95) == 151  # out of time: the next step
+    assert saved["schedule"]["iterations"] == 500
+    t.step = 450  # densification has stopped (at 425): growing must not restart it
+    assert t._fit_time_budget(remaining_s=600.0, per_step_s=0.001, safety=0.95) == 531  # int(531 * 0.85) = 451
+    assert t.strategy.stop <= 451 < t.config.schedule.iterations
+    t.step = 500  # slower now: shrinks
+    assert t._fit_time_budget(remaining_s=5.0, per_step_s=0.1, safety=0.95) == 500 + 47
+    assert t._fit_time_budget(remaining_s=0.0, per_step_s=0.1, safety=0.95) == 501  # out of time: the next step
+    t.step = 3000  # never past the count asked for
+    t._last_fit_step = 2999
+    t.config.schedule.iterations = 3001
+    assert t._fit_time_budget(remaining_s=600.0, per_step_s=0.001, safety=0.95) == 3001
 
 
-def test_resuming_a_budgeted_run_keeps_it_in_the_fine_stage(small_dataset, tmp_path, monkeypatch):
-    """A budgeted run saves the count it fitted; resuming asks for the full count again. The resumed run must
-    not turn static (coarse) again because the coarse stage's end, a fraction of the count, moved past it."""
+def test_resuming_a_budgeted_run_keeps_its_stages(small_dataset, tmp_path, monkeypatch):
+    """A budgeted run rewrites train_config.json at every fit; resuming asks for the full count again. The resumed
+    run goes on under the count its checkpoint ran under: it must not turn static (coarse) again because the
+    coarse stage's end, a fraction of the count, moved past it. A finished run resumed with a new budget goes on
+    in the fine stage with densification still stopped."""
     config = tiny_config(16)
     config.schedule.checkpoint_every = 8
     config.schedule.coarse_fraction = 0.25  # coarse until step 4
@@ -202,19 +207,30 @@ def test_resuming_a_budgeted_run_keeps_it_in_the_fine_stage(small_dataset, tmp_p
         _interrupt_at(11, m)
         with pytest.raises(KeyboardInterrupt):
             train(small_dataset, model_dir, config, show_progress=False)
+    # a fit after the checkpoint at step 8 had grown the count to 40 (coarse until 10) before the interruption
+    saved = json.loads((model_dir / "train_config.json").read_text())
+    saved["schedule"]["iterations"] = 40
+    (model_dir / "train_config.json").write_text(json.dumps(saved))
     stages = []
     original = Trainer.compute_loss
 
     def recording(self, out, batch, step, dynamic):
-        stages.append((step, dynamic))
+        stages.append((step, dynamic, self.strategy.pre_backward(step)))
         return original(self, out, batch, step, dynamic)
 
     monkeypatch.setattr(Trainer, "compute_loss", recording)
     config.schedule.iterations = 200  # the count asked for: its coarse stage would end at step 50
     config.schedule.time_budget_minutes = 10.0
     result = train(small_dataset, model_dir, config, resume=True, show_progress=False)
-    assert stages[0][0] == 9 and all(dynamic for _, dynamic in stages), stages[:3]
-    assert result.steps == 34  # the largest count whose coarse stage ends by step 8: round(34 * 0.25) = 8
+    assert stages[0][0] == 9 and all(dynamic for _, dynamic, _ in stages), stages[:3]
+    assert result.steps == 16  # the checkpoint's own count (the budget's first fit would come 200 steps later)
+
+    stages.clear()
+    result = train(small_dataset, model_dir, config, resume=True, show_progress=False)
+    # the largest count whose coarse end stays <= 16 and whose densification stop stays <= 17: int(21 * 0.85) = 17
+    assert result.steps == 21
+    assert [s for s, _, _ in stages] == [17, 18, 19, 20, 21]
+    assert all(dynamic and not densifying for _, dynamic, densifying in stages), stages
 
 
 def test_audio_dropout_reaches_the_trained_model_and_its_folder(small_dataset, tmp_path):

@@ -149,9 +149,9 @@ class ScheduleConfig:
     keep_checkpoints: int = 2
     time_budget_minutes: float | None = None
     """If set, the iteration count is fitted (after `budget_probe` iterations and then every 100, from the
-    measured speed; never above `iterations`, never undoing a stage already reached) so that the training loop
-    ends within about this many minutes; the count reached is saved in train_config.json. (A budgeted run
-    resumes, but not bit-exactly.)"""
+    measured speed; never above `iterations`, never undoing a stage already reached or raising a learning rate)
+    so that the training loop ends within about this many minutes; the count reached is saved in
+    train_config.json. (A budgeted run resumes, but not bit-exactly.)"""
     budget_probe: int = 200
 
 

@@ -187,7 +187,6 @@ class Trainer:
             if latest is None:
                 raise EgstalkerError(f"nothing to resume in {self.model_dir} (no checkpoints/); drop --resume to start")
             saved = load_config(TrainConfig, self.model_dir / "train_config.json")
-            reached_under = saved.schedule.iterations  # the count the checkpoint's stages were reached under
             # the one thing a resume may change: how long it trains (an iteration count, or a time budget)
             saved.schedule.iterations = config.schedule.iterations
             saved.schedule.time_budget_minutes = config.schedule.time_budget_minutes
@@ -255,14 +254,20 @@ class Trainer:
             self.step = int(state["step"])
             self.gaussian_counts = [tuple(x) for x in state.get("gaussian_counts", [])]
             self._rng_to_restore = state["rng"]
-            if config.schedule.time_budget_minutes and self.step < config.schedule.iterations:
-                # a budgeted run had fitted its count; the full count asked for again must not put a run that
-                # had reached the fine stage back into the coarse one (the budget re-fits it from here)
-                self._set_iterations(keep_reached_stages(config, reached_under, config.schedule.iterations,
-                                                         self.step))
+            if config.schedule.time_budget_minutes:
+                # A budgeted run had fitted its count; asking for the full count again would move the stages and
+                # the learning rates' decay (fractions of the count) back under the checkpoint's step. It goes on
+                # under the count its checkpoint ran under, and the budget's fits take it from there.
+                ran_under = int(state["config"]["schedule"]["iterations"])
+                if self.step < ran_under:
+                    self._set_iterations(min(ran_under, config.schedule.iterations))
+                else:  # it had finished: a new budget continues it, keeping its stages
+                    self._set_iterations(keep_reached_stages(config, ran_under, config.schedule.iterations,
+                                                             self.step))
         else:
             self.gaussian_counts = [(0, len(self.model.gaussians))]
             self._rng_to_restore = None
+        self._last_fit_step = self.step  # the step of the time budget's last fit (or where this run started)
         save_config(self.config, self.model_dir / "train_config.json")
         self._perceptual = None
 
@@ -434,10 +439,17 @@ class Trainer:
     def _fit_time_budget(self, remaining_s: float, per_step_s: float, safety: float) -> int:
         """Fit the iteration count to the time left at `per_step_s`: fewer when the run is slower than the last
         fit assumed, more (up to the count asked for) when it is faster, as when the cautious first fit made in
-        the fast coarse stage proves too short. Growing never undoes a stage already reached."""
+        the fast coarse stage proves too short. Growing never undoes a stage already reached, and never raises a
+        learning rate above its value at the last fit."""
         c = self.config
         fitted = self.step + int(max(0.0, remaining_s) / max(per_step_s, 1e-6) * safety)
-        fitted = keep_reached_stages(c, c.schedule.iterations, min(fitted, self.planned_iterations), self.step)
+        fitted = min(fitted, self.planned_iterations)
+        if self._last_fit_step > 0:
+            # the rates decay with step / count (and the fine stage's share of it): at most count * step / last
+            # keeps that fraction at or above its value at the last fit
+            fitted = min(fitted, c.schedule.iterations * self.step // self._last_fit_step)
+        self._last_fit_step = self.step
+        fitted = keep_reached_stages(c, c.schedule.iterations, fitted, self.step)
         if fitted != c.schedule.iterations:
             self._set_iterations(fitted)
             save_config(c, self.model_dir / "train_config.json")
