@@ -25,7 +25,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 CLIP=${CLIP:-lieu}
 NAME=${NAME:-$CLIP}           # names the outputs: neck_stability_h200_$NAME*.json
-VARIANTS=${VARIANTS:-new old} # new: today's torso images only
+VARIANTS=${VARIANTS-new old}  # new: today's torso images only; empty: train and score only
 if [ "$CLIP" = lieu ]; then CARRY=${CARRY:-.carry_neck}; else CARRY=${CARRY:-.carry_neck_obama}; fi
 WORK=$PWD/.gpu_work
 mkdir -p "$OUT" "$WORK" /tmp/site
