@@ -4,15 +4,20 @@ A trained head's lip sync follows what its audio adapter's code says about the m
 audio-only prediction is within 0.08 of the rendered score on every GPU run so far, docs/model.md). This trains just
 that path, `AudioAdapter` + `MouthProbe` (the model's own classes, window 8 with 3 future rows, Adam at the
 network's learning rate, batch 4), on a dataset's training frames and scores the probe's inner-lip gap on the
-held-out frames, over several seeds, with and without input dropout (`model.audio_dropout`). Minutes on 2 cores.
+held-out frames, over several seeds, with and without input dropout (`model.audio_dropout`) and, with `--ema`,
+scoring an exponential moving average of the weights instead. Each row also scores the seeds' held-out
+predictions averaged (an ensemble of independently trained adapters). Minutes on 2 cores.
 
     python benchmarks/adapter_regularisation.py /tmp/ds/lieu_ph /tmp/ds/obama_ph --dropouts 0 0.3 0.5
         --json benchmarks/results/adapter_regularisation.json
+    python benchmarks/adapter_regularisation.py /tmp/ds/lieu_wh --dropouts 0 --seeds 4 --ema 0 0.999
+        --json benchmarks/results/adapter_ema_ensemble_whisper.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -27,8 +32,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from audio_mouth_ceiling import corr, windows  # noqa: E402
 
 
-def fit(train_x, train_y, val_x, statistics, dropout: float, seed: int, steps: int, lr: float = 5e-4):
-    """Held-out and training predictions of the inner-lip gap after `steps` Adam steps."""
+def fit(train_x, train_y, val_x, statistics, dropout: float, seed: int, steps: int, lr: float = 5e-4,
+        ema: float = 0.0):
+    """Held-out and training predictions of the inner-lip gap after `steps` Adam steps (of the weights' moving
+    average with decay `ema` when it is above 0)."""
     import torch
 
     from egstalker.model.audio_adapter import AudioAdapter
@@ -41,6 +48,7 @@ def fit(train_x, train_y, val_x, statistics, dropout: float, seed: int, steps: i
     optimizer = torch.optim.Adam([*adapter.parameters(), *probe.parameters()], lr=lr)
     x, y = torch.as_tensor(train_x), torch.as_tensor(train_y).float()
     generator = torch.Generator().manual_seed(seed)
+    averaged = copy.deepcopy([adapter, probe]) if ema > 0 else None
     adapter.train()
     for _ in range(steps):
         idx = torch.randint(0, len(x), (4,), generator=generator)
@@ -48,6 +56,13 @@ def fit(train_x, train_y, val_x, statistics, dropout: float, seed: int, steps: i
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if averaged is not None:
+            with torch.no_grad():
+                for mean, now in zip([*averaged[0].parameters(), *averaged[1].parameters()],
+                                     [*adapter.parameters(), *probe.parameters()]):
+                    mean.lerp_(now, 1.0 - ema)
+    if averaged is not None:
+        adapter, probe = averaged
     adapter.eval()
     with torch.no_grad():
         return probe(adapter(torch.as_tensor(val_x))).numpy()[:, 0], probe(adapter(x)).numpy()[:, 0]
@@ -59,6 +74,7 @@ def main() -> None:
     parser.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.3])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--ema", type=float, nargs="+", default=[0.0], help="weight-average decays to score (0: off)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -79,17 +95,20 @@ def main() -> None:
         train_y, val_y = split_mouth_shapes(train), split_mouth_shapes(val)
         rows = []
         for dropout in args.dropouts:
-            t0 = time.perf_counter()
-            held, seen = [], []
-            for seed in range(args.seeds):
-                val_pred, train_pred = fit(train_x, train_y, val_x, features[np.unique(train.audio_ids)], dropout, seed,
-                                              args.steps)
-                held.append(round(corr(val_pred, val_y[:, 0]), 3))
-                seen.append(round(corr(train_pred, train_y[:, 0]), 3))
-            row = {"audio_dropout": dropout, "heldout_corr": held, "heldout_mean": round(float(np.mean(held)), 3),
-                   "train_mean": round(float(np.mean(seen)), 3)}
-            rows.append(row)
-            print(ds.name, json.dumps(row), f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            for ema in args.ema:
+                t0 = time.perf_counter()
+                held, seen, predictions = [], [], []
+                for seed in range(args.seeds):
+                    val_pred, train_pred = fit(train_x, train_y, val_x, features[np.unique(train.audio_ids)], dropout,
+                                               seed, args.steps, ema=ema)
+                    predictions.append(val_pred)
+                    held.append(round(corr(val_pred, val_y[:, 0]), 3))
+                    seen.append(round(corr(train_pred, train_y[:, 0]), 3))
+                row = {"audio_dropout": dropout, "ema": ema, "heldout_corr": held,
+                       "heldout_mean": round(float(np.mean(held)), 3), "train_mean": round(float(np.mean(seen)), 3),
+                       "heldout_seed_ensemble": round(corr(np.mean(predictions, 0), val_y[:, 0]), 3)}
+                rows.append(row)
+                print(ds.name, json.dumps(row), f"({time.perf_counter() - t0:.0f} s)", flush=True)
         results["clips"][ds.name] = {"features": json.loads((ds / "meta.json").read_text())["audio_encoder"]["name"],
                                      "train_frames": len(train), "val_frames": len(val), "rows": rows}
     if args.json:
