@@ -23,13 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-VARIANTS = [(5, 0.2), (1, 0.2), (1, 0.28), (1, 0.36), (1, 0.12)]
-"""(frames per block, seconds of audio after the block); (5, 0.2) is the packaged encoding."""
+VARIANTS = [(5, 0.2, 2.0), (1, 0.2, 2.0), (1, 0.28, 2.0), (1, 0.36, 2.0), (1, 0.12, 2.0)]
+"""(frames per block, seconds of audio after the block, seconds before it); (5, 0.2, 2.0) is `whisper`'s
+encoding."""
+SHORTER = [(5, 0.2, 2.0), (1, 0.12, 2.0), (1, 0.12, 1.0), (1, 0.2, 1.0), (1, 0.12, 0.6), (1, 0.08, 2.0),
+           (1, 0.04, 2.0), (1, 0.08, 1.0)]
+"""`--shorter`: less look-ahead and less context (cheaper windows) for per-frame encoding."""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("datasets", nargs="+", type=Path)
+    parser.add_argument("--shorter", action="store_true", help="score SHORTER instead of VARIANTS")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -39,31 +44,27 @@ def main() -> None:
     from egstalker.audio import whisper
 
     encoder = whisper.WhisperEncoder(layer=3)
-    packaged = (whisper.BLOCK_FRAMES, whisper.WINDOW_LOOKAHEAD_SECONDS)
     results = {"command": " ".join(sys.argv), "fit": "ridge, alpha = input dims, window 8 rows; 3 ahead unless "
                "named", "clips": {}}
-    try:
-        for ds in args.datasets:
-            wav, train, val, y_train, y_val, ids, y = load_clip(ds)
-            n_frames = math.ceil(len(wav) / 640)
-            rows = []
-            for block, after in VARIANTS:
-                whisper.BLOCK_FRAMES, whisper.WINDOW_LOOKAHEAD_SECONDS = block, after  # module-level settings
-                t0 = time.perf_counter()
-                feats = encoder.encode_blocks(wav, 0, math.ceil(n_frames / block))[:n_frames]
-                encode_s = time.perf_counter() - t0
-                row = {"frames_per_block": block, "seconds_after_block": after,
-                       "encoder_lookahead_ms": round(1000 * (after + (block - 1) * 0.04)),
-                       "total_lookahead_ms_3_ahead": round(1000 * (after + (block - 1) * 0.04 + 3 * 0.04)),
-                       **score(feats, ids, y, train, y_train, val, y_val),
-                       "2_ahead": score(feats, ids, y, train, y_train, val, y_val, 8, 2),
-                       "4_ahead": score(feats, ids, y, train, y_train, val, y_val, 8, 4),
-                       "encode_s": round(encode_s, 1)}
-                rows.append(row)
-                print(ds.name, json.dumps(row), flush=True)
-            results["clips"][ds.name] = {"train_frames": len(train), "val_frames": len(val), "rows": rows}
-    finally:
-        whisper.BLOCK_FRAMES, whisper.WINDOW_LOOKAHEAD_SECONDS = packaged
+    for ds in args.datasets:
+        wav, train, val, y_train, y_val, ids, y = load_clip(ds)
+        n_frames = math.ceil(len(wav) / 640)
+        rows = []
+        for block, after, before in (SHORTER if args.shorter else VARIANTS):
+            encoder.block_frames, encoder.window_after_seconds, encoder.window_before_seconds = block, after, before
+            t0 = time.perf_counter()
+            feats = encoder.encode_blocks(wav, 0, math.ceil(n_frames / block))[:n_frames]
+            encode_s = time.perf_counter() - t0
+            row = {"frames_per_block": block, "seconds_after_block": after, "seconds_before_block": before,
+                   "encoder_lookahead_ms": round(1000 * (after + (block - 1) * 0.04)),
+                   "total_lookahead_ms_3_ahead": round(1000 * (after + (block - 1) * 0.04 + 3 * 0.04)),
+                   **score(feats, ids, y, train, y_train, val, y_val),
+                   "2_ahead": score(feats, ids, y, train, y_train, val, y_val, 8, 2),
+                   "4_ahead": score(feats, ids, y, train, y_train, val, y_val, 8, 4),
+                   "encode_s": round(encode_s, 1)}
+            rows.append(row)
+            print(ds.name, json.dumps(row), flush=True)
+        results["clips"][ds.name] = {"train_frames": len(train), "val_frames": len(val), "rows": rows}
     if args.json:
         write_json(args.json, results)
 

@@ -44,8 +44,9 @@ def test_features_of_real_speech(speech, encoder):
     assert encoder.encode(np.zeros(0, np.float32)).shape == (0, 512)
 
 
-def test_streamed_features_equal_the_whole_clip(speech, encoder):
-    """A stream cuts the same 200 ms blocks and windows as the whole clip: chunk sizes do not matter."""
+def _check_stream(encoder, speech: np.ndarray) -> None:
+    """Streamed in random chunks == the whole clip, and each frame comes out once its window's audio has arrived
+    and no later than the encoder's declared look-ahead."""
     whole = encoder.encode(speech)
     for seed in (0, 1):
         rng = np.random.default_rng(seed)
@@ -60,11 +61,35 @@ def test_streamed_features_equal_the_whole_clip(speech, encoder):
         streamed = np.concatenate(parts)
         assert streamed.shape == whole.shape
         np.testing.assert_allclose(streamed, whole, atol=1e-3, rtol=1e-3)
-        # a frame comes out once its window's audio has arrived (its slot and 200 ms), and no later than the
-        # declared look-ahead (360 ms: a block's first frame waits for the rest of the block)
         for received, frames_out in emitted_at:
-            assert frames_out * SAMPLES_PER_FRAME + 0.2 * 16000 <= received
+            assert frames_out * SAMPLES_PER_FRAME + encoder.window_after_seconds * 16000 <= received
             assert frames_out >= (received - encoder.lookahead_seconds * 16000) // SAMPLES_PER_FRAME
+
+
+def test_streamed_features_equal_the_whole_clip(speech, encoder):
+    """A stream cuts the same 200 ms blocks and windows as the whole clip: chunk sizes do not matter. A frame waits
+    for its window's 200 ms after the block and for the rest of its block: 360 ms in all."""
+    assert encoder.block_frames == 5 and encoder.lookahead_seconds == pytest.approx(0.36)
+    _check_stream(encoder, speech)
+
+
+def test_whisper_live_encodes_each_frame_with_a_third_of_the_lookahead(speech, encoder):
+    """`whisper_live`: one window per frame, ending 120 ms after it. Same encoder and layer, so its features follow
+    whisper's on the same speech (not equal: each frame sits elsewhere in its window), and a stream gives the
+    whole clip's features."""
+    live = get_encoder("whisper_live")
+    assert live.block_frames == 1 and live.lookahead_seconds == pytest.approx(0.12)
+    assert live.lookahead_seconds < encoder.lookahead_seconds / 2.9
+    info = live.describe()
+    assert info["name"] == "whisper_live" and info["block_frames"] == 1
+    assert info["window_seconds_before_after"] == [2.0, 0.12] and info["weights_sha256"] == encoder.sha256
+    feats, blocks = live.encode(speech), encoder.encode(speech)
+    assert feats.shape == blocks.shape == (frames_for_samples(len(speech)), 512)
+    same = [np.corrcoef(a, b)[0, 1] for a, b in zip(feats[12:], blocks[12:])]
+    other = [np.corrcoef(a, b)[0, 1] for a, b in zip(feats[12:], blocks[:-12])]  # 480 ms apart
+    assert np.median(same) > 0.6 and np.median(same) > np.median(other) + 0.1  # measured 0.74 and 0.5-0.6
+    assert np.abs(feats - blocks).mean() > 1e-3
+    _check_stream(live, speech)
 
 
 def test_whisper_predicts_the_mouth_better_than_mel_and_mel_phones(encoder):
@@ -209,3 +234,34 @@ def test_sessions_encoding_at_once_share_calls_and_get_their_own_features(speech
     for got, want in zip(streamed, expected):
         np.testing.assert_allclose(got, want, atol=1e-4)
     assert batcher.inputs > batcher.calls  # some calls carried several sessions' windows
+
+
+def test_a_dataset_re_encoded_with_whisper_live_trains_and_renders(small_dataset, short_clip, tmp_path):
+    """The user's path to a lower live latency: re-encode an existing dataset with `--audio-features whisper_live`
+    (tasks 2 and 9 redo), train, render new speech. The model waits for 3 future rows + 120 ms: 6 frames, not 12."""
+    import shutil
+
+    import av
+
+    from fixtures_models import write_speech
+    from egstalker.inference import TalkingHead
+    from egstalker.render.api import load_speech
+
+    dataset = tmp_path / "lieu_8s"
+    shutil.copytree(small_dataset, dataset)
+    assert main(["preprocess", str(short_clip), "-o", str(dataset), "--audio-features", "whisper_live", "--quiet"]) == 0
+    meta = json.loads((dataset / "meta.json").read_text())
+    assert meta["audio_encoder"]["name"] == "whisper_live" and meta["audio_encoder"]["lookahead_seconds"] == 0.12
+    feats = np.load(dataset / "aud.npy")
+    assert feats.shape == np.load(small_dataset / "aud.npy").shape
+    np.testing.assert_allclose(feats, get_encoder("whisper_live").encode(load_speech(dataset / "aud.wav")), atol=1e-4)
+    assert np.abs(feats - np.load(small_dataset / "aud.npy")).mean() > 1e-3  # not the whisper features left behind
+    model = tmp_path / "model"
+    assert main(["train", str(dataset), "-o", str(model), "--iterations", "0", "--device", "cpu",
+                 "--resolution", "64"]) == 0
+    head = TalkingHead.from_dir(model, device="cpu")
+    assert head.encoder_name == "whisper_live" and head.lookahead_frames == 3 + 3
+    speech, out = write_speech(tmp_path / "speech.wav", 2.0, rate=16000), tmp_path / "talk.mp4"
+    assert main(["render", str(model), "--audio", str(speech), "-o", str(out), "--device", "cpu"]) == 0
+    with av.open(str(out)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 50

