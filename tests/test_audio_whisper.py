@@ -87,7 +87,7 @@ def test_whisper_live_encodes_each_frame_with_a_third_of_the_lookahead(speech, e
     assert feats.shape == blocks.shape == (frames_for_samples(len(speech)), 512)
     same = [np.corrcoef(a, b)[0, 1] for a, b in zip(feats[12:], blocks[12:])]
     other = [np.corrcoef(a, b)[0, 1] for a, b in zip(feats[12:], blocks[:-12])]  # 480 ms apart
-    assert np.median(same) > 0.6 and np.median(same) > np.median(other) + 0.1  # measured 0.74 and 0.5-0.6
+    assert np.median(same) > 0.6 and np.median(same) > np.median(other) + 0.2  # measured 0.74 and 0.34
     assert np.abs(feats - blocks).mean() > 1e-3
     _check_stream(live, speech)
 

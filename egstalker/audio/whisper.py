@@ -349,15 +349,14 @@ class WhisperEncoder(AudioEncoder):
                 "window_seconds_before_after": [self.window_before_seconds, self.window_after_seconds]}
 
 
-
 class WhisperLiveEncoder(WhisperEncoder):
     """`whisper_live`: the same layer of the same encoder, each frame from its own window, for live serving.
 
     `whisper`'s 200 ms blocks make a block's first frame wait for the other four: 360 ms of look-ahead, 480 ms with
     the model's 3 future rows, most of a live stream's latency. Encoding every frame from its own window that ends
     LIVE_WINDOW_AFTER_SECONDS after it cuts the encoder's look-ahead to that, for about the same fit to the mouth
-    (benchmarks/results/whisper_blocks*.json) at five times the encoder's work. A model must be served with the
-    features it was trained on, so this is chosen when the dataset is made."""
+    (benchmarks/results/whisper_blocks*.json) at four to five times the encoder's work. A model must be served with
+    the features it was trained on, so this is chosen when the dataset is made."""
 
     name = "whisper_live"
     block_frames = 1
