@@ -45,10 +45,10 @@ def perturb(wav: np.ndarray, speed: float, snr_db: float | None, seed: int) -> n
     if speed != 1.0:
         ratio = Fraction(speed).limit_denominator(100)
         out = resample_poly(wav, ratio.denominator, ratio.numerator).astype(np.float32)
-    if snr_db is not None:
+    if snr_db is not None:  # noise drawn and added in float32: the committed results were made so
         rms = float(np.sqrt(np.mean(out ** 2)))
         out = out + np.random.default_rng(seed).normal(0, rms * 10 ** (-snr_db / 20), len(out)).astype(np.float32)
-    return out.astype(np.float32)
+    return out
 
 
 def parse_copy(text: str) -> tuple[float, float | None]:
@@ -95,13 +95,14 @@ def main() -> None:
         for k, name in enumerate(names):
             speed, snr = parse_copy(name)
             t0 = time.perf_counter()
+            # noise seed: the copy's place among all copies named (sorted), so another --sets draws other noise
             feats = encoder.encode(perturb(wav, speed, snr, seed=k)).reshape(-1, dims)
             ids = np.clip(np.round(train.audio_ids / speed).astype(int), 0, len(feats) - 1)
             copies[name] = windows(feats, ids, WINDOW, FUTURE)
-            alignment[name] = {str(shift): round(corr(fit_ridge(windows(feats, np.clip(ids + shift, 0, len(feats) - 1),
-                                                                        WINDOW, FUTURE), train_y[:, 0], val_x,
-                                                                1e4), val_y[:, 0]), 3)
-                               for shift in (-2, -1, 0, 1, 2)}
+            alignment[name] = {}
+            for shift in (-2, -1, 0, 1, 2):
+                shifted = windows(feats, np.clip(ids + shift, 0, len(feats) - 1), WINDOW, FUTURE)
+                alignment[name][str(shift)] = round(corr(fit_ridge(shifted, train_y[:, 0], val_x, 1e4), val_y[:, 0]), 3)
             print(ds.name, f"copy {name}: {len(feats)} rows ({time.perf_counter() - t0:.0f} s)", flush=True)
         for set_text in ["", *args.sets]:
             chosen = set_text.split()

@@ -56,8 +56,8 @@ def main() -> None:
             feats = encoder.encode_blocks(wav, 0, math.ceil(n_frames / block))[:n_frames]
             encode_s = time.perf_counter() - t0
             row = {"frames_per_block": block, "seconds_after_block": after, "seconds_before_block": before,
-                   "encoder_lookahead_ms": round(1000 * (after + (block - 1) * 0.04)),
-                   "total_lookahead_ms_3_ahead": round(1000 * (after + (block - 1) * 0.04 + 3 * 0.04)),
+                   "encoder_lookahead_ms": round(1000 * encoder.lookahead_seconds),
+                   "total_lookahead_ms_3_ahead": round(1000 * (encoder.lookahead_seconds + 3 * 0.04)),
                    **score(feats, ids, y, train, y_train, val, y_val),
                    "2_ahead": score(feats, ids, y, train, y_train, val, y_val, 8, 2),
                    "4_ahead": score(feats, ids, y, train, y_train, val, y_val, 8, 4),

