@@ -51,6 +51,14 @@ class ResampledFrame:
     _slot_time: float = 0.0
 
 
+def upright(frame, pixel_format: str = "rgb24") -> np.ndarray:
+    """A decoded frame's picture as it is meant to be seen: phones store portrait video as landscape pictures with
+    a display rotation (a multiple of 90 degrees, counter-clockwise), which players apply and decoders do not."""
+    image = frame.to_ndarray(format=pixel_format)
+    turns = round((frame.rotation or 0) / 90) % 4
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+
+
 def _open(path: str | os.PathLike):
     import av
 
@@ -82,11 +90,26 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         else:
             duration = 0.0
         audio = container.streams.audio[0] if container.streams.audio else None
+        width, height = stream.width, stream.height
+        if _display_turns(container, stream) % 2:  # shown a quarter turn round: a portrait phone video
+            width, height = height, width
         return VideoInfo(
-            path=str(path), width=stream.width, height=stream.height, source_fps=rate, duration=duration,
+            path=str(path), width=width, height=height, source_fps=rate, duration=duration,
             has_audio=audio is not None, audio_rate=int(audio.rate) if audio else 0,
             audio_channels=int(audio.channels) if audio else 0,
         )
+
+
+def _display_turns(container, stream) -> int:
+    """Quarter turns (counter-clockwise) the first frame is shown with (see `upright`); 0 when it cannot be read."""
+    import av
+
+    try:
+        for frame in container.decode(stream):
+            return round((frame.rotation or 0) / 90) % 4
+    except av.error.FFmpegError:
+        pass  # a damaged stream: reported when it is decoded in full
+    return 0
 
 
 def _stream_start(stream) -> float:
@@ -142,7 +165,7 @@ def _iter_resampled(path, fps: float, start: float | None, pixel_format: str) ->
                 if t0 is None:
                     t0 = t if start is None else start
                 t -= t0
-                image = frame.to_ndarray(format=pixel_format)
+                image = upright(frame, pixel_format)
                 if prev_image is not None:
                     if t <= prev_time:  # out-of-order or duplicate timestamp: keep the later picture
                         prev_image = image
@@ -167,6 +190,34 @@ def _iter_resampled(path, fps: float, start: float | None, pixel_format: str) ->
         while k / fps < end - 1e-6 and (k + 0.5) / fps <= end + 1e-6:
             yield ResampledFrame(k, prev_image, prev_time, _slot_time=k / fps)
             k += 1
+
+
+def sample_frames(path: str | os.PathLike, times: list[float], pixel_format: str = "rgb24") -> list[np.ndarray]:
+    """The pictures shown at a few `times` (s, from the first video frame), each found by seeking to the key
+    frame before it and decoding from there: a handful of frames from a long video in a second or two, where
+    decoding it all would take minutes. Times past the end give the last picture."""
+    with _open(path) as container:
+        if not container.streams.video:
+            raise EgstalkerError(f"{path} has no video stream; give a video of the person speaking")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        base = float(stream.time_base)
+        first = _stream_start(stream)
+        pictures = []
+        for t in times:
+            target = first + max(0.0, float(t))
+            container.seek(int(target / base), stream=stream, backward=True, any_frame=False)
+            picture = None
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                if picture is not None and float(frame.pts * frame.time_base) > target:
+                    break
+                picture = upright(frame, pixel_format)
+            if picture is None:
+                raise EgstalkerError(f"{path} has no decodable video frames; give a real video")
+            pictures.append(picture)
+        return pictures
 
 
 def video_timestamps(path: str | os.PathLike) -> np.ndarray:

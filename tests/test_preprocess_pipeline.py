@@ -24,11 +24,14 @@ FAST.audio.encoder = "mel"  # the encoders have their own tests; keep these runs
 BASIC = [1, 2, 3]
 
 
-def remux(source: Path, target: Path, seconds: float, audio: bool = True) -> Path:
-    """Copy the first `seconds` of a clip without re-encoding (optionally without its audio)."""
+def remux(source: Path, target: Path, seconds: float, audio: bool = True, rotation: int = 0) -> Path:
+    """Copy the first `seconds` of a clip without re-encoding (optionally without its audio, or with a display
+    rotation in degrees counter-clockwise, as phones store portrait video)."""
     with av.open(str(source)) as src, av.open(str(target), "w") as dst:
         streams = [src.streams.video[0]] + ([src.streams.audio[0]] if audio else [])
         out = {s.index: dst.add_stream_from_template(s) for s in streams}
+        if rotation:
+            out[streams[0].index].set_display_rotation(rotation)
         for packet in src.demux(*streams):
             if packet.dts is None or packet.pts is None:
                 continue
@@ -94,7 +97,13 @@ def test_resampled_to_25fps_in_sync(tmp_path, clip, seconds, source_fps):
         size = (stream.width, stream.height)
     source_span = times[-1] - times[0] + float(np.median(np.diff(times)))
     root = preprocess(video, tmp_path / "ds", tasks=BASIC, config=FAST, show_progress=False)
-    meta = check_dataset(root, *size)
+    framing = json.loads(DatasetLayout(root).meta.read_text())["framing"]
+    if clip.startswith("anchor"):  # an upper-body shot, its face a third of the frame: framed tighter
+        x, y, side, _ = framing["crop_xywh"]
+        assert 400 < side < 600 and framing["size"] == [side, side] and framing["faces_sampled"][0] >= 12
+    else:  # framed as the peers frame theirs: kept whole
+        assert framing["crop_xywh"] == [0, 0, *size] and framing["size"] == list(size)
+    meta = check_dataset(root, *framing["size"])
     n = meta["n_frames"]
     assert abs(n - source_span * 25) <= 1  # 25 fps over the same duration
     if source_fps:
@@ -105,6 +114,86 @@ def test_resampled_to_25fps_in_sync(tmp_path, clip, seconds, source_fps):
     worst_gap = float(np.max(np.diff(times)))
     assert 0 < meta["sync"]["worst_offset_ms"] <= worst_gap / 2 * 1000 + 0.5
     assert meta["sync"]["worst_offset_ms"] < 40  # under one output frame
+
+
+def phone_video(source: Path, target: Path, seconds: float, canvas=(720, 1280), content: int = 720,
+                top: int = 280, stored_turned: bool = False) -> Path:
+    """A phone-shaped clip: the source's square frames scaled to `content` px and laid on a grey `canvas` at
+    `top`, at 30 fps, H.264 + AAC, with the source's sound. `stored_turned`: as phones store portrait video, the
+    pictures a quarter turn clockwise and a display rotation that turns them back."""
+    from egstalker.media import iter_frames, read_audio
+    from egstalker.render.video import Mp4Writer
+
+    speech = read_audio(source, 48000)[: int(seconds * 48000)]
+    width, height = canvas
+    stored = target.with_name("stored_" + target.name) if stored_turned else target
+    with Mp4Writer(stored, *((height, width) if stored_turned else (width, height)), fps=30, audio=speech,
+                   audio_rate=48000) as writer:
+        for frame in iter_frames(source, 30, n_frames=int(seconds * 30)):
+            picture = np.full((height, width, 3), 128, np.uint8)
+            left = (width - content) // 2
+            picture[top:top + content, left:left + content] = cv2.resize(frame.image, (content, content))
+            writer.write(np.ascontiguousarray(np.rot90(picture, -1)) if stored_turned else picture)
+    return remux(stored, target, seconds + 1, rotation=90) if stored_turned else target
+
+
+@pytest.mark.parametrize("stored_turned", [False, True])
+def test_phone_video_framed_around_the_speaker(tmp_path, stored_turned):
+    """A portrait 720x1280 clip (stored upright, or turned with a display rotation as phones store it) is cut to
+    a square around the face and scaled to 512; --crop none keeps the whole frame."""
+    video = phone_video(shared_media("video/aoc_8s_512.mp4"), tmp_path / "phone.mp4", 3.0,
+                        stored_turned=stored_turned)
+    root = preprocess(video, tmp_path / "ds", tasks=[1, 3], config=FAST, show_progress=False)
+    meta = json.loads(DatasetLayout(root).meta.read_text())
+    framing = meta["framing"]
+    assert (meta["width"], meta["height"]) == (512, 512) and meta["video_width"] == 720
+    assert framing["faces_sampled"] == [16, 16] and framing["video_size"] == [720, 1280]
+    x, y, w, h = framing["crop_xywh"]
+    assert (x, w, h) == (0, 720, 720) and abs(y - 280) <= 40  # the square the picture was laid in, give or take
+    assert 0.5 * 512 < framing["face_height_px"] < 0.7 * 512  # aoc's face, about 0.61 of its frame
+    assert len(list(DatasetLayout(root).frames_dir.glob("*.jpg"))) == meta["n_frames"] == 75
+    frame = cv2.imread(str(DatasetLayout(root).frame(40)))
+    assert frame.shape == (512, 512, 3)
+    grey = np.all(np.abs(frame.astype(int) - 128) < 6, axis=2)
+    assert grey.mean() < 0.08  # the bars are cut off (a sliver may stay: the face sets the crop, not the bars)
+    # another framing asked for: task 3 is redone without --force, and the face cache (pixel positions in the
+    # old frames) is dropped
+    (root / "face_landmarks.npz").write_bytes(b"stale")
+    assert main(["preprocess", str(video), "-o", str(root), "--task", "1", "--task", "3", "--crop", "none",
+                 "--max-size", "640", "--quiet"]) == 0
+    meta = json.loads(DatasetLayout(root).meta.read_text())
+    assert meta["framing"]["crop_xywh"] == [0, 0, 720, 1280] and (meta["width"], meta["height"]) == (360, 640)
+    assert cv2.imread(str(DatasetLayout(root).frame(0))).shape == (640, 360, 3)
+    assert not (root / "face_landmarks.npz").exists()
+
+
+def test_framing_plan():
+    from egstalker.preprocess.framing import plan_framing
+
+    def box(cx, cy, h):
+        return [cx - 0.4 * h, cy - h / 2, cx + 0.4 * h, cy + h / 2]
+
+    # framed as the peers frame (face half the side or more): kept whole
+    assert plan_framing(np.array([box(256, 280, 300)]), 512, 512).is_identity
+    # a wide shot: a square twice the face's height, its centre at 0.55 of it, scaled to 512
+    f = plan_framing(np.array([box(1000, 500, 300)] * 3), 1920, 1080)
+    assert (f.crop_width, f.crop_height, f.width, f.height) == (600, 600, 512, 512)
+    assert (f.x, f.y) == (700, 500 - 330)
+    # the head moves: the crop holds every box with room to spare
+    f = plan_framing(np.array([box(700, 500, 300), box(1300, 500, 300)]), 1920, 1080)
+    assert f.crop_width == 1008 and f.x <= 700 - 120 and f.x + 1008 >= 1300 + 120  # 1.2 x the boxes' 840 px
+    # kept inside the frame near its edge; no face, 'none' or max_size 0: whole frame, scaled or not
+    f = plan_framing(np.array([box(100, 100, 200)]), 1920, 1080)
+    assert (f.x, f.y, f.crop_width) == (0, 0, 400)
+    assert plan_framing(np.zeros((0, 4)), 1920, 1080) == plan_framing(np.array([box(960, 540, 300)]), 1920, 1080,
+                                                                        crop="none")
+    f = plan_framing(np.zeros((0, 4)), 1920, 1080)
+    assert (f.crop_width, f.crop_height, f.width, f.height) == (1920, 1080, 512, 288)
+    f = plan_framing(np.array([box(1000, 500, 300)]), 1920, 1080, max_size=0)
+    assert (f.width, f.height) == (600, 600)
+    for crop, size in (("square", 512), ("auto", 32), ("auto", -1)):
+        with pytest.raises(EgstalkerError):
+            plan_framing(np.zeros((0, 4)), 640, 480, crop=crop, max_size=size)
 
 
 def _mtimes(paths):
@@ -201,6 +290,8 @@ def test_bad_inputs(tmp_path, capsys):
                "--audio-weights", tmp_path / "d2")
     _bad_input(tmp_path, capsys, [aoc, "-o", tmp_path / "d3", "--task", "2"], "needs task(s) 1", tmp_path / "d3")
     _bad_input(tmp_path, capsys, [aoc, "-o", tmp_path / "d4", "--task", "42"], "no task 42", tmp_path / "d4")
+    _bad_input(tmp_path, capsys, [aoc, "-o", tmp_path / "d5", "--max-size", "32"], "cannot show a mouth",
+               tmp_path / "d5")
 
 
 def test_other_video_in_existing_dataset_is_refused(tmp_path, capsys):

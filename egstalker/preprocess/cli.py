@@ -18,7 +18,7 @@ audio features (--audio-features NAME, --audio-weights PATH):
               model.bin); the best lip sync (lieu 0.78-0.81 held out), 360 ms of look-ahead, any language
   whisper_live  the same layer, each frame from its own window: 120 ms of look-ahead (a live stream's frames
               ~280 ms after their speech instead of ~510 ms), lip sync within the seeds' spread of whisper's,
-              four to five times the encoding work; for live serving (`egstalker serve`)
+              about four times the encoding work; for live serving (`egstalker serve`)
   mel         80-band log-mel, [4, 80] per frame, no weights, 7.5 ms of look-ahead: the lowest live latency
   mel_phones  English speech: mel plus the phone being spoken (pocketsphinx's shipped recogniser and aligner),
               [360] per frame, no download; 1 s of look-ahead and a live stream lags ~3 s on 2 cores
@@ -36,6 +36,7 @@ examples:
   egstalker preprocess talk.mp4 -o ds --audio-features wav2vec2 --audio-weights ~/models/wav2vec2-base
   egstalker preprocess talk.mp4 -o ds --audio-features whisper_live  # for live serving: half the latency
   egstalker preprocess talk.mp4 -o ds --audio-features mel  # the lowest live-serving latency
+  egstalker preprocess phone.mp4 --crop none --max-size 0  # keep every pixel of the video (large datasets)
 """
 
 
@@ -58,6 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the recording's audio/video offset in video frames (positive: the sound is late); "
                              "default 'auto': estimated from the clip by task 9 (meta.json 'audio_offset'); a "
                              "changed value redoes task 9 of an existing dataset; a re-run keeps the previous one")
+    parser.add_argument("--crop", choices=("auto", "none"),
+                        help="'auto' (default): cut the frames to a square around the speaker, the face about half "
+                             "its height, unless the video is framed so already (phone and wide shots); 'none': "
+                             "keep the whole frame; a change redoes task 3; a re-run keeps the previous one")
+    parser.add_argument("--max-size", type=int, metavar="PX",
+                        help="scale frames down to at most PX on their longer side (default 512, the peers' size; "
+                             "0 keeps the video's); a change redoes task 3; a re-run keeps the previous one")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -72,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
         config.audio.weights = str(Path(args.audio_weights).resolve())  # render/serve read it from elsewhere
     if args.audio_offset is not None:
         config.split.audio_offset_frames = _parse_offset(args.audio_offset)
+    if args.crop is not None:
+        config.frames.crop = args.crop
+    if args.max_size is not None:
+        config.frames.max_size = args.max_size
     dataset = preprocess(args.video, output, tasks=args.tasks, force=args.force, config=config,
                          show_progress=not args.quiet)
     print(f"dataset: {dataset}")

@@ -31,6 +31,13 @@ class FramesConfig:
     is). 85 vs 90: 43.2 vs 44.2 dB PSNR against the decoded video, 17 % smaller (hill, 512 px)."""
     min_duration: float = 2.0
     """Clips shorter than this many seconds are refused."""
+    crop: str = "auto"
+    """'auto': frames are cut to one fixed square around the speaker, the face about half its height, when the
+    video is not framed so already (a phone's 1080x1920, a wide shot; egstalker.preprocess.framing); 'none': the
+    whole frame. A change redoes task 3 and what reads it."""
+    max_size: int = 512
+    """Frames larger than this on their longer side are scaled down to it (the peers' 512; memory, disk and
+    training time grow with it); 0 keeps the video's size. A change redoes task 3 and what reads it."""
 
 
 @dataclass

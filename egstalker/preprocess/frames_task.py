@@ -1,4 +1,5 @@
-"""Task 3: ori_imgs/N.jpg at 25 fps, streamed (one frame in memory per worker) and JPEG-encoded in threads."""
+"""Task 3: ori_imgs/N.jpg at 25 fps, framed around the speaker (egstalker.preprocess.framing), streamed (one frame
+in memory per worker) and cropped, scaled and JPEG-encoded in threads."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from egstalker.dataset.layout import DatasetLayout
+from egstalker.preprocess.face import face_cache_path
+from egstalker.preprocess.framing import Framing, choose_framing
 from egstalker.preprocess.tasks import Task, TaskContext
 
 
@@ -24,14 +27,24 @@ def _write_jpeg(path, image_bgr: np.ndarray, quality: int) -> int:
     return len(data)
 
 
+def _write_frame(path, image_bgr: np.ndarray, framing: Framing, quality: int) -> int:
+    return _write_jpeg(path, framing.apply(image_bgr), quality)
+
+
 def extract_frames(ctx: TaskContext) -> None:
-    """Write every 25 fps frame; record the audio/video sync report in meta['sync']."""
+    """Write every 25 fps frame, framed; record the framing (meta 'framing', 'width', 'height') and the
+    audio/video sync report (meta 'sync')."""
     from tqdm import tqdm
 
     from egstalker.media import iter_frames
 
     n_frames = int(ctx.meta["n_frames"])
     quality = int(ctx.config.frames.jpeg_quality)
+    width, height = video_size(ctx.meta)
+    framing, report = choose_framing(ctx.video_path, width, height, n_frames / ctx.config.frames.fps,
+                                     ctx.config.frames.crop, ctx.config.frames.max_size)
+    # the face cache holds pixel positions in the old frames: tasks 4, 7 and 8 detect again in the new ones
+    face_cache_path(ctx.dataset).unlink(missing_ok=True)
     ctx.staging.frames_dir.mkdir(parents=True, exist_ok=True)
     workers = max(1, min(4, os.cpu_count() or 1))
     offsets = np.zeros(n_frames, np.float64)
@@ -44,7 +57,7 @@ def extract_frames(ctx: TaskContext) -> None:
                                  start=float(ctx.meta["video_start"]), pixel_format="bgr24"):
             offsets[frame.index] = frame.offset
             source_times[frame.index] = frame.source_time
-            pending.append(pool.submit(_write_jpeg, ctx.staging.frame(frame.index), frame.image, quality))
+            pending.append(pool.submit(_write_frame, ctx.staging.frame(frame.index), frame.image, framing, quality))
             while len(pending) > 2 * workers:  # bounded memory: at most a few decoded frames wait
                 bytes_written += pending.popleft().result()
                 bar.update()
@@ -65,6 +78,21 @@ def extract_frames(ctx: TaskContext) -> None:
                 "frame 0's time, so this is also the worst audio/video offset",
     }
     ctx.meta["frames"] = {"jpeg_quality": quality, "bytes": int(bytes_written)}
+    ctx.meta["framing"] = report
+    ctx.meta["width"], ctx.meta["height"] = framing.width, framing.height
+
+
+def video_size(meta: dict) -> tuple[int, int]:
+    """The source video's size (datasets made before framing record it as the frames' size)."""
+    return int(meta.get("video_width", meta.get("width"))), int(meta.get("video_height", meta.get("height")))
+
+
+def framing_changed(meta: dict, config) -> bool:
+    """Whether the frames were framed with other settings than `config` asks for (task 3 then redoes them);
+    datasets made before framing existed are kept as they are."""
+    recorded = meta.get("framing")
+    return recorded is not None and (recorded.get("crop"), recorded.get("max_size")) != \
+        (config.frames.crop, int(config.frames.max_size))
 
 
 def _frames_done(layout: DatasetLayout, meta: dict) -> list:

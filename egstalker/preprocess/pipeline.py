@@ -27,7 +27,8 @@ from egstalker.dataset.layout import DATASET_FORMAT_VERSION, DatasetLayout
 from egstalker.errors import EgstalkerError
 from egstalker.preprocess.audio_task import AUDIO_TASK, FEATURES_TASK
 from egstalker.preprocess.config import PreprocessConfig
-from egstalker.preprocess.frames_task import FRAMES_TASK
+from egstalker.preprocess.frames_task import FRAMES_TASK, framing_changed, video_size
+from egstalker.preprocess.framing import check_settings as check_framing
 from egstalker.preprocess.tasks import Task, TaskContext
 
 STAGING_PREFIX = ".staging-"
@@ -106,8 +107,8 @@ def _video_meta(video: Path, config: PreprocessConfig) -> dict:
         "source_video": {"path": str(video.resolve()), "bytes": video.stat().st_size},
         "fps": fps,
         "n_frames": n_frames,
-        "width": info.width,
-        "height": info.height,
+        "video_width": info.width,  # the frames' size ("width", "height") is task 3's: it frames the speaker
+        "video_height": info.height,
         "source_fps": _measured_fps(timestamps, info.source_fps),
         "source_frames": int(len(timestamps)),
         "video_start": float(timestamps[0]),
@@ -142,8 +143,7 @@ def _check_same_video(layout: DatasetLayout, old: dict, new: dict) -> None:
         raise EgstalkerError(f"{layout.root} was written by another egstalker version (dataset format "
                              f"{old.get('format_version')}, this one writes {DATASET_FORMAT_VERSION}); "
                              "delete it or choose another -o DATASET_DIR")
-    keys = ("n_frames", "width", "height")
-    if any(old.get(k) != new[k] for k in keys) or \
+    if old.get("n_frames") != new["n_frames"] or video_size(old) != (new["video_width"], new["video_height"]) or \
             old.get("source_video", {}).get("bytes") != new["source_video"]["bytes"]:
         raise EgstalkerError(f"{layout.root} holds a dataset of another video "
                              f"({old.get('source_video', {}).get('path')}); choose another -o DATASET_DIR "
@@ -177,6 +177,8 @@ def _is_complete(task: Task, layout: DatasetLayout, meta: dict, config: Preproce
         if recorded.get("name") != config.audio.encoder:
             return False
     if task.number == TRANSFORMS_TASK_NUMBER and _audio_offset_outdated(meta, config):
+        return False
+    if task.number == FRAMES_TASK.number and framing_changed(meta, config):
         return False
     if _inputs_redone(task.number, meta):
         return False
@@ -298,6 +300,7 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
                              "the folder holding config.json and the model weights")
 
     # --- every check before anything is written
+    check_framing(config.frames.crop, int(config.frames.max_size))
     new_meta = _video_meta(video, config)
     offset = config.split.audio_offset_frames
     if offset is not None and abs(int(offset)) > MAX_AUDIO_OFFSET_FRAMES:

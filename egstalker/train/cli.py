@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training iterations (default: the config's, 6000); 0 writes the untrained model")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--resolution", type=int, default=None, metavar="PX",
-                        help="train at this size of the longer image side, at most the dataset's (default: the dataset's)")
+                        help="train at this size of the longer image side, at most the dataset's (default: the dataset's on a "
+                             "GPU, 128 with the CPU's preview preset)")
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="JSON TrainConfig (e.g. a model folder's train_config.json); flags override it")
     parser.add_argument("--quality", choices=QUALITY_PRESETS, default="auto",
