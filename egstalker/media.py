@@ -195,29 +195,71 @@ def _iter_resampled(path, fps: float, start: float | None, pixel_format: str) ->
 def sample_frames(path: str | os.PathLike, times: list[float], pixel_format: str = "rgb24") -> list[np.ndarray]:
     """The pictures shown at a few `times` (s, from the first video frame), each found by seeking to the key
     frame before it and decoding from there: a handful of frames from a long video in a second or two, where
-    decoding it all would take minutes. Times past the end give the last picture."""
+    decoding it all would take minutes. Times past the end give the last picture. Where seeking does not land on a
+    key frame at or before the time (MPEG-TS camera files, .MTS), the video is decoded once from the start."""
     with _open(path) as container:
         if not container.streams.video:
             raise EgstalkerError(f"{path} has no video stream; give a video of the person speaking")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        base = float(stream.time_base)
         first = _stream_start(stream)
-        pictures = []
-        for t in times:
-            target = first + max(0.0, float(t))
-            container.seek(int(target / base), stream=stream, backward=True, any_frame=False)
-            picture = None
+        targets = [first + max(0.0, float(t)) for t in times]
+        pictures = _seek_pictures(container, stream, targets, pixel_format)
+    if pictures is None:
+        with _open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            pictures = _decode_pictures(container, stream, targets, pixel_format)
+    if any(p is None for p in pictures):
+        raise EgstalkerError(f"{path} has no decodable video frames; give a real video")
+    return pictures
+
+
+def _seek_pictures(container, stream, targets: list[float], pixel_format: str) -> list[np.ndarray] | None:
+    """The picture shown at each absolute time, by seeking; None when a seek does not land on a key frame at or
+    before its time."""
+    import av
+
+    pictures = []
+    for target in targets:
+        picture = None
+        try:
+            container.seek(int(target / float(stream.time_base)), stream=stream, backward=True, any_frame=False)
             for frame in container.decode(stream):
                 if frame.pts is None:
                     continue
-                if picture is not None and float(frame.pts * frame.time_base) > target:
+                t = float(frame.pts * frame.time_base)
+                if picture is None and (not frame.key_frame or t > target + 1e-3):
+                    return None  # mid-GOP (a broken picture) or past the time: seeking cannot be trusted here
+                if picture is not None and t > target:
                     break
                 picture = upright(frame, pixel_format)
-            if picture is None:
-                raise EgstalkerError(f"{path} has no decodable video frames; give a real video")
-            pictures.append(picture)
-        return pictures
+        except av.error.FFmpegError:
+            return None
+        if picture is None:
+            return None
+        pictures.append(picture)
+    return pictures
+
+
+def _decode_pictures(container, stream, targets: list[float], pixel_format: str) -> list[np.ndarray | None]:
+    """The picture shown at each absolute time, by decoding the whole stream once (one frame held at a time)."""
+    order = sorted(range(len(targets)), key=lambda i: targets[i])
+    pictures: list[np.ndarray | None] = [None] * len(targets)
+    last, k = None, 0
+    for frame in container.decode(stream):
+        if frame.pts is None:
+            continue
+        t = float(frame.pts * frame.time_base)
+        while k < len(order) and t > targets[order[k]]:
+            pictures[order[k]] = upright(last if last is not None else frame, pixel_format)
+            k += 1
+        last = frame
+        if k == len(order):
+            break
+    for i in order[k:]:  # times past the last frame
+        pictures[i] = upright(last, pixel_format) if last is not None else None
+    return pictures
 
 
 def video_timestamps(path: str | os.PathLike) -> np.ndarray:

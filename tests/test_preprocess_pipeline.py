@@ -167,6 +167,79 @@ def test_phone_video_framed_around_the_speaker(tmp_path, stored_turned):
     assert not (root / "face_landmarks.npz").exists()
 
 
+def test_dataset_from_before_framing_kept_unless_asked(tmp_path):
+    """A dataset whose frames predate framing (whole frames, no meta "framing") is left as it is by a plain
+    re-run, and re-framed when --crop/--max-size ask for something else."""
+    video = phone_video(shared_media("video/aoc_8s_512.mp4"), tmp_path / "phone.mp4", 2.5)
+    root = preprocess(video, tmp_path / "ds", tasks=[1, 3], config=FAST, show_progress=False)
+    layout = DatasetLayout(root)
+    meta = json.loads(layout.meta.read_text())  # made as the code before framing made it:
+    meta = {k: v for k, v in meta.items() if k not in ("framing", "video_width", "video_height")}
+    meta["width"], meta["height"] = 720, 1280
+    layout.meta.write_text(json.dumps(meta))
+    saved = json.loads(layout.preprocess_config.read_text())
+    saved["frames"] = {k: v for k, v in saved["frames"].items() if k not in ("crop", "max_size")}
+    layout.preprocess_config.write_text(json.dumps(saved))
+    for i in range(meta["n_frames"]):
+        cv2.imwrite(str(layout.frame(i)), np.full((1280, 720, 3), 90, np.uint8))
+    before = layout.frame(0).stat().st_mtime_ns
+    assert main(["preprocess", str(video), "-o", str(root), "--task", "1", "--task", "3", "--quiet"]) == 0
+    assert layout.frame(0).stat().st_mtime_ns == before and "framing" not in json.loads(layout.meta.read_text())
+    assert main(["preprocess", str(video), "-o", str(root), "--task", "1", "--task", "3", "--max-size", "256",
+                 "--quiet"]) == 0
+    meta = json.loads(layout.meta.read_text())
+    assert meta["framing"]["max_size"] == 256 and (meta["width"], meta["height"]) == (256, 256)
+    assert cv2.imread(str(layout.frame(0))).shape == (256, 256, 3)
+
+
+def encode_ts(source: Path, target: Path) -> Path:
+    """An MPEG-TS copy of a clip as a camera writes one: H.264 with one key frame per 10 s, AAC sound."""
+    from fractions import Fraction
+
+    from egstalker.media import iter_frames, read_audio
+
+    speech = read_audio(source, 48000)
+    with av.open(str(target), "w", format="mpegts") as dst:
+        video = dst.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 512, 512, "yuv420p"
+        video.options = {"g": "250", "keyint_min": "250", "sc_threshold": "0", "crf": "18"}
+        audio = dst.add_stream("aac", rate=48000)
+        audio.layout = "mono"
+        for k, frame in enumerate(iter_frames(source)):
+            picture = av.VideoFrame.from_ndarray(frame.image, format="rgb24")
+            picture.pts = k
+            dst.mux(video.encode(picture))
+        dst.mux(video.encode())
+        for start in range(0, len(speech), 1024):
+            chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(speech[None, start:start + 1024]), format="flt",
+                                               layout="mono")
+            chunk.sample_rate, chunk.pts, chunk.time_base = 48000, start, Fraction(1, 48000)
+            dst.mux(audio.encode(chunk))
+        dst.mux(audio.encode())
+    return target
+
+
+def test_sample_frames_seek_or_decode(tmp_path):
+    """Sampled pictures are the frames iter_frames gives at those times, whether found by seeking (mp4) or, where
+    seeking misses key frames (MPEG-TS, as camera .MTS files), by one decoding pass; a TS clip is framed too."""
+    from egstalker import media
+    from egstalker.media import iter_frames, sample_frames
+
+    mp4 = remux(shared_media("video/aoc_8s_512.mp4"), tmp_path / "clip.mp4", 3.0)
+    ts = encode_ts(mp4, tmp_path / "clip.ts")
+    times = [0.0, 1.0, 2.48]
+    for video in (mp4, ts):
+        frames = {f.index: f.image for f in iter_frames(video, n_frames=75)}
+        for t, picture in zip(times, sample_frames(video, times)):
+            assert np.array_equal(picture, frames[round(t * 25)]), (video.name, t)
+    with av.open(str(ts)) as container:  # the TS clip does take the decoding pass: its seeks miss key frames
+        stream = container.streams.video[0]
+        assert media._seek_pictures(container, stream, [float(stream.start_time * stream.time_base) + 1.0],
+                                    "rgb24") is None
+    root = preprocess(ts, tmp_path / "ds", tasks=[1, 3], config=FAST, show_progress=False)
+    assert json.loads(DatasetLayout(root).meta.read_text())["framing"]["faces_sampled"] == [16, 16]
+
+
 def test_framing_plan():
     from egstalker.preprocess.framing import plan_framing
 
@@ -182,6 +255,9 @@ def test_framing_plan():
     # the head moves: the crop holds every box with room to spare
     f = plan_framing(np.array([box(700, 500, 300), box(1300, 500, 300)]), 1920, 1080)
     assert f.crop_width == 1008 and f.x <= 700 - 120 and f.x + 1008 >= 1300 + 120  # 1.2 x the boxes' 840 px
+    # a head travelling further than the frame is tall: a rectangle as wide as it travels
+    f = plan_framing(np.array([box(200, 360, 200), box(1100, 360, 200)]), 1280, 720)
+    assert (f.x, f.y, f.crop_width, f.crop_height, f.width, f.height) == (8, 0, 1272, 720, 512, 288)
     # kept inside the frame near its edge; no face, 'none' or max_size 0: whole frame, scaled or not
     f = plan_framing(np.array([box(100, 100, 200)]), 1920, 1080)
     assert (f.x, f.y, f.crop_width) == (0, 0, 400)

