@@ -248,6 +248,7 @@ def test_framing_plan():
 
     # framed as the peers frame (face half the side or more): kept whole
     assert plan_framing(np.array([box(256, 280, 300)]), 512, 512).is_identity
+    assert plan_framing(np.array([box(128, 140, 150)]), 255, 255).is_identity  # odd sizes too
     # a wide shot: a square twice the face's height, its centre at 0.55 of it, scaled to 512
     f = plan_framing(np.array([box(1000, 500, 300)] * 3), 1920, 1080)
     assert (f.crop_width, f.crop_height, f.width, f.height) == (600, 600, 512, 512)

@@ -62,6 +62,11 @@ def _even(value: float) -> int:
     return max(2, int(value) // 2 * 2)
 
 
+def _fit(wanted: float, limit: int) -> int:
+    """A crop's size along one axis: what is wanted (made even), or the whole axis as it is when that is less."""
+    return limit if wanted >= limit else _even(wanted)
+
+
 def check_settings(crop: str, max_size: int) -> None:
     """Refuse framing settings task 3 cannot use (checked before preprocessing writes anything)."""
     if crop not in CROP_MODES:
@@ -101,7 +106,7 @@ def plan_framing(face_boxes: np.ndarray, width: int, height: int, crop: str = "a
         reach = MOTION_MARGIN * (hi - lo)
         side = min(max(face_h / FACE_SHARE, float(reach.max())), width, height)
         # a square, unless the head reaches further than the frame's shorter side: then as far as it reaches
-        size_w, size_h = min(width, _even(max(side, reach[0]))), min(height, _even(max(side, reach[1])))
+        size_w, size_h = _fit(max(side, reach[0]), width), _fit(max(side, reach[1]), height)
         if (size_w, size_h) != (width, height):
             x = _place(centre[0] - size_w / 2, size_w, (lo[0] + hi[0]) / 2, reach[0], width)
             y = _place(centre[1] - FACE_CENTRE_HEIGHT * size_h, size_h, (lo[1] + hi[1]) / 2, reach[1], height)
