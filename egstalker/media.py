@@ -222,23 +222,23 @@ def _seek_pictures(container, stream, targets: list[float], pixel_format: str) -
 
     pictures = []
     for target in targets:
-        picture = None
+        shown = None  # the last frame at or before the target, converted once found
         try:
             container.seek(int(target / float(stream.time_base)), stream=stream, backward=True, any_frame=False)
             for frame in container.decode(stream):
                 if frame.pts is None:
                     continue
                 t = float(frame.pts * frame.time_base)
-                if picture is None and (not frame.key_frame or t > target + 1e-3):
+                if shown is None and (not frame.key_frame or t > target + 1e-3):
                     return None  # mid-GOP (a broken picture) or past the time: seeking cannot be trusted here
-                if picture is not None and t > target:
+                if shown is not None and t > target:
                     break
-                picture = upright(frame, pixel_format)
+                shown = frame
         except av.error.FFmpegError:
             return None
-        if picture is None:
+        if shown is None:
             return None
-        pictures.append(picture)
+        pictures.append(upright(shown, pixel_format))
     return pictures
 
 

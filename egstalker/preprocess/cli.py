@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from egstalker.preprocess.framing import CROP_MODES
+
 HELP = "turn a video of a person speaking into a training dataset (audio, features, frames, face data)"
 
 TASK_NAMES = ("1 audio (aud.wav), 2 audio features (aud.npy), 3 frames (ori_imgs/N.jpg), 4 face parsing, "
@@ -59,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the recording's audio/video offset in video frames (positive: the sound is late); "
                              "default 'auto': estimated from the clip by task 9 (meta.json 'audio_offset'); a "
                              "changed value redoes task 9 of an existing dataset; a re-run keeps the previous one")
-    parser.add_argument("--crop", choices=("auto", "none"),
+    parser.add_argument("--crop", choices=CROP_MODES,
                         help="'auto' (default): cut the frames to a square around the speaker, the face about half "
                              "its height, unless the video is framed so already (phone and wide shots); 'none': "
                              "keep the whole frame; a change redoes task 3; a re-run keeps the previous one")

@@ -154,23 +154,38 @@ def read_frames(layout: DatasetLayout, n_frames: int, flags: int = cv2.IMREAD_CO
             futures[k] = None
 
 
-def detect_sample_landmarks(layout: DatasetLayout, indices: list[int]) -> dict[int, np.ndarray]:
-    """[478, 3] landmarks (full-frame pixels) of a few frames, landmarker in IMAGE mode (frames out of order);
-    frames without a face are left out."""
-    import mediapipe as mp
+def image_landmarker():
+    """The landmarker in IMAGE mode (frames out of order, one face); use as a context manager with
+    `landmarks_in_image`."""
     from mediapipe.tasks.python import BaseOptions, vision
 
     options = vision.FaceLandmarkerOptions(base_options=BaseOptions(model_asset_path=landmarker_model_path()),
                                            running_mode=vision.RunningMode.IMAGE, num_faces=1)
+    return vision.FaceLandmarker.create_from_options(options)
+
+
+def landmarks_in_image(landmarker, rgb: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray | None:
+    """[478, 3] landmarks of the face in an RGB picture, in pixels of a frame of `size` (width, height; default the
+    picture's own: pass the full size when `rgb` is a smaller copy); None without a face."""
+    import mediapipe as mp
+
+    width, height = size or (rgb.shape[1], rgb.shape[0])
+    faces = landmarker.detect(mp.Image(image_format=mp.ImageFormat.SRGB,
+                                       data=np.ascontiguousarray(rgb))).face_landmarks
+    if not faces:
+        return None
+    return np.array([(p.x, p.y, p.z) for p in faces[0]], np.float32) * np.array([width, height, width], np.float32)
+
+
+def detect_sample_landmarks(layout: DatasetLayout, indices: list[int]) -> dict[int, np.ndarray]:
+    """[478, 3] landmarks (full-frame pixels) of a few frames, landmarker in IMAGE mode (frames out of order);
+    frames without a face are left out."""
     found = {}
-    with vision.FaceLandmarker.create_from_options(options) as landmarker:
+    with image_landmarker() as landmarker:
         for i, bgr in read_frames(layout, 0, indices=list(indices)):
-            height, width = bgr.shape[:2]
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            faces = landmarker.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb)).face_landmarks
-            if faces:
-                points = np.array([(p.x, p.y, p.z) for p in faces[0]], np.float32)
-                found[int(i)] = points * np.array([width, height, width], np.float32)
+            points = landmarks_in_image(landmarker, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            if points is not None:
+                found[int(i)] = points
     return found
 
 

@@ -47,6 +47,8 @@ class Framing:
         """The frame cropped and, when smaller, resized (area-averaged, as for any downscale)."""
         import cv2
 
+        if self.is_identity:
+            return image
         image = image[self.y:self.y + self.crop_height, self.x:self.x + self.crop_width]
         if (self.width, self.height) != (self.crop_width, self.crop_height):
             image = cv2.resize(image, (self.width, self.height), interpolation=cv2.INTER_AREA)
@@ -122,28 +124,22 @@ def sample_face_boxes(video_path: str, duration: float, samples: int = SAMPLES) 
     """Face boxes ([n, 4] x0, y0, x1, y1, pixels) of the one face in up to `samples` frames spread over the clip
     (MediaPipe's landmarker, the model tasks 4-8 use), and how many frames were looked at."""
     import cv2
-    import mediapipe as mp
-    from mediapipe.tasks.python import BaseOptions, vision
 
     from egstalker.media import sample_frames
-    from egstalker.preprocess.face import landmarker_model_path
+    from egstalker.preprocess.face import image_landmarker, landmarks_in_image
 
     times = [(k + 0.5) * duration / samples for k in range(samples)]
     pictures = sample_frames(video_path, times)
-    options = vision.FaceLandmarkerOptions(base_options=BaseOptions(model_asset_path=landmarker_model_path()),
-                                           running_mode=vision.RunningMode.IMAGE, num_faces=1)
     boxes = []
-    with vision.FaceLandmarker.create_from_options(options) as landmarker:
+    with image_landmarker() as landmarker:
         for rgb in pictures:
             h, w = rgb.shape[:2]
             scale = min(1.0, 960 / max(h, w))  # the landmarker works at 256 px inside: a smaller copy loses nothing
             small = cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA) \
                 if scale < 1 else rgb
-            faces = landmarker.detect(mp.Image(image_format=mp.ImageFormat.SRGB,
-                                               data=np.ascontiguousarray(small))).face_landmarks
-            if faces:
-                points = np.array([(p.x * w, p.y * h) for p in faces[0]], np.float64)
-                boxes.append([*points.min(0), *points.max(0)])
+            points = landmarks_in_image(landmarker, small, (w, h))
+            if points is not None:
+                boxes.append([*points[:, :2].min(0), *points[:, :2].max(0)])
     return np.array(boxes, np.float64).reshape(-1, 4), len(pictures)
 
 
