@@ -16,6 +16,7 @@ from egstalker.errors import EgstalkerError
 from egstalker.media import iter_frames
 from egstalker.train import losses
 from egstalker.weights import lpips_jax
+from egstalker.weights.networks import imagenet_normalize
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,11 @@ def test_perceptual_loss_gradient(frames):
     assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
     assert not any(p.requires_grad for p in vgg.parameters())
     assert vgg(target, target).item() == pytest.approx(0.0, abs=1e-7)
+    # the target's features, computed apart without autograd, give the loss of one pass over both images
+    with torch.no_grad():
+        both = vgg.vgg(imagenet_normalize(torch.cat([pred, target])))
+        joint = sum(w * (f[:2] - f[2:]).abs().mean() for w, f in zip(vgg.layer_weights, both))
+    assert loss.item() == pytest.approx(joint.item(), rel=1e-5)
 
 
 def test_lip_crop_l1_sees_only_the_mouth():

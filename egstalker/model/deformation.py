@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from egstalker.model.audio_adapter import AudioAdapter
 from egstalker.model.hexplane import TriPlaneField
@@ -149,6 +150,12 @@ class DeformationNetwork(nn.Module):
     (torch.float16 halves the memory traffic of its activations, the bulk of a served frame's cost); None keeps
     float32. Offsets come back as float32 either way. Set through TalkingHead(precision=...)."""
 
+    recompute_in_backward: bool = False
+    """Training only: keep none of the per-Gaussian activations for the backward pass and compute them again there
+    (activation checkpointing; dropout draws the same masks). Those activations are the largest part of a training
+    step's memory (3.3 GiB at 150k Gaussians x 4 frames); the price is a second forward pass of this network.
+    Set by the trainer from `ModelConfig.recompute_network`."""
+
     INFERENCE_CHUNK_ROWS = 2**19
     """In eval mode without autograd, at most this many (frame, Gaussian) rows go through the network at once:
     every layer is per Gaussian, so chunking over Gaussians gives the same result while the 128-wide hidden
@@ -158,6 +165,8 @@ class DeformationNetwork(nn.Module):
         """cache: from `spatial_cache`; tokens: [B, T, d_model] -> offsets, each [B, N, k]."""
         b, n = tokens.shape[0], cache.features.shape[0]
         if self.training or torch.is_grad_enabled():
+            if self.recompute_in_backward and torch.is_grad_enabled():
+                return checkpoint(self._forward, cache, tokens, use_reentrant=False)
             return self._forward(cache, tokens)
         net = self
         if self.inference_dtype is not None and tokens.device.type == "cuda":

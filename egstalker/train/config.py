@@ -71,6 +71,9 @@ class ModelConfig:
     """Training only: dropout probability of each of the audio adapter's standardised input values, against
     overfitting the audio -> mouth map to a minute of speech. No measured gain on lieu (0.3: CPU probe readout
     0.715 vs 0.713, GPU renders the same on average), so off; docs/model.md "Three more tries"."""
+    recompute_network: bool = False
+    """Training only: compute the per-Gaussian network's activations again in the backward pass instead of
+    keeping them (`DeformationNetwork.recompute_in_backward`): less GPU memory for one more forward pass."""
     pose_dropout: float = 0.0
     """Probability of hiding a training frame's pose token (so the mouth cannot key on memorised poses).
     Measured once on the H100 (with lip_l1 1.0, coarse 0.1): mouth corr obama 0.73 -> 0.90 but lieu

@@ -234,6 +234,7 @@ class Trainer:
         else:
             self.model = self._initial_model()
         self.model.to(self.device)
+        self.model.deformation.recompute_in_backward = config.model.recompute_network
         self.probe: MouthProbe | None = None
         if resume and "probe" not in state:
             config.loss.mouth_probe = 0.0  # a run started before the probe existed continues without it
