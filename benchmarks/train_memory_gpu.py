@@ -8,14 +8,15 @@ step, at one frame size (`data.resolution`) of one packed dataset (train_quality
 its own process; it reports torch.cuda.max_memory_allocated / max_memory_reserved and steps per second.
 
 Variants:
-  default     the code as it is
-  recompute   model.recompute_network on (activation checkpointing of the per-Gaussian network)
-  joint_vgg   the perceptual term as it was before 2026-12-04: prediction and target through VGG16 in one autograd
-              pass (reproduced here, for the comparison)
+  default           the code as it is (the per-Gaussian network recomputed in backward, growable CUDA segments)
+  keep_activations  model.recompute_network off
+  fixed_segments    PYTORCH_CUDA_ALLOC_CONF left empty: the caching allocator's fixed segments
+  before            the code before 2026-12-04: all three of the above undone (the VGG term's prediction and
+                    target through VGG16 in one autograd pass, reproduced here)
 
 On the GPU machine (the gsplat .so and int8 VGG16 travel in CARRY, as for train_quality_gpu.py):
     python3 benchmarks/train_memory_gpu.py --carry .carry_mem --clip phone_framed \
-        --cases 512:150000:default 512:150000:recompute 256:150000:default --out $OUT/train_memory.json
+        --cases 512:150000:before 512:150000:default 256:150000:default --out $OUT/train_memory.json
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-VARIANTS = ("default", "recompute", "joint_vgg")
+VARIANTS = ("default", "keep_activations", "fixed_segments", "before")
 
 
 def joint_vgg_forward(self, pred, target):
@@ -57,30 +58,29 @@ def run_case(dataset: Path, resolution: int, n_gaussians: int, variant: str, ite
     from egstalker.train.config import TrainConfig
     from egstalker.train.trainer import train
 
-    if variant == "joint_vgg":
+    if variant == "before":
         losses.PerceptualLoss.forward = joint_vgg_forward
     config = TrainConfig()
     config.data.resolution = resolution
     config.data.num_workers = workers
     config.init.surface_points = n_gaussians * 2 // 3
     config.init.volume_points = n_gaussians - config.init.surface_points
-    config.model.recompute_network = variant == "recompute"
+    config.model.recompute_network = variant not in ("keep_activations", "before")
     config.densify.start = iterations + 1  # the count stays at the initial one
     config.schedule.iterations = iterations
     config.schedule.coarse_fraction = 0.05
     config.loss.perceptual_from = 0.0
     config.schedule.eval_every = config.schedule.image_every = 0
     config.schedule.checkpoint_every = iterations
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    cuda = device.startswith("cuda")  # a fresh process: the peak counts from zero (and CUDA starts in train())
     result = train(dataset, work / f"{resolution}_{n_gaussians}_{variant}", config, device=device,
                    show_progress=False)
     return {"resolution": resolution, "variant": variant, "n_gaussians": result.n_gaussians,
             "batch_size": config.data.batch_size, "iterations": result.steps,
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
-            "it_s": round(result.iterations_per_second, 2), "loop_s": round(result.seconds, 1)}
+            "it_s": round(result.iterations_per_second, 2), "loop_s": round(result.seconds, 1),
+            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
 
 
 def main() -> None:
@@ -113,14 +113,18 @@ def main() -> None:
     import torch
 
     rows = []
-    report = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device, "torch": torch.__version__, "clip": args.clip,
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
+    report = {"device": device_name, "torch": torch.__version__, "clip": args.clip,
               "iterations": args.iterations, "command": " ".join(sys.argv), "cases": rows}
     for case in args.cases:
         t0 = time.perf_counter()
+        env = dict(os.environ)
+        if case.split(":")[2] in ("fixed_segments", "before"):
+            env["PYTORCH_CUDA_ALLOC_CONF"] = ""  # present, so the trainer leaves it: the allocator's defaults
         proc = subprocess.run([sys.executable, __file__, "--carry", str(args.carry), "--clip", args.clip,
                                "--cases", case, "--iterations", str(args.iterations), "--workers", str(args.workers),
                                "--device", args.device, "--work", str(args.work), "--out", str(args.out), "--one", case],
-                              capture_output=True, text=True, env=os.environ)
+                              capture_output=True, text=True, env=env)
         if proc.returncode == 0:
             row = json.loads(proc.stdout.strip().splitlines()[-1])
         else:  # an out-of-memory error is a result too

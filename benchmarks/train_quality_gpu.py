@@ -284,8 +284,7 @@ def device_train(clip: str, name: str, minutes: float, work: Path, carry: Path, 
     config.schedule.time_budget_minutes = minutes
     apply_overrides(config, list(overrides))
     model_dir = run_dir / "model"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    # one run per process: the peak counts from zero, and CUDA starts in train() (its allocator settings)
     t1 = time.perf_counter()
     result = train(ds, model_dir, config, device=device, show_progress=True)  # tqdm lines: the sweep follows them
     wall = time.perf_counter() - t1

@@ -71,9 +71,11 @@ class ModelConfig:
     """Training only: dropout probability of each of the audio adapter's standardised input values, against
     overfitting the audio -> mouth map to a minute of speech. No measured gain on lieu (0.3: CPU probe readout
     0.715 vs 0.713, GPU renders the same on average), so off; docs/model.md "Three more tries"."""
-    recompute_network: bool = False
+    recompute_network: bool = True
     """Training only: compute the per-Gaussian network's activations again in the backward pass instead of
-    keeping them (`DeformationNetwork.recompute_in_backward`): less GPU memory for one more forward pass."""
+    keeping them (`DeformationNetwork.recompute_in_backward`). At the 150k-Gaussian cap on an H200 the peak falls
+    from 6.25 to 3.92 GiB at 512x512 (4.08 -> 3.87 at 256) for 1-6 % fewer steps per second
+    (benchmarks/train_memory_gpu.py); the CPU preview, short of time rather than memory, turns it off."""
     pose_dropout: float = 0.0
     """Probability of hiding a training frame's pose token (so the mouth cannot key on memorised poses).
     Measured once on the H100 (with lip_l1 1.0, coarse 0.1): mouth corr obama 0.73 -> 0.90 but lieu
@@ -251,6 +253,7 @@ def preset_config(quality: str, device: str) -> TrainConfig:
     config.init.surface_points, config.init.volume_points = 6000, 2000
     config.densify.start, config.densify.every, config.densify.max_gaussians = 100, 50, 20000
     config.loss.perceptual = 0.0
+    config.model.recompute_network = False
     config.schedule.iterations = 3000
     config.schedule.time_budget_minutes = 10.0
     config.schedule.budget_probe = 30

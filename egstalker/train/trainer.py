@@ -12,6 +12,7 @@ data order is a pure function of (seed, step), so a resumed run sees the same ba
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 import warnings
@@ -179,6 +180,11 @@ class Trainer:
         self.dataset_dir = Path(dataset_dir).resolve()
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_initialized():
+            # gsplat's buffers change size every step; in fixed segments the cache fragments and a run at the
+            # Gaussian cap reserves 1-2.6 GiB beyond what it uses (benchmarks/train_memory_gpu.py). Growable
+            # segments keep the card's footprint near the real peak. Read when CUDA starts; a user's setting wins.
+            os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         self.show_progress = show_progress
         self.backend = backend
         self.checkpoint_dir = self.model_dir / "checkpoints"
