@@ -74,7 +74,7 @@ class ModelConfig:
     recompute_network: bool = True
     """Training only: compute the per-Gaussian network's activations again in the backward pass instead of
     keeping them (`DeformationNetwork.recompute_in_backward`). At the 150k-Gaussian cap on an H200 the peak falls
-    from 6.25 to 3.92 GiB at 512x512 (4.08 -> 3.87 at 256) for 1-6 % fewer steps per second
+    from 6.2 to 3.9 GiB at 512x512 (4.1 -> 3.9 at 256) for 2-6 % fewer steps per second
     (benchmarks/train_memory_gpu.py); the CPU preview, short of time rather than memory, turns it off."""
     pose_dropout: float = 0.0
     """Probability of hiding a training frame's pose token (so the mouth cannot key on memorised poses).
