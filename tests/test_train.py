@@ -281,6 +281,28 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(small_dataset, 
     assert (tmp_path / "m" / "model.pt").is_file()
 
 
+def test_running_out_of_gpu_memory_stops_in_one_line_and_keeps_the_last_checkpoint(small_dataset, tmp_path,
+                                                                                    monkeypatch):
+    config = tiny_config(6)
+    config.schedule.checkpoint_every = 2
+    original = Trainer._render
+
+    def render(self, batch, dynamic, track=False):
+        if self.step == 3:  # the 4th iteration does not fit
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, batch, dynamic, track)
+
+    monkeypatch.setattr(Trainer, "_render", render)
+    with pytest.raises(EgstalkerError) as caught:
+        train(small_dataset, tmp_path / "m", config, show_progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and caught.value.__cause__ is None
+    assert message.startswith("the GPU ran out of memory at iteration 4 (")
+    assert "frames of 64x" in message and "step_0000002.pt is kept" in message
+    assert "data.batch_size" in message and "--resume" in message and "--resolution" in message
+    assert sorted(p.name for p in (tmp_path / "m" / "checkpoints").glob("step_*.pt"))[-1] == "step_0000002.pt"
+
+
 def test_non_finite_parameters_are_never_checkpointed(small_dataset, tmp_path, monkeypatch):
     """A finite loss can still leave NaN in the parameters (e.g. through its gradients): the next checkpoint is
     refused with a clear message and the last good one stays the newest."""

@@ -437,6 +437,20 @@ class Trainer:
         total = sum(weights[k] * terms[k] for k in terms)
         return total, terms
 
+    def _out_of_memory_message(self, last_good: Path | None) -> str:
+        """What ran out, how full the card was, and the three ways on."""
+        c = self.config
+        what = (f"{len(self.model.gaussians):,} Gaussians, {c.data.batch_size} frames of {self.width}x{self.height} "
+                "a step")
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+            held = torch.cuda.max_memory_reserved(self.device) / 2**30
+            what += f"; this run held {held:.1f} GiB of the card's {total:.1f}"
+        return (f"the GPU ran out of memory at iteration {self.step + 1} ({what}); the last checkpoint {last_good} is "
+                f"kept: close other programs using the GPU, or lower data.batch_size in "
+                f"{self.model_dir / 'train_config.json'} and run again with --resume, or train a new model with a "
+                "smaller --resolution")
+
     def _set_iterations(self, n: int) -> None:
         c = self.config
         c.schedule.iterations = n
@@ -544,6 +558,8 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss_value:.4f}", gaussians=n, stage="fine" if dynamic else "coarse")
+        except torch.cuda.OutOfMemoryError:
+            raise EgstalkerError(self._out_of_memory_message(last_good)) from None
         finally:
             if progress is not None:
                 progress.close()
