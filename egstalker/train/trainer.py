@@ -182,7 +182,7 @@ class Trainer:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_initialized():
             # gsplat's buffers change size every step; in fixed segments the cache fragments and a run at the
-            # Gaussian cap reserves 1-2.6 GiB beyond what it uses (benchmarks/train_memory_gpu.py). Growable
+            # Gaussian cap reserves 0.7-2.6 GiB beyond what it uses (benchmarks/train_memory_gpu.py). Growable
             # segments keep the card's footprint near the real peak. Read when CUDA starts; a user's setting wins.
             os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         self.show_progress = show_progress
