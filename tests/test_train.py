@@ -52,6 +52,7 @@ def test_short_training_improves_held_out_psnr(small_dataset, tmp_path):
     assert trained.n_gaussians > untrained.n_gaussians
     counts = [n for _, n in trained.gaussian_counts]
     assert max(counts) > counts[0]
+    assert trained.peak_gpu_memory_gib is None  # measured on CUDA only
 
 
 def test_iterations_zero_writes_the_initialised_model(small_dataset, tmp_path):

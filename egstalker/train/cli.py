@@ -77,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
                    show_progress=not args.quiet)
     psnr = (f"{result.val_psnr:.2f} dB (head {result.val_psnr_head:.2f} dB)" if result.val_psnr is not None
             else "n/a")
+    memory = f", peak GPU memory {result.peak_gpu_memory_gib:.1f} GiB" if result.peak_gpu_memory_gib else ""
     print(f"model written to {result.model_dir}: {result.steps} iterations, {result.n_gaussians} Gaussians, "
-          f"held-out PSNR {psnr}, {result.seconds:.0f} s ({result.iterations_per_second:.1f} it/s)")
+          f"held-out PSNR {psnr}, {result.seconds:.0f} s ({result.iterations_per_second:.1f} it/s){memory}")
     if result.val_mouth_probe_corr is not None:
         print(f"held-out mouth opening predicted from the audio alone (the mouth probe): correlation "
               f"{result.val_mouth_probe_corr:.2f}")

@@ -54,6 +54,8 @@ class TrainResult:
     iterations_per_second: float
     gaussian_counts: list[tuple[int, int]]
     """(step, count) pairs logged over training."""
+    peak_gpu_memory_gib: float | None = None
+    """The most GPU memory this run's tensors took at once (torch.cuda.max_memory_allocated); None off CUDA."""
 
 
 class IterationBatchSampler(torch.utils.data.Sampler):
@@ -529,6 +531,9 @@ class Trainer:
                     writer.add_scalar("loss/total", loss_value, step)
                     writer.add_scalar("train/psnr", psnr(out.image.detach(), batch["image"]), step)
                     writer.add_scalar("gaussians/count", n, step)
+                    if self.device.type == "cuda":
+                        writer.add_scalar("gpu/peak_memory_gib", torch.cuda.max_memory_allocated(self.device) / 2**30,
+                                          step)
                     writer.add_scalar("train/stage_fine", float(dynamic), step)
                 if c.schedule.image_every and step % c.schedule.image_every == 0:
                     side = torch.cat([out.image[0].detach(), batch["image"][0]], dim=1).clamp(0, 1)
@@ -578,7 +583,9 @@ class Trainer:
                            val_psnr=scores["psnr"], val_psnr_head=scores["psnr_head"],
                            val_mouth_probe_corr=scores.get("mouth_probe_corr"), seconds=seconds,
                            iterations_per_second=steps_done / seconds if seconds > 0 and steps_done else 0.0,
-                           gaussian_counts=list(self.gaussian_counts))
+                           gaussian_counts=list(self.gaussian_counts),
+                           peak_gpu_memory_gib=(torch.cuda.max_memory_allocated(self.device) / 2**30
+                                                if self.device.type == "cuda" else None))
 
 
 def train(dataset_dir: str | Path, model_dir: str | Path, config: TrainConfig | None = None,
