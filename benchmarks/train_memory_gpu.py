@@ -3,9 +3,11 @@
 A full run's heaviest steps come late: the fine stage with the VGG term on, at the most Gaussians densification
 reaches (`densify.max_gaussians`, 150k). A shorter run never gets there, so its peak says little about the end of a
 real one. This script starts there: each case trains ITERATIONS steps of the default TrainConfig from an
-initialisation of N Gaussians, with densification off, a 5 % coarse stage and the VGG term on from the first fine
+initialisation of N Gaussians, with densification off, a 5 % coarse stage and the VGG term on from the first
 step, at one frame size (`data.resolution`) of one packed dataset (train_quality_gpu.py pack). Each case runs in
-its own process; it reports torch.cuda.max_memory_allocated / max_memory_reserved and steps per second.
+its own process; it reports the training loop's peak torch.cuda.max_memory_allocated / max_memory_reserved and
+its steps per second (indicative only: 100 steps including the first VGG16 and gsplat calls; two identical cases
+in two calls measured 8.0 and 9.2).
 
 Variants:
   default           the code as it is (the per-Gaussian network recomputed in backward, growable CUDA segments)
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -72,12 +75,13 @@ def run_case(dataset: Path, resolution: int, n_gaussians: int, variant: str, ite
     config.loss.perceptual_from = 0.0
     config.schedule.eval_every = config.schedule.image_every = 0
     config.schedule.checkpoint_every = iterations
-    cuda = device.startswith("cuda")  # a fresh process: the peak counts from zero (and CUDA starts in train())
-    result = train(dataset, work / f"{resolution}_{n_gaussians}_{variant}", config, device=device,
-                   show_progress=False)
+    cuda = device.startswith("cuda")  # CUDA starts in train(), after the trainer chose the allocator's settings
+    model_dir = work / "runs" / f"{resolution}_{n_gaussians}_{variant}"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    result = train(dataset, model_dir, config, device=device, show_progress=False)
     return {"resolution": resolution, "variant": variant, "n_gaussians": result.n_gaussians,
             "batch_size": config.data.batch_size, "iterations": result.steps,
-            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+            "peak_allocated_gib": round(result.peak_gpu_memory_gib, 3) if cuda else None,
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
             "it_s": round(result.iterations_per_second, 2), "loop_s": round(result.seconds, 1),
             "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
@@ -98,7 +102,7 @@ def main() -> None:
     from train_quality_gpu import setup_device_weights, unpack
 
     setup_device_weights(args.carry)
-    dataset = args.work / "dataset"
+    dataset = args.work / "datasets" / args.clip
     if args.one:
         res, n, variant = args.one.split(":")
         print(json.dumps(run_case(dataset, int(res), int(n), variant, args.iterations, args.work, args.workers,

@@ -284,11 +284,10 @@ def device_train(clip: str, name: str, minutes: float, work: Path, carry: Path, 
     config.schedule.time_budget_minutes = minutes
     apply_overrides(config, list(overrides))
     model_dir = run_dir / "model"
-    # one run per process: the peak counts from zero, and CUDA starts in train() (its allocator settings)
     t1 = time.perf_counter()
     result = train(ds, model_dir, config, device=device, show_progress=True)  # tqdm lines: the sweep follows them
     wall = time.perf_counter() - t1
-    peak_train = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    peak_train = result.peak_gpu_memory_gib or 0.0
     print(json.dumps({"run": name, "iterations": result.steps, "n_gaussians": result.n_gaussians,
                       "loop_s": round(result.seconds, 1), "it_s": round(result.iterations_per_second, 2),
                       "val_psnr_16": result.val_psnr, "peak_gib": round(peak_train, 2)}), flush=True)

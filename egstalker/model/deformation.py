@@ -151,9 +151,10 @@ class DeformationNetwork(nn.Module):
     float32. Offsets come back as float32 either way. Set through TalkingHead(precision=...)."""
 
     recompute_in_backward: bool = False
-    """Training only: keep none of the per-Gaussian activations for the backward pass and compute them again there
-    (activation checkpointing; dropout draws the same masks). Those activations are the largest part of a training
-    step's memory (3.3 GiB at 150k Gaussians x 4 frames); the price is a second forward pass of this network.
+    """Training only: keep none of the per-Gaussian activations between the forward and backward passes and
+    compute them again in the backward pass (activation checkpointing; dropout draws the same masks). They are
+    3.3 GiB at 150k Gaussians x 4 frames; the backward pass still holds them all for a moment, so a step's peak
+    fell by 2.3 GiB at 512x512 (benchmarks/train_memory_gpu.py). The price is a second forward pass of this network.
     Set by the trainer from `ModelConfig.recompute_network`."""
 
     INFERENCE_CHUNK_ROWS = 2**19

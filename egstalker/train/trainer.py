@@ -55,7 +55,8 @@ class TrainResult:
     gaussian_counts: list[tuple[int, int]]
     """(step, count) pairs logged over training."""
     peak_gpu_memory_gib: float | None = None
-    """The most GPU memory this run's tensors took at once (torch.cuda.max_memory_allocated); None off CUDA."""
+    """The most GPU memory the training loop's tensors took at once (torch.cuda.max_memory_allocated, from the
+    loop's start); None off CUDA."""
 
 
 class IterationBatchSampler(torch.utils.data.Sampler):
@@ -182,11 +183,12 @@ class Trainer:
         self.dataset_dir = Path(dataset_dir).resolve()
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_initialized():
+        user_allocator = "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ
+        if self.device.type == "cuda" and not torch.cuda.is_initialized() and not user_allocator:
             # gsplat's buffers change size every step; in fixed segments the cache fragments and a run at the
             # Gaussian cap reserves 0.7-2.6 GiB beyond what it uses (benchmarks/train_memory_gpu.py). Growable
             # segments keep the card's footprint near the real peak. Read when CUDA starts; a user's setting wins.
-            os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+            os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
         self.show_progress = show_progress
         self.backend = backend
         self.checkpoint_dir = self.model_dir / "checkpoints"
@@ -439,7 +441,7 @@ class Trainer:
         total = sum(weights[k] * terms[k] for k in terms)
         return total, terms
 
-    def _out_of_memory_message(self, last_good: Path | None) -> str:
+    def _out_of_memory_message(self, step: int, last_good: Path | None) -> str:
         """What ran out, how full the card was, and the three ways on."""
         c = self.config
         what = (f"{len(self.model.gaussians):,} Gaussians, {c.data.batch_size} frames of {self.width}x{self.height} "
@@ -448,7 +450,7 @@ class Trainer:
             total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
             held = torch.cuda.max_memory_reserved(self.device) / 2**30
             what += f"; this run held {held:.1f} GiB of the card's {total:.1f}"
-        return (f"the GPU ran out of memory at iteration {self.step + 1} ({what}); the last checkpoint {last_good} is "
+        return (f"the GPU ran out of memory at iteration {step} ({what}); the last checkpoint {last_good} is "
                 f"kept: close other programs using the GPU, or lower data.batch_size in "
                 f"{self.model_dir / 'train_config.json'} and run again with --resume, or train a new model with a "
                 "smaller --resolution")
@@ -499,6 +501,9 @@ class Trainer:
         budget = c.schedule.time_budget_minutes
         probe_at = start_step + c.schedule.budget_probe if budget else None
         budget_mark = (t0, start_step)
+        step = self.step + 1  # the iteration under way (named if the GPU runs out of memory)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # this run's peak, not the process's
         try:
             for batch in (self._loader(self.step, None) if end > self.step else []):
                 if self.step >= end:
@@ -564,7 +569,7 @@ class Trainer:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss_value:.4f}", gaussians=n, stage="fine" if dynamic else "coarse")
         except torch.cuda.OutOfMemoryError:
-            raise EgstalkerError(self._out_of_memory_message(last_good)) from None
+            raise EgstalkerError(self._out_of_memory_message(step, last_good)) from None
         finally:
             if progress is not None:
                 progress.close()
