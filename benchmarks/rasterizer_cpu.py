@@ -55,7 +55,7 @@ def main() -> None:
         with torch.no_grad():
             means2d, conics, depths, radii = project_gaussians(*tensors[:4], viewmats, Ks, args.size, args.size,
                                                                0.01, 1e4)
-            pixel_ids, _ = _footprint_pairs(means2d, conics, tensors[3], depths, radii, args.size, args.size)
+            pixel_ids, _, _ = _footprint_pairs(means2d, conics, tensors[3], depths, radii, args.size, args.size)
             visible = int((radii > 0).any(-1).sum())
         fwd = timed(forward, args.repeats)
         fwd_bwd = timed(forward_backward, args.repeats)

@@ -113,21 +113,25 @@ def rasterize_torch(
     if track_means2d_grad and means2d.requires_grad:
         means2d.retain_grad()
 
-    pixel_ids, gaussian_ids = _footprint_pairs(means2d.detach(), conics.detach(), opacities.detach(),
-                                               depths.detach(), radii, width, height)
+    pixel_ids, gaussian_ids, pair_alpha = _footprint_pairs(means2d.detach(), conics.detach(), opacities.detach(),
+                                                           depths.detach(), radii, width, height)
 
-    # Everything below is differentiable w.r.t. means2d, conics, opacities, colors and depths. One gather of all
-    # per-Gaussian attributes (index_select: its backward is a single index_add, far cheaper than indexing's).
-    attributes = torch.cat(
-        [means2d, conics, opacities[..., None], colors, depths[..., None]], dim=-1
-    ).reshape(B * N, 10).index_select(0, gaussian_ids)  # [M, 10]
-    # split, not slicing: its backward concatenates the pieces' gradients once, where each slice's backward would
-    # zero-fill a whole [M, 10] tensor
-    pair_means2d, pair_conics, pair_opacity, pair_features = attributes.split([2, 3, 1, 4], dim=1)  # features: rgb, z
-    pair_opacity = pair_opacity.squeeze(1)
-    pixel_in_image = pixel_ids % n_pixels
-    centres = torch.stack([(pixel_in_image % width), (pixel_in_image // width)], dim=-1).to(means.dtype) + 0.5
-    alpha = _pair_alpha(centres, pair_means2d, pair_conics, pair_opacity)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (means2d, conics, opacities, colors, depths)):
+        # Everything below is differentiable w.r.t. means2d, conics, opacities, colors and depths. One gather of all
+        # per-Gaussian attributes (index_select: its backward is a single index_add, far cheaper than indexing's),
+        # and the pairs' alpha again, now with its graph (the same values as the culling's).
+        attributes = torch.cat(
+            [means2d, conics, opacities[..., None], colors, depths[..., None]], dim=-1
+        ).reshape(B * N, 10).index_select(0, gaussian_ids)  # [M, 10]
+        # split, not slicing: its backward concatenates the pieces' gradients once, where each slice's backward
+        # would zero-fill a whole [M, 10] tensor
+        pair_means2d, pair_conics, pair_opacity, pair_features = attributes.split([2, 3, 1, 4], dim=1)  # rgb, z
+        pixel_in_image = pixel_ids % n_pixels
+        centres = torch.stack([(pixel_in_image % width), (pixel_in_image // width)], dim=-1).to(means.dtype) + 0.5
+        alpha = _pair_alpha(centres, pair_means2d, pair_conics, pair_opacity.squeeze(1))
+    else:  # rendering: the culling's alpha as is, and only colour and depth gathered
+        alpha = pair_alpha
+        pair_features = torch.cat([colors, depths[..., None]], dim=-1).reshape(B * N, 4).index_select(0, gaussian_ids)
     log_transmit = torch.log1p(-alpha)  # [M]
 
     # Exclusive cumulative log-transmittance within each pixel's (contiguous, front-to-back) run of pairs.
@@ -141,7 +145,7 @@ def rasterize_torch(
         keep = (before + log_transmit.double()) > math.log(TRANSMITTANCE_MIN)
     weights = (alpha * torch.exp(before).to(alpha.dtype)) * keep  # [M]
 
-    channels = torch.cat([pair_features, torch.ones_like(pair_opacity)[:, None]], dim=-1)  # rgb, z, 1
+    channels = torch.cat([pair_features, torch.ones_like(alpha)[:, None]], dim=-1)  # rgb, z, 1
     image = means.new_zeros(B * n_pixels, 5).index_add(0, pixel_ids, weights[:, None] * channels)
     rgb, depth_sum, alpha_image = image.reshape(B, height, width, 5).split([3, 1, 1], dim=-1)
     return RasterOutput(
@@ -163,17 +167,19 @@ def _pair_alpha(centres: Tensor, means2d: Tensor, conics: Tensor, opacities: Ten
 @torch.no_grad()
 def _footprint_pairs(
     means2d: Tensor, conics: Tensor, opacities: Tensor, depths: Tensor, radii: Tensor, width: int, height: int,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """All (pixel, Gaussian) pairs with alpha >= 1/255, sorted by pixel and, within a pixel, by depth.
 
-    Returns pixel_ids [M] (b * H * W + row * W + col) and gaussian_ids [M] (b * N + n), both int64.
+    Returns pixel_ids [M] (b * H * W + row * W + col) and gaussian_ids [M] (b * N + n), both int64, and the pairs'
+    alpha [M].
     """
     B, N = means2d.shape[:2]
     device = means2d.device
     visible = (radii > 0).any(-1).reshape(-1).nonzero().squeeze(1)  # flat ids b * N + n
     empty = torch.zeros(0, dtype=torch.int64, device=device)
+    no_alpha = means2d.new_zeros(0)
     if visible.numel() == 0:
-        return empty, empty
+        return empty, empty, no_alpha
     # Front to back: the stable sort by pixel below keeps this order inside each pixel.
     visible = visible[torch.argsort(depths.reshape(-1)[visible], stable=True)]
 
@@ -188,7 +194,7 @@ def _footprint_pairs(
     counts = box_w * (row1 - row0).clamp(min=0)
     total = int(counts.sum())
     if total == 0:
-        return empty, empty
+        return empty, empty, no_alpha
 
     # index_select rather than x[ids] throughout: on the CPU it gathers 1-D ids several times faster
     owner = torch.repeat_interleave(torch.arange(visible.numel(), device=device), counts)  # [M]
@@ -204,6 +210,7 @@ def _footprint_pairs(
     alpha = _pair_alpha(centres, centre.index_select(0, owner), conics.reshape(-1, 3).index_select(0, gaussian_ids),
                         opacities.reshape(-1).index_select(0, gaussian_ids))
     kept = (alpha >= ALPHA_MIN).nonzero().squeeze(1)
-    pixel_ids, gaussian_ids = pixel_ids.index_select(0, kept), gaussian_ids.index_select(0, kept)
-    order = torch.argsort(pixel_ids, stable=True)
-    return pixel_ids.index_select(0, order), gaussian_ids.index_select(0, order)
+    pixel_ids = pixel_ids.index_select(0, kept)
+    by_pixel = torch.argsort(pixel_ids, stable=True)
+    order = kept.index_select(0, by_pixel)  # the kept pairs, sorted, as positions among all enumerated pairs
+    return pixel_ids.index_select(0, by_pixel), gaussian_ids.index_select(0, order), alpha.index_select(0, order)
