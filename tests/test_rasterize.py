@@ -160,3 +160,26 @@ def test_backend_choice():
         rasterize(*parts, *camera(), SIZE, SIZE, backend="gsplat")
     with pytest.raises(ValueError, match="quats"):
         rasterize(parts[0], parts[1][:, :, :3], *parts[2:], *camera(), SIZE, SIZE)
+
+
+def test_rendering_without_autograd_gives_the_differentiable_frames_bit_for_bit():
+    """Without autograd the rasterizer reuses the culling's alpha and gathers only colour and depth; with it, it
+    recomputes alpha with its graph. Both give the same frames, on a crowded scene of two cameras."""
+    g = torch.Generator().manual_seed(3)
+    n = 300
+    means = torch.cat([torch.rand(1, n, 2, generator=g) - 0.5, 2.0 + torch.rand(1, n, 1, generator=g)], dim=-1)
+    quats = torch.randn(1, n, 4, generator=g)
+    scales = 0.01 + 0.05 * torch.rand(1, n, 3, generator=g)
+    opacities = torch.rand(1, n, generator=g)
+    colors = torch.rand(1, n, 3, generator=g)
+    inputs = [t.expand(2, *t.shape[1:]).contiguous() for t in (means, quats, scales, opacities, colors)]
+    viewmats, Ks = camera(2)
+    viewmats[1, 0, 3] = 0.1
+    with torch.no_grad():
+        rendered = rasterize(*inputs, viewmats, Ks, SIZE, SIZE, backend="torch")
+    trained = rasterize(*[t.clone().requires_grad_(True) for t in inputs], viewmats, Ks, SIZE, SIZE,
+                        backend="torch")
+    assert trained.rgb.requires_grad and not rendered.rgb.requires_grad
+    assert rendered.alpha.amax() > 0.9 and not torch.equal(rendered.rgb[0], rendered.rgb[1])
+    for name in ("rgb", "alpha", "depth"):
+        assert torch.equal(getattr(rendered, name), getattr(trained, name).detach()), name
