@@ -153,9 +153,9 @@ class DeformationNetwork(nn.Module):
     recompute_in_backward: bool = False
     """Training only: keep none of the per-Gaussian activations between the forward and backward passes and
     compute them again in the backward pass (activation checkpointing; dropout draws the same masks). They are
-    3.3 GiB at 150k Gaussians x 4 frames; the backward pass still holds them all for a moment, so a step's peak
-    fell by 2.3 GiB at 512x512 (benchmarks/train_memory_gpu.py). The price is a second forward pass of this network.
-    Set by the trainer from `ModelConfig.recompute_network`."""
+    3.3 GiB at 150k Gaussians x 4 frames (benchmarks/activation_memory_cpu.py); the backward pass still holds them
+    all for a moment, so a step's peak fell by 2.3 GiB at 512x512 (benchmarks/train_memory_gpu.py). The price is a
+    second forward pass of this network. Set by the trainer from `ModelConfig.recompute_network`."""
 
     INFERENCE_CHUNK_ROWS = 2**19
     """In eval mode without autograd, at most this many (frame, Gaussian) rows go through the network at once:

@@ -137,7 +137,8 @@ class PerceptualLoss(nn.Module):
         from egstalker.weights.networks import imagenet_normalize
 
         # The target's features need no backward pass: computed apart, without autograd, they keep only their
-        # five outputs instead of every activation (at 4 x 512x512 frames, 2.9 -> 1.5 GiB saved for backward).
+        # five outputs instead of every activation (at 4 x 512x512 frames, 2.9 -> 1.5 GiB saved for backward:
+        # benchmarks/activation_memory_cpu.py).
         with torch.no_grad():
             target_features = self.vgg(imagenet_normalize(target))
         loss = pred.new_zeros(())
