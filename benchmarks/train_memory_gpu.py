@@ -10,7 +10,9 @@ its steps per second (indicative only: 100 steps including the first VGG16 and g
 in two calls measured 8.0 and 9.2).
 
 Variants:
-  default           the code as it is (the per-Gaussian network recomputed in backward, growable CUDA segments)
+  default           the code as it is (the per-Gaussian network recomputed in backward in chunks of Gaussians,
+                    growable CUDA segments)
+  whole_recompute   the network recomputed in one piece (the default from 2026-12-04 until chunks came)
   keep_activations  model.recompute_network off
   fixed_segments    PYTORCH_CUDA_ALLOC_CONF left empty: the caching allocator's fixed segments
   before            the code before 2026-12-04: all three of the above undone (the VGG term's prediction and
@@ -18,7 +20,7 @@ Variants:
 
 On the GPU machine (the gsplat .so and int8 VGG16 travel in CARRY, as for train_quality_gpu.py):
     python3 benchmarks/train_memory_gpu.py --carry .carry_mem --clip phone_framed \
-        --cases 512:150000:before 512:150000:default 256:150000:default --out $OUT/train_memory.json
+        --cases 512:150000:whole_recompute 512:150000:default 256:150000:default --out $OUT/train_memory.json
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-VARIANTS = ("default", "keep_activations", "fixed_segments", "before")
+VARIANTS = ("default", "whole_recompute", "keep_activations", "fixed_segments", "before")
 
 
 def joint_vgg_forward(self, pred, target):
@@ -63,6 +65,10 @@ def run_case(dataset: Path, resolution: int, n_gaussians: int, variant: str, ite
 
     if variant == "before":
         losses.PerceptualLoss.forward = joint_vgg_forward
+    if variant == "whole_recompute":
+        from egstalker.model.deformation import DeformationNetwork
+
+        DeformationNetwork.RECOMPUTE_CHUNK_ROWS = 2**62
     config = TrainConfig()
     config.data.resolution = resolution
     config.data.num_workers = workers

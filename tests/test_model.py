@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from egstalker.errors import EgstalkerError
+from egstalker.model import deformation as deformation_module
 from egstalker.model.audio_adapter import AudioAdapter
 from egstalker.model.folder import MODEL_FORMAT_VERSION, ModelInfo, PoseSources, load_model, write_model
 from egstalker.model.gaussians import PARAM_NAMES
@@ -149,14 +150,23 @@ def test_inference_chunks_give_the_same_offsets(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_recomputing_the_network_in_backward_gives_the_same_gradients_from_less_memory():
-    """Activation checkpointing in training (dropout on): same loss and gradients, and the per-Gaussian
-    activations are no longer kept for the backward pass."""
+@pytest.mark.parametrize("chunk_rows", [None, 2 * 70])
+def test_recomputing_the_network_in_backward_gives_the_same_gradients_from_less_memory(monkeypatch, chunk_rows):
+    """Activation checkpointing in training: same loss and gradients, and the per-Gaussian activations are no
+    longer kept for the backward pass. In one chunk with dropout on (the same masks are drawn again); in five
+    chunks of 70 Gaussians x 2 frames with dropout off (chunks draw their masks piece by piece)."""
+    if chunk_rows is not None:
+        monkeypatch.setattr(deformation_module.DeformationNetwork, "RECOMPUTE_CHUNK_ROWS", chunk_rows)
+    regions = []
+    checkpoint = deformation_module.checkpoint
+    monkeypatch.setattr(deformation_module, "checkpoint", lambda *a, **k: regions.append(1) or checkpoint(*a, **k))
 
     def step(recompute: bool) -> tuple[float, dict, int]:
         torch.manual_seed(7)  # the same network weights and dropout masks in both runs
         model = small_head(n=300).train()
         model.deformation.recompute_in_backward = recompute
+        if chunk_rows is not None:
+            model.deformation.dropout.p = 0.0
         viewmats, K = cameras(2)
         audio, au45 = frame_inputs(model, 2)
         kept = []
@@ -175,6 +185,7 @@ def test_recomputing_the_network_in_backward_gives_the_same_gradients_from_less_
 
     loss_kept, grads_kept, saved_kept = step(False)
     loss_again, grads_again, saved_again = step(True)
+    assert len(regions) == (1 if chunk_rows is None else 5)  # 300 Gaussians in chunks of 70
     assert loss_again == pytest.approx(loss_kept, rel=1e-6)
     assert grads_kept.keys() == grads_again.keys() and "deformation.heads.means.0.weight" in grads_kept
     for name, g in grads_kept.items():

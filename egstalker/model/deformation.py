@@ -153,9 +153,14 @@ class DeformationNetwork(nn.Module):
     recompute_in_backward: bool = False
     """Training only: keep none of the per-Gaussian activations between the forward and backward passes and
     compute them again in the backward pass (activation checkpointing; dropout draws the same masks). They are
-    3.3 GiB at 150k Gaussians x 4 frames (benchmarks/activation_memory_cpu.py); the backward pass still holds them
-    all for a moment, so a step's peak fell by 2.3 GiB at 512x512 (benchmarks/train_memory_gpu.py). The price is a
-    second forward pass of this network. Set by the trainer from `ModelConfig.recompute_network`."""
+    3.3 GiB at 150k Gaussians x 4 frames (benchmarks/activation_memory_cpu.py). The Gaussians go through in
+    chunks of `RECOMPUTE_CHUNK_ROWS` (frame, Gaussian) rows, each checkpointed on its own, so the backward pass
+    recomputes and frees one chunk at a time instead of holding every activation at once. The price is a second
+    forward pass of this network. Set by the trainer from `ModelConfig.recompute_network`."""
+
+    RECOMPUTE_CHUNK_ROWS = 2**17
+    """With `recompute_in_backward`, at most this many (frame, Gaussian) rows are recomputed at once: about 0.7 GiB
+    of activations (5.7 KB a row), against 3.3 GiB for the 600k rows of 150k Gaussians x 4 frames in one piece."""
 
     INFERENCE_CHUNK_ROWS = 2**19
     """In eval mode without autograd, at most this many (frame, Gaussian) rows go through the network at once:
@@ -167,7 +172,7 @@ class DeformationNetwork(nn.Module):
         b, n = tokens.shape[0], cache.features.shape[0]
         if self.training or torch.is_grad_enabled():
             if self.recompute_in_backward and torch.is_grad_enabled():
-                return checkpoint(self._forward, cache, tokens, use_reentrant=False)
+                return self._recomputed_forward(cache, tokens)
             return self._forward(cache, tokens)
         net = self
         if self.inference_dtype is not None and tokens.device.type == "cuda":
@@ -187,6 +192,17 @@ class DeformationNetwork(nn.Module):
         return Offsets(**{name: (getattr(parts[0], name) if len(parts) == 1
                                  else torch.cat([getattr(part, name) for part in parts], dim=1)).float()
                           for name in HEAD_NAMES})
+
+    def _recomputed_forward(self, cache: SpatialCache, tokens: torch.Tensor) -> Offsets:
+        """`_forward` in chunks of Gaussians, each recomputed in the backward pass. split, not slicing: a slice's
+        backward writes its gradient into a zero-filled copy of the whole tensor, once per chunk."""
+        step = max(1, self.RECOMPUTE_CHUNK_ROWS // tokens.shape[0])
+        chunks = zip(cache.features.split(step), cache.queries.split(step))
+        parts = [checkpoint(self._forward, SpatialCache(features=features, queries=queries), tokens,
+                            use_reentrant=False) for features, queries in chunks]
+        if len(parts) == 1:
+            return parts[0]
+        return Offsets(**{name: torch.cat([getattr(part, name) for part in parts], dim=1) for name in HEAD_NAMES})
 
     def _reduced_precision_copy(self) -> "DeformationNetwork":
         """This network with its weights in `inference_dtype`, kept outside the module tree (not saved, not

@@ -73,10 +73,12 @@ class ModelConfig:
     0.715 vs 0.713, GPU renders the same on average), so off; docs/model.md "Three more tries"."""
     recompute_network: bool = True
     """Training only: compute the per-Gaussian network's activations again in the backward pass instead of
-    keeping them (`DeformationNetwork.recompute_in_backward`). At the 150k-Gaussian cap on an H200 the peak falls
+    keeping them (`DeformationNetwork.recompute_in_backward`). At the 150k-Gaussian cap on an H200 the peak fell
     from 6.2 to 3.9 GiB at 512x512 (4.1 -> 3.9 at 256) for one more forward pass of the network a step: 1-6 %
     fewer steps per second in three short same-call pairs, within those runs' noise (benchmarks/train_memory_gpu.py).
-    The CPU preview, short of time rather than memory, turns it off."""
+    It now recomputes in chunks of Gaussians, which cuts the network's own peak from 3.8 to 1.1 GiB on the CPU
+    (benchmarks/network_peak_memory_cpu.py; not yet measured on a GPU). The CPU preview, short of time rather
+    than memory, turns it off."""
     pose_dropout: float = 0.0
     """Probability of hiding a training frame's pose token (so the mouth cannot key on memorised poses).
     Measured once on the H100 (with lip_l1 1.0, coarse 0.1): mouth corr obama 0.73 -> 0.90 but lieu
