@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from egstalker import __version__
 from egstalker.errors import EgstalkerError
@@ -38,18 +40,33 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # stage not built yet
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
 
 
+RESUMING = {"train": "run the same command with --resume to continue",
+            "preprocess": "run the same command again to continue",
+            "run": "run the same command again to continue (finished stages are reused)"}
+"""What an interrupted command leaves to go on from; the others write their output only when complete."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser, with its usage line, not the top-level one
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # `kill` and service managers stop with SIGTERM: clean up as on Ctrl-C (temporary files, workers)
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return int(args._run(args) or 0)
     except EgstalkerError as e:
         print(f"egstalker {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        again = "the same command with --resume" if args.command == "train" else "the same command again"
-        print(f"egstalker {args.command}: interrupted; run {again} to continue", file=sys.stderr)
+        left = RESUMING.get(args.command, "nothing was written")
+        print(f"egstalker {args.command}: interrupted; {left}", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

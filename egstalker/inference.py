@@ -26,7 +26,7 @@ from egstalker.audio.base import window_offsets
 from egstalker.dataset.layout import DatasetLayout
 from egstalker.dataset.reader import load_background, load_torso_rgba
 from egstalker.errors import EgstalkerError
-from egstalker.model.folder import ModelInfo, PoseSources, load_model, read_poses
+from egstalker.model.folder import ModelInfo, PoseSources, check_dataset_matches, load_model, read_poses
 from egstalker.preprocess.pipeline import outdated_dataset_note
 
 PoseMode = Literal["dataset", "loop", "static"]
@@ -120,7 +120,8 @@ class TalkingHead:
         layout = DatasetLayout(dataset)
         if not layout.background.exists() or not layout.torso_dir.is_dir():
             raise EgstalkerError(f"the model's torso/background source, dataset {dataset}, is missing or incomplete; "
-                                 "pass the dataset folder it was trained on (dataset_dir=...)")
+                                 "pass the dataset folder it was trained on (--dataset DIR)")
+        check_dataset_matches(info, poses, dataset)
         stale = outdated_dataset_note(dataset)
         if stale:  # e.g. torso images from before the chin/neck seam fix
             warnings.warn(stale, stacklevel=2)

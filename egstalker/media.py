@@ -64,9 +64,9 @@ def _open(path: str | os.PathLike):
 
     path = Path(path)
     if not path.exists():
-        raise EgstalkerError(f"{path} does not exist; give the path of a video file")
+        raise EgstalkerError(f"{path} does not exist; check the path")
     if path.is_dir():
-        raise EgstalkerError(f"{path} is a folder; give the path of a video file")
+        raise EgstalkerError(f"{path} is a folder; give the path of a video or audio file")
     try:
         return av.open(str(path))
     except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as e:

@@ -95,6 +95,31 @@ def _check_model_features(model_dir: Path, dataset: Path, encoder: str | None) -
                              f"'{encoder}'; give another --model folder or delete {model_dir}")
 
 
+def _check_model_resolution(model_dir: Path, resolution: int | None) -> None:
+    """An explicit --resolution other than the one a model folder was trained at can be neither reused nor
+    resumed: the video would come out at the old size."""
+    saved = model_dir / "train_config.json"
+    if resolution is None or not saved.is_file():
+        return
+    import json
+
+    trained_at = json.loads(saved.read_text()).get("data", {}).get("resolution")
+    if trained_at != resolution:
+        size = f"{trained_at} px" if trained_at else "the dataset's size"
+        raise EgstalkerError(f"{model_dir} was trained at {size} and --resolution asks for {resolution} px; give "
+                             "another --model folder, or drop --resolution to reuse it")
+
+
+def apply_training_overrides(config, iterations: int | None, resolution: int | None):
+    """`run`'s --iterations (trained in full, whatever the time) and --resolution on a TrainConfig."""
+    if iterations is not None:
+        config.schedule.iterations = iterations
+        config.schedule.time_budget_minutes = None
+    if resolution is not None:
+        config.data.resolution = resolution
+    return config
+
+
 def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike | None = None,
                  dataset_dir: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None,
                  iterations: int | None = None, resolution: int | None = None, device: str = "cpu",
@@ -117,8 +142,12 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
     """
     from egstalker.render.api import load_speech
 
+    from egstalker.render.video import check_video_output
+
     paths = RunPaths.defaults(video, audio, output, dataset_dir, model_dir)
-    load_speech(audio)  # refuse unreadable or silent speech before hours of work
+    load_speech(audio)  # refuse unreadable or silent speech, or an output that cannot be written, before hours of work
+    check_video_output(paths.output, inputs=(video, audio))
+    _check_model_resolution(paths.model, resolution)
     result = RunResult(paths)
 
     # 1. preprocess (resumes by itself: complete tasks are skipped)
@@ -148,12 +177,7 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
     from egstalker.train.config import TrainConfig
     from egstalker.train.trainer import train
 
-    config = TrainConfig() if config is None else config
-    if iterations is not None:  # an explicit count is trained in full, whatever the time
-        config.schedule.iterations = iterations
-        config.schedule.time_budget_minutes = None
-    if resolution is not None:
-        config.data.resolution = resolution
+    config = apply_training_overrides(TrainConfig() if config is None else config, iterations, resolution)
     target = config.schedule.iterations
     saved = paths.model / "train_config.json"
     if config.schedule.time_budget_minutes and saved.is_file():

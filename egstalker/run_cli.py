@@ -34,22 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from egstalker.errors import EgstalkerError
-    from egstalker.pipeline_run import run_pipeline
-    from egstalker.render.cli import default_device
+    from egstalker.devices import resolve_device
+    from egstalker.pipeline_run import apply_training_overrides, run_pipeline
+    from egstalker.train.config import describe_length, preset_config, resolve_quality
 
-    device = args.device or default_device()
-    if device.startswith("cuda"):
-        import torch
+    device = resolve_device(args.device)
 
-        if not torch.cuda.is_available():
-            raise EgstalkerError("--device cuda was asked for but this PyTorch sees no CUDA GPU; use --device cpu")
-    from egstalker.train.config import preset_config, resolve_quality
-
-    config = preset_config(args.quality, device)
+    config = apply_training_overrides(preset_config(args.quality, device), args.iterations, args.resolution)
     if args.quality == "auto" and resolve_quality("auto", device) == "preview" and not args.quiet:
-        print("egstalker run: no GPU here; training with the 'preview' preset (128 px, about 10 minutes on 2 "
-              "cores); --quality full for the GPU defaults")
+        print(f"egstalker run: no GPU here; training with the 'preview' preset ({describe_length(config)}); "
+              "--quality full for the GPU defaults")
     result = run_pipeline(args.video, args.audio, args.output, dataset_dir=args.dataset, model_dir=args.model,
                           iterations=args.iterations, resolution=args.resolution, device=device, pose=args.pose,
                           show_progress=not args.quiet, config=config, audio_features=args.audio_features)

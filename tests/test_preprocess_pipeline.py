@@ -323,6 +323,8 @@ def test_interrupted_task_leaves_nothing_and_resumes(tmp_path, monkeypatch):
 
 
 def test_failed_task_on_new_folder_leaves_no_dataset(tmp_path, monkeypatch):
+    """A new or empty folder is left as it was; a folder of other files is refused before anything is written;
+    a dataset being resumed keeps its completed tasks."""
     video = remux(shared_media("video/aoc_8s_512.mp4"), tmp_path / "clip.mp4", 2.5)
 
     def no_face(*args):
@@ -332,10 +334,19 @@ def test_failed_task_on_new_folder_leaves_no_dataset(tmp_path, monkeypatch):
     with pytest.raises(EgstalkerError, match="no face"):
         preprocess(video, tmp_path / "new", tasks=BASIC, config=FAST, show_progress=False)
     assert not (tmp_path / "new").exists()
-    (tmp_path / "existing").mkdir()
-    with pytest.raises(EgstalkerError):
-        preprocess(video, tmp_path / "existing", tasks=BASIC, config=FAST, show_progress=False)
-    assert json.loads((tmp_path / "existing" / "meta.json").read_text())["tasks_complete"] == [1, 2]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EgstalkerError, match="no face"):
+        preprocess(video, tmp_path / "empty", tasks=BASIC, config=FAST, show_progress=False)
+    assert (tmp_path / "empty").is_dir() and not list((tmp_path / "empty").iterdir())
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my files")
+    with pytest.raises(EgstalkerError, match="holds other files and is not an egstalker dataset"):
+        preprocess(video, tmp_path / "mine", tasks=BASIC, config=FAST, show_progress=False)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    preprocess(video, tmp_path / "resumed", tasks=[1, 2], config=FAST, show_progress=False)
+    with pytest.raises(EgstalkerError, match="no face"):
+        preprocess(video, tmp_path / "resumed", tasks=BASIC, config=FAST, show_progress=False)
+    assert json.loads((tmp_path / "resumed" / "meta.json").read_text())["tasks_complete"] == [1, 2]
 
 
 def _bad_input(tmp_path, capsys, args, message, dataset=None):

@@ -115,6 +115,80 @@ def test_cli_bad_inputs_print_one_line(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_outputs_that_cannot_take_a_video_are_refused_before_any_work(tmp_path, capsys):
+    speech = write_speech(tmp_path / "speech.wav", 1.0)
+    filmed = tmp_path / "filmed.mp4"  # a video's sound can drive the head too
+    shutil.copy(shared_media("video/aoc_8s_512.mp4"), filmed)
+    filmed_bytes = filmed.read_bytes()
+    (tmp_path / "file.txt").write_text("x")
+    for audio, output, message in [(speech, tmp_path, "is a folder; give the video's file name"),
+                                   (speech, tmp_path / "talk.avi", "give a name ending in .mp4"),
+                                   (speech, tmp_path / "talk", "give a name ending in .mp4"),
+                                   (speech, speech, "give a name ending in .mp4"),
+                                   (filmed, filmed, "is also an input"),
+                                   (speech, tmp_path / "file.txt" / "talk.mp4", "choose a writable output path")]:
+        # the model folder does not exist: the output is checked first
+        assert main(["render", str(tmp_path / "no_model"), "--audio", str(audio), "-o", str(output)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("egstalker render: error:") and message in err and "\n" not in err, err
+    assert filmed.read_bytes() == filmed_bytes
+    # `run` checks it before preprocessing and training: no dataset folder is made
+    video = shared_media("video/aoc_8s_512.mp4")
+    assert main(["run", str(video), "--audio", str(speech), "-o", str(tmp_path / "talk.avi"), "--dataset",
+                 str(tmp_path / "ds"), "--model", str(tmp_path / "m"), "--quiet"]) == 2
+    assert "ending in .mp4" in capsys.readouterr().err and not (tmp_path / "ds").exists()
+
+
+def test_command_line_slips_are_named_by_the_subcommand(tmp_path, capsys):
+    import torch
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["render", "model", "--audio", "speech.wav", "--bogus"])
+    assert exit_.value.code == 2 and "egstalker render: error: unrecognized arguments: --bogus" in capsys.readouterr().err
+    if torch.cuda.is_available():
+        return
+    speech = write_speech(tmp_path / "speech.wav", 1.0)
+    for argv in (["render", str(tmp_path / "m"), "--audio", str(speech)], ["eval", str(tmp_path / "m")],
+                 ["train", str(tmp_path / "d"), "-o", str(tmp_path / "m")]):
+        assert main([*argv, "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"egstalker {argv[0]}: error: --device cuda was asked for but this PyTorch sees no CUDA GPU" in err
+        assert "\n" not in err
+
+
+def test_sigterm_stops_a_render_like_ctrl_c_leaving_no_partial_video(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from egstalker.render import cli as render_cli
+
+    out = tmp_path / "talk.mp4"
+
+    def render_until_terminated(args):
+        with Mp4Writer(out, 64, 64) as writer:
+            for i in range(100):
+                writer.write(np.zeros((64, 64, 3), np.uint8))
+                if i == 10:
+                    os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a service manager sends it
+        return 0
+
+    monkeypatch.setattr(render_cli, "run", render_until_terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["render", "model", "--audio", "speech.wav"]) == 130
+    assert "egstalker render: interrupted; nothing was written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_run_refuses_a_model_of_another_resolution(small_model):
+    from egstalker.pipeline_run import _check_model_resolution
+    from fixtures_models import SMALL_MODEL_RESOLUTION
+
+    _check_model_resolution(small_model, None)
+    _check_model_resolution(small_model, SMALL_MODEL_RESOLUTION)
+    with pytest.raises(EgstalkerError, match=f"trained at {SMALL_MODEL_RESOLUTION} px and --resolution asks for 64"):
+        _check_model_resolution(small_model, 64)
+
+
 # --- a real small model (built once per session)
 
 def test_render_ten_seconds_gives_250_frames_with_sound(small_model, tmp_path):
@@ -284,3 +358,24 @@ def test_a_dataset_made_before_a_preprocessing_fix_is_named(small_model, small_d
     (old / "meta.json").write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match=r"task 6 \(torso\).*egstalker preprocess VIDEO -o .* redoes just that"):
         TalkingHead.from_dir(small_model, dataset_dir=old)
+
+
+def test_a_dataset_of_other_footage_is_refused(small_model, small_dataset, tmp_path):
+    """Another video's dataset would put this head on that video's torso and background: refused, also for a
+    model written before model.json recorded its footage (by the torso images its pose frames need)."""
+    from egstalker.model.folder import check_dataset_matches, dataset_source, read_model_info, read_poses
+
+    info, poses = read_model_info(small_model), read_poses(small_model)
+    assert info.dataset_source == dataset_source(small_dataset)
+    assert info.dataset_source["n_frames"] > poses.frame_ids.max()
+    check_dataset_matches(info, poses, small_dataset)
+    other = tmp_path / "other"
+    (other / "torso_imgs").mkdir(parents=True)
+    meta = json.loads((small_dataset / "meta.json").read_text())
+    meta["source_video"] = {"path": "/videos/someone_else.mp4", "bytes": 12345}
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(EgstalkerError, match=r"made from someone_else.mp4 .* pass the dataset it was trained on"):
+        check_dataset_matches(info, poses, other)
+    info.dataset_source = None  # an older model: only the pose frames' torso images can tell
+    with pytest.raises(EgstalkerError, match=rf"no torso image for frame {poses.frame_ids.max()}"):
+        check_dataset_matches(info, poses, other)

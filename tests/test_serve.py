@@ -25,7 +25,7 @@ from egstalker.serve import protocol
 from egstalker.serve.client import stream_speech
 from egstalker.serve.features import SessionSpeech
 from egstalker.serve.scheduler import ServeConfig, StreamSession
-from egstalker.serve.server import TalkingHeadServer, check_bind
+from egstalker.serve.server import TalkingHeadServer, check_address, check_bind
 from conftest import shared_media
 
 
@@ -564,6 +564,25 @@ def test_binding_beyond_localhost_needs_a_token():
     from egstalker.cli import main
 
     assert main(["serve", "no/such/model", "--host", "0.0.0.0", "--token", ""]) == 2
+
+
+def test_an_address_the_server_cannot_listen_on_is_refused_before_the_model_loads():
+    import socket
+
+    from egstalker.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(EgstalkerError, match=rf"127.0.0.1:{port}: the port is in use; choose another --port"):
+            check_address("127.0.0.1", port)
+    check_address("127.0.0.1", port)  # free again
+    with pytest.raises(EgstalkerError, match="--port 70000 is not a TCP port"):
+        check_address("127.0.0.1", 70000)
+    with pytest.raises(EgstalkerError, match="--host no.such.host.invalid does not resolve"):
+        check_address("no.such.host.invalid", 8010)
+    assert main(["serve", "no/such/model", "--port", "-1"]) == 2  # refused before the model folder is read
 
 
 @pytest.mark.parametrize("flag", ["--device", "--encoder-device"])

@@ -454,3 +454,47 @@ def test_quality_presets():
     assert preset_config("preview", "cuda:0") == preview
     with pytest.raises(EgstalkerError, match="unknown quality"):
         preset_config("best", "cpu")
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(small_dataset, tmp_path, monkeypatch):
+    def unreadable(self):
+        raise EgstalkerError("cannot read gt_imgs/3.jpg (missing or corrupt)")
+
+    monkeypatch.setattr(Trainer, "_initial_model", unreadable)
+    with pytest.raises(EgstalkerError, match="gt_imgs/3.jpg"):
+        train(small_dataset, tmp_path / "m", tiny_config(5), show_progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_damaged_model_folder_is_named_and_resume_writes_it_again(small_model, small_dataset, tmp_path):
+    import re
+    import shutil
+
+    from egstalker.inference import TalkingHead
+    from fixtures_models import SMALL_MODEL_ITERATIONS
+
+    model = shutil.copytree(small_model, tmp_path / "model")
+    original = torch.load(model / "model.pt", weights_only=True)
+    for name, damage, message in [
+        ("poses.npz", lambda data: b"not a zip", "poses.npz is damaged"),
+        ("model.json", lambda data: re.sub(rb'"n_gaussians": \d+', b'"n_gaussians": "many"', data),
+         "model.json holds an architecture that cannot be built"),
+        ("model.pt", lambda data: data[:1000], r"model.pt is damaged .*--resume` writes it again")]:
+        intact = (model / name).read_bytes()
+        (model / name).write_bytes(damage(intact))
+        with pytest.raises(EgstalkerError, match=message):
+            TalkingHead.from_dir(model)
+        if name != "model.pt":
+            (model / name).write_bytes(intact)
+    # a finished run resumed writes its model files again from the last checkpoint
+    train(small_dataset, model, tiny_config(SMALL_MODEL_ITERATIONS), resume=True, show_progress=False)
+    head = TalkingHead.from_dir(model)
+    repaired = head.model.state_dict()
+    assert repaired.keys() == original.keys()
+    for name, value in original.items():
+        torch.testing.assert_close(repaired[name].cpu(), value, msg=name)
+    checkpoint = model / "checkpoints" / f"step_{SMALL_MODEL_ITERATIONS:07d}.pt"
+    with open(checkpoint, "r+b") as f:
+        f.truncate(5000)
+    with pytest.raises(EgstalkerError, match=r"last checkpoint .* is damaged .*delete it to resume from the one"):
+        train(small_dataset, model, tiny_config(SMALL_MODEL_ITERATIONS + 2), resume=True, show_progress=False)

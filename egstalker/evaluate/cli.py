@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 HELP = "score a model on its held-out frames: PSNR, SSIM, LPIPS, mouth LMD and correlation, frames/s"
@@ -29,12 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from egstalker.devices import resolve_device
     from egstalker.evaluate.evaluate import evaluate
     from egstalker.inference import TalkingHead
-    from egstalker.render.cli import default_device
 
     # the held-out frames come with their dataset's audio features: the encoder itself is not needed
-    head = TalkingHead.from_dir(args.model_dir, device=args.device or default_device(), dataset_dir=args.dataset,
+    head = TalkingHead.from_dir(args.model_dir, device=resolve_device(args.device), dataset_dir=args.dataset,
                                 check_encoder=False)
     result = evaluate(head, split=args.split, max_frames=args.max_frames, batch_size=args.batch_size,
                       lpips_net=args.lpips_net, report_dir=args.report, show_progress=not args.json,
@@ -45,8 +46,11 @@ def run(args: argparse.Namespace) -> int:
     r = result
     print(f"{args.model_dir} on {r.n_frames} {r.split} frames ({r.width}x{r.height}, {r.device}):")
     print(f"  PSNR {r.psnr:.2f} dB   SSIM {r.ssim:.4f}   LPIPS-{r.lpips_net} {r.lpips:.4f}")
+    interval = (f"95% interval {r.mouth_corr_low:.2f} to {r.mouth_corr_high:.2f}"
+                if math.isfinite(r.mouth_corr_low) and math.isfinite(r.mouth_corr_high)
+                else "too few frames for an interval")
     print(f"  LMD {r.lmd:.4f} of eye distance ({r.lmd_px:.2f} px)   mouth-opening corr {r.mouth_corr:.3f} "
-          f"(95% interval {r.mouth_corr_low:.2f}-{r.mouth_corr_high:.2f}; {r.mouth_frames} frames with faces)")
+          f"({interval}; {r.mouth_frames} frames with faces)")
     if args.lipsync_controls:
         print(f"  lip-sync controls: mouth corr {r.mouth_corr_frozen_pose:.3f} with every frame in one pose (follows "
               f"the audio only), {r.mouth_corr_shifted_audio:.3f} with audio 2 s later (should be near 0)")

@@ -258,7 +258,11 @@ def _report_video_writer(report_dir: Path, head: "TalkingHead", frames: HeldOutF
     from egstalker.media import read_audio
     from egstalker.render.video import Mp4Writer
 
-    report_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EgstalkerError(f"cannot create the report folder {report_dir} ({e.strerror}); give --report a new or "
+                             "existing folder") from None
     audio = None
     wav_path = DatasetLayout(frames.dataset_dir).audio_wav
     if wav_path.exists() and n_frames:

@@ -45,11 +45,43 @@ class ModelInfo:
     fps: float = 25.0
     sample_rate: int = 16000
     format_version: int = MODEL_FORMAT_VERSION
+    dataset_source: dict | None = None
+    """What identifies the dataset's footage (`dataset_source`): its source video's name and size and its frame
+    count, from meta.json; None for a dataset without meta.json or a model written before it was recorded."""
 
     def to_json(self) -> dict:
         return {"format_version": self.format_version, "step": self.step, "encoder_name": self.encoder_name,
                 "width": self.width, "height": self.height, "fps": self.fps, "sample_rate": self.sample_rate,
-                "dataset": self.dataset, "n_train_frames": self.n_train_frames, "spec": self.spec.to_json()}
+                "dataset": self.dataset, "n_train_frames": self.n_train_frames, "dataset_source": self.dataset_source,
+                "spec": self.spec.to_json()}
+
+
+def dataset_source(dataset_dir: str | Path) -> dict | None:
+    """The footage a dataset was made from (source video name and bytes, frame count), from its meta.json; None
+    without one (a peer's dataset)."""
+    path = Path(dataset_dir) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+        video = meta["source_video"]
+        return {"video": Path(video["path"]).name, "video_bytes": int(video["bytes"]), "n_frames": int(meta["n_frames"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_dataset_matches(info: ModelInfo, poses: PoseSources, dataset_dir: str | Path) -> None:
+    """Raise EgstalkerError when `dataset_dir` is not the footage the model was trained on: its torso images and
+    background would be another video's, composited under this head without a word."""
+    found = dataset_source(dataset_dir)
+    if info.dataset_source and found and (found["video_bytes"], found["n_frames"]) != (
+            info.dataset_source["video_bytes"], info.dataset_source["n_frames"]):
+        raise EgstalkerError(f"dataset {dataset_dir} was made from {found['video']} ({found['n_frames']} frames), but "
+                             f"the model was trained on {info.dataset_source['video']} "
+                             f"({info.dataset_source['n_frames']} frames); pass the dataset it was trained on")
+    last = int(poses.frame_ids.max()) if len(poses.frame_ids) else -1
+    if (found and found["n_frames"] <= last) or (last >= 0 and not (Path(dataset_dir) / "torso_imgs" / f"{last}.png").is_file()):
+        raise EgstalkerError(f"dataset {dataset_dir} has no torso image for frame {last}, which the model was trained "
+                             "on: it is another video's dataset or incomplete; pass the dataset the model was trained "
+                             "on (re-run `egstalker preprocess` on its video if it is incomplete)")
 
 
 @dataclass
@@ -113,7 +145,8 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
         return ModelInfo(spec=ModelSpec.from_json(data["spec"]), encoder_name=encoder_name,
                          width=int(data["width"]), height=int(data["height"]), dataset=data["dataset"],
                          n_train_frames=int(data["n_train_frames"]), step=int(data.get("step", 0)),
-                         fps=float(data.get("fps", 25.0)), sample_rate=int(data.get("sample_rate", 16000)))
+                         fps=float(data.get("fps", 25.0)), sample_rate=int(data.get("sample_rate", 16000)),
+                         dataset_source=data.get("dataset_source"))
     except (KeyError, TypeError) as e:
         raise EgstalkerError(f"{path} lacks field {e}; the model folder is damaged, train again") from None
 
@@ -125,8 +158,16 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
     weights = model_dir / "model.pt"
     if not weights.exists():
         raise EgstalkerError(f"{model_dir} has no model.pt (training never wrote one); train again or --resume")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    model = GaussianHead.from_spec(info.spec)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
+        raise EgstalkerError(f"{weights} is damaged and cannot be read ({type(e).__name__}); "
+                             "`egstalker train DATASET -o MODEL --resume` writes it again from the last checkpoint") from None
+    try:
+        model = GaussianHead.from_spec(info.spec)
+    except (TypeError, ValueError) as e:
+        raise EgstalkerError(f"{model_dir / 'model.json'} holds an architecture that cannot be built ({e}); the "
+                             "model folder is damaged, train again") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -138,6 +179,10 @@ def read_poses(model_dir: str | Path) -> PoseSources:
     path = Path(model_dir) / "poses.npz"
     if not path.exists():
         raise EgstalkerError(f"{path} is missing; the model folder is incomplete, train again")
-    with np.load(path) as z:
-        return PoseSources(frame_ids=z["frame_ids"], audio_ids=z["audio_ids"], viewmats=z["viewmats"], K=z["K"],
-                           au45=z["au45"], n_train=int(z["n_train"]))
+    try:
+        with np.load(path) as z:
+            return PoseSources(frame_ids=z["frame_ids"], audio_ids=z["audio_ids"], viewmats=z["viewmats"], K=z["K"],
+                               au45=z["au45"], n_train=int(z["n_train"]))
+    except Exception as e:  # a truncated or foreign file: BadZipFile, KeyError, ValueError, OSError...
+        raise EgstalkerError(f"{path} is damaged and cannot be read ({type(e).__name__}); "
+                             "`egstalker train DATASET -o MODEL --resume` writes it again from the last checkpoint") from None

@@ -333,6 +333,10 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
     unknown = [n for n in selected if n not in by_number]
     if unknown:
         raise EgstalkerError(f"no task {unknown[0]}; tasks are {', '.join(map(str, sorted(by_number)))}")
+    empty = not output.exists() or not any(output.iterdir())
+    if not empty and not layout.meta.exists():
+        raise EgstalkerError(f"{output} holds other files and is not an egstalker dataset (no meta.json); choose a "
+                             "new or empty folder for -o DATASET_DIR")
     old_meta = read_meta(layout) if output.is_dir() else {}
     _check_same_video(layout, old_meta, new_meta)
     meta = {**new_meta, **{k: v for k, v in old_meta.items() if k not in new_meta or k == "tasks_complete"}}
@@ -364,6 +368,12 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
     except EgstalkerError:
         if created:  # bad input found by a task: leave no dataset behind
             shutil.rmtree(output, ignore_errors=True)
+        elif empty:  # nor in an empty folder the user made, which stays
+            for entry in output.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
         raise
     return output
 

@@ -165,11 +165,13 @@ def render_to_file(head: "TalkingHead", audio_path: str | os.PathLike, output: s
     """
     from tqdm import tqdm
 
-    from egstalker.render.video import Mp4Writer
+    from egstalker.render.video import Mp4Writer, check_video_output
 
     if output is None and frames_dir is None:
         raise EgstalkerError("nothing to write: give an output mp4 path and/or a frames folder")
     audio_path = Path(audio_path)
+    if output is not None:
+        check_video_output(output, inputs=(audio_path,))
     wav = load_speech(audio_path, FEATURE_RATE)
     if isinstance(background, str) or background is None:
         background = parse_background(background, head.width, head.height)

@@ -8,12 +8,6 @@ from pathlib import Path
 HELP = "render a talking-head video driven by new speech (mp4 with the audio muxed in)"
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="model folder written by `egstalker train`")
     parser.add_argument("--audio", required=True, metavar="SPEECH",
@@ -48,18 +42,22 @@ def default_output(model_dir: str | Path, audio: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from egstalker.devices import resolve_device
     from egstalker.errors import EgstalkerError
     from egstalker.inference import TalkingHead
     from egstalker.render.api import load_speech, render_to_file
+    from egstalker.render.video import check_video_output
 
     if args.no_video and not args.frames_dir:
         raise EgstalkerError("--no-video needs --frames-dir DIR (otherwise nothing would be written)")
     if args.batch_size < 1:
         raise EgstalkerError("--batch-size must be at least 1")
-    load_speech(args.audio)  # check the audio before the (slower) model load
+    load_speech(args.audio)  # check the audio and the output before the (slower) model load
     output = None if args.no_video else Path(args.output) if args.output else default_output(args.model_dir,
                                                                                               args.audio)
-    head = TalkingHead.from_dir(args.model_dir, device=args.device or default_device(), dataset_dir=args.dataset,
+    if output is not None:
+        check_video_output(output, inputs=(args.audio,))
+    head = TalkingHead.from_dir(args.model_dir, device=resolve_device(args.device), dataset_dir=args.dataset,
                                 audio_weights=args.audio_weights)
     result = render_to_file(head, args.audio, output, pose=args.pose, background=args.background,
                             frames_dir=args.frames_dir, batch_size=args.batch_size)

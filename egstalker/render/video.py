@@ -22,6 +22,33 @@ import numpy as np
 from egstalker.errors import EgstalkerError
 
 AUDIO_CHUNK = 1024  # samples per AAC frame
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
+"""Names the written file may have: all three are the same ISO media container, which players accept under them."""
+
+
+def check_video_output(path: str | os.PathLike, inputs: tuple = ()) -> Path:
+    """`path` as the Path of a video to write; EgstalkerError (one line) when it cannot be one: a folder, a name
+    that is not an mp4's, one of the `inputs` (it would be overwritten), or a place this user cannot write."""
+    path = Path(path)
+    if path.is_dir():
+        raise EgstalkerError(f"{path} is a folder; give the video's file name, e.g. {path / 'talk.mp4'}")
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise EgstalkerError(f"{path}: the video is written as MP4 (H.264 + AAC); give a name ending in .mp4")
+    for source in inputs:
+        if path.exists() and Path(source).exists() and path.samefile(source):
+            raise EgstalkerError(f"{path} is also an input ({source}); write the video to another file")
+    folder = path.absolute().parent
+    while not folder.exists():  # the folders still to be made go in the nearest one that exists
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(20, "not a folder")
+        fd, probe = tempfile.mkstemp(prefix=".egstalker_probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise EgstalkerError(f"cannot write {path} ({folder}: {e.strerror}); choose a writable output path") from None
+    return path
 
 
 def _umask() -> int:
@@ -49,7 +76,7 @@ class Mp4Writer:
                  preset: str = "veryfast"):
         import av
 
-        self.path = Path(path)
+        self.path = check_video_output(path)
         self.width, self.height = int(width), int(height)
         self.fps = float(fps)
         self.frames_written = 0

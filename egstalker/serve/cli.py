@@ -43,29 +43,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
-    import signal
     import sys
 
     from egstalker.errors import EgstalkerError
     from egstalker.serve.scheduler import ServeConfig
-    from egstalker.serve.server import check_bind, serve_forever
+    from egstalker.serve.server import check_address, check_bind, serve_forever
 
     check_bind(args.host, args.token)  # before loading the model: fail fast
+    check_address(args.host, args.port)
     if args.max_sessions < 1 or args.max_batch < 1 or args.render_queue < 1:
         raise EgstalkerError("--max-sessions, --max-batch and --render-queue must be at least 1")
     if not 1 <= args.jpeg_quality <= 100:
         raise EgstalkerError("--jpeg-quality must be between 1 and 100")
     import torch
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    encoder_device = device if args.encoder_device == "auto" else args.encoder_device
-    for flag, value in (("--device", device), ("--encoder-device", encoder_device)):
-        try:
-            torch.device(value)
-        except RuntimeError:
-            raise EgstalkerError(f"{flag} {value!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    from egstalker.devices import resolve_device
+
+    device = resolve_device(args.device)
+    encoder_device = device if args.encoder_device == "auto" else resolve_device(args.encoder_device,
+                                                                                 "--encoder-device")
     encoder_on_cpu = torch.device(encoder_device).type == "cpu"
     from egstalker.inference import TalkingHead
     from egstalker.serve.render_process import ProcessHead
@@ -92,16 +88,15 @@ def run(args: argparse.Namespace) -> int:
     config = ServeConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, jpeg_quality=args.jpeg_quality,
                          pose=args.pose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    # Service managers (systemd, docker) stop a server with SIGTERM: stop as on Ctrl-C, so the render process
-    # and its shared frames are released rather than left to the resource tracker (while serving, serve_forever
-    # takes both signals itself and returns).
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM (systemd, docker) stops as Ctrl-C does (egstalker.cli.main), so the render process and its shared
+    # frames are released rather than left to the resource tracker; while serving, serve_forever takes both
+    # signals itself and returns.
     try:
         asyncio.run(serve_forever(head, args.host, args.port, config, args.token, device))
         print("egstalker serve: stopped", file=sys.stderr)
-    except OSError as e:
-        raise EgstalkerError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); "
-                             "choose another --port or stop the program using it") from None
+    except OSError as e:  # taken while the model loaded
+        raise EgstalkerError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); use an address of this "
+                             "machine for --host and a free --port") from None
     except KeyboardInterrupt:
         print("egstalker serve: stopped", file=sys.stderr)
     finally:

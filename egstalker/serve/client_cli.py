@@ -31,6 +31,10 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.chunk_ms <= 2000:
         raise EgstalkerError("--chunk-ms must be between 1 and 2000")
     audio = load_speech(args.audio)
+    if args.output:
+        from egstalker.render.video import check_video_output
+
+        check_video_output(args.output, inputs=(args.audio,))  # before streaming, not after
     print(f"streaming {len(audio) / 16000:.2f} s of speech to {args.url} "
           f"({'as fast as possible' if args.fast else 'in real time'}) ...", flush=True)
     stream = asyncio.run(stream_speech(args.url, audio, token=args.token, realtime=not args.fast,

@@ -68,6 +68,34 @@ def check_bind(host: str, token: str | None) -> None:
                              "the model; pass --token SECRET (clients send it), or bind --host 127.0.0.1")
 
 
+def check_address(host: str, port: int) -> None:
+    """Raise EgstalkerError (one line) when the server could not listen on host:port: a port out of range, a host
+    that does not resolve to this machine, a port in use. Checked before the model loads (seconds) by a test bind."""
+    import errno
+    import socket
+
+    from egstalker.errors import EgstalkerError
+
+    if not 0 <= port <= 65535:
+        raise EgstalkerError(f"--port {port} is not a TCP port; use 1-65535 (0 picks a free one)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise EgstalkerError(f"--host {host} does not resolve ({e.strerror}); use an address of this machine, "
+                             "e.g. 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise EgstalkerError(f"cannot listen on {host}:{port}: the port is in use; choose another --port or "
+                                     "stop the program using it") from None
+            raise EgstalkerError(f"cannot listen on {host}:{port} ({e.strerror}); use an address of this machine for "
+                                 "--host and a free --port") from None
+
+
 class _Connection:
     """The socket side of one session."""
 

@@ -32,20 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from egstalker.configs import load_config
+    from egstalker.devices import resolve_device
     from egstalker.errors import EgstalkerError
-    from egstalker.train.config import TrainConfig, preset_config, resolve_quality
+    from egstalker.train.config import TrainConfig, describe_length, preset_config, resolve_quality
     from egstalker.train.trainer import train
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise EgstalkerError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EgstalkerError("--device cuda was asked for but this PyTorch sees no CUDA GPU; use --device cpu")
+    device = resolve_device(args.device)
     if Path(args.output).resolve() == Path(args.dataset).resolve():
         raise EgstalkerError("-o must name a model folder of its own, not the dataset folder")
     saved = Path(args.output) / "train_config.json"
@@ -62,9 +55,6 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(TrainConfig, args.config)
     else:
         config = preset_config(args.quality, device)
-        if args.quality == "auto" and resolve_quality("auto", device) == "preview" and not args.quiet:
-            print("egstalker train: training on the CPU with the 'preview' preset (128 px, about 10 minutes); "
-                  "--quality full for the GPU defaults")
     if args.iterations is not None:  # an explicit count is trained in full, whatever the time
         config.schedule.iterations = args.iterations
         config.schedule.time_budget_minutes = None
@@ -73,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
             config.data.resolution = args.resolution
         if args.workers is not None:
             config.data.num_workers = args.workers
+        if not args.config and args.quality == "auto" and resolve_quality("auto", device) == "preview" \
+                and not args.quiet:
+            print(f"egstalker train: training on the CPU with the 'preview' preset ({describe_length(config)}); "
+                  "--quality full for the GPU defaults")
     result = train(args.dataset, args.output, config, device=device, resume=args.resume,
                    show_progress=not args.quiet)
     psnr = (f"{result.val_psnr:.2f} dB (head {result.val_psnr_head:.2f} dB)" if result.val_psnr is not None

@@ -243,6 +243,14 @@ def resolve_quality(quality: str, device: str) -> str:
     return quality
 
 
+def describe_length(config: TrainConfig) -> str:
+    """'128 px, about 10 minutes' or '64 px, 30 iterations': the size and length a run will train, for messages."""
+    budget = config.schedule.time_budget_minutes
+    length = f"about {budget:g} minutes" if budget else f"{config.schedule.iterations} iterations"
+    size = f"{config.data.resolution} px" if config.data.resolution else "the dataset's size"
+    return f"{size}, {length}"
+
+
 def preset_config(quality: str, device: str) -> TrainConfig:
     """The TrainConfig of a quality preset: 'full' (the defaults, sized for one GPU), 'preview' (a CPU-sized run:
     128 px, ~8k Gaussians growing to at most 20k, no VGG term, about 10 minutes of training on 2 cores, enough to

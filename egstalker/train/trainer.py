@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch
 from egstalker.configs import load_config, save_config, to_dict
 from egstalker.dataset.reader import FrameDataset, load_canonical_vertices, open_dataset
 from egstalker.errors import EgstalkerError
-from egstalker.model.folder import ModelInfo, PoseSources, atomic_torch_save, write_model
+from egstalker.model.folder import ModelInfo, PoseSources, atomic_torch_save, dataset_source, write_model
 from egstalker.model.gaussians import PARAM_NAMES
 from egstalker.model.head import GaussianHead, ModelSpec, build_head
 from egstalker.model.init import dense_head_points
@@ -235,7 +236,11 @@ class Trainer:
         random.seed(config.seed)
 
         if resume:
-            state = torch.load(latest, map_location="cpu", weights_only=False)
+            try:
+                state = torch.load(latest, map_location="cpu", weights_only=False)
+            except Exception as e:  # torch raises RuntimeError, EOFError, OSError... for a damaged file
+                raise EgstalkerError(f"the last checkpoint {latest} is damaged and cannot be read ({type(e).__name__}); "
+                                     "delete it to resume from the one before it, or start again without --resume") from None
             if state.get("version") != CHECKPOINT_VERSION:
                 raise EgstalkerError(f"{latest} was written by an incompatible egstalker; start a new training")
             spec = ModelSpec.from_json(state["spec"])
@@ -331,7 +336,7 @@ class Trainer:
     def model_info(self) -> ModelInfo:
         return ModelInfo(spec=self.model.spec, encoder_name=self.train_data.encoder_name, width=self.width,
                          height=self.height, dataset=str(self.dataset_dir), n_train_frames=len(self.train_data),
-                         step=self.step)
+                         step=self.step, dataset_source=dataset_source(self.dataset_dir))
 
     def pose_sources(self) -> PoseSources:
         t, v = self.train_data, self.val_data
@@ -576,6 +581,8 @@ class Trainer:
         seconds = time.perf_counter() - t0
         if self.step > start_step or self.step == 0:
             self.save_checkpoint()
+        else:  # a finished run resumed: write the model files again from its last checkpoint (repairs a damaged one)
+            write_model(self.model_dir, self.model, self.model_info(), self.pose_sources())
         scores = self.evaluate(c.schedule.eval_frames)
         writer.add_scalar("val/psnr", scores["psnr"], self.step)
         writer.add_scalar("val/psnr_head", scores["psnr_head"], self.step)
@@ -597,9 +604,16 @@ def train(dataset_dir: str | Path, model_dir: str | Path, config: TrainConfig | 
           device: str | torch.device = "cpu", resume: bool = False, show_progress: bool = True,
           backend: str = "auto") -> TrainResult:
     """Train (or resume) a talking head on a preprocessed dataset; write the model folder. See the module doc."""
-    trainer = Trainer(dataset_dir, model_dir, config or TrainConfig(), device=device, resume=resume,
-                      show_progress=show_progress, backend=backend)
-    return trainer.run()
+    model_dir = Path(model_dir)
+    created = not model_dir.exists()
+    try:
+        trainer = Trainer(dataset_dir, model_dir, config or TrainConfig(), device=device, resume=resume,
+                          show_progress=show_progress, backend=backend)
+        return trainer.run()
+    except EgstalkerError:
+        if created and not any(model_dir.glob("checkpoints/step_*.pt")):  # nothing to resume: leave no folder
+            shutil.rmtree(model_dir, ignore_errors=True)
+        raise
 
 
 __all__ = ["Trainer", "TrainResult", "train", "IterationBatchSampler", "make_optimizer"]
