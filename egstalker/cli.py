@@ -44,10 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RESUMING = {"train": "run the same command with --resume to continue",
-            "preprocess": "run the same command again to continue",
-            "run": "run the same command again to continue (finished stages are reused)"}
-"""What an interrupted command leaves to go on from; the others write their output only when complete."""
+def interrupted_note(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves behind, and how to go on."""
+    from pathlib import Path
+
+    if args.command == "train":
+        if any(Path(args.output).glob("checkpoints/step_*.pt")):
+            return "run the same command with --resume to continue"
+        return "nothing was trained yet; run the same command again"
+    if args.command == "preprocess":
+        return "run the same command again to continue"
+    if args.command == "run":
+        return "run the same command again to continue (finished stages are reused)"
+    partial = getattr(args, "frames_dir", None) or getattr(args, "report", None)  # written as they go
+    return f"the video was not written; what was written so far is in {partial}" if partial else "nothing was written"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"egstalker {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        left = RESUMING.get(args.command, "nothing was written")
-        print(f"egstalker {args.command}: interrupted; {left}", file=sys.stderr)
+        print(f"egstalker {args.command}: interrupted; {interrupted_note(args)}", file=sys.stderr)
         return 130
     finally:
         if previous is not None:

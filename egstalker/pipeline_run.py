@@ -98,16 +98,15 @@ def _check_model_features(model_dir: Path, dataset: Path, encoder: str | None) -
 def _check_model_resolution(model_dir: Path, resolution: int | None) -> None:
     """An explicit --resolution other than the one a model folder was trained at can be neither reused nor
     resumed: the video would come out at the old size."""
-    saved = model_dir / "train_config.json"
-    if resolution is None or not saved.is_file():
+    if resolution is None or not (model_dir / "model.json").is_file():
         return
-    import json
+    from egstalker.model.folder import read_model_info
 
-    trained_at = json.loads(saved.read_text()).get("data", {}).get("resolution")
+    info = read_model_info(model_dir)
+    trained_at = max(info.width, info.height)  # --resolution sets the longer side
     if trained_at != resolution:
-        size = f"{trained_at} px" if trained_at else "the dataset's size"
-        raise EgstalkerError(f"{model_dir} was trained at {size} and --resolution asks for {resolution} px; give "
-                             "another --model folder, or drop --resolution to reuse it")
+        raise EgstalkerError(f"{model_dir} was trained at {trained_at} px and --resolution asks for {resolution} px; "
+                             "give another --model folder, or drop --resolution to reuse it")
 
 
 def apply_training_overrides(config, iterations: int | None, resolution: int | None):

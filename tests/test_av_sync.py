@@ -112,7 +112,7 @@ def test_preprocess_applies_a_forced_offset_and_refuses_a_silly_one(short_clip, 
         assert main(["preprocess", str(short_clip), "-o", str(dataset), "--task", "9", "--force", "--quiet",
                      "--audio-offset", bad]) != 0
         err = capsys.readouterr().err
-        assert f"--audio-offset" in err and words in err
+        assert "--audio-offset" in err and words in err
     assert (dataset / "transforms_train.json").read_bytes() == before  # nothing half-written
     saved = json.loads((dataset / "preprocess_config.json").read_text())
     assert saved["split"]["audio_offset_frames"] is None  # the refused values were not kept for the next run

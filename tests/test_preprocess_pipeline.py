@@ -335,9 +335,10 @@ def test_failed_task_on_new_folder_leaves_no_dataset(tmp_path, monkeypatch):
         preprocess(video, tmp_path / "new", tasks=BASIC, config=FAST, show_progress=False)
     assert not (tmp_path / "new").exists()
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".gitkeep").write_text("")  # hidden files do not make a folder someone else's
     with pytest.raises(EgstalkerError, match="no face"):
         preprocess(video, tmp_path / "empty", tasks=BASIC, config=FAST, show_progress=False)
-    assert (tmp_path / "empty").is_dir() and not list((tmp_path / "empty").iterdir())
+    assert [p.name for p in (tmp_path / "empty").iterdir()] == [".gitkeep"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("my files")
     with pytest.raises(EgstalkerError, match="holds other files and is not an egstalker dataset"):

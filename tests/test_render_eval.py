@@ -148,7 +148,8 @@ def test_command_line_slips_are_named_by_the_subcommand(tmp_path, capsys):
     if torch.cuda.is_available():
         return
     speech = write_speech(tmp_path / "speech.wav", 1.0)
-    for argv in (["render", str(tmp_path / "m"), "--audio", str(speech)], ["eval", str(tmp_path / "m")],
+    for argv in (["render", str(tmp_path / "m"), "--audio", str(speech), "-o", str(tmp_path / "talk.mp4")],
+                 ["eval", str(tmp_path / "m")],
                  ["train", str(tmp_path / "d"), "-o", str(tmp_path / "m")]):
         assert main([*argv, "--device", "cuda"]) == 2
         err = capsys.readouterr().err.strip()
@@ -379,3 +380,18 @@ def test_a_dataset_of_other_footage_is_refused(small_model, small_dataset, tmp_p
     info.dataset_source = None  # an older model: only the pose frames' torso images can tell
     with pytest.raises(EgstalkerError, match=rf"no torso image for frame {poses.frame_ids.max()}"):
         check_dataset_matches(info, poses, other)
+
+
+def test_an_interrupted_command_says_what_it_left(tmp_path):
+    from argparse import Namespace
+
+    from egstalker.cli import interrupted_note
+
+    assert interrupted_note(Namespace(command="render", frames_dir=None)) == "nothing was written"
+    assert str(tmp_path) in interrupted_note(Namespace(command="render", frames_dir=str(tmp_path)))
+    assert str(tmp_path) in interrupted_note(Namespace(command="eval", report=str(tmp_path)))
+    model = tmp_path / "model"
+    assert "run the same command again" in interrupted_note(Namespace(command="train", output=str(model)))
+    (model / "checkpoints").mkdir(parents=True)
+    (model / "checkpoints" / "step_0000000.pt").write_bytes(b"")
+    assert "--resume" in interrupted_note(Namespace(command="train", output=str(model)))

@@ -329,21 +329,19 @@ def test_sigterm_stops_the_server_and_its_render_process_cleanly(request, speech
     assert not [pid for pid in render_pids if Path(f"/proc/{pid}").exists()]
 
 
-def test_a_signal_ends_serve_forever_without_interrupting_a_running_task(small_head):
+def test_a_signal_ends_serve_forever_without_interrupting_a_running_task(small_head, capsys):
     """Ctrl-C / SIGTERM while a task is mid-step: serve_forever returns (the CLI then prints "stopped") instead of
-    a KeyboardInterrupt tearing through that task (which asyncio reported at exit as a traceback)."""
+    a KeyboardInterrupt tearing through that task (which asyncio reported at exit as a traceback), and puts the
+    signal handlers it found back (a second signal during the clean-up still cleans up). Port 0: it prints the port
+    the system picked."""
+    import re
     import signal
-    import socket
 
     from egstalker.serve.server import serve_forever
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-
     async def main():
         ready = asyncio.Event()
-        serving = asyncio.create_task(serve_forever(small_head, "127.0.0.1", port, ServeConfig(), None, "cpu",
+        serving = asyncio.create_task(serve_forever(small_head, "127.0.0.1", 0, ServeConfig(), None, "cpu",
                                                     ready=ready))
         await asyncio.wait_for(ready.wait(), 60)
         signal.raise_signal(signal.SIGINT)
@@ -356,9 +354,12 @@ def test_a_signal_ends_serve_forever_without_interrupting_a_running_task(small_h
     previous = signal.getsignal(signal.SIGINT)
     try:
         serving = asyncio.run(main())
+        assert signal.getsignal(signal.SIGINT) is previous
     finally:
         signal.signal(signal.SIGINT, previous)
     assert serving.done() and serving.exception() is None
+    port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", capsys.readouterr().out).group(1))
+    assert 0 < port < 65536
 
 
 def test_the_render_process_resolves_precision_for_its_own_device(monkeypatch):

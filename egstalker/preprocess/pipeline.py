@@ -333,8 +333,9 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
     unknown = [n for n in selected if n not in by_number]
     if unknown:
         raise EgstalkerError(f"no task {unknown[0]}; tasks are {', '.join(map(str, sorted(by_number)))}")
-    empty = not output.exists() or not any(output.iterdir())
-    if not empty and not layout.meta.exists():
+    found = set(output.iterdir()) if output.is_dir() else set()
+    new_dataset = not layout.meta.exists()
+    if new_dataset and any(not entry.name.startswith(".") for entry in found):  # hidden ones: .DS_Store, .gitkeep
         raise EgstalkerError(f"{output} holds other files and is not an egstalker dataset (no meta.json); choose a "
                              "new or empty folder for -o DATASET_DIR")
     old_meta = read_meta(layout) if output.is_dir() else {}
@@ -368,8 +369,8 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
     except EgstalkerError:
         if created:  # bad input found by a task: leave no dataset behind
             shutil.rmtree(output, ignore_errors=True)
-        elif empty:  # nor in an empty folder the user made, which stays
-            for entry in output.iterdir():
+        elif new_dataset:  # nor in a folder the user made for it, which stays as it was
+            for entry in set(output.iterdir()) - found:
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:

@@ -50,7 +50,6 @@ def run(args: argparse.Namespace) -> int:
     from egstalker.serve.server import check_address, check_bind, serve_forever
 
     check_bind(args.host, args.token)  # before loading the model: fail fast
-    check_address(args.host, args.port)
     if args.max_sessions < 1 or args.max_batch < 1 or args.render_queue < 1:
         raise EgstalkerError("--max-sessions, --max-batch and --render-queue must be at least 1")
     if not 1 <= args.jpeg_quality <= 100:
@@ -62,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     encoder_device = device if args.encoder_device == "auto" else resolve_device(args.encoder_device,
                                                                                  "--encoder-device")
+    check_address(args.host, args.port)
     encoder_on_cpu = torch.device(encoder_device).type == "cpu"
     from egstalker.inference import TalkingHead
     from egstalker.serve.render_process import ProcessHead

@@ -79,7 +79,8 @@ def check_address(host: str, port: int) -> None:
     if not 0 <= port <= 65535:
         raise EgstalkerError(f"--port {port} is not a TCP port; use 1-65535 (0 picks a free one)")
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        # "" means every interface, as aiohttp and asyncio read it
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise EgstalkerError(f"--host {host} does not resolve ({e.strerror}); use an address of this machine, "
                              "e.g. 127.0.0.1 or 0.0.0.0") from None
@@ -551,6 +552,7 @@ async def serve_forever(head, host: str, port: int, config: ServeConfig, token: 
     site = web.TCPSite(runner, host, port)
     await site.start()
     shown = f"[{host}]" if ":" in host else host
+    port = runner.addresses[0][1] if runner.addresses else port  # --port 0: the free port the system picked
     print(f"egstalker serve: http://{shown}:{port}/  (device {device}, {head.width}x{head.height} at "
           f"{head.fps:g} fps, up to {config.max_sessions} sessions, look-ahead {server.lookahead_ms:.0f} ms"
           f"{', token required' if token else ''})", flush=True)
@@ -560,17 +562,19 @@ async def serve_forever(head, host: str, port: int, config: ServeConfig, token: 
     # task runs at that moment (that task would then die mid-step and be reported at exit)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    handled = []
+    handled = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
+            previous = signal.getsignal(signum)
             loop.add_signal_handler(signum, stop.set)
-            handled.append(signum)
+            handled[signum] = previous
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or not on this platform
             pass
     try:
         await stop.wait()
     finally:
-        for signum in handled:
-            loop.remove_signal_handler(signum)
+        for signum, previous in handled.items():
+            loop.remove_signal_handler(signum)  # which leaves the default disposition: put the caller's back, so
+            signal.signal(signum, previous)     # a second signal during the clean-up below still cleans up
         await runner.cleanup()
 

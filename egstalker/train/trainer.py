@@ -239,8 +239,11 @@ class Trainer:
             try:
                 state = torch.load(latest, map_location="cpu", weights_only=False)
             except Exception as e:  # torch raises RuntimeError, EOFError, OSError... for a damaged file
+                older = sorted(self.checkpoint_dir.glob("step_*.pt"))[:-1]
+                advice = (f"delete it to resume from {older[-1].name}" if older
+                          else f"it is the only one: train again into a new folder (or delete {self.model_dir})")
                 raise EgstalkerError(f"the last checkpoint {latest} is damaged and cannot be read ({type(e).__name__}); "
-                                     "delete it to resume from the one before it, or start again without --resume") from None
+                                     f"{advice}") from None
             if state.get("version") != CHECKPOINT_VERSION:
                 raise EgstalkerError(f"{latest} was written by an incompatible egstalker; start a new training")
             spec = ModelSpec.from_json(state["spec"])
@@ -610,7 +613,7 @@ def train(dataset_dir: str | Path, model_dir: str | Path, config: TrainConfig | 
         trainer = Trainer(dataset_dir, model_dir, config or TrainConfig(), device=device, resume=resume,
                           show_progress=show_progress, backend=backend)
         return trainer.run()
-    except EgstalkerError:
+    except (EgstalkerError, KeyboardInterrupt):
         if created and not any(model_dir.glob("checkpoints/step_*.pt")):  # nothing to resume: leave no folder
             shutil.rmtree(model_dir, ignore_errors=True)
         raise
