@@ -3,7 +3,8 @@ Gaussian count, fine stage from the first step, no densification, evaluation or 
 
 The CPU preview trains as many steps as fit 10 minutes, so its quality follows this number.
 
-Run: python benchmarks/train_step_cpu.py DATASET [--gaussians 20000] [--steps 40] [--label NAME]
+Run: python benchmarks/train_step_cpu.py DATASET [--gaussians 20000] [--steps 40] [--label NAME] [--workers N]
+     [--threads N]
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ def main() -> None:
     parser.add_argument("--gaussians", type=int, default=20000, help="the preview's cap")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--label", default="")
+    parser.add_argument("--workers", type=int, default=None, help="data loading workers (default: the preset's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the training process")
     args = parser.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from egstalker.train.config import preset_config
     from egstalker.train.trainer import train
 
@@ -38,6 +45,8 @@ def main() -> None:
     config.init.volume_points = args.gaussians - config.init.surface_points
     config.schedule.eval_every = config.schedule.image_every = 0
     config.schedule.checkpoint_every = args.steps
+    if args.workers is not None:
+        config.data.num_workers = args.workers
     out = Path(tempfile.mkdtemp(prefix="egs_step_"))
     try:
         result = train(args.dataset, out / "model", config, device="cpu", show_progress=False)
@@ -45,7 +54,8 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
     print(f"{args.label or 'run'}: {result.iterations_per_second:.3f} steps/s ({result.seconds:.1f} s for "
           f"{result.steps} steps, {result.n_gaussians} Gaussians, {config.data.batch_size} frames of "
-          f"{config.data.resolution} px a step; load average {os.getloadavg()[0]:.1f})", flush=True)
+          f"{config.data.resolution} px a step; {config.data.num_workers} workers, {torch.get_num_threads()} threads; "
+          f"load average {os.getloadavg()[0]:.1f})", flush=True)
 
 
 if __name__ == "__main__":
