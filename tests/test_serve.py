@@ -547,6 +547,56 @@ def test_idle_sessions_are_closed_and_free_their_slot(running):
     assert server.wait_sessions(0)["sessions"] == 0
 
 
+def test_keep_alive_pings_do_not_count_as_activity(running, speech):
+    """The idle timeout counts only the client's own messages: a client that answers and sends WebSocket pings
+    (its heartbeat) but nothing else is closed after `idle_timeout_s`, whether it sent no speech at all or half a
+    second of it. aiohttp's `receive(timeout=...)` restarts on every ping/pong, which kept such sessions forever."""
+    import aiohttp
+
+    server = running(ServeConfig(max_sessions=2, idle_timeout_s=1.0, max_lag_s=None))
+
+    async def keep_alive_only(audio: np.ndarray | None) -> tuple[list[dict], float]:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{server.url}/ws") as ws:
+                await ws.send_str('{"type": "start"}')
+                if audio is not None:
+                    await ws.send_bytes(protocol.encode_pcm(audio))
+                last_sent = time.monotonic()
+
+                async def heartbeat() -> None:  # pings, and pongs as if answering the server's pings
+                    while True:
+                        await asyncio.sleep(0.1)
+                        await ws.ping()
+                        await ws.pong()
+
+                beating = asyncio.create_task(heartbeat())
+                got = []
+
+                async def collect() -> None:
+                    async for msg in ws:
+                        if msg.type == aiohttp.WSMsgType.TEXT:
+                            got.append(json.loads(msg.data))
+
+                try:
+                    await asyncio.wait_for(collect(), 8.0)
+                except asyncio.TimeoutError:
+                    pytest.fail(f"the session was still open 8 s after the client's last message: {got}")
+                finally:
+                    beating.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                        await beating
+                return got, time.monotonic() - last_sent
+
+    async def both():
+        return await asyncio.gather(keep_alive_only(None), keep_alive_only(speech[16000:24000]))
+
+    for got, closed_after in asyncio.run(both()):
+        assert got[0]["type"] == "ready", got
+        assert got[-1] == {"type": "error", "message": 'no message for 1 s; send speech, or {"type": "end"} when done'}
+        assert 0.9 < closed_after < 5.0
+    assert server.wait_sessions(0)["sessions"] == 0
+
+
 def test_token_is_enforced(running, speech):
     server = running(token="s3cret")
     assert server.health()["token_required"] is True

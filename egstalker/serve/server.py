@@ -109,6 +109,9 @@ class _Connection:
         self.sendable = asyncio.Event()
         """Set when a frame was queued or the utterance may be complete."""
         self.tasks: list[asyncio.Task] = []
+        self.heard = time.monotonic()
+        """When the client last sent a message of its own (speech or control; pings and pongs do not count), or
+        when the server last stopped reading it (back-pressure): the idle timeout counts from here."""
 
 
 class TalkingHeadServer:
@@ -328,13 +331,10 @@ class TalkingHeadServer:
                 conn.room.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(conn.room.wait(), 1.0)
+                conn.heard = time.monotonic()  # the client was not being read: that time is not its silence
             if ws.closed or conn.tasks[1].done():  # the sender ended: `done` was sent or the client vanished
                 return
-            try:
-                msg = await ws.receive(timeout=None if state.features.finished else self.config.idle_timeout_s)
-            except asyncio.TimeoutError:
-                raise ProtocolError(f"no message for {self.config.idle_timeout_s:.0f} s; send speech, or "
-                                    "{\"type\": \"end\"} when done") from None
+            msg = await self._receive_from_client(conn)
             if msg.type == WSMsgType.BINARY:
                 if state.features.finished:
                     raise ProtocolError("speech sent after {\"type\": \"end\"}")
@@ -358,6 +358,29 @@ class TalkingHeadServer:
                 raise ProtocolError(f"bad WebSocket message: {exc}")
             else:  # CLOSE, CLOSING, CLOSED: the client went away
                 return
+
+    async def _receive_from_client(self, conn: _Connection):
+        """The client's next message, or ProtocolError once it has sent nothing for `idle_timeout_s`.
+
+        The idle time is kept here, not by `ws.receive(timeout=...)`: aiohttp answers pings and takes pongs inside
+        `receive` and restarts that timer on each, so a client that only keeps the connection alive (its own
+        heartbeat, or answering the server's) would hold its session forever. After `end` there is no limit: the
+        socket closes once `done` is sent.
+        """
+        state, ws = conn.state, conn.ws
+        if state.features.finished:
+            return await ws.receive()
+        limit = self.config.idle_timeout_s
+        left = conn.heard + limit - time.monotonic()
+        try:
+            if left <= 0:
+                raise asyncio.TimeoutError
+            msg = await asyncio.wait_for(ws.receive(), left)
+        except asyncio.TimeoutError:
+            raise ProtocolError(f"no message for {limit:g} s; send speech, or "
+                                "{\"type\": \"end\"} when done") from None
+        conn.heard = time.monotonic()
+        return msg
 
     async def _encode_loop(self, conn: _Connection) -> None:
         loop = asyncio.get_running_loop()
