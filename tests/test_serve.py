@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -698,6 +699,82 @@ def test_client_cli_saves_an_mp4_with_audio(running, speech, tmp_path, capsys):
     with av.open(str(out)) as container:
         assert container.streams.video and container.streams.audio
         assert sum(1 for _ in container.decode(video=0)) == 13
+
+
+def test_client_cli_json_prints_only_json_on_stdout(running, speech, tmp_path, capsys):
+    from egstalker.cli import main
+
+    server = running()
+    wav_path = tmp_path / "speech.wav"
+    sf.write(wav_path, speech[16000:24000], 16000)
+    out = tmp_path / "received.mp4"
+    assert main(["client", server.url, "--audio", str(wav_path), "-o", str(out), "--json"]) == 0
+    printed = capsys.readouterr()
+    stats = json.loads(printed.out)  # the whole of stdout is one JSON object
+    assert stats["frames"] == stats["expected_frames"] == 13 and stats["error"] is None
+    assert "streaming 0.50 s of speech" in printed.err and f"saved 13 frames with their audio to {out}" in printed.err
+    assert out.exists()
+
+
+class FailingDevice:
+    """The head on a device that fails every render call after the first `good` frames."""
+
+    def __init__(self, head, good: int):
+        self._head, self._left = head, good
+
+    def __getattr__(self, name):
+        return getattr(self._head, name)
+
+    def render_frames(self, features, frame_indices, pose_indices, background=None):
+        self._left -= len(frame_indices)
+        if self._left < 0:
+            raise RuntimeError("device lost")
+        return self._head.render_frames(features, frame_indices, pose_indices, background)
+
+
+def test_client_cli_saves_nothing_of_an_incomplete_stream(small_head, speech, tmp_path, capsys):
+    """A server that stops mid-stream (Ctrl-C: it closes with 1001), or that fails and sends an error: the client
+    saves no partial video and says in one line why the stream is incomplete, at which frame, and that nothing was
+    saved."""
+    from egstalker.cli import main
+
+    wav_path = tmp_path / "speech.wav"
+    sf.write(wav_path, speech[16000:80000], 16000)  # 4 s: 100 frames
+    out = tmp_path / "received.mp4"
+
+    server = RunningServer(small_head, ServeConfig(max_lag_s=None))
+    try:
+        def stop_after_some_frames() -> None:
+            deadline = time.monotonic() + 60
+            while server.health()["frames_rendered"] < 5 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            server.close()
+
+        stopper = threading.Thread(target=stop_after_some_frames, daemon=True)
+        stopper.start()
+        assert main(["client", server.url, "--audio", str(wav_path), "-o", str(out)]) == 2
+        stopper.join(60)
+    finally:
+        server.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("streaming 4.00 s"), err  # progress, then one error line
+    assert re.fullmatch(r"egstalker client: error: stream incomplete at frame \d+ of 100: the server closed the "
+                        r"connection \(code 1001: server shutting down\); nothing was saved to " + re.escape(str(out)),
+                        err[1]), err[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav"]  # no video, no temporary file
+
+    server = RunningServer(FailingDevice(small_head, good=8), ServeConfig(max_lag_s=None, max_batch=4))
+    try:
+        assert main(["client", server.url, "--audio", str(wav_path), "-o", str(out), "--fast", "--json"]) == 2
+    finally:
+        server.close()
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["error"] == "rendering failed: device lost"
+    error = printed.err.strip().splitlines()[-1]
+    assert re.fullmatch(r"egstalker client: error: stream incomplete at frame [0-8] of 100: the server sent an "
+                        r"error: rendering failed: device lost; nothing was saved to " + re.escape(str(out)),
+                        error), error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav"]
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless test needs a system chromium")

@@ -46,6 +46,15 @@ class ReceivedStream:
     """Arrival time of each frame."""
     done_frames: int | None = None
     error: str | None = None
+    """Why the stream ended without `done`: the server's error message, how the connection closed, a time-out."""
+    server_error: str | None = None
+    """The error message the server sent, when it sent one (then also `error`)."""
+
+    @property
+    def complete(self) -> bool:
+        """The server said `done` after every frame the speech makes, and nothing went wrong."""
+        return (self.error is None and self.done_frames is not None
+                and len(self.frames) == self.done_frames == self.expected_frames)
 
     @property
     def expected_frames(self) -> int:
@@ -110,6 +119,19 @@ class ReceivedStream:
         return round(1000.0 * best / protocol.SAMPLE_RATE, 2)
 
 
+def _ended_early(msg, close_code: int | None) -> str:
+    """How a connection that closed before `done` ended, in words (close code and reason, or the error)."""
+    import aiohttp
+
+    if msg.type == aiohttp.WSMsgType.ERROR:
+        return f"the connection failed: {msg.data or 'unknown error'}"
+    code = msg.data if msg.type == aiohttp.WSMsgType.CLOSE else close_code
+    reason = msg.extra if msg.type == aiohttp.WSMsgType.CLOSE and msg.extra else ""
+    if code is None or code == 1006:  # no close frame: the server process or the network went away
+        return "the connection to the server was lost (no close message)"
+    return f"the server closed the connection (code {code}{': ' + reason if reason else ''})"
+
+
 def _percentiles(values: np.ndarray) -> dict:
     return {"p50": round(float(np.percentile(values, 50)), 1), "p95": round(float(np.percentile(values, 95)), 1),
             "p99": round(float(np.percentile(values, 99)), 1), "max": round(float(values.max()), 1)}
@@ -156,7 +178,8 @@ async def stream_speech(url: str, audio: np.ndarray, *, token: str | None = None
                 await ws.send_str('{"type": "end"}')
 
             async def receive() -> None:
-                async for msg in ws:
+                while True:
+                    msg = await ws.receive()
                     if msg.type == aiohttp.WSMsgType.BINARY:
                         result.received.append(time.monotonic())
                         result.frames.append(protocol.unpack_frame(msg.data))
@@ -168,9 +191,10 @@ async def stream_speech(url: str, audio: np.ndarray, *, token: str | None = None
                             result.done_frames = int(data["frames"])
                             return
                         elif data.get("type") == "error":
-                            result.error = str(data.get("message"))
+                            result.error = result.server_error = str(data.get("message"))
                             return
-                    else:
+                    else:  # closed before `done`: say how
+                        result.error = _ended_early(msg, ws.close_code)
                         return
 
             sender = asyncio.create_task(send())

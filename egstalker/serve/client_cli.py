@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 HELP = "stream a speech file to an `egstalker serve` server in real time, save what comes back, print timing"
 
@@ -35,23 +36,39 @@ def run(args: argparse.Namespace) -> int:
         from egstalker.render.video import check_video_output
 
         check_video_output(args.output, inputs=(args.audio,))  # before streaming, not after
+    # progress goes to stderr: stdout holds only the statistics (with --json, one JSON object)
     print(f"streaming {len(audio) / 16000:.2f} s of speech to {args.url} "
-          f"({'as fast as possible' if args.fast else 'in real time'}) ...", flush=True)
+          f"({'as fast as possible' if args.fast else 'in real time'}) ...", file=sys.stderr, flush=True)
     stream = asyncio.run(stream_speech(args.url, audio, token=args.token, realtime=not args.fast,
                                        chunk_ms=args.chunk_ms, pose=args.pose))
     stats = stream.timing()
     if args.json:
-        print(json.dumps(stats, indent=2))
+        print(json.dumps(stats, indent=2), flush=True)
     else:
         _print_stats(stats)
-    if args.output and stream.frames:
+    if not stream.complete:  # nothing half-written: an incomplete stream is not saved
+        not_saved = f"; nothing was saved to {args.output}" if args.output else ""
+        raise EgstalkerError(f"{_incomplete_reason(stream)}{not_saved}")
+    if args.output:
         save_received(stream, args.output)
-        print(f"saved {len(stream.frames)} frames with their audio to {args.output}")
-    if stream.error:
-        raise EgstalkerError(f"server: {stream.error}")
-    if stats["frames"] != stats["expected_frames"]:
-        raise EgstalkerError(f"received {stats['frames']} frames, expected {stats['expected_frames']}")
+        print(f"saved {len(stream.frames)} frames with their audio to {args.output}", file=sys.stderr)
     return 0
+
+
+def _incomplete_reason(stream) -> str:
+    """One line: why the stream is incomplete, at which frame."""
+    got, expected = len(stream.frames), stream.expected_frames
+    if stream.server_error is not None:
+        why = f"the server sent an error: {stream.server_error}"
+    elif stream.error is not None:
+        why = stream.error
+    elif stream.done_frames is not None and stream.done_frames != got:
+        why = f"the server said it sent {stream.done_frames} frames"
+    else:
+        why = f"the server ended the stream after {got} frames"
+    if stream.ready is None and not got:
+        return why  # the session never started
+    return f"stream incomplete at frame {got} of {expected}: {why}"
 
 
 def _print_stats(s: dict) -> None:
