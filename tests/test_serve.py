@@ -809,6 +809,100 @@ def test_page_streams_a_file_in_headless_chromium(running, tmp_path):
     assert first != second, "the canvas did not change: frames are not moving"
 
 
+class PortraitHead:
+    """The small (square) model as a portrait one: the middle 9:16 of its frames (54x96)."""
+
+    def __init__(self, head):
+        self._head = head
+        self.width = head.height * 9 // 16
+
+    def __getattr__(self, name):
+        return getattr(self._head, name)
+
+    def render_frames(self, features, frame_indices, pose_indices, background=None):
+        images = self._head.render_frames(features, frame_indices, pose_indices, background)
+        left = (images.shape[2] - self.width) // 2
+        return np.ascontiguousarray(images[:, :, left:left + self.width])
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless test needs a system chromium")
+def test_page_shows_frames_unstretched_and_releases_microphone_and_sound(small_head, tmp_path):
+    """A portrait model's frames are shown at their own aspect ratio (the stage was a square); a microphone session
+    the server refuses releases the microphone (it stayed open: it was handed to the session only at `ready`), as
+    does Stop;
+    Stop, and a new session, close the sound of the last one (each session left an AudioContext playing)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    head = PortraitHead(small_head)
+    server = RunningServer(head, ServeConfig(max_lag_s=None), token="s3cret")
+    wav_path = tmp_path / "speech.wav"
+    wav, _ = sf.read(shared_media("audio/speech_10s_16k.wav"), dtype="float32")
+    sf.write(wav_path, wav[16000:28800], 16000)  # 0.8 s: 20 frames
+    all_closed = "window.egsContexts.length > 0 && window.egsContexts.every((c) => c.state === 'closed')"
+    all_released = "window.egsMicrophones.every((s) => s.getTracks().every((t) => t.readyState === 'ended'))"
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS + [
+                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"])
+            try:
+                page = browser.new_page()
+                errors = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.add_init_script(TRACK_AUDIO)
+                page.goto(server.url + "/")
+                page.wait_for_function("document.getElementById('server').textContent.includes('fps')")
+                # the stage takes the model's shape from /health, before any session
+                assert page.evaluate(STAGE_RATIO) == pytest.approx(54 / 96, rel=0.02)
+
+                page.click("#mic")  # no token: the server refuses the session
+                page.wait_for_function("window.egsStats.state === 'error'", timeout=30000)
+                assert "token" in page.evaluate("window.egsStats.error")
+                page.wait_for_function(f"window.egsMicrophones.length === 1 && {all_released}", timeout=5000)
+
+                page.fill("#token", "s3cret")
+                page.click("#mic")  # accepted: the (fake) microphone streams until Stop, which releases it
+                page.wait_for_function("window.egsStats.framesReceived >= 3", timeout=120000)
+                page.click("#stop")
+                page.wait_for_function(f"window.egsMicrophones.length === 2 && {all_released} && {all_closed}",
+                                       timeout=5000)
+
+                page.set_input_files("#file", str(wav_path))
+                page.click("#play")
+                page.wait_for_function("window.egsStats.state === 'done' && window.egsStats.framesPainted > 0",
+                                       timeout=120000)
+                assert page.evaluate("[document.getElementById('stage').width, "
+                                     "document.getElementById('stage').height]") == [54, 96]
+                assert page.evaluate(STAGE_RATIO) == pytest.approx(54 / 96, rel=0.02)
+                finished = page.evaluate("window.egsContexts.length")
+                page.click("#play")  # a new session: the last one's sound is closed
+                page.wait_for_function("window.egsStats.framesReceived >= 1", timeout=120000)
+                assert page.evaluate(f"window.egsContexts.slice(0, {finished}).every((c) => c.state === 'closed')")
+                assert page.evaluate("window.egsContexts.at(-1).state") == "running"
+                page.click("#stop")  # and Stop silences the sound still queued
+                page.wait_for_function(all_closed, timeout=5000)
+            finally:
+                browser.close()
+    finally:
+        server.close()
+    assert not errors
+
+
+TRACK_AUDIO = """(() => {
+  // the test's view of the page's sound and microphone: every AudioContext and microphone stream it opens
+  window.egsContexts = []; window.egsMicrophones = [];
+  const Context = window.AudioContext;
+  window.AudioContext = class extends Context {
+    constructor(...args) { super(...args); window.egsContexts.push(this); }
+  };
+  if (navigator.mediaDevices) {
+    const getUserMedia = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+    navigator.mediaDevices.getUserMedia = async (constraints) => {
+      const stream = await getUserMedia(constraints);
+      window.egsMicrophones.push(stream);
+      return stream;
+    };
+  }
+})();"""
+STAGE_RATIO = "(() => { const r = document.getElementById('stage').getBoundingClientRect(); return r.width / r.height; })()"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--autoplay-policy=no-user-gesture-required"]

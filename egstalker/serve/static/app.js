@@ -31,6 +31,7 @@ async function loadHealth() {
     const h = await (await fetch("/health")).json();
     tokenRequired = h.token_required;
     $("token-row").hidden = !tokenRequired;
+    sizeStage(h.width, h.height);
     $("server").textContent = `${h.width}x${h.height} at ${h.fps} fps on ${h.device} - ` +
       `${h.sessions}/${h.capacity} sessions in use - look-ahead ${h.lookahead_ms} ms`;
   } catch (e) {
@@ -43,6 +44,16 @@ function wsUrl() {
   return `${scheme}//${location.host}/ws`;
 }
 
+function sizeStage(width, height) {
+  // The stage shows frames at their own aspect ratio (a portrait model is not stretched to a square): at most
+  // 512 px wide and 75% of the window high. Resizing clears the canvas, so only a new size is applied.
+  if (!(width > 0 && height > 0)) return;
+  const canvas = $("stage");
+  if (canvas.width !== width || canvas.height !== height) { canvas.width = width; canvas.height = height; }
+  canvas.style.aspectRatio = `${width} / ${height}`;
+  canvas.style.maxWidth = `min(512px, ${(75 * width / height).toFixed(3)}vh)`;
+}
+
 function setRunning(running) {
   $("stop").disabled = !running;
   $("mic").disabled = running;
@@ -50,7 +61,20 @@ function setRunning(running) {
 }
 
 // ---------------------------------------------------------------- session
+function closePlayback() {
+  // Speech already scheduled plays until its context closes: close it on Stop and before a new session, or it
+  // plays on (and under the next session); each session had left one more AudioContext open.
+  for (const item of queue) item.bitmap.close();
+  queue = []; base = null;
+  if (playCtx) { playCtx.close().catch(() => {}); playCtx = null; gain = null; }
+}
+
+// Opens a session and returns its socket; onReady(socket) runs when the server has accepted it. Handlers of an
+// older socket (still closing) do nothing once a newer session has started.
 function openSession(onReady) {
+  stopSending();
+  closePlayback();
+  if (ws) { const old = ws; ws = null; old.close(); }
   playCtx = new AudioContext();
   playCtx.resume();
   gain = playCtx.createGain();
@@ -59,24 +83,24 @@ function openSession(onReady) {
   base = null; queue = []; sentLog = []; samplesSent = 0; latencies = []; paintTimes = [];
   Object.assign(stats, { state: "connecting", framesReceived: 0, framesPainted: 0, lastIndex: -1, stalls: 0,
                          error: null, latencyMs: null, skipped: 0 });
-  ws = new WebSocket(wsUrl());
-  ws.binaryType = "arraybuffer";
-  ws.onopen = () => {
+  const socket = ws = new WebSocket(wsUrl());
+  socket.binaryType = "arraybuffer";
+  socket.onopen = () => {
     const start = { type: "start" };
     const token = $("token").value || new URLSearchParams(location.search).get("token");
     if (token) start.token = token;
-    ws.send(JSON.stringify(start));
+    socket.send(JSON.stringify(start));
   };
-  ws.onmessage = (event) => {
+  socket.onmessage = (event) => {
+    if (socket !== ws) return;
     if (typeof event.data !== "string") { onFrame(event.data); return; }
     const msg = JSON.parse(event.data);
     if (msg.type === "ready") {
-      const canvas = $("stage");
-      canvas.width = msg.width; canvas.height = msg.height;
+      sizeStage(msg.width, msg.height);
       stats.lookaheadMs = msg.lookahead_ms;
       stats.state = "streaming";
       setStatus(`streaming (session ${msg.session}, model look-ahead ${msg.lookahead_ms} ms)`);
-      onReady();
+      onReady(socket);
     } else if (msg.type === "done") {
       stats.state = "done";
       setStatus(`done: ${msg.frames} frames`);
@@ -85,15 +109,17 @@ function openSession(onReady) {
       setStatus(`server: ${msg.message}`, true);
     }
   };
-  ws.onclose = () => {
+  socket.onclose = () => {
+    if (socket !== ws) return;
     if (stats.state === "streaming" || stats.state === "connecting") {
       stats.state = "closed";
       setStatus("the connection closed", !stats.error);
     }
-    stopSending();
+    stopSending();  // whatever ended it (done, refused, an error, the network): the microphone is released
     setRunning(false);
   };
   setRunning(true);
+  return socket;
 }
 
 function sendSpeech(samples) {
@@ -122,6 +148,7 @@ function stopSending() {
 
 function stopAll() {
   stopSending();
+  closePlayback();
   if (ws) ws.close();
   stats.state = "stopped";
   setStatus("stopped");
@@ -135,24 +162,27 @@ function onFrame(buffer) {
   const index = view.getUint32(4, true), nPcm = view.getUint32(8, true), nJpeg = view.getUint32(12, true);
   const pcm = new Int16Array(buffer, HEADER, nPcm);
   const jpeg = new Uint8Array(buffer, HEADER + 2 * nPcm, nJpeg);
+  const ctx = playCtx;
+  if (!ctx) return;
   stats.framesReceived++; stats.lastIndex = index;
   trackLatency(index);
 
-  const now = playCtx.currentTime;
+  const now = ctx.currentTime;
   if (base === null) base = now + PLAYOUT_BUFFER_S - index * FRAME_S;
   let playAt = base + index * FRAME_S;
   if (playAt < now + 0.005) {  // late: shift the whole timeline (a short gap) rather than drop speech
     base += now + 0.02 - playAt; playAt = base + index * FRAME_S; stats.stalls++;
   }
-  const audio = playCtx.createBuffer(1, nPcm, RATE);
+  const audio = ctx.createBuffer(1, nPcm, RATE);
   const channel = audio.getChannelData(0);
   for (let i = 0; i < nPcm; i++) channel[i] = pcm[i] / 32768;
-  const source = playCtx.createBufferSource();
+  const source = ctx.createBufferSource();
   source.buffer = audio;
   source.connect(gain);
   source.start(playAt);
   if (nJpeg === 0) { stats.skipped++; return; }  // server overloaded: keep showing the previous image
   createImageBitmap(new Blob([jpeg], { type: "image/jpeg" })).then((bitmap) => {
+    if (ctx !== playCtx) { bitmap.close(); return; }  // stopped, or a new session, meanwhile
     let at = queue.length;  // decodes can finish out of order: keep the queue sorted by index
     while (at > 0 && queue[at - 1].index > index) at--;
     queue.splice(at, 0, { index, playAt, bitmap });
@@ -180,7 +210,11 @@ function paint() {
     show = queue.shift();
   }
   if (!show) return;
-  $("stage").getContext("2d").drawImage(show.bitmap, 0, 0);
+  const canvas = $("stage");
+  if (show.bitmap.width !== canvas.width || show.bitmap.height !== canvas.height) {
+    sizeStage(show.bitmap.width, show.bitmap.height);  // the frames' own size wins
+  }
+  canvas.getContext("2d").drawImage(show.bitmap, 0, 0, canvas.width, canvas.height);
   show.bitmap.close();
   stats.framesPainted++;
   const t = performance.now();
@@ -195,9 +229,9 @@ function paint() {
 requestAnimationFrame(paint);
 
 // ---------------------------------------------------------------- sources
-async function decodeTo16k(file) {
+async function decodeTo16k(file, ctx) {
   const data = await file.arrayBuffer();
-  const decoded = await playCtx.decodeAudioData(data);
+  const decoded = await ctx.decodeAudioData(data);
   const offline = new OfflineAudioContext(1, Math.ceil(decoded.duration * RATE), RATE);
   const source = offline.createBufferSource();
   source.buffer = decoded;
@@ -209,15 +243,17 @@ async function decodeTo16k(file) {
 async function playFile() {
   const file = $("file").files[0];
   if (!file) return;
-  openSession(async () => {
+  openSession(async (socket) => {
     let samples;
     try {
-      samples = await decodeTo16k(file);
+      samples = await decodeTo16k(file, playCtx);
     } catch (e) {
+      if (socket !== ws || socket.readyState !== WebSocket.OPEN) return;  // stopped meanwhile
       setStatus(`cannot decode ${file.name}: ${e.message || e}`, true);
       stopAll();
       return;
     }
+    if (socket !== ws || socket.readyState !== WebSocket.OPEN) return;  // stopped meanwhile
     const t0 = performance.now();
     let sent = 0;
     sendTimer = setInterval(() => {  // real-time pacing from a wall clock (timers drift; this does not)
@@ -233,6 +269,7 @@ async function playFile() {
 }
 
 async function useMicrophone() {
+  $("mic").disabled = true;  // one request at a time
   let stream;
   try {
     stream = await navigator.mediaDevices.getUserMedia({
@@ -240,14 +277,22 @@ async function useMicrophone() {
     });
   } catch (e) {
     setStatus(`no microphone: ${e.message || e}`, true);
+    setRunning(false);
     return;
   }
-  openSession(async () => {
-    micStream = stream;
-    micCtx = new AudioContext({ sampleRate: RATE });  // the browser resamples the microphone to 16 kHz
-    await micCtx.audioWorklet.addModule("/static/mic-worklet.js");
-    const node = new AudioWorkletNode(micCtx, "pcm-capture");
-    const ratio = micCtx.sampleRate / RATE;  // 1 where the browser honours the rate; else resample here
+  const socket = openSession(async () => {
+    const ctx = micCtx = new AudioContext({ sampleRate: RATE });  // the browser resamples the microphone to 16 kHz
+    try {
+      await ctx.audioWorklet.addModule("/static/mic-worklet.js");
+    } catch (e) {
+      if (micCtx !== ctx) return;  // stopped meanwhile
+      setStatus(`cannot capture the microphone: ${e.message || e}`, true);
+      stopAll();
+      return;
+    }
+    if (socket !== ws || micCtx !== ctx || micStream !== stream) return;  // stopped meanwhile: already released
+    const node = new AudioWorkletNode(ctx, "pcm-capture");
+    const ratio = ctx.sampleRate / RATE;  // 1 where the browser honours the rate; else resample here
     let pending = new Float32Array(0), phase = 0;
     node.port.onmessage = (event) => {
       let block = event.data;
@@ -266,12 +311,15 @@ async function useMicrophone() {
       for (; at + CHUNK <= joined.length; at += CHUNK) sendSpeech(joined.subarray(at, at + CHUNK));
       pending = joined.slice(at);
     };
-    micCtx.createMediaStreamSource(stream).connect(node);
-    const sink = micCtx.createGain();  // keeps the worklet pulled by the graph, silently
+    ctx.createMediaStreamSource(stream).connect(node);
+    const sink = ctx.createGain();  // keeps the worklet pulled by the graph, silently
     sink.gain.value = 0;
-    node.connect(sink).connect(micCtx.destination);
+    node.connect(sink).connect(ctx.destination);
     setStatus("listening: speak, and the head speaks with you");
   });
+  // The session owns the microphone from now on, before the server answers: every way it ends (refused: a wrong
+  // token or a full server; the connection failing; Stop) stops the tracks (stopSending).
+  micStream = stream;
 }
 
 $("file").addEventListener("change", () => setRunning(ws !== null && ws.readyState === WebSocket.OPEN));
