@@ -829,8 +829,8 @@ class PortraitHead:
 def test_page_shows_frames_unstretched_and_releases_microphone_and_sound(small_head, tmp_path):
     """A portrait model's frames are shown at their own aspect ratio (the stage was a square); a microphone session
     the server refuses releases the microphone (it stayed open: it was handed to the session only at `ready`), as
-    does Stop;
-    Stop, and a new session, close the sound of the last one (each session left an AudioContext playing)."""
+    Stop does; Stop, and a new session, close the sound of the last one (each session left an AudioContext
+    playing)."""
     playwright = pytest.importorskip("playwright.sync_api")
     head = PortraitHead(small_head)
     server = RunningServer(head, ServeConfig(max_lag_s=None), token="s3cret")
