@@ -113,6 +113,9 @@ class TalkingHead:
         preprocess_config.json), else the encoder's default. encoder_device: where the encoder runs (default
         `device`).
         """
+        from egstalker.devices import resolve_device
+
+        device = resolve_device(str(device), "device")  # "auto" too; a CUDA device this torch lacks: one line
         model_dir = Path(model_dir)
         model, info = load_model(model_dir, device)
         poses = read_poses(model_dir)

@@ -4,11 +4,11 @@
 
 Each stage is the stage's own Python API (no subprocesses) and each is reused when already finished: the
 preprocessor skips complete tasks, training is skipped when the model folder holds a finished run of the asked
-length (and resumed from its last checkpoint when interrupted), rendering is skipped when OUT.mp4 is newer than
-the model and the speech file.
+length (and resumed from its last checkpoint when interrupted), rendering is skipped when OUT.mp4 was made from
+the same model weights, speech and pose (recorded in its `comment` tag).
 
 Example:
-    >>> result = run_pipeline("data/lieu.mp4", "speech.wav", device="cuda")
+    >>> result = run_pipeline("data/lieu.mp4", "speech.wav")   # a GPU when there is one, else the CPU preview
     >>> print(result.summary())
 """
 
@@ -121,7 +121,7 @@ def apply_training_overrides(config, iterations: int | None, resolution: int | N
 
 def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike | None = None,
                  dataset_dir: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None,
-                 iterations: int | None = None, resolution: int | None = None, device: str = "cpu",
+                 iterations: int | None = None, resolution: int | None = None, device: str | None = None,
                  pose: str = "loop", show_progress: bool = True,
                  log: Callable[[str], None] | None = None, config=None,
                  audio_features: str | None = None) -> RunResult:
@@ -133,16 +133,21 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
         output: the mp4 to write (default: beside the video, <video>_<audio>.mp4).
         dataset_dir, model_dir: where the stages write (defaults: <video without extension>, <that>_model).
         iterations, resolution: training overrides (default: the training config's).
-        config: the TrainConfig to train with (default: TrainConfig(), the GPU defaults).
-        device: torch device for training and rendering.
+        config: the TrainConfig to train with (default: the `auto` quality preset for the device, as `egstalker run`
+            uses: the GPU defaults on CUDA, the 10-minute `preview` on the CPU).
+        device: torch device for training and rendering (default: cuda when available, else cpu).
         pose: head pose mode of the render ('loop', 'static', 'dataset').
-        audio_features: the dataset's audio encoder (e.g. 'mel_phones'; default: the dataset's previous choice,
-            else 'mel'). A model folder trained on other features is refused, not reused.
+        audio_features: the dataset's audio encoder (e.g. 'mel'; default: the dataset's previous choice, else
+            'whisper'). A model folder trained on other features is refused, not reused.
     """
     from egstalker.render.api import load_speech
 
     from egstalker.render.video import check_video_output
 
+    from egstalker.devices import resolve_device
+    from egstalker.train.config import preset_config
+
+    device = resolve_device(device, "device")
     paths = RunPaths.defaults(video, audio, output, dataset_dir, model_dir)
     load_speech(audio)  # refuse unreadable or silent speech, or an output that cannot be written, before hours of work
     check_video_output(paths.output, inputs=(video, audio))
@@ -173,10 +178,10 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
                                      time.perf_counter() - t0, f"{len(after)} tasks complete"))
 
     # 2. train (skipped when finished, resumed when interrupted)
-    from egstalker.train.config import TrainConfig
     from egstalker.train.trainer import train
 
-    config = apply_training_overrides(TrainConfig() if config is None else config, iterations, resolution)
+    config = apply_training_overrides(preset_config("auto", device) if config is None else config, iterations,
+                                      resolution)
     target = config.schedule.iterations
     saved = paths.model / "train_config.json"
     if config.schedule.time_budget_minutes and saved.is_file():
@@ -201,14 +206,14 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
         result.stages.append(StageReport("train", "done", time.perf_counter() - t0,
                                          f"{trained.steps} iterations, {trained.n_gaussians} Gaussians{psnr}"))
 
-    # 3. render (skipped when the video is newer than the model and the speech)
+    # 3. render (skipped when the video was made from these weights, this speech and this pose)
     from egstalker.inference import TalkingHead
-    from egstalker.render.api import render_to_file
+    from egstalker.render.api import render_provenance, render_to_file
+    from egstalker.render.video import video_comment
 
-    weights = paths.model / "model.pt"
     out = paths.output
-    fresh = (out.exists() and weights.exists() and out.stat().st_mtime > weights.stat().st_mtime
-             and out.stat().st_mtime > Path(audio).stat().st_mtime)
+    # file dates cannot tell: a user's speech file is usually older than the video made from another one
+    fresh = out.exists() and video_comment(out) == render_provenance(paths.model, audio, pose, None)
     if fresh:
         _stage_banner(show_progress, 3, "render", f"{out} is up to date")
         result.stages.append(StageReport("render", "reused", 0.0, str(out)))

@@ -154,6 +154,12 @@ def test_other_ctranslate2_whisper_weights_and_bad_ones(tmp_path, monkeypatch, s
     (tmp_path / "other.bin").write_bytes(b"\x06\x00\x00\x00\x0b\x00TransformerSpec" + bytes(64))
     with pytest.raises(EgstalkerError, match="not a CTranslate2 Whisper model.bin"):
         get_encoder("whisper", tmp_path / "other.bin")
+    for name, data in (("code.py", b"import os\n\nprint('not weights')\n" * 50),
+                       ("photo.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(range(256)) * 40)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(EgstalkerError, match=r"not a CTranslate2 Whisper model.bin \(no model header\)") as error:
+            get_encoder("whisper", tmp_path / name)
+        assert "\n" not in str(error.value) and len(str(error.value)) < 300  # none of the file in the message
     (tmp_path / "short.bin").write_bytes(joined.read_bytes()[:5000])
     with pytest.raises(EgstalkerError, match="ends early"):
         get_encoder("whisper", tmp_path / "short.bin")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import av
@@ -246,6 +247,13 @@ def test_eval_psnr_equals_independent_computation(small_model, tmp_path, capsys)
     assert page.count("<svg") == 2 and "side_by_side.mp4" in page
     assert len(list((tmp_path / "report" / "frames").glob("0*.png"))) == 6 and "poster.png" in page
     assert probe_mp4(tmp_path / "report" / "side_by_side.mp4")["frames"] == min(result.n_frames, 200)
+    assert "held-out frame" in page
+    # the same folder again, on 5 training frames: only this report's samples, named as training frames
+    evaluate(head, split="train", max_frames=5, report_dir=tmp_path / "report", show_progress=False)
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "held-out" not in page and "training frame" in page
+    shown = sorted(p.stem for p in (tmp_path / "report" / "frames").glob("*.png"))
+    assert "poster" in shown and all(name == "poster" or int(name) < 5 for name in shown), shown
     # the CLI's JSON has the agreed keys
     assert main(["eval", str(small_model), "--json", "--device", "cpu"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -289,6 +297,15 @@ def test_run_reuses_finished_stages(short_clip, small_dataset, small_model, tmp_
     assert [s.status for s in second.stages] == ["reused", "reused", "reused"]
     summary = second.summary()
     assert str(out) in summary and str(small_model) in summary and str(small_dataset) in summary
+    # other speech, older than the video (as a user's recording is), or another pose: rendered again
+    other = write_speech(tmp_path / "other.wav", 2.0, start=20.0)
+    os.utime(other, (1_000_000_000, 1_000_000_000))
+    third = run_pipeline(short_clip, other, out, dataset_dir=small_dataset, model_dir=small_model,
+                         iterations=SMALL_MODEL_ITERATIONS, device="cpu", show_progress=False)
+    assert third.stages[-1].status == "done" and probe_mp4(out)["frames"] == 50
+    fourth = run_pipeline(short_clip, other, out, dataset_dir=small_dataset, model_dir=small_model,
+                          iterations=SMALL_MODEL_ITERATIONS, device="cpu", pose="static", show_progress=False)
+    assert fourth.stages[-1].status == "done"
 
 
 def test_torso_backgrounds_are_the_training_composites(small_model, small_dataset):
@@ -377,6 +394,11 @@ def test_a_dataset_of_other_footage_is_refused(small_model, small_dataset, tmp_p
     (other / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(EgstalkerError, match=r"made from someone_else.mp4 .* pass the dataset it was trained on"):
         check_dataset_matches(info, poses, other)
+    meta["source_video"] = json.loads((small_dataset / "meta.json").read_text())["source_video"]
+    meta["width"], meta["height"] = meta["width"] // 2, meta["height"] // 2  # preprocessed again, framed otherwise
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(EgstalkerError, match=r"preprocessed again with other framing .* another --crop or --max-size"):
+        check_dataset_matches(info, poses, other)
     info.dataset_source = None  # an older model: only the pose frames' torso images can tell
     with pytest.raises(EgstalkerError, match=rf"no torso image for frame {poses.frame_ids.max()}"):
         check_dataset_matches(info, poses, other)
@@ -395,3 +417,28 @@ def test_an_interrupted_command_says_what_it_left(tmp_path):
     (model / "checkpoints").mkdir(parents=True)
     (model / "checkpoints" / "step_0000000.pt").write_bytes(b"")
     assert "--resume" in interrupted_note(Namespace(command="train", output=str(model)))
+
+
+def test_a_dataset_re_encoded_with_other_audio_features_is_named_by_eval_and_resume(small_model, small_dataset,
+                                                                                     tmp_path):
+    """The dataset's features are what eval and a resumed training read: other features are a one-line error."""
+    from egstalker.evaluate.evaluate import heldout_frames
+    from egstalker.inference import TalkingHead
+    from egstalker.model.folder import read_model_info
+    from egstalker.train.config import TrainConfig
+    from egstalker.train.trainer import train
+
+    other = shutil.copytree(small_dataset, tmp_path / "dataset")
+    meta = json.loads((other / "meta.json").read_text())
+    meta["audio_encoder"] = {"name": "oww", "feature_shape": [96]}  # as `--audio-features oww` leaves it
+    (other / "meta.json").write_text(json.dumps(meta))
+    trained_on = read_model_info(small_model).encoder_name
+    message = rf"now holds 'oww' audio features and the model was trained on '{trained_on}'.*--audio-features {trained_on}"
+    head = TalkingHead.from_dir(small_model, dataset_dir=other, check_encoder=False)
+    with pytest.raises(EgstalkerError, match=message):
+        heldout_frames(head)
+    model = shutil.copytree(small_model, tmp_path / "model")
+    config = TrainConfig()
+    config.data.num_workers = 0
+    with pytest.raises(EgstalkerError, match=message):
+        train(other, model, config, resume=True, show_progress=False)

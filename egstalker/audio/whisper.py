@@ -116,9 +116,10 @@ def read_encoder_weights(paths: list[Path]) -> tuple[dict[str, np.ndarray], str]
         return stream.read(n).rstrip(b"\0").decode("utf-8", "replace")
 
     (version,) = unpack("I")
-    spec = string() if version >= 2 else ""
-    if version < 2 or spec != "WhisperSpec":
-        raise EgstalkerError(f"{paths[0]} is not a CTranslate2 Whisper model.bin (spec '{spec}'); pass the "
+    spec = string() if 2 <= version <= 100 else ""  # another kind of file: no spec string to read
+    if spec != "WhisperSpec":
+        what = f"spec '{spec}'" if spec.isprintable() and 0 < len(spec) <= 40 else "no model header"
+        raise EgstalkerError(f"{paths[0]} is not a CTranslate2 Whisper model.bin ({what}); pass the "
                              "model.bin of a faster-whisper model folder")
     unpack("I")  # spec revision
     (count,) = unpack("I")

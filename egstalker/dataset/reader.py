@@ -80,6 +80,21 @@ def read_au45(path: Path, n_frames: int) -> np.ndarray:
     return au[:n_frames]
 
 
+def audio_encoder_name(meta: dict) -> str:
+    """The registry name of the encoder that made a dataset's aud.npy, from its meta.json."""
+    encoder = meta.get("audio_encoder")  # {"name": ..., "feature_shape": ...} from task 2 (or a bare name)
+    if isinstance(encoder, dict):
+        encoder = encoder.get("name")
+    return LEGACY_DEFAULT_ENCODER if encoder in (None, "", "default") else str(encoder)
+
+
+def features_mismatch(dataset_dir: str | Path, encoder: str, trained_on: str) -> str:
+    """The one-line explanation when a dataset's audio features (`encoder`) are not those a model was trained on."""
+    return (f"{dataset_dir} now holds '{encoder}' audio features and the model was trained on '{trained_on}': "
+            f"re-encode it with `egstalker preprocess VIDEO -o {dataset_dir} --audio-features {trained_on}` (tasks 2 "
+            "and 9, under a minute), or train a new model on these features")
+
+
 def target_size(width: int, height: int, resolution: int | None) -> tuple[int, int]:
     """(width, height) with the longer side = resolution (None keeps the size)."""
     if resolution is None or resolution == max(width, height):
@@ -332,16 +347,12 @@ def open_dataset(root: str | Path, split: Split = "train", resolution: int | Non
 
     n_total = int(max(frame_ids.max(), audio_ids.max()) + 1)
     au_all = read_au45(layout.action_units, n_total)
-    encoder = meta.get("audio_encoder")  # {"name": ..., "feature_shape": ...} from task 2 (or a bare name)
-    if isinstance(encoder, dict):
-        encoder = encoder.get("name")
-    if encoder in (None, "", "default"):
-        encoder = LEGACY_DEFAULT_ENCODER
+    encoder = audio_encoder_name(meta)
     return TalkingDataset(
         layout=layout, split=split, frame_ids=frame_ids, audio_ids=audio_ids,
         viewmats=opengl_c2w_to_viewmat(np.stack([f[2] for f in frames])).astype(np.float32), K=K,
         width=width, height=height, source_width=int(src_w), source_height=int(src_h),
-        au45=au_all[frame_ids], features=features, encoder_name=str(encoder), meta=meta,
+        au45=au_all[frame_ids], features=features, encoder_name=encoder, meta=meta,
     )
 
 

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class HeldOutFrames:
 def heldout_frames(head: "TalkingHead", split: Split = "val") -> HeldOutFrames:
     """The split's frames of the dataset the model was trained on, with their own audio and poses."""
     from egstalker.dataset.layout import DatasetLayout
+    from egstalker.dataset.reader import audio_encoder_name, features_mismatch
 
     if split not in ("val", "train"):
         raise EgstalkerError(f"unknown split {split!r}; use 'val' (held-out frames) or 'train'")
@@ -62,6 +64,10 @@ def heldout_frames(head: "TalkingHead", split: Split = "val") -> HeldOutFrames:
     if not layout.audio_features.exists():
         raise EgstalkerError(f"{layout.audio_features} is missing: evaluation needs the dataset the model was "
                              f"trained on ({layout.root}); move it back or pass its new location")
+    meta = json.loads(layout.meta.read_text()) if layout.meta.exists() else {}
+    encoder = audio_encoder_name(meta)
+    if encoder != head.encoder_name:  # evaluation reads the dataset's features, not the encoder's
+        raise EgstalkerError(features_mismatch(layout.root, encoder, head.encoder_name))
     features = np.load(layout.audio_features, mmap_mode="r")
     return HeldOutFrames(pose_indices=positions, audio_ids=np.asarray(poses.audio_ids)[positions],
                          frame_ids=np.asarray(poses.frame_ids)[positions], features=features,

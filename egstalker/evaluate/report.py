@@ -137,6 +137,10 @@ def write_report(report_dir: str | Path, summary: dict, per_frame: dict[str, np.
     report_dir = Path(report_dir)
     frames_dir = report_dir / "frames"
     frames_dir.mkdir(parents=True, exist_ok=True)
+    for old in frames_dir.glob("*.png"):  # an earlier report's samples: the page would not show them
+        if old.stem == "poster" or (old.stem.isdigit() and len(old.stem) == 6):
+            old.unlink()
+    which = "held-out" if summary.get("split", "val") == "val" else "training"
     rows = []
     scale = max(1, int(round(256 / samples[0][1].shape[0]))) if samples else 1  # show small renders larger
     poster = None
@@ -150,7 +154,7 @@ def write_report(report_dir: str | Path, summary: dict, per_frame: dict[str, np.
         cv2.imwrite(str(report_dir / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         psnr_value = per_frame["psnr"][position]
         rows.append(f'<figure><img src="{name}" width="{image.shape[1] * scale}" alt="frame {position}">'
-                    f'<figcaption>held-out frame {position} '
+                    f'<figcaption>{which} frame {position} '
                     f'(PSNR {psnr_value:.2f} dB): render | ground truth | error x4</figcaption></figure>')
 
     def fmt(value) -> str:
@@ -183,7 +187,7 @@ video {{ max-width: 100%; }}
 <body>
 <h1>{html.escape(title)}</h1>
 <div class="row"><div><h2>Metrics</h2><table>{table}</table>
-<p style="font-size:12px;color:#555">Self-reenactment on held-out frames with their own audio and head poses.
+<p style="font-size:12px;color:#555">Self-reenactment on {which} frames with their own audio and head poses.
 PSNR/SSIM/LPIPS on the full frame; LMD = mean lip-landmark distance / eye-corner distance (MediaPipe);
 mouth_corr = correlation of mouth opening, render vs ground truth; fps = model frames per second.</p></div>
 <div><h2>Render | ground truth</h2>{video}</div></div>

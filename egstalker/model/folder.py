@@ -46,8 +46,9 @@ class ModelInfo:
     sample_rate: int = 16000
     format_version: int = MODEL_FORMAT_VERSION
     dataset_source: dict | None = None
-    """What identifies the dataset's footage (`dataset_source`): its source video's name and size and its frame
-    count, from meta.json; None for a dataset without meta.json or a model written before it was recorded."""
+    """What identifies the dataset's footage (`dataset_source`): its source video's name and size, its frame count
+    and the framed frames' size, from meta.json; None for a dataset without meta.json or a model written before it
+    was recorded."""
 
     def to_json(self) -> dict:
         return {"format_version": self.format_version, "step": self.step, "encoder_name": self.encoder_name,
@@ -57,13 +58,15 @@ class ModelInfo:
 
 
 def dataset_source(dataset_dir: str | Path) -> dict | None:
-    """The footage a dataset was made from (source video name and bytes, frame count), from its meta.json; None
-    without one (a peer's dataset)."""
+    """The footage a dataset was made from (source video name and bytes, frame count, the framed frames' size), from
+    its meta.json; None without one (a peer's dataset)."""
     path = Path(dataset_dir) / "meta.json"
     try:
         meta = json.loads(path.read_text())
         video = meta["source_video"]
-        return {"video": Path(video["path"]).name, "video_bytes": int(video["bytes"]), "n_frames": int(meta["n_frames"])}
+        size = [int(meta["width"]), int(meta["height"])] if "width" in meta and "height" in meta else None
+        return {"video": Path(video["path"]).name, "video_bytes": int(video["bytes"]), "n_frames": int(meta["n_frames"]),
+                "frame_size": size}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -77,6 +80,12 @@ def check_dataset_matches(info: ModelInfo, poses: PoseSources, dataset_dir: str 
         raise EgstalkerError(f"dataset {dataset_dir} was made from {found['video']} ({found['n_frames']} frames), but "
                              f"the model was trained on {info.dataset_source['video']} "
                              f"({info.dataset_source['n_frames']} frames); pass the dataset it was trained on")
+    trained_size = (info.dataset_source or {}).get("frame_size")
+    if trained_size and found and found["frame_size"] and found["frame_size"] != trained_size:
+        raise EgstalkerError(f"dataset {dataset_dir} was preprocessed again with other framing since the model was "
+                             f"trained (frames {trained_size[0]}x{trained_size[1]} then, {found['frame_size'][0]}x"
+                             f"{found['frame_size'][1]} now: another --crop or --max-size): its torso and background "
+                             "no longer fit the head; train again on it, or preprocess with the settings it was trained on")
     last = int(poses.frame_ids.max()) if len(poses.frame_ids) else -1
     if (found and found["n_frames"] <= last) or (last >= 0 and not (Path(dataset_dir) / "torso_imgs" / f"{last}.png").is_file()):
         raise EgstalkerError(f"dataset {dataset_dir} has no torso image for frame {last}, which the model was trained "

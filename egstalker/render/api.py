@@ -154,6 +154,27 @@ class RenderResult:
         return self.n_frames / self.render_seconds if self.render_seconds > 0 else float("inf")
 
 
+def _file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def render_provenance(model_dir: str | os.PathLike, audio_path: str | os.PathLike, pose: str,
+                      background: str | None) -> str:
+    """What a video is rendered from (the model's weights, the speech's bytes, the pose mode, the background), as
+    render_to_file writes it into the mp4's `comment` tag: `egstalker run` reuses a video only when it matches."""
+    import json
+
+    return json.dumps({"egstalker_render": {
+        "model_sha256": _file_sha256(Path(model_dir) / "model.pt"), "speech_sha256": _file_sha256(audio_path),
+        "pose": pose, "background": background or "dataset"}}, sort_keys=True)
+
+
 def render_to_file(head: "TalkingHead", audio_path: str | os.PathLike, output: str | os.PathLike | None,
                    pose: PoseMode = "loop", background: str | np.ndarray | None = None,
                    frames_dir: str | os.PathLike | None = None, batch_size: int = 8,
@@ -173,6 +194,8 @@ def render_to_file(head: "TalkingHead", audio_path: str | os.PathLike, output: s
     if output is not None:
         check_video_output(output, inputs=(audio_path,))
     wav = load_speech(audio_path, FEATURE_RATE)
+    comment = (render_provenance(head.model_dir, audio_path, pose, background)
+               if output is not None and (background is None or isinstance(background, str)) else None)
     if isinstance(background, str) or background is None:
         background = parse_background(background, head.width, head.height)
     n_frames = n_frames_for(len(wav), FEATURE_RATE, head.fps)
@@ -189,7 +212,7 @@ def render_to_file(head: "TalkingHead", audio_path: str | os.PathLike, output: s
     if output is not None:
         # the speech at full quality for the video's sound track, decoded as the frames are written
         writer = Mp4Writer(output, head.width, head.height, head.fps, audio=iter_audio(audio_path, MUX_RATE),
-                           audio_rate=MUX_RATE)
+                           audio_rate=MUX_RATE, comment=comment)
     try:
         with tqdm(total=n_frames, desc="render", unit="frame", disable=not show_progress) as bar:
             frames = render(head, wav, pose=pose, background=background, batch_size=batch_size)

@@ -57,6 +57,17 @@ def _umask() -> int:
     return mask
 
 
+def video_comment(path: str | os.PathLike) -> str | None:
+    """The `comment` tag of a video file (None when it has none or is not a readable video)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return container.metadata.get("comment")
+    except (OSError, av.error.FFmpegError):
+        return None
+
+
 class Mp4Writer:
     """Streams RGB frames (and optional mono float32 audio) into an H.264 + AAC mp4.
 
@@ -69,11 +80,12 @@ class Mp4Writer:
         audio_rate: sample rate of `audio` (AAC supports 8-96 kHz; 16 kHz and 48 kHz both play in browsers).
         crf: x264 quality (lower is better; 18 is visually lossless for talking heads).
         preset: x264 speed/size trade-off ('veryfast' keeps encoding well above real time).
+        comment: text for the file's `comment` tag (render writes what the video was made from: `video_comment`).
     """
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float = 25.0,
                  audio: np.ndarray | None = None, audio_rate: int = 16000, crf: int = 18,
-                 preset: str = "veryfast"):
+                 preset: str = "veryfast", comment: str | None = None):
         import av
 
         self.path = check_video_output(path)
@@ -97,6 +109,8 @@ class Mp4Writer:
         except OSError as e:
             raise EgstalkerError(f"cannot write {self.path} ({e.strerror}); choose a writable output path") from None
         self._container = av.open(self._tmp, mode="w", format="mp4", options={"movflags": "+faststart"})
+        if comment is not None:
+            self._container.metadata["comment"] = comment
         rate = Fraction(self.fps).limit_denominator(1001)
         self._video = self._container.add_stream("libx264", rate=rate)
         self._video.width = self.width + self.width % 2

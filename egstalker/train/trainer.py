@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from egstalker.configs import load_config, save_config, to_dict
-from egstalker.dataset.reader import FrameDataset, load_canonical_vertices, open_dataset
+from egstalker.dataset.reader import FrameDataset, features_mismatch, load_canonical_vertices, open_dataset
 from egstalker.errors import EgstalkerError
-from egstalker.model.folder import ModelInfo, PoseSources, atomic_torch_save, dataset_source, write_model
+from egstalker.model.folder import (ModelInfo, PoseSources, atomic_torch_save, dataset_source, read_model_info,
+                                    write_model)
 from egstalker.model.gaussians import PARAM_NAMES
 from egstalker.model.head import GaussianHead, ModelSpec, build_head
 from egstalker.model.init import dense_head_points
@@ -236,6 +237,10 @@ class Trainer:
         random.seed(config.seed)
 
         if resume:
+            if (self.model_dir / "model.json").is_file():
+                trained_on = read_model_info(self.model_dir).encoder_name
+                if trained_on != self.train_data.encoder_name:
+                    raise EgstalkerError(features_mismatch(self.dataset_dir, self.train_data.encoder_name, trained_on))
             try:
                 state = torch.load(latest, map_location="cpu", weights_only=False)
             except Exception as e:  # torch raises RuntimeError, EOFError, OSError... for a damaged file
@@ -606,7 +611,10 @@ class Trainer:
 def train(dataset_dir: str | Path, model_dir: str | Path, config: TrainConfig | None = None,
           device: str | torch.device = "cpu", resume: bool = False, show_progress: bool = True,
           backend: str = "auto") -> TrainResult:
-    """Train (or resume) a talking head on a preprocessed dataset; write the model folder. See the module doc."""
+    """Train (or resume) a talking head on a preprocessed dataset; write the model folder. See the module doc.
+
+    config: default TrainConfig(), the GPU defaults (6,000 iterations at the dataset's size); for a CPU-sized run
+    pass `egstalker.train.config.preset_config("preview", "cpu")`, as `egstalker train` does on a CPU."""
     model_dir = Path(model_dir)
     created = not model_dir.exists()
     try:
