@@ -56,6 +56,20 @@ def test_sound_unrelated_to_the_mouth_gives_no_offset(lieu_30s):
     assert not short.reliable and short.frames == 0
 
 
+def test_a_clip_too_short_to_place_the_peak_gets_no_offset(lieu_30s):
+    """Under 16 s of faces a window's peak wanders by a frame or two (benchmarks/av_offset_windows.py): an offset
+    added on purpose is hinted at in the peak but not applied; from 16 s on it is."""
+    from egstalker.preprocess.av_sync import MIN_OFFSET_FRAMES
+
+    wav, opening = lieu_30s
+    shifted = shift_audio(wav, 4)
+    short = estimate_audio_offset(shifted[: 12 * 16000], opening[: 12 * 25])
+    assert not short.reliable and short.frames == 0
+    assert short.peak_frames - NATURAL_LEAD_FRAMES == pytest.approx(4, abs=1.5)  # reported in meta.json
+    long = estimate_audio_offset(shifted[: MIN_OFFSET_FRAMES * 640], opening[:MIN_OFFSET_FRAMES])
+    assert long.reliable and abs(long.frames - 4) <= 1
+
+
 def test_shift_audio_keeps_length():
     wav = np.arange(6400, dtype=np.float32)
     later, earlier = shift_audio(wav, 2), shift_audio(wav, -2)
@@ -116,3 +130,17 @@ def test_preprocess_applies_a_forced_offset_and_refuses_a_silly_one(short_clip, 
     assert (dataset / "transforms_train.json").read_bytes() == before  # nothing half-written
     saved = json.loads((dataset / "preprocess_config.json").read_text())
     assert saved["split"]["audio_offset_frames"] is None  # the refused values were not kept for the next run
+
+
+def test_an_offset_applied_to_a_short_clip_before_the_floor_is_estimated_again():
+    from egstalker.preprocess.config import PreprocessConfig
+    from egstalker.preprocess.pipeline import _audio_offset_outdated
+
+    def meta(frames: int, n_train: int) -> dict:
+        return {"audio_offset": {"frames": frames, "source": "estimated from the training frames (av_sync.py)"},
+                "split": {"n_train": n_train}}
+
+    config = PreprocessConfig()
+    assert _audio_offset_outdated(meta(-2, 170), config)  # 7 s of training frames: redone, now 0
+    assert not _audio_offset_outdated(meta(0, 170), config)
+    assert not _audio_offset_outdated(meta(4, 454), config)  # obama's 18 s: kept

@@ -12,8 +12,9 @@ package ships SyncNet weights, so this estimates it per clip:
    of the training frames only (the held-out frames never decide the offset);
 3. the offset is where that curve peaks (the centroid of its top, which is flat over a few frames), minus the
    natural lead: in well-synchronised speech the mouth moves slightly before the sound it makes, so even a
-   perfect recording peaks `NATURAL_LEAD_FRAMES` rows after the frame. Offsets under `DEADBAND_FRAMES` and
-   curves too weak to trust (`MIN_PEAK_CORR`, clips under 4 s) are left at 0.
+   perfect recording peaks `NATURAL_LEAD_FRAMES` rows after the frame. Offsets under `DEADBAND_FRAMES`,
+   curves too weak to trust (`MIN_PEAK_CORR`) and clips under `MIN_OFFSET_FRAMES` (16 s of faces: shorter
+   stretches place the peak only to a frame or two) are left at 0.
 
 The transforms task then writes `aud_id = img_id + offset`, which every reader of the dataset (training,
 evaluation, the peers' loaders) already follows. New speech at render time is not shifted: the offset belongs
@@ -43,6 +44,13 @@ DEADBAND_FRAMES = 1.5
 """Peaks within this many frames of the natural lead are left alone: the estimate's spread between clips that
 play in sync is about a frame, and viewers do not notice 60 ms."""
 FOLDS = 5
+MIN_OFFSET_FRAMES = 400
+"""Fewer frames with a face (16 s) place the peak too loosely to apply an offset: on 8-14 s windows of the shared
+clips the peak moved by 0.5-1.1 frames rms against the whole clip's (more at 6-7 s), and 70 of the 223 nonzero
+offsets found on windows under 16 s were 2 or more frames wrong, with curves as strong and folds as consistent as
+the right ones (no statistic of the curve told them apart on held-out window lengths;
+benchmarks/av_offset_windows.py). On 16-30 s windows and whole clips none of 57 was. The curve and its peak are
+still reported, marked unreliable."""
 
 
 @dataclass(frozen=True)
@@ -54,8 +62,8 @@ class AudioOffset:
     peak_corr: float
     """Held-out correlation at the best shift: how well the audio predicts the mouth at all."""
     reliable: bool
-    """False when peak_corr < MIN_PEAK_CORR, the clip is too short or the peak is at the edge of the searched
-    shifts (the offset may be larger than the search); then frames is 0."""
+    """False when peak_corr < MIN_PEAK_CORR, the clip is too short (under MIN_OFFSET_FRAMES frames with a face)
+    or the peak is at the edge of the searched shifts (the offset may be larger than the search); then frames is 0."""
     shifts: list[int]
     curve: list[float]
     """Cross-validated correlation at each shift."""
@@ -149,5 +157,7 @@ def estimate_audio_offset(wav16k: np.ndarray, mouth_opening: np.ndarray, max_shi
         return AudioOffset(0, float("nan"), best, False, shifts, curve)
     weights = scores[lo:hi + 1] - TOP_FRACTION * best + 1e-6
     peak = float(np.sum(np.array(shifts[lo:hi + 1]) * weights) / weights.sum())
+    if finite.sum() < MIN_OFFSET_FRAMES:  # the peak of a short clip wanders by a frame or two: reported, not applied
+        return AudioOffset(0, peak, best, False, shifts, curve)
     shift = peak - NATURAL_LEAD_FRAMES
     return AudioOffset(int(round(shift)) if abs(shift) >= DEADBAND_FRAMES else 0, peak, best, True, shifts, curve)

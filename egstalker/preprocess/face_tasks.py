@@ -379,7 +379,8 @@ def _audio_offset(ctx: TaskContext, track: FaceTrack, n_train: int) -> int:
         return int(forced)
     import soundfile as sf
 
-    from egstalker.preprocess.av_sync import estimate_audio_offset, mouth_openings
+    from egstalker.preprocess.av_sync import (DEADBAND_FRAMES, MIN_OFFSET_FRAMES, NATURAL_LEAD_FRAMES,
+                                              estimate_audio_offset, mouth_openings)
 
     wav, _ = sf.read(str(_need(ctx.dataset.audio_wav, 1, "audio")), dtype="float32", always_2d=False)
     estimate = estimate_audio_offset(wav, mouth_openings(track.landmarks[:n_train], track.detected[:n_train]))
@@ -388,6 +389,11 @@ def _audio_offset(ctx: TaskContext, track: FaceTrack, n_train: int) -> int:
         print(f"audio/video offset: the best shift is at the edge of the {estimate.shifts[0] * 40} to "
               f"{estimate.shifts[-1] * 40} ms searched; no offset applied. Check the video's sync, or give "
               "--audio-offset FRAMES", flush=True)
+    short = not estimate.reliable and not estimate.at_edge and np.isfinite(estimate.peak_frames)
+    if short and abs(estimate.peak_frames - NATURAL_LEAD_FRAMES) >= DEADBAND_FRAMES:  # a hint, too loose to apply
+        print(f"audio/video offset: the clip is too short to measure its sync (under {MIN_OFFSET_FRAMES} frames with "
+              f"a face); none applied. It hints at {abs(estimate.peak_frames - NATURAL_LEAD_FRAMES) * 40:.0f} ms; "
+              "if the sound is off, give --audio-offset FRAMES", flush=True)
     if estimate.frames:
         print(f"audio/video offset: the sound is {abs(estimate.frames) * 40} ms "
               f"{'late' if estimate.frames > 0 else 'early'} in this recording; training reads it aligned "

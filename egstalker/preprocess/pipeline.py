@@ -214,7 +214,10 @@ MAX_AUDIO_OFFSET_FRAMES = 50
 
 def _audio_offset_outdated(meta: dict, config: PreprocessConfig) -> bool:
     """Whether the transforms were written with another audio offset than the configuration now asks for (a
-    forced value changed, or estimation asked for after a forced value)."""
+    forced value changed, or estimation asked for after a forced value), or with an offset estimated from a clip
+    too short to place it (applied before 2026-12-04, when short clips' estimates were still trusted)."""
+    from egstalker.preprocess.av_sync import MIN_OFFSET_FRAMES
+
     applied = meta.get("audio_offset")
     if applied is None:  # datasets from before the offset existed: train warns, --force redoes them
         return False
@@ -222,6 +225,8 @@ def _audio_offset_outdated(meta: dict, config: PreprocessConfig) -> bool:
     forced = config.split.audio_offset_frames
     if forced is not None:
         return not source.startswith("config") or applied.get("frames") != int(forced)
+    if applied.get("frames") and int(meta.get("split", {}).get("n_train", MIN_OFFSET_FRAMES)) < MIN_OFFSET_FRAMES:
+        return True
     return not source.startswith("estimated")
 
 
