@@ -140,16 +140,16 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
         audio_features: the dataset's audio encoder (e.g. 'mel'; default: the dataset's previous choice, else
             'whisper'). A model folder trained on other features is refused, not reused.
     """
-    from egstalker.render.api import load_speech
-
-    from egstalker.render.video import check_video_output
-
     from egstalker.devices import resolve_device
+    from egstalker.render.api import load_speech
+    from egstalker.render.video import check_video_output
     from egstalker.train.config import preset_config
 
     device = resolve_device(device, "device")
     paths = RunPaths.defaults(video, audio, output, dataset_dir, model_dir)
-    load_speech(audio)  # refuse unreadable or silent speech, or an output that cannot be written, before hours of work
+    # refuse unreadable or silent speech, an output that cannot be written or a model of another size before hours
+    # of work
+    load_speech(audio)
     check_video_output(paths.output, inputs=(video, audio))
     _check_model_resolution(paths.model, resolution)
     result = RunResult(paths)
