@@ -125,7 +125,9 @@ class FaceLandmarks:
 
         options = vision.FaceLandmarkerOptions(base_options=BaseOptions(model_asset_path=_landmarker_model_path()),
                                                running_mode=vision.RunningMode.IMAGE, num_faces=1)
-        self._landmarker = vision.FaceLandmarker.create_from_options(options)
+        from egstalker.preprocess.face import create_landmarker
+
+        self._landmarker = create_landmarker(options)
 
     def __call__(self, image: np.ndarray) -> np.ndarray | None:
         import mediapipe as mp

@@ -360,3 +360,17 @@ def test_head_pose_ignores_the_jaw():
         pitch_error[name] = np.degrees(np.abs(rotation_to_euler(r) - rotation_to_euler(true_r))).max(axis=1)
     assert pitch_error["rigid"].max() < 0.05, pitch_error
     assert pitch_error["all"][-1] > 10 * max(pitch_error["rigid"][-1], 0.01), pitch_error  # the open jaw tilts it
+
+
+def test_mediapipe_start_up_notices_stay_off_the_terminal(capfd):
+    """MediaPipe's native code prints glog/TFLite notices on stderr each time a landmarker starts (`--quiet` showed
+    five lines); they are kept off the terminal."""
+    from egstalker.metrics import FaceLandmarks
+    from egstalker.preprocess.face import image_landmarker
+
+    with image_landmarker():
+        pass
+    with FaceLandmarks():
+        pass
+    err = capfd.readouterr().err
+    assert "FaceBlendshapesGraph" not in err and "Feedback manager" not in err, err

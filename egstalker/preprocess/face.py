@@ -154,6 +154,31 @@ def read_frames(layout: DatasetLayout, n_frames: int, flags: int = cv2.IMREAD_CO
             futures[k] = None
 
 
+def create_landmarker(options):
+    """A MediaPipe FaceLandmarker made from `options`, with the notices MediaPipe's native code prints on the
+    process's stderr while it starts (glog and TFLite lines, which no environment variable turns off) kept off the
+    terminal; shown if the creation fails."""
+    import sys
+    import tempfile
+
+    from mediapipe.tasks.python import vision
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as notices:
+        os.dup2(notices.fileno(), 2)
+        try:
+            return vision.FaceLandmarker.create_from_options(options)
+        except BaseException:
+            os.dup2(saved, 2)
+            notices.seek(0)
+            sys.stderr.write(notices.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def image_landmarker():
     """The landmarker in IMAGE mode (frames out of order, one face); use as a context manager with
     `landmarks_in_image`."""
@@ -161,7 +186,7 @@ def image_landmarker():
 
     options = vision.FaceLandmarkerOptions(base_options=BaseOptions(model_asset_path=landmarker_model_path()),
                                            running_mode=vision.RunningMode.IMAGE, num_faces=1)
-    return vision.FaceLandmarker.create_from_options(options)
+    return create_landmarker(options)
 
 
 def landmarks_in_image(landmarker, rgb: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray | None:
@@ -214,7 +239,7 @@ def detect_faces(layout: DatasetLayout, n_frames: int, min_face_fraction: float 
     names: list[str] = []
     width = height = 0
     previous_centre = None
-    with vision.FaceLandmarker.create_from_options(options) as landmarker:
+    with create_landmarker(options) as landmarker:
         frames = read_frames(layout, n_frames)
         for i, bgr in tqdm(frames, total=n_frames, desc="faces", unit="frame", disable=not show_progress):
             height, width = bgr.shape[:2]
