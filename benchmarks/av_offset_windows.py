@@ -34,7 +34,6 @@ on a free CPU core (one process):
 
 Found (benchmarks/results/av_offset_windows.json, 429 windows): the estimator as it is marks 94 wrong estimates
 reliable, 70 of them applied nonzero offsets 2+ frames off (all on windows under 16 s; 6 on lieu's 7 s ones);
-the window's peak moves 1.1 frames rms at 8 s, 0.7 at 12 s, about 0.5 from 14 s on (against the whole clip's).
 Wrong and right estimates on short windows overlap in every statistic recorded here: the best rule on two of them
 picked on the 6-20 s windows (bootstrap agreement >= 0.72, fold best-shift spread <= 16) let 2 wrong ones through
 on the 12-30 s windows; the rules that held all lean on the window's length. Proposed: no estimate from under 16 s
@@ -235,8 +234,7 @@ MIN_OFFSET_FRAMES = 400
 
 def rule_proposed(row: dict) -> bool:
     """The proposed rule: an estimate from under MIN_OFFSET_FRAMES frames with a face is not reliable (frames 0).
-    The peak's position wanders by about a frame on 6-14 s of speech (rms 0.5-1 frame against the whole clip's),
-    which with the rounding and the clips' own lead (0.5-1.8 rows around NATURAL_LEAD_FRAMES) gives offsets 2-3
+    The peak's position wanders by about a frame on 6-14 s of speech, which with the rounding and the clips' own lead (0.5-1.8 rows around NATURAL_LEAD_FRAMES) gives offsets 2-3
     frames wrong; no statistic of the curve (peak correlation, margin over the no-offset shifts, peak width, fold
     agreement, jackknife or bootstrap spread) told those apart from right ones on held-out window lengths."""
     return bool(row["reliable"] and row.get("face_frames", row["n_frames"]) >= MIN_OFFSET_FRAMES)

@@ -45,10 +45,9 @@ DEADBAND_FRAMES = 1.5
 play in sync is about a frame, and viewers do not notice 60 ms."""
 FOLDS = 5
 MIN_OFFSET_FRAMES = 400
-"""Fewer frames with a face (16 s) place the peak too loosely to apply an offset: on 8-14 s windows of the shared
-clips the peak moved by 0.5-1.1 frames rms against the whole clip's (more at 6-7 s), and 70 of the 223 nonzero
-offsets found on windows under 16 s were 2 or more frames wrong, with curves as strong and folds as consistent as
-the right ones (no statistic of the curve told them apart on held-out window lengths;
+"""Fewer frames with a face (16 s) place the peak too loosely to apply an offset: on 6-14 s windows of the shared
+clips 70 of the 223 nonzero offsets found were 2 or more frames wrong, with curves as strong as the right ones (a
+rule on peak correlation and fold agreement separated them only with thresholds picked on those same windows;
 benchmarks/av_offset_windows.py). On 16-30 s windows and whole clips none of 57 was. The curve and its peak are
 still reported, marked unreliable."""
 
