@@ -60,6 +60,17 @@ def interrupted_note(args: argparse.Namespace) -> str:
     return f"the video was not written; what was written so far is in {partial}" if partial else "nothing was written"
 
 
+def _raised_while_interrupted(error: BaseException) -> bool:
+    """Whether `error` was raised while a KeyboardInterrupt was being handled (anywhere in its context chain)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # reported by the subcommand's parser, with its usage line, not the top-level one
@@ -74,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"egstalker {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        print(f"egstalker {args.command}: interrupted; {interrupted_note(args)}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _raised_while_interrupted(e):
+            raise
+        # e.g. SIGTERM to the whole process group: the DataLoader's workers die of it too, and torch reports them
+        # while the interrupt unwinds; that is part of the interrupt, not an error of its own
         print(f"egstalker {args.command}: interrupted; {interrupted_note(args)}", file=sys.stderr)
         return 130
     finally:

@@ -442,3 +442,26 @@ def test_a_dataset_re_encoded_with_other_audio_features_is_named_by_eval_and_res
     config.data.num_workers = 0
     with pytest.raises(EgstalkerError, match=message):
         train(other, model, config, resume=True, show_progress=False)
+
+
+def test_an_error_raised_while_an_interrupt_unwinds_is_reported_as_the_interrupt(capsys, monkeypatch):
+    """SIGTERM to a whole process group kills the DataLoader's workers too, and torch raises a RuntimeError about
+    them while the interrupt unwinds: one line and 130, not a traceback."""
+    from egstalker.train import cli as train_cli
+
+    def interrupted_training(args):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("DataLoader worker (pid 3264) is killed by signal: Terminated.")
+
+    monkeypatch.setattr(train_cli, "run", interrupted_training)
+    assert main(["train", "dataset", "-o", "model"]) == 130
+    assert capsys.readouterr().err.strip() == "egstalker train: interrupted; nothing was trained yet; run the same command again"
+
+    def failing_training(args):
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(train_cli, "run", failing_training)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        main(["train", "dataset", "-o", "model"])

@@ -368,7 +368,8 @@ def test_the_cli_resumes_the_saved_run_and_refuses_bad_input_in_one_line(small_d
         (["--config", broken(densify={"every": 0})], "densify.every must be > 0"),
         (["--config", str(tmp_path)], "cannot be read"),
         (["--device", "xyz"], "--device 'xyz' is not a torch device"),
-        (["-o", str(small_dataset)], "not the dataset folder"),
+        (["-o", str(small_dataset)], "outside the dataset folder"),
+        (["-o", str(small_dataset / "ori_imgs" / "model")], "outside the dataset folder"),
         (["--resolution", "4096"], "larger than the dataset's frames"),
     ]
     for k, (flags, message) in enumerate(cases):
@@ -498,3 +499,25 @@ def test_a_damaged_model_folder_is_named_and_resume_writes_it_again(small_model,
         f.truncate(5000)
     with pytest.raises(EgstalkerError, match=r"last checkpoint .* is damaged .*delete it to resume from step_0+\.pt"):
         train(small_dataset, model, tiny_config(SMALL_MODEL_ITERATIONS + 2), resume=True, show_progress=False)
+
+
+def test_a_resume_keeps_its_footage_and_never_returns_to_the_static_stage(small_model, small_dataset, tmp_path):
+    import shutil
+
+    from fixtures_models import SMALL_MODEL_ITERATIONS
+
+    model = shutil.copytree(small_model, tmp_path / "model")
+    other = shutil.copytree(small_dataset, tmp_path / "other")
+    meta = json.loads((other / "meta.json").read_text())
+    meta["source_video"] = {"path": "/videos/someone_else.mp4", "bytes": 12345}
+    (other / "meta.json").write_text(json.dumps(meta))
+    config = tiny_config(SMALL_MODEL_ITERATIONS + 2)
+    with pytest.raises(EgstalkerError, match="made from someone_else.mp4"):
+        train(other, model, config, resume=True, show_progress=False)
+    # 10 iterations passed the coarse stage (15 %); 100 would put its end at step 15: refused, with the most allowed
+    with pytest.raises(EgstalkerError, match=r"--iterations 100 would end the static coarse stage .* at most "
+                                             r"--iterations 70 at a time"):
+        train(small_dataset, model, tiny_config(100), resume=True, show_progress=False)
+    with pytest.raises(EgstalkerError, match=r"--iterations 5 is below step 10, .* nothing to train"):
+        train(small_dataset, model, tiny_config(5), resume=True, show_progress=False)
+    assert json.loads((model / "model.json").read_text())["step"] == SMALL_MODEL_ITERATIONS  # nothing was trained

@@ -39,14 +39,14 @@ def run(args: argparse.Namespace) -> int:
     from egstalker.train.trainer import train
 
     device = resolve_device(args.device)
-    if Path(args.output).resolve() == Path(args.dataset).resolve():
-        raise EgstalkerError("-o must name a model folder of its own, not the dataset folder")
+    if Path(args.output).resolve().is_relative_to(Path(args.dataset).resolve()):
+        raise EgstalkerError("-o must name a model folder of its own, outside the dataset folder")
     saved = Path(args.output) / "train_config.json"
     if args.resume and saved.is_file():
         # a resume continues the saved run: its config, changed only by an explicit --iterations
         ignored = [flag for flag, given in (("--config", args.config), ("--resolution", args.resolution),
-                                            ("--quality", args.quality != "auto"), ("--workers", args.workers))
-                   if given]
+                                            ("--quality", args.quality != "auto"),
+                                            ("--workers", args.workers is not None)) if given]
         if ignored and not args.quiet:
             print(f"egstalker train: {', '.join(ignored)} ignored with --resume: the run continues with {saved} "
                   "(edit it to change a setting such as the learning rates)")

@@ -27,8 +27,8 @@ import torch
 from egstalker.configs import load_config, save_config, to_dict
 from egstalker.dataset.reader import FrameDataset, features_mismatch, load_canonical_vertices, open_dataset
 from egstalker.errors import EgstalkerError
-from egstalker.model.folder import (ModelInfo, PoseSources, atomic_torch_save, dataset_source, read_model_info,
-                                    write_model)
+from egstalker.model.folder import (ModelInfo, PoseSources, atomic_torch_save, check_dataset_matches, dataset_source,
+                                    read_model_info, read_poses, write_model)
 from egstalker.model.gaussians import PARAM_NAMES
 from egstalker.model.head import GaussianHead, ModelSpec, build_head
 from egstalker.model.init import dense_head_points
@@ -147,15 +147,16 @@ def update_learning_rates(optimizer, config: TrainConfig, radius: float, step: i
             group["lr"] = constant[group["name"]]
 
 
-def keep_reached_stages(config: TrainConfig, reached_under: int, wanted: int, step: int) -> int:
+def keep_reached_stages(config: TrainConfig, reached_under: int, wanted: int, step: int,
+                        keep_densify_stopped: bool = True) -> int:
     """The largest iteration count <= `wanted` that keeps every stage reached by `step` (under the count
     `reached_under`) reached. The end of the coarse stage, the stop of densification and the start of the perceptual
     term are fractions of the count, so a larger count can move them past `step`: the head would turn static, or
-    densify, again. Never below step + 1."""
+    densify, again (allowed with keep_densify_stopped=False: a longer run densifies longer). Never below step + 1."""
     cf, sf = config.schedule.coarse_fraction, config.densify.stop_fraction
     pf = config.loss.perceptual_from if config.loss.perceptual > 0 else None
     fine = step > round(reached_under * cf)
-    stopped = step >= int(reached_under * sf)
+    stopped = keep_densify_stopped and step >= int(reached_under * sf)
     perceptual = pf is not None and step > pf * reached_under
 
     def keeps(n: int) -> bool:  # every term grows with n: the first n that fails bounds the search
@@ -237,10 +238,12 @@ class Trainer:
         random.seed(config.seed)
 
         if resume:
-            if (self.model_dir / "model.json").is_file():
-                trained_on = read_model_info(self.model_dir).encoder_name
-                if trained_on != self.train_data.encoder_name:
-                    raise EgstalkerError(features_mismatch(self.dataset_dir, self.train_data.encoder_name, trained_on))
+            if (self.model_dir / "model.json").is_file():  # the run goes on with the footage and features it had
+                info = read_model_info(self.model_dir)
+                check_dataset_matches(info, read_poses(self.model_dir), self.dataset_dir)
+                if info.encoder_name != self.train_data.encoder_name:
+                    raise EgstalkerError(features_mismatch(self.dataset_dir, self.train_data.encoder_name,
+                                                           info.encoder_name))
             try:
                 state = torch.load(latest, map_location="cpu", weights_only=False)
             except Exception as e:  # torch raises RuntimeError, EOFError, OSError... for a damaged file
@@ -288,6 +291,17 @@ class Trainer:
                 else:  # it had finished: a new budget continues it, keeping its stages
                     self._set_iterations(keep_reached_stages(config, ran_under, config.schedule.iterations,
                                                              self.step))
+            else:  # an explicit count: refused when it would send the run back to a stage it has left
+                ran_under = int(state["config"]["schedule"]["iterations"])
+                wanted = config.schedule.iterations
+                if wanted < self.step:
+                    raise EgstalkerError(f"--iterations {wanted} is below step {self.step}, where this run already is: "
+                                         "nothing to train; give a larger count to extend it")
+                allowed = keep_reached_stages(config, ran_under, wanted, self.step, keep_densify_stopped=False)
+                if allowed < wanted:
+                    raise EgstalkerError(f"--iterations {wanted} would end the static coarse stage (or start the VGG "
+                                         f"term: fractions of the count) after step {self.step}, which this run has "
+                                         f"passed; extend it to at most --iterations {allowed} at a time")
         else:
             self.gaussian_counts = [(0, len(self.model.gaussians))]
             self._rng_to_restore = None
@@ -498,7 +512,8 @@ class Trainer:
         end = c.schedule.iterations
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(self.model_dir / "logs"))
+        # a resumed run drops what an interrupted one logged after its checkpoint: no step is logged twice
+        writer = SummaryWriter(str(self.model_dir / "logs"), purge_step=self.step if self.step else None)
         if self.step == 0:
             self.save_checkpoint()
         if self._rng_to_restore is not None:
