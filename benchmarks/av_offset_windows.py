@@ -64,39 +64,12 @@ QUIET = ("curve", "fold_diff_vs_zero", "fold_scores_at_chosen", "fold_best_shift
 
 
 def decide(curve: np.ndarray, shifts: list[int]) -> tuple[int, float, bool]:
-    """The estimator's decision (frames, peak, reliable) from a curve: the same steps as estimate_audio_offset,
-    for the jackknife and bootstrap curves (the main estimate comes from the estimator itself)."""
-    from egstalker.preprocess import av_sync as m
+    """The estimator's decision (frames, peak, reliable) from a jackknife or bootstrap curve, without the length
+    floor (av_sync.decide_offset; the main estimate comes from the estimator itself)."""
+    from egstalker.preprocess.av_sync import MIN_OFFSET_FRAMES, decide_offset
 
-    scores = np.asarray(curve, float)
-    best = float(scores.max())
-    if not np.isfinite(best) or best < m.MIN_PEAK_CORR / 2:
-        return 0, float("nan"), False
-    top = scores >= m.TOP_FRACTION * best
-    lo = hi = int(scores.argmax())
-    while lo > 0 and top[lo - 1]:
-        lo -= 1
-    while hi < len(scores) - 1 and top[hi + 1]:
-        hi += 1
-    if lo == 0 or hi == len(scores) - 1 or best < m.MIN_PEAK_CORR:
-        return 0, float("nan"), False
-    weights = scores[lo:hi + 1] - m.TOP_FRACTION * best + 1e-6
-    peak = float(np.sum(np.array(shifts[lo:hi + 1]) * weights) / weights.sum())
-    shift = peak - m.NATURAL_LEAD_FRAMES
-    return (int(round(shift)) if abs(shift) >= m.DEADBAND_FRAMES else 0), peak, True
-
-
-def top_run(scores: np.ndarray) -> tuple[int, int]:
-    from egstalker.preprocess import av_sync as m
-
-    best = scores.max()
-    top = scores >= m.TOP_FRACTION * best
-    lo = hi = int(scores.argmax())
-    while lo > 0 and top[lo - 1]:
-        lo -= 1
-    while hi < len(scores) - 1 and top[hi + 1]:
-        hi += 1
-    return lo, hi
+    offset = decide_offset(list(np.asarray(curve, float)), shifts, MIN_OFFSET_FRAMES)
+    return offset.frames, offset.peak_frames, offset.reliable
 
 
 def estimate_with_folds(wav: np.ndarray, opening: np.ndarray):
@@ -138,6 +111,8 @@ def window_row(estimate, folds: np.ndarray | None, expected: int, rng: np.random
     zero_ix = [index[s] for s in (0, 1, 2)]
     exp_ix = [index[s] for s in (expected, expected + 1, expected + 2) if s in index]
     chosen_i = index[int(round(estimate.peak_frames))] if np.isfinite(estimate.peak_frames) else best_i
+    from egstalker.preprocess.av_sync import top_run
+
     lo, hi = top_run(curve)
     row.update({
         "best_shift": shifts[best_i], "score_at_chosen": r(curve[chosen_i]),

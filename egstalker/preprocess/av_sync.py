@@ -137,17 +137,29 @@ def estimate_audio_offset(wav16k: np.ndarray, mouth_opening: np.ndarray, max_shi
     for s in shifts:
         rows = np.clip(np.arange(n)[:, None] + s + offsets[None], 0, len(features) - 1)
         curve.append(float(np.mean(ridge_cv_scores(features[rows].reshape(n, -1), y, FOLDS, gap=2 * WINDOW_HALF + 1))))
-    scores = np.array(curve)
-    best = float(scores.max())
-    if not np.isfinite(best) or best < MIN_PEAK_CORR / 2:
-        return AudioOffset(0, float("nan"), best, False, shifts, curve)
-    # The top region that contains the argmax (a contiguous run, not stray noise peaks); its centroid is the peak.
-    top = scores >= TOP_FRACTION * best
+    return decide_offset(curve, shifts, int(finite.sum()))
+
+
+def top_run(scores: np.ndarray) -> tuple[int, int]:
+    """First and last index of the top region (>= TOP_FRACTION of the best) that contains the argmax: a contiguous
+    run, not stray noise peaks."""
+    top = scores >= TOP_FRACTION * scores.max()
     lo = hi = int(scores.argmax())
     while lo > 0 and top[lo - 1]:
         lo -= 1
     while hi < len(scores) - 1 and top[hi + 1]:
         hi += 1
+    return lo, hi
+
+
+def decide_offset(curve: list[float], shifts: list[int], n_faces: int) -> AudioOffset:
+    """The offset a cross-validated curve over `shifts` gives, for a clip of `n_faces` frames with a face: the
+    centroid of its top run, less the natural lead; unreliable (0) when weak, cut off by the search or too short."""
+    scores = np.array(curve)
+    best = float(scores.max())
+    if not np.isfinite(best) or best < MIN_PEAK_CORR / 2:
+        return AudioOffset(0, float("nan"), best, False, shifts, curve)
+    lo, hi = top_run(scores)
     if lo == 0 or hi == len(scores) - 1:
         # still rising where the search stops (counted from half of MIN_PEAK_CORR: a curve cut off by the search
         # is weaker than its unseen peak)
@@ -156,7 +168,7 @@ def estimate_audio_offset(wav16k: np.ndarray, mouth_opening: np.ndarray, max_shi
         return AudioOffset(0, float("nan"), best, False, shifts, curve)
     weights = scores[lo:hi + 1] - TOP_FRACTION * best + 1e-6
     peak = float(np.sum(np.array(shifts[lo:hi + 1]) * weights) / weights.sum())
-    if finite.sum() < MIN_OFFSET_FRAMES:  # the peak of a short clip wanders by a frame or two: reported, not applied
+    if n_faces < MIN_OFFSET_FRAMES:  # the peak of a short clip wanders by a frame or two: reported, not applied
         return AudioOffset(0, peak, best, False, shifts, curve)
     shift = peak - NATURAL_LEAD_FRAMES
     return AudioOffset(int(round(shift)) if abs(shift) >= DEADBAND_FRAMES else 0, peak, best, True, shifts, curve)

@@ -186,34 +186,31 @@ def render_to_file(head: "TalkingHead", audio_path: str | os.PathLike, output: s
     """
     from tqdm import tqdm
 
-    from egstalker.render.video import Mp4Writer, check_video_output
+    from egstalker.render.video import Mp4Writer
 
     if output is None and frames_dir is None:
         raise EgstalkerError("nothing to write: give an output mp4 path and/or a frames folder")
     audio_path = Path(audio_path)
-    if output is not None:
-        check_video_output(output, inputs=(audio_path,))
     wav = load_speech(audio_path, FEATURE_RATE)
     comment = (render_provenance(head.model_dir, audio_path, pose, background)
                if output is not None and (background is None or isinstance(background, str)) else None)
     if isinstance(background, str) or background is None:
         background = parse_background(background, head.width, head.height)
     n_frames = n_frames_for(len(wav), FEATURE_RATE, head.fps)
-    frames_path = None
-    if frames_dir is not None:
-        frames_path = Path(frames_dir)
-        try:
-            frames_path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise EgstalkerError(f"cannot create frames folder {frames_path} ({e.strerror})") from None
-
     start = time.perf_counter()
     writer = None
-    if output is not None:
+    if output is not None:  # first: a bad output path is refused before the frames folder is made
         # the speech at full quality for the video's sound track, decoded as the frames are written
         writer = Mp4Writer(output, head.width, head.height, head.fps, audio=iter_audio(audio_path, MUX_RATE),
-                           audio_rate=MUX_RATE, comment=comment)
+                           audio_rate=MUX_RATE, comment=comment, inputs=(audio_path,))
+    frames_path = None
     try:
+        if frames_dir is not None:
+            frames_path = Path(frames_dir)
+            try:
+                frames_path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise EgstalkerError(f"cannot create frames folder {frames_path} ({e.strerror})") from None
         with tqdm(total=n_frames, desc="render", unit="frame", disable=not show_progress) as bar:
             frames = render(head, wav, pose=pose, background=background, batch_size=batch_size)
             # render the next batches on a worker thread while this one encodes (both release the GIL)

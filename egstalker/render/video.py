@@ -81,14 +81,15 @@ class Mp4Writer:
         crf: x264 quality (lower is better; 18 is visually lossless for talking heads).
         preset: x264 speed/size trade-off ('veryfast' keeps encoding well above real time).
         comment: text for the file's `comment` tag (render writes what the video was made from: `video_comment`).
+        inputs: files the video must not overwrite (the speech it is made from).
     """
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float = 25.0,
                  audio: np.ndarray | None = None, audio_rate: int = 16000, crf: int = 18,
-                 preset: str = "veryfast", comment: str | None = None):
+                 preset: str = "veryfast", comment: str | None = None, inputs: tuple = ()):
         import av
 
-        self.path = check_video_output(path)
+        self.path = check_video_output(path, inputs)
         self.width, self.height = int(width), int(height)
         self.fps = float(fps)
         self.frames_written = 0
