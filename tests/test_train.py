@@ -326,32 +326,38 @@ def test_non_finite_parameters_are_never_checkpointed(small_dataset, tmp_path, m
 
 def test_the_cli_resumes_the_saved_run_and_refuses_bad_input_in_one_line(small_dataset, tmp_path, monkeypatch,
                                                                         capsys):
-    """`--resume` continues the saved config (not the preset's iteration count); wrongly typed values, a config
-    that is a folder, an unknown device and zero intervals are one-line errors before anything is written."""
+    """`--resume` continues the saved config (not the preset's iteration count), from the checkpoint's copy when
+    train_config.json is gone; a finished run says there is nothing left to train; a run shorter than image_every
+    still logs its last render; wrongly typed values, a config that is a folder, an unknown device and zero
+    intervals are one-line errors before anything is written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from egstalker.cli import main
 
     config_path = tmp_path / "tiny.json"
-    save_config(tiny_config(2), config_path)
+    config = tiny_config(2)
+    config.schedule.image_every = 500
+    save_config(config, config_path)
     out = tmp_path / "m"
     assert main(["train", str(small_dataset), "-o", str(out), "--config", str(config_path), "--quiet"]) == 0
-    asked = []
-
-    class Asked(Exception):
-        pass
-
-    def capture(dataset, model_dir, config, **kwargs):
-        asked.append(config)
-        raise Asked  # what the CLI would train is what counts
-
-    monkeypatch.setattr(trainer_module, "train", capture)
-    with pytest.raises(Asked):
-        main(["train", str(small_dataset), "-o", str(out), "--resume", "--quiet"])
-    assert asked[-1].schedule.iterations == 2 and asked[-1].data.resolution == 64
-    with pytest.raises(Asked):
-        main(["train", str(small_dataset), "-o", str(out), "--resume", "--iterations", "5", "--resolution", "32"])
-    assert asked[-1].schedule.iterations == 5 and asked[-1].data.resolution == 64  # only the count may change
+    capsys.readouterr()
+    assert main(["train", str(small_dataset), "-o", str(out), "--resume"]) == 0
+    assert "nothing left to train: the run had finished at iteration 2" in capsys.readouterr().out
+    assert main(["train", str(small_dataset), "-o", str(out), "--resume", "--iterations", "3", "--resolution", "32"]) == 0
     assert "--resolution ignored with --resume" in capsys.readouterr().out
-    monkeypatch.undo()
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["schedule"]["iterations"] == 3 and saved["data"]["resolution"] == 64  # only the count may change
+    (out / "train_config.json").unlink()
+    with pytest.warns(UserWarning, match="train_config.json is missing; the run continues with the config saved in "
+                                         "step_0000003.pt"):
+        assert main(["train", str(small_dataset), "-o", str(out), "--resume", "--iterations", "4", "--quiet"]) == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["schedule"]["iterations"] == 4 and saved["data"]["resolution"] == 64
+    assert saved["schedule"]["image_every"] == 500
+    assert json.loads((out / "model.json").read_text())["step"] == 4
+    logs = EventAccumulator(str(out / "logs"), size_guidance={"images": 0})
+    logs.Reload()
+    assert [event.step for event in logs.Images("train/render_vs_gt")] == [2, 3, 4]  # each run logs its last step
 
     def broken(**sections):
         data = json.loads(config_path.read_text())

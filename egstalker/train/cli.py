@@ -41,39 +41,47 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if Path(args.output).resolve().is_relative_to(Path(args.dataset).resolve()):
         raise EgstalkerError("-o must name a model folder of its own, outside the dataset folder")
-    saved = Path(args.output) / "train_config.json"
-    if args.resume and saved.is_file():
-        # a resume continues the saved run: its config, changed only by an explicit --iterations
+    if args.resume:
+        # a resume continues the saved run (train_config.json, or its checkpoint's copy), changed only by an
+        # explicit --iterations
         ignored = [flag for flag, given in (("--config", args.config), ("--resolution", args.resolution),
                                             ("--quality", args.quality != "auto"),
                                             ("--workers", args.workers is not None)) if given]
         if ignored and not args.quiet:
-            print(f"egstalker train: {', '.join(ignored)} ignored with --resume: the run continues with {saved} "
-                  "(edit it to change a setting such as the learning rates)")
-        config = load_config(TrainConfig, saved)
-    elif args.config:
-        config = load_config(TrainConfig, args.config)
+            print(f"egstalker train: {', '.join(ignored)} ignored with --resume: the run continues with "
+                  f"{Path(args.output) / 'train_config.json'} (edit it to change a setting such as the learning rates)")
+        config = TrainConfig() if args.iterations is not None else None  # only its length is read
     else:
-        config = preset_config(args.quality, device)
-    if args.iterations is not None:  # an explicit count is trained in full, whatever the time
-        config.schedule.iterations = args.iterations
-        config.schedule.time_budget_minutes = None
-    if not args.resume:
+        config = load_config(TrainConfig, args.config) if args.config else preset_config(args.quality, device)
         if args.resolution is not None:
             config.data.resolution = args.resolution
         if args.workers is not None:
             config.data.num_workers = args.workers
-        if not args.config and args.quality == "auto" and resolve_quality("auto", device) == "preview" \
-                and not args.quiet:
+    if args.iterations is not None:  # an explicit count is trained in full, whatever the time
+        config.schedule.iterations = args.iterations
+        config.schedule.time_budget_minutes = None
+    if not args.resume and not args.config and not args.quiet and str(device).startswith("cpu"):
+        if resolve_quality(args.quality, device) == "preview":
             print(f"egstalker train: training on the CPU with the 'preview' preset ({describe_length(config)}); "
                   "--quality full for the GPU defaults")
+        else:
+            print(f"egstalker train: training the GPU defaults on the CPU ({describe_length(config)}): many times "
+                  "longer than on a GPU, as the progress bar's estimate will show after a few iterations; "
+                  "--quality preview trains a 128 px model in about 10 minutes")
     result = train(args.dataset, args.output, config, device=device, resume=args.resume,
                    show_progress=not args.quiet)
     psnr = (f"{result.val_psnr:.2f} dB (head {result.val_psnr_head:.2f} dB)" if result.val_psnr is not None
             else "n/a")
     memory = f", peak GPU memory {result.peak_gpu_memory_gib:.1f} GiB" if result.peak_gpu_memory_gib else ""
-    print(f"model written to {result.model_dir}: {result.steps} iterations, {result.n_gaussians} Gaussians, "
-          f"held-out PSNR {psnr}, {result.seconds:.0f} s ({result.iterations_per_second:.1f} it/s){memory}")
+    rate = result.iterations_per_second
+    speed = f"{rate:.1f} it/s" if rate >= 1 or not rate else f"{1 / rate:.1f} s/it"
+    if args.resume and not result.steps_this_run:
+        print(f"nothing left to train: the run had finished at iteration {result.steps} (give a larger --iterations "
+              f"to extend it); model files written again to {result.model_dir}: {result.n_gaussians} Gaussians, "
+              f"held-out PSNR {psnr}")
+    else:
+        print(f"model written to {result.model_dir}: {result.steps} iterations, {result.n_gaussians} Gaussians, "
+              f"held-out PSNR {psnr}, {result.seconds:.0f} s ({speed}){memory}")
     if result.val_mouth_probe_corr is not None:
         print(f"held-out mouth opening predicted from the audio alone (the mouth probe): correlation "
               f"{result.val_mouth_probe_corr:.2f}")

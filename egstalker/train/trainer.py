@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from egstalker.configs import load_config, save_config, to_dict
+from egstalker.configs import from_dict, load_config, save_config, to_dict
 from egstalker.dataset.reader import FrameDataset, features_mismatch, load_canonical_vertices, open_dataset
 from egstalker.errors import EgstalkerError
 from egstalker.model.folder import (ModelInfo, PoseSources, atomic_torch_save, check_dataset_matches, dataset_source,
@@ -56,6 +56,8 @@ class TrainResult:
     iterations_per_second: float
     gaussian_counts: list[tuple[int, int]]
     """(step, count) pairs logged over training."""
+    steps_this_run: int = 0
+    """Iterations trained by this call (0 when a finished run was resumed without a larger count)."""
     peak_gpu_memory_gib: float | None = None
     """The most GPU memory the training loop's tensors took at once (torch.cuda.max_memory_allocated, from the
     loop's start); None off CUDA."""
@@ -180,7 +182,7 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
 class Trainer:
     """Owns the data, the model, the optimiser and the strategy of one training run."""
 
-    def __init__(self, dataset_dir: str | Path, model_dir: str | Path, config: TrainConfig,
+    def __init__(self, dataset_dir: str | Path, model_dir: str | Path, config: TrainConfig | None,
                  device: str | torch.device = "cpu", resume: bool = False, show_progress: bool = True,
                  backend: str = "auto"):
         self.dataset_dir = Path(dataset_dir).resolve()
@@ -199,15 +201,23 @@ class Trainer:
         if resume:
             if latest is None:
                 raise EgstalkerError(f"nothing to resume in {self.model_dir} (no checkpoints/); drop --resume to start")
-            saved = load_config(TrainConfig, self.model_dir / "train_config.json")
+            state = self._read_checkpoint(latest)
+            saved_path = self.model_dir / "train_config.json"
+            if saved_path.is_file():
+                saved = load_config(TrainConfig, saved_path)
+            else:  # deleted or never copied: every checkpoint holds the config it ran under
+                warnings.warn(f"{saved_path} is missing; the run continues with the config saved in {latest.name} "
+                              "(it is written again)", stacklevel=2)
+                saved = from_dict(TrainConfig, state["config"], source=f"{latest}'s config")
             # the one thing a resume may change: how long it trains (an iteration count, or a time budget)
-            saved.schedule.iterations = config.schedule.iterations
-            saved.schedule.time_budget_minutes = config.schedule.time_budget_minutes
+            if config is not None:
+                saved.schedule.iterations = config.schedule.iterations
+                saved.schedule.time_budget_minutes = config.schedule.time_budget_minutes
             config = saved
         elif latest is not None:
             raise EgstalkerError(f"{self.model_dir} already holds a training run ({latest.name}); add --resume to "
                                  "continue it, or choose a new output folder")
-        self.config = config.validate()
+        self.config = config = (config or TrainConfig()).validate()
         # a time budget fits the count between step + 1 and this (the count asked for)
         self.planned_iterations = config.schedule.iterations
         res = config.data.resolution
@@ -244,16 +254,6 @@ class Trainer:
                 if info.encoder_name != self.train_data.encoder_name:
                     raise EgstalkerError(features_mismatch(self.dataset_dir, self.train_data.encoder_name,
                                                            info.encoder_name))
-            try:
-                state = torch.load(latest, map_location="cpu", weights_only=False)
-            except Exception as e:  # torch raises RuntimeError, EOFError, OSError... for a damaged file
-                older = sorted(self.checkpoint_dir.glob("step_*.pt"))[:-1]
-                advice = (f"delete it to resume from {older[-1].name}" if older
-                          else f"it is the only one: train again into a new folder (or delete {self.model_dir})")
-                raise EgstalkerError(f"the last checkpoint {latest} is damaged and cannot be read ({type(e).__name__}); "
-                                     f"{advice}") from None
-            if state.get("version") != CHECKPOINT_VERSION:
-                raise EgstalkerError(f"{latest} was written by an incompatible egstalker; start a new training")
             spec = ModelSpec.from_json(state["spec"])
             self.model = GaussianHead.from_spec(spec)
             self.model.load_state_dict(state["model"])
@@ -335,6 +335,19 @@ class Trainer:
         model.deformation.token_encoder.set_pose_statistics(torch.from_numpy(self.train_data.viewmats))
         return model
 
+    def _read_checkpoint(self, path: Path) -> dict:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # torch raises RuntimeError, EOFError, OSError... for a damaged file
+            older = sorted(self.checkpoint_dir.glob("step_*.pt"))[:-1]
+            advice = (f"delete it to resume from {older[-1].name}" if older
+                      else f"it is the only one: train again into a new folder (or delete {self.model_dir})")
+            raise EgstalkerError(f"the last checkpoint {path} is damaged and cannot be read ({type(e).__name__}); "
+                                 f"{advice}") from None
+        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+            raise EgstalkerError(f"{path} was written by an incompatible egstalker; start a new training")
+        return state
+
     def latest_checkpoint(self) -> Path | None:
         if not self.checkpoint_dir.is_dir():
             return None
@@ -344,13 +357,17 @@ class Trainer:
     def _loader(self, start: int, end: int | None) -> torch.utils.data.DataLoader:
         c = self.config.data
         sampler = IterationBatchSampler(len(self.train_data), c.batch_size, self.config.seed, start, end)
+        # more readers than CPUs only compete with the training step (torch warns); frames are read
+        # deterministically, so the count does not change the run
+        workers = min(c.num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1)
         kwargs = {}
-        if c.num_workers > 0:
+        if workers > 0:
             kwargs = {"prefetch_factor": c.prefetch_batches, "persistent_workers": False}
         # A private generator: creating the loader must not consume the global RNG (exact resume).
         return torch.utils.data.DataLoader(
             FrameDataset(self.train_data, c.audio_window, c.future_rows), batch_sampler=sampler,
-            num_workers=c.num_workers,
+            num_workers=workers,
             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.config.seed),
             **kwargs)
 
@@ -513,7 +530,7 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         # a resumed run drops what an interrupted one logged after its checkpoint: no step is logged twice
-        writer = SummaryWriter(str(self.model_dir / "logs"), purge_step=self.step if self.step else None)
+        writer = SummaryWriter(str(self.model_dir / "logs"), purge_step=self.step + 1 if self.step else None)
         if self.step == 0:
             self.save_checkpoint()
         if self._rng_to_restore is not None:
@@ -568,7 +585,7 @@ class Trainer:
                         writer.add_scalar("gpu/peak_memory_gib", torch.cuda.max_memory_allocated(self.device) / 2**30,
                                           step)
                     writer.add_scalar("train/stage_fine", float(dynamic), step)
-                if c.schedule.image_every and step % c.schedule.image_every == 0:
+                if c.schedule.image_every and (step % c.schedule.image_every == 0 or step == end):
                     side = torch.cat([out.image[0].detach(), batch["image"][0]], dim=1).clamp(0, 1)
                     writer.add_image("train/render_vs_gt", side.cpu(), step, dataformats="HWC")
                 if c.schedule.eval_every and step % c.schedule.eval_every == 0 and step < end:
@@ -618,7 +635,7 @@ class Trainer:
                            val_psnr=scores["psnr"], val_psnr_head=scores["psnr_head"],
                            val_mouth_probe_corr=scores.get("mouth_probe_corr"), seconds=seconds,
                            iterations_per_second=steps_done / seconds if seconds > 0 and steps_done else 0.0,
-                           gaussian_counts=list(self.gaussian_counts),
+                           gaussian_counts=list(self.gaussian_counts), steps_this_run=steps_done,
                            peak_gpu_memory_gib=(torch.cuda.max_memory_allocated(self.device) / 2**30
                                                 if self.device.type == "cuda" else None))
 
@@ -629,11 +646,13 @@ def train(dataset_dir: str | Path, model_dir: str | Path, config: TrainConfig | 
     """Train (or resume) a talking head on a preprocessed dataset; write the model folder. See the module doc.
 
     config: default TrainConfig(), the GPU defaults (6,000 iterations at the dataset's size); for a CPU-sized run
-    pass `egstalker.train.config.preset_config("preview", "cpu")`, as `egstalker train` does on a CPU."""
+    pass `egstalker.train.config.preset_config("preview", "cpu")`, as `egstalker train` does on a CPU. With
+    resume, None continues the saved run as it was; a config given changes only its length (schedule.iterations
+    and schedule.time_budget_minutes)."""
     model_dir = Path(model_dir)
     created = not model_dir.exists()
     try:
-        trainer = Trainer(dataset_dir, model_dir, config or TrainConfig(), device=device, resume=resume,
+        trainer = Trainer(dataset_dir, model_dir, config, device=device, resume=resume,
                           show_progress=show_progress, backend=backend)
         return trainer.run()
     except (EgstalkerError, KeyboardInterrupt):
