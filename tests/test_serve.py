@@ -270,10 +270,12 @@ def test_a_hung_render_process_fails_every_waiting_call(monkeypatch):
     head.close()
 
 
-def test_sigterm_stops_the_server_and_its_render_process_cleanly(request, speech):
-    """A service manager's SIGTERM stops `egstalker serve` as Ctrl-C does, also in the middle of a stream: exit
-    code 0, no traceback, the render process gone and its shared frames freed (no leak warning from the resource
-    tracker)."""
+@pytest.mark.parametrize("render_process", ["yes", "no"])
+def test_sigterm_stops_the_server_and_its_render_process_cleanly(request, speech, render_process):
+    """A service manager's SIGTERM stops `egstalker serve` as Ctrl-C does, also in the middle of a stream and with
+    an impatient Ctrl-C 50 ms later (which aborted the process: the render thread was still in torch when the
+    interpreter exited): exit code 0, no traceback, the render process gone and its shared frames freed (no leak
+    warning from the resource tracker)."""
     import threading
 
     import signal
@@ -287,7 +289,7 @@ def test_sigterm_stops_the_server_and_its_render_process_cleanly(request, speech
         port = s.getsockname()[1]
     before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     process = subprocess.Popen([sys.executable, "-m", "egstalker", "serve", str(model_dir), "--device", "cpu",
-                                "--render-process", "yes", "--port", str(port)],
+                                "--render-process", render_process, "--port", str(port)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -298,7 +300,8 @@ def test_sigterm_stops_the_server_and_its_render_process_cleanly(request, speech
                     health = json.loads(response.read())
             except OSError:
                 time.sleep(0.5)
-        assert health is not None and health["status"] == "ok" and health["render_queue"] == 2, process.poll()
+        assert health is not None and health["status"] == "ok", process.poll()
+        assert health["render_queue"] == (2 if render_process == "yes" else 1)
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
         render_pids = [int(pid) for pid in children.read_text().split()] if children.exists() else []
         def client_stream():
@@ -314,14 +317,18 @@ def test_sigterm_stops_the_server_and_its_render_process_cleanly(request, speech
                     break
             time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
             process.communicate()
-    assert process.returncode == 0, stderr[-2000:]
+    # 0; or killed by the second signal after everything was closed, as the interpreter exits (it restores the
+    # default handlers first)
+    assert process.returncode in (0, -signal.SIGINT), stderr[-2000:]
     assert "egstalker serve: stopped" in stderr and "leaked" not in stderr, stderr[-2000:]
-    assert "Traceback" not in stderr and "never retrieved" not in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr and "never retrieved" not in stderr and "terminate" not in stderr, stderr[-2000:]
     after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     assert not {name for name in after - before if name.startswith("psm_")}
     deadline = time.monotonic() + 10  # the render process (and the resource tracker) end with the server
@@ -361,6 +368,54 @@ def test_a_signal_ends_serve_forever_without_interrupting_a_running_task(small_h
     assert serving.done() and serving.exception() is None
     port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", capsys.readouterr().out).group(1))
     assert 0 < port < 65536
+
+
+def test_a_render_process_that_died_stops_the_server_with_its_reason(small_head, speech, capsys):
+    """A render process killed (by the out-of-memory killer, say) can render nothing more: the session in flight
+    gets the error, `/health` answers 503 (a supervisor's check reads the status code), and the server stops with
+    that one-line reason instead of accepting sessions that all fail."""
+    import urllib.error
+
+    from egstalker.serve.server import serve_forever
+
+    class DeadRenderProcess:
+        healthy = True
+
+        def __init__(self, head):
+            self._head = head
+
+        def __getattr__(self, name):
+            return getattr(self._head, name)
+
+        def render_frames(self, *args, **kwargs):
+            self.healthy = False
+            raise EgstalkerError("the render process has stopped (exit code -9); restart the server")
+
+    unhealthy = DeadRenderProcess(small_head)
+    unhealthy.healthy = False
+    server = RunningServer(unhealthy, ServeConfig(max_lag_s=None))
+    try:
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            server.health()
+        assert answer.value.code == 503
+        assert json.loads(answer.value.read())["status"] == "render process stopped"
+    finally:
+        server.close()
+
+    async def main():
+        ready = asyncio.Event()
+        serving = asyncio.create_task(serve_forever(DeadRenderProcess(small_head), "127.0.0.1", 0,
+                                                    ServeConfig(max_lag_s=None), None, "cpu", ready=ready))
+        await asyncio.wait_for(ready.wait(), 60)
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", capsys.readouterr().out).group(1))
+        received = await stream_speech(f"http://127.0.0.1:{port}", speech[:16000], realtime=False, timeout_s=60)
+        with pytest.raises(EgstalkerError, match=r"^the render process has stopped \(exit code -9\); restart the "
+                                                 r"server; the server stopped$"):
+            await asyncio.wait_for(serving, 30)
+        return received
+
+    received = asyncio.run(main())
+    assert received.server_error == "rendering failed: the render process has stopped (exit code -9); restart the server"
 
 
 def test_the_render_process_resolves_precision_for_its_own_device(monkeypatch):
@@ -492,6 +547,7 @@ def test_bad_messages_and_abrupt_disconnects_leave_others_streaming(running, spe
             _raw_session(server.url, first=b"\x00\x00"),                          # audio before start
             _raw_session(server.url, first="hello"),                              # not JSON
             _raw_session(server.url, then=['{"type": "dance"}']),                 # unknown control
+            _raw_session(server.url, first='{"type": "start", "sample_rate": 44100}'),  # a setting we lack
             _raw_session(server.url, then=[bytes(protocol.MAX_AUDIO_BYTES + 2)]),  # too big
             _raw_session(server.url, then=[bytes(2**20)]),                        # far too big: dropped
             abrupt_disconnect(),
@@ -500,7 +556,9 @@ def test_bad_messages_and_abrupt_disconnects_leave_others_streaming(running, spe
 
     good, bad = asyncio.run(scenario())
     assert good.error is None and len(good.frames) == 20 == good.done_frames
-    odd, early, not_json, unknown, too_big, giant, _ = bad
+    odd, early, not_json, unknown, rate, too_big, giant, _ = bad
+    assert rate == [{"type": "error", "message": "unknown key(s) sample_rate in start; it takes only pose, token, "
+                                                 "type (speech is always 16 kHz mono int16 PCM)"}]
     assert odd[-1]["type"] == "error" and "int16" in odd[-1]["message"]
     assert early[-1]["type"] == "error" and "start" in early[-1]["message"]
     assert not_json[-1]["type"] == "error" and "JSON" in not_json[-1]["message"]
@@ -662,6 +720,24 @@ def test_cross_origin_pages_cannot_open_sessions_without_a_token(running):
     assert asyncio.run(connect("http://evil.example")) == 403
     assert asyncio.run(connect(server.url)) == 101
 
+    # DNS rebinding: a page at evil.example whose name now points at 127.0.0.1 sends its own name as Host and as
+    # Origin, so the Origin matches; the Host does not name this machine
+    async def rebound(path: str) -> int:
+        host = f"evil.example:{server.port}"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{server.url}{path}", headers={"Host": host, "Origin": f"http://{host}",
+                                                                   "Connection": "Upgrade", "Upgrade": "websocket",
+                                                                   "Sec-WebSocket-Version": "13",
+                                                                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+                                   ) as response:
+                return response.status
+
+    assert asyncio.run(rebound("/ws")) == 403 and asyncio.run(rebound("/health")) == 403
+    for name in ("localhost", "127.0.0.1", "[::1]"):  # this machine's names are served
+        request = urllib.request.Request(f"{server.url}/health", headers={"Host": f"{name}:{server.port}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+
 
 # ------------------------------------------------------------------------------------------------ parts
 def test_streamed_features_equal_whole_clip_features(speech):
@@ -777,6 +853,28 @@ def test_client_cli_saves_nothing_of_an_incomplete_stream(small_head, speech, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav"]
 
 
+def test_client_refuses_a_page_address_and_names_a_server_that_is_not_there(speech, tmp_path, capsys):
+    """A URL naming a page (/health) is refused before anything is sent (it was silently replaced by /ws), and a
+    port where nothing listens is said in words."""
+    import socket
+
+    from egstalker.cli import main
+
+    wav_path = tmp_path / "speech.wav"
+    sf.write(wav_path, speech[:3200], 16000)
+    assert main(["client", "http://127.0.0.1:8010/health", "--audio", str(wav_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "egstalker client: error: 'http://127.0.0.1:8010/health' names the page /health; give the server's address "
+        "alone, e.g. http://127.0.0.1:8010 (sessions go to /ws)")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    assert main(["client", f"http://127.0.0.1:{port}/", "--audio", str(wav_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"egstalker client: error: cannot connect to 127.0.0.1:{port} (Connection refused); is `egstalker serve` "
+        "running there?")
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless test needs a system chromium")
 def test_page_streams_a_file_in_headless_chromium(running, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
@@ -792,6 +890,14 @@ def test_page_streams_a_file_in_headless_chromium(running, tmp_path):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(server.url + "/")
             page.wait_for_function("document.getElementById('server').textContent.includes('fps')")
+            not_audio = tmp_path / "notes.wav"
+            not_audio.write_text("not audio")
+            page.set_input_files("#file", str(not_audio))
+            page.click("#play")  # said, and kept on screen (it was overwritten by "stopped"); no session taken
+            page.wait_for_function("window.egsStats.state === 'error'", timeout=30000)
+            assert page.evaluate("document.getElementById('status').textContent").startswith(
+                "cannot decode notes.wav: ")
+            assert server.health()["sessions_served"] == 0
             page.set_input_files("#file", str(wav_path))
             page.click("#play")
             page.wait_for_function("window.egsStats.framesPainted >= 3", timeout=120000)

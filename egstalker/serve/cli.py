@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 from egstalker.render.cli import add_audio_weights_argument
@@ -34,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--render-queue", type=int, default=QUEUE_DEPTH,
                         help=f"render calls waiting at the render process at once (default {QUEUE_DEPTH}: the "
                              "device starts the next batch while the server takes the last; 1 waits for each)")
+    parser.add_argument("--max-lag", type=float, default=0.5, metavar="SECONDS",
+                        help="overload policy: a frame the device could not render within this many seconds is sent "
+                             "with its speech and no new image, so speech and latency hold (default 0.5); 0 renders "
+                             "every frame however late (latency then grows on a slow device)")
+    parser.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="close a session whose client sent nothing for this long (default 60)")
     parser.add_argument("--encoder-device", default="auto",
                         help="where the speech encoder runs: auto (the render device), cpu, cuda, cuda:1; cpu spares "
                              "the GPU but takes CPU cores, and held fewer streams on an H200 (docs/gpu.md)")
@@ -54,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         raise EgstalkerError("--max-sessions, --max-batch and --render-queue must be at least 1")
     if not 1 <= args.jpeg_quality <= 100:
         raise EgstalkerError("--jpeg-quality must be between 1 and 100")
+    if not (args.max_lag >= 0 and args.idle_timeout > 0):  # also refuses nan
+        raise EgstalkerError("--max-lag must be >= 0 (0: render every frame) and --idle-timeout > 0 seconds")
     import torch
 
     from egstalker.devices import resolve_device
@@ -85,8 +94,11 @@ def run(args: argparse.Namespace) -> int:
         # give it half the cores, leaving the rest to JPEG encoding, the event loop and the render process. Set
         # before the server's worker threads start (a thread keeps the count it first ran with).
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    if not in_child and args.render_queue != QUEUE_DEPTH:
+        print("egstalker serve: --render-queue ignored: it sets the queue of a render process (--render-process yes; "
+              "the default on a GPU), and this server renders in its own process", file=sys.stderr)
     config = ServeConfig(max_sessions=args.max_sessions, max_batch=args.max_batch, jpeg_quality=args.jpeg_quality,
-                         pose=args.pose)
+                         pose=args.pose, max_lag_s=args.max_lag or None, idle_timeout_s=args.idle_timeout)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # SIGTERM (systemd, docker) stops as Ctrl-C does (egstalker.cli.main), so the render process and its shared
     # frames are released rather than left to the resource tracker; while serving, serve_forever takes both
@@ -101,5 +113,23 @@ def run(args: argparse.Namespace) -> int:
         print("egstalker serve: stopped", file=sys.stderr)
     finally:
         if in_child:
-            head.close()
+            with _signals_held("egstalker serve: stopping (ending the render process)"):
+                head.close()  # cut short by a second Ctrl-C, it would leave its shared frames behind
     return 0
+
+
+@contextlib.contextmanager
+def _signals_held(note: str):
+    """Ctrl-C and SIGTERM only print `note` inside this block (main thread only), so a clean-up runs to its end."""
+    import signal
+    import sys
+
+    def say(signum, frame) -> None:
+        print(note, file=sys.stderr, flush=True)
+
+    previous = {signum: signal.signal(signum, say) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,11 @@ def websocket_url(url: str) -> str:
     scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
     if scheme is None or not parts.netloc:
         raise EgstalkerError(f"{url!r} is not a server address; give e.g. http://127.0.0.1:8010")
-    path = parts.path if parts.path.rstrip("/").endswith(protocol.WS_PATH) else protocol.WS_PATH
-    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+    path = parts.path.rstrip("/")
+    if path not in ("", protocol.WS_PATH):  # /health, a typo: not silently replaced by /ws
+        raise EgstalkerError(f"{url!r} names the page {parts.path}; give the server's address alone, e.g. "
+                             f"{parts.scheme}://{parts.netloc} (sessions go to {protocol.WS_PATH})")
+    return urlunsplit((scheme, parts.netloc, protocol.WS_PATH, parts.query, ""))
 
 
 @dataclass
@@ -208,6 +212,10 @@ async def stream_speech(url: str, audio: np.ndarray, *, token: str | None = None
                     await sender
     except aiohttp.WSServerHandshakeError as e:
         result.error = f"server refused the connection: HTTP {e.status} {e.message}"
+    except aiohttp.ClientConnectorError as e:  # nothing listening, a name that does not resolve
+        errno = getattr(e.os_error, "errno", None)
+        reason = os.strerror(errno) if errno and errno > 0 else (e.os_error.strerror or str(e.os_error))
+        result.error = f"cannot connect to {e.host}:{e.port} ({reason}); is `egstalker serve` running there?"
     except aiohttp.ClientConnectionError as e:
         result.error = result.error or f"connection failed: {e}"
     finally:

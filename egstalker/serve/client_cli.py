@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the server's token (default: $EGSTALKER_TOKEN)")
     parser.add_argument("--chunk-ms", type=float, default=20.0, help="speech per message (default 20 ms)")
     parser.add_argument("--fast", action="store_true",
-                        help="send the speech as fast as possible (an upload) instead of in real time")
+                        help="send the speech as fast as possible (an upload) instead of in real time; the server "
+                             "still streams it back in real time, at most 1 s ahead")
     parser.add_argument("--pose", choices=("loop", "static"), default=None, help="pose source (server default)")
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
 
@@ -27,10 +28,11 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from egstalker.errors import EgstalkerError
-    from egstalker.serve.client import load_speech, save_received, stream_speech
+    from egstalker.serve.client import load_speech, save_received, stream_speech, websocket_url
 
     if not 1 <= args.chunk_ms <= 2000:
         raise EgstalkerError("--chunk-ms must be between 1 and 2000")
+    websocket_url(args.url)  # a bad address is refused before the speech is read
     audio = load_speech(args.audio)
     if args.output:
         from egstalker.render.video import check_video_output
@@ -51,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
         raise EgstalkerError(f"{_incomplete_reason(stream)}{not_saved}")
     if args.output:
         save_received(stream, args.output)
-        print(f"saved {len(stream.frames)} frames with their audio to {args.output}", file=sys.stderr)
+        repeated = sum(1 for frame in stream.frames if not frame.jpeg)
+        note = (f" ({repeated} repeat the image before them: the server's device could not keep up; on a slow "
+                "device `egstalker serve --max-lag 0` renders every frame, or `egstalker render` makes the video "
+                "offline)" if repeated else "")
+        print(f"saved {len(stream.frames)} frames with their audio to {args.output}{note}", file=sys.stderr)
     return 0
 
 

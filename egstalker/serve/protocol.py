@@ -8,7 +8,8 @@ WebRTC's congestion-adaptive bit rate over lossy long-distance links; on a LAN o
 second (~0.5-1.5 MB/s at 256-512 px) are fine.
 
 Client -> server
-- text  `{"type": "start", "token": "...", "pose": "loop"}`: first message, within `START_TIMEOUT_S`.
+- text  `{"type": "start", "token": "...", "pose": "loop"}`: first message, within `START_TIMEOUT_S`; token and
+  pose are optional, other keys are refused.
 - binary: speech, 16 kHz mono signed 16-bit little-endian PCM, any length from 2 bytes to `MAX_AUDIO_BYTES`,
   sent as it is spoken (a browser microphone, or a file paced in real time). Faster than real time is allowed:
   the server then renders at most `max_ahead_s` ahead of real time and reads more only as it catches up.
@@ -40,6 +41,8 @@ FRAME_HEADER = struct.Struct("<4sIII")
 MAX_AUDIO_BYTES = 64 * 1024
 """Largest speech message (about 2 s of audio); larger ones are refused."""
 MAX_TEXT_BYTES = 4096
+START_KEYS = frozenset({"type", "token", "pose"})
+"""What a `start` message may hold; anything else is refused (not ignored)."""
 START_TIMEOUT_S = 10.0
 """A connection that sends no `start` in this time is closed."""
 WS_PATH = "/ws"

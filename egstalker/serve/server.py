@@ -16,9 +16,11 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import ipaddress
 import logging
 import os
 import signal
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -154,10 +156,14 @@ class TalkingHeadServer:
         """Frames sent without a new image because the device fell behind (overload)."""
         """Render calls that carried frames of more than one session."""
         self.sessions_served = 0
+        self.failure: str | None = None
+        """Why the server cannot render any more (its render process stopped); it then stops (`on_failure`)."""
+        self.on_failure = None
+        """Called once when `failure` is set: serve_forever stops the server, which exits with that message."""
 
     # ---------------------------------------------------------------- app
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=protocol.MAX_AUDIO_BYTES)
+        app = web.Application(client_max_size=protocol.MAX_AUDIO_BYTES, middlewares=[self._check_host])
         app.router.add_get("/", self._index)
         app.router.add_get("/health", self._health)
         app.router.add_get("/favicon.ico", self._no_content)
@@ -184,8 +190,11 @@ class TalkingHeadServer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # Wait for the calls already running in the pools' threads (a render call takes at most a few seconds):
+        # left running, they are joined at interpreter exit, where a second Ctrl-C aborts the process mid-call.
+        loop = asyncio.get_running_loop()
         for pool in (self._render_pool, self._encode_pool, self._jpeg_pool):
-            pool.shutdown(wait=False, cancel_futures=True)
+            await loop.run_in_executor(None, lambda pool=pool: pool.shutdown(wait=True, cancel_futures=True))
 
     async def _no_content(self, request: web.Request) -> web.Response:
         return web.Response(status=204)
@@ -237,7 +246,20 @@ class TalkingHeadServer:
         return round(min(1.0, sum(busy) / 5.0), 3)
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response(self.health())
+        info = self.health()
+        # a supervisor's health check reads the status code: 503 once the server cannot render
+        return web.json_response(info, status=200 if info["status"] == "ok" else 503)
+
+    @web.middleware
+    async def _check_host(self, request: web.Request, handler):
+        """Without a token the server listens on this machine only, so a request must name it (localhost or a
+        loopback address) in its Host header. Another name means DNS rebinding: a web page whose own name was
+        pointed at 127.0.0.1, which would pass the Origin check of `_origin_allowed`."""
+        if self.token is None and not _names_loopback(request.host):
+            log.info("refused a request for host %r (no token: only localhost names are served)", request.host)
+            raise web.HTTPForbidden(text="this server answers only requests for localhost or 127.0.0.1; start it "
+                                         "with --token to serve other names\n")
+        return await handler(request)
 
     # ---------------------------------------------------------------- sessions
     def _origin_allowed(self, request: web.Request) -> bool:
@@ -256,7 +278,11 @@ class TalkingHeadServer:
         # connection (close code 1009) without buffering them.
         ws = web.WebSocketResponse(max_msg_size=4 * protocol.MAX_AUDIO_BYTES, heartbeat=20.0, timeout=3.0)
         await ws.prepare(request)
+        if self.failure is not None:
+            await _refuse(ws, f"{self.failure}; the server is stopping", WSCloseCode.INTERNAL_ERROR)
+            return ws
         if len(self.connections) + self.reserved >= self.config.max_sessions:
+            log.info("refused a session: all %d sessions are in use", self.config.max_sessions)
             await _refuse(ws, f"server full: all {self.config.max_sessions} sessions are in use; try again later",
                           CLOSE_TRY_AGAIN_LATER)
             return ws
@@ -274,6 +300,8 @@ class TalkingHeadServer:
                 lookahead_ms=round(self.lookahead_ms, 1), device=self.device).to_json())
             await self._receive_loop(conn)
         except ProtocolError as e:
+            # the operator's view of why a session ended: a wrong token, an idle client, a broken client
+            log.info("session %s: %s", conn.state.id if conn is not None else "(not started)", e)
             await _refuse(ws, str(e), WSCloseCode.POLICY_VIOLATION)
         except (ConnectionResetError, asyncio.CancelledError):
             pass
@@ -292,6 +320,10 @@ class TalkingHeadServer:
         start = protocol.parse_control(msg.data)
         if start["type"] != "start":
             raise ProtocolError("the first message must be {\"type\": \"start\"}")
+        unknown = sorted(set(start) - protocol.START_KEYS)
+        if unknown:  # e.g. a sample_rate: speech is always 16 kHz here, and ignoring it would slow the speech
+            raise ProtocolError(f"unknown key(s) {', '.join(unknown)} in start; it takes only "
+                                f"{', '.join(sorted(protocol.START_KEYS))} (speech is always 16 kHz mono int16 PCM)")
         if self.token is not None:
             given = start.get("token")
             if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.token.encode()):
@@ -454,7 +486,16 @@ class TalkingHeadServer:
             await rendered
         except Exception as e:  # noqa: BLE001 - fail the sessions of this batch, keep serving the rest
             room.release()
-            log.exception("render call failed")
+            from egstalker.errors import EgstalkerError
+
+            if isinstance(e, EgstalkerError):  # said in one line (a stopped or hung render process)
+                log.error("render call failed: %s", e)
+            else:
+                log.exception("render call failed")
+            if not getattr(self.head, "healthy", True) and self.failure is None:
+                self.failure = str(e)  # nothing can render any more: stop, so the user (or a supervisor) restarts
+                if self.on_failure is not None:
+                    self.on_failure()
             sessions = list({s.id: s for s in batch.sessions}.values())
             for session in sessions:
                 session.closed = True  # frames of a call still in flight must not follow the error
@@ -534,6 +575,17 @@ class _Skipped:
         self.sessions = sessions
 
 
+def _names_loopback(host: str) -> bool:
+    """Whether a Host header ('localhost:8010', '127.0.0.1', '[::1]:8010') names this machine's loopback."""
+    name = urlsplit(f"//{host}").hostname or ""
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def _frame_message(frame: int, pcm: np.ndarray, image: np.ndarray, quality: int) -> bytes:
     import cv2
 
@@ -568,15 +620,18 @@ def _device_memory(device: str) -> dict:
 
 async def serve_forever(head, host: str, port: int, config: ServeConfig, token: str | None, device: str,
                         ready: asyncio.Event | None = None) -> None:
+    """Serve until Ctrl-C or SIGTERM (then return), or until rendering fails for good (then raise
+    EgstalkerError saying why, once the sessions are closed)."""
+    from egstalker.errors import EgstalkerError
+
     check_bind(host, token)
     server = TalkingHeadServer(head, config, token=token, device=device)
     runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    shown = f"[{host}]" if ":" in host else host
     port = runner.addresses[0][1] if runner.addresses else port  # --port 0: the free port the system picked
-    print(f"egstalker serve: http://{shown}:{port}/  (device {device}, {head.width}x{head.height} at "
+    print(f"egstalker serve: {_page_address(host, port)}  (device {device}, {head.width}x{head.height} at "
           f"{head.fps:g} fps, up to {config.max_sessions} sessions, look-ahead {server.lookahead_ms:.0f} ms"
           f"{', token required' if token else ''})", flush=True)
     if ready is not None:
@@ -584,20 +639,40 @@ async def serve_forever(head, host: str, port: int, config: ServeConfig, token: 
     # Ctrl-C and SIGTERM (service managers) end the wait below rather than raise KeyboardInterrupt inside whichever
     # task runs at that moment (that task would then die mid-step and be reported at exit)
     stop = asyncio.Event()
+    server.on_failure = stop.set
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second Ctrl-C while the sessions close and the last render call ends (seconds)
+            print("egstalker serve: stopping (closing sessions, ending the render call under way)",
+                  file=sys.stderr, flush=True)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     handled = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
             previous = signal.getsignal(signum)
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal)
             handled[signum] = previous
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or not on this platform
             pass
     try:
         await stop.wait()
     finally:
-        for signum, previous in handled.items():
-            loop.remove_signal_handler(signum)  # which leaves the default disposition: put the caller's back, so
-            signal.signal(signum, previous)     # a second signal during the clean-up below still cleans up
-        await runner.cleanup()
+        try:
+            await runner.cleanup()  # signals still go to on_signal: the clean-up is not cut short
+        finally:
+            for signum, previous in handled.items():
+                loop.remove_signal_handler(signum)  # which leaves the default disposition: put the caller's back
+                signal.signal(signum, previous)
+    if server.failure is not None:
+        raise EgstalkerError(f"{server.failure}; the server stopped")
 
+
+def _page_address(host: str, port: int) -> str:
+    """The page's URL as printed at start-up; for every interface, this machine's name."""
+    if host in ("", "0.0.0.0", "::"):
+        import socket
+
+        return f"http://{socket.gethostname()}:{port}/ (every interface)"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"

@@ -109,11 +109,11 @@ function openSession(onReady) {
       setStatus(`server: ${msg.message}`, true);
     }
   };
-  socket.onclose = () => {
+  socket.onclose = (event) => {
     if (socket !== ws) return;
     if (stats.state === "streaming" || stats.state === "connecting") {
       stats.state = "closed";
-      setStatus("the connection closed", !stats.error);
+      setStatus(`the connection closed${event.reason ? ": " + event.reason : ""}`, true);
     }
     stopSending();  // whatever ended it (done, refused, an error, the network): the microphone is released
     setRunning(false);
@@ -146,12 +146,13 @@ function stopSending() {
   if (micCtx) { micCtx.close(); micCtx = null; }
 }
 
-function stopAll() {
+// Stop, or give up with an error (the status then says why, not just "stopped").
+function stopAll(error = null) {
   stopSending();
   closePlayback();
   if (ws) ws.close();
-  stats.state = "stopped";
-  setStatus("stopped");
+  if (error) { stats.state = "error"; stats.error = error; setStatus(error, true); }
+  else { stats.state = "stopped"; setStatus("stopped"); }
   setRunning(false);
 }
 
@@ -229,9 +230,9 @@ function paint() {
 requestAnimationFrame(paint);
 
 // ---------------------------------------------------------------- sources
-async function decodeTo16k(file, ctx) {
+async function decodeTo16k(file) {
   const data = await file.arrayBuffer();
-  const decoded = await ctx.decodeAudioData(data);
+  const decoded = await new OfflineAudioContext(1, 1, RATE).decodeAudioData(data);
   const offline = new OfflineAudioContext(1, Math.ceil(decoded.duration * RATE), RATE);
   const source = offline.createBufferSource();
   source.buffer = decoded;
@@ -243,16 +244,15 @@ async function decodeTo16k(file, ctx) {
 async function playFile() {
   const file = $("file").files[0];
   if (!file) return;
+  $("play").disabled = true;
+  let samples;
+  try {  // before a session is opened: a file that is not audio takes no slot on the server
+    samples = await decodeTo16k(file);
+  } catch (e) {
+    stopAll(`cannot decode ${file.name}: ${e.message || e}; choose an audio file (wav, mp3, ogg, m4a)`);
+    return;
+  }
   openSession(async (socket) => {
-    let samples;
-    try {
-      samples = await decodeTo16k(file, playCtx);
-    } catch (e) {
-      if (socket !== ws || socket.readyState !== WebSocket.OPEN) return;  // stopped meanwhile
-      setStatus(`cannot decode ${file.name}: ${e.message || e}`, true);
-      stopAll();
-      return;
-    }
     if (socket !== ws || socket.readyState !== WebSocket.OPEN) return;  // stopped meanwhile
     const t0 = performance.now();
     let sent = 0;
@@ -269,6 +269,11 @@ async function playFile() {
 }
 
 async function useMicrophone() {
+  if (!navigator.mediaDevices) {  // browsers give the microphone only to https pages and localhost
+    stopAll(`the microphone needs a secure page: open this one as http://localhost:${location.port || 80}/ ` +
+            "(from another machine through an SSH tunnel: ssh -L PORT:localhost:PORT SERVER) or over https");
+    return;
+  }
   $("mic").disabled = true;  // one request at a time
   let stream;
   try {
@@ -286,8 +291,7 @@ async function useMicrophone() {
       await ctx.audioWorklet.addModule("/static/mic-worklet.js");
     } catch (e) {
       if (micCtx !== ctx) return;  // stopped meanwhile
-      setStatus(`cannot capture the microphone: ${e.message || e}`, true);
-      stopAll();
+      stopAll(`cannot capture the microphone: ${e.message || e}`);
       return;
     }
     if (socket !== ws || micCtx !== ctx || micStream !== stream) return;  // stopped meanwhile: already released
@@ -325,7 +329,7 @@ async function useMicrophone() {
 $("file").addEventListener("change", () => setRunning(ws !== null && ws.readyState === WebSocket.OPEN));
 $("play").addEventListener("click", playFile);
 $("mic").addEventListener("click", useMicrophone);
-$("stop").addEventListener("click", stopAll);
+$("stop").addEventListener("click", () => stopAll());
 $("mute").addEventListener("change", () => { if (gain) gain.gain.value = $("mute").checked ? 0 : 1; });
 loadHealth();
 setInterval(loadHealth, 5000);
