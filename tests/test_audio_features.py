@@ -107,15 +107,18 @@ def test_transformer_encoder_missing_weights(tmp_path, monkeypatch):
 
 def test_deepspeech_import(tmp_path, speech):
     n = frames_for_samples(len(speech))
-    logits = np.random.default_rng(0).standard_normal((n - 3, 16, 29)).astype(np.float64)
+    logits = np.random.default_rng(0).standard_normal((n - 2, 16, 29)).astype(np.float64)
     np.save(tmp_path / "aud_ds.npy", logits)
     encoder = get_encoder("deepspeech", tmp_path / "aud_ds.npy")
     feats = encoder.encode(speech)
     assert feats.shape == (n, 16, 29) and feats.dtype == np.float32
-    np.testing.assert_allclose(feats[: n - 3], logits, rtol=1e-6)
-    np.testing.assert_array_equal(feats[-1], feats[n - 4])  # padded by repeating the last row
-    assert encoder.describe()["import"]["padded_frames"] == 3
-    assert get_encoder("deepspeech", tmp_path / "aud_ds.npy").encode(speech[: 10 * 640]).shape == (10, 16, 29)
+    np.testing.assert_allclose(feats[: n - 2], logits, rtol=1e-6)
+    np.testing.assert_array_equal(feats[-1], feats[n - 3])  # padded by repeating the last row
+    assert encoder.describe()["import"]["padded_frames"] == 2
+    assert encoder.encode(speech[: (n - 4) * 640]).shape == (n - 4, 16, 29)  # cut
+    # another clip's features (or another frame rate's) are refused, not cut or padded to fit
+    with pytest.raises(EgstalkerError, match=rf"holds {n - 2} frames of features for this clip's 10 frames"):
+        encoder.encode(speech[: 10 * 640])
     np.save(tmp_path / "bad.npy", np.zeros((n, 768), np.float32))
     with pytest.raises(EgstalkerError, match=r"expected \[N, 16, 29\]"):
         get_encoder("deepspeech", tmp_path / "bad.npy")

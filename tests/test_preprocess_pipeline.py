@@ -24,9 +24,11 @@ FAST.audio.encoder = "mel"  # the encoders have their own tests; keep these runs
 BASIC = [1, 2, 3]
 
 
-def remux(source: Path, target: Path, seconds: float, audio: bool = True, rotation: int = 0) -> Path:
-    """Copy the first `seconds` of a clip without re-encoding (optionally without its audio, or with a display
-    rotation in degrees counter-clockwise, as phones store portrait video)."""
+def remux(source: Path, target: Path, seconds: float, audio: bool = True, rotation: int = 0,
+          audio_from: float = 0.0) -> Path:
+    """Copy the first `seconds` of a clip without re-encoding (optionally without its audio, with its sound
+    starting `audio_from` seconds after the picture, or with a display rotation in degrees counter-clockwise, as
+    phones store portrait video)."""
     with av.open(str(source)) as src, av.open(str(target), "w") as dst:
         streams = [src.streams.video[0]] + ([src.streams.audio[0]] if audio else [])
         out = {s.index: dst.add_stream_from_template(s) for s in streams}
@@ -35,9 +37,29 @@ def remux(source: Path, target: Path, seconds: float, audio: bool = True, rotati
         for packet in src.demux(*streams):
             if packet.dts is None or packet.pts is None:
                 continue
-            if float(packet.pts * packet.time_base) - float(packet.stream.start_time * packet.time_base) > seconds:
+            at = float(packet.pts * packet.time_base) - float(packet.stream.start_time * packet.time_base)
+            if at > seconds or (packet.stream.type == "audio" and at < audio_from):
                 continue
             packet.stream = out[packet.stream.index]
+            dst.mux(packet)
+    return target
+
+
+def with_sound(source: Path, target: Path, seconds: float, sound: np.ndarray) -> Path:
+    """The first `seconds` of a clip's picture (not re-encoded) with `sound` (16 kHz mono float) as its sound
+    track, in Matroska with PCM audio."""
+    with av.open(str(source)) as src, av.open(str(target), "w") as dst:
+        video = src.streams.video[0]
+        out = dst.add_stream_from_template(video)
+        audio = dst.add_stream("pcm_s16le", rate=16000, layout="mono")
+        for packet in src.demux(video):
+            if packet.pts is None or float((packet.pts - video.start_time) * packet.time_base) > seconds:
+                continue
+            packet.stream = out
+            dst.mux(packet)
+        frame = av.AudioFrame.from_ndarray((sound * 32767).astype(np.int16)[None], format="s16", layout="mono")
+        frame.rate = 16000
+        for packet in [*audio.encode(frame), *audio.encode(None)]:
             dst.mux(packet)
     return target
 
@@ -295,6 +317,50 @@ def test_skip_when_complete_and_force(tmp_path, capsys):
     assert np.load(layout.audio_features).shape[1:] == (96,)
     assert _mtimes(files)[0] == before[0] and _mtimes(files)[2] == after[2]
     assert json.loads(layout.meta.read_text())["audio_encoder"]["name"] == "oww"
+    # other weights of the same encoder: task 2 is redone too (they were recorded and silently not used)
+    n = len(np.load(layout.audio_features))
+    for name, value in (("a.npy", 0.0), ("b.npy", 1.0)):
+        np.save(tmp_path / name, np.full((n, 16, 29), value, np.float32))
+    for name, value in (("a.npy", 0.0), ("b.npy", 1.0)):
+        assert main(["preprocess", str(video), "-o", str(root), *only_basic, "--audio-features", "deepspeech",
+                     "--audio-weights", str(tmp_path / name), "--quiet"]) == 0
+        assert np.all(np.load(layout.audio_features) == value)
+    # settings a task refuses (hubert without its weights) do not become the dataset's: a plain run works again
+    saved = layout.preprocess_config.read_text()
+    assert main(["preprocess", str(video), "-o", str(root), *only_basic, "--audio-features", "hubert",
+                 "--quiet"]) == 2
+    assert layout.preprocess_config.read_text() == saved
+    capsys.readouterr()
+    assert main(["preprocess", str(video), "-o", str(root), *only_basic]) == 0
+    assert capsys.readouterr().err.count("already complete") == 3
+
+
+def test_frames_without_sound_or_face_are_left_out_of_the_split(tmp_path, capsys):
+    """A sound track starting 1 s after the picture: task 1 pads it with silence, and those frames (a face
+    speaking, no sound) stay out of training, as frames whose face was not found (interpolated) do."""
+    from egstalker.preprocess.transforms import write_split
+
+    video = remux(shared_media("video/aoc_8s_512.mp4"), tmp_path / "late.mp4", 3.5, audio_from=1.0)
+    root = preprocess(video, tmp_path / "ds", config=FAST)
+    assert "the sound track covers only 7" in capsys.readouterr().out
+    layout = DatasetLayout(root)
+    meta = json.loads(layout.meta.read_text())
+    unheard = meta["audio"]["frames_without_sound"]
+    assert 25 <= unheard <= 27 and meta["split"]["frames_without_audio"] == list(range(unheard))
+    used = [f["img_id"] for split in ("train", "val")
+            for f in json.loads(layout.transforms(split).read_text())["frames"]]
+    assert used == list(range(unheard, meta["n_frames"]))
+    # frames without a face: left out the same way
+    n = meta["n_frames"]
+    c2w = np.tile(np.eye(4), (n, 1, 1))
+    no_face = np.zeros(n, bool)
+    no_face[40:46] = True
+    staging = DatasetLayout(tmp_path / "staging")
+    report = write_split(staging, layout, c2w, 500.0, 512, 512, np.zeros((n, 68, 2)), np.zeros(n), 1 / 11,
+                         no_face=no_face)
+    assert report["frames_without_face"] == list(range(40, 46))
+    train_ids = [f["img_id"] for f in json.loads(staging.transforms("train").read_text())["frames"]]
+    assert not set(range(40, 46)) & set(train_ids) and len(train_ids) == report["n_train"] == 80 - 6
 
 
 def test_interrupted_task_leaves_nothing_and_resumes(tmp_path, monkeypatch):
@@ -368,6 +434,9 @@ def test_bad_inputs(tmp_path, capsys):
     _bad_input(tmp_path, capsys, [wav], "no video stream", tmp_path / "speech")
     silent = remux(aoc, tmp_path / "silent.mp4", 3.0, audio=False)
     _bad_input(tmp_path, capsys, [silent], "no audio stream", tmp_path / "silent")
+    hiss = with_sound(aoc, tmp_path / "hiss.mkv", 3.0,
+                      np.random.default_rng(0).uniform(-1, 1, 48000).astype(np.float32) * 10 ** (-63 / 20))
+    _bad_input(tmp_path, capsys, [hiss], "silent or empty (peak below -50 dBFS)", tmp_path / "hiss")
     short = remux(aoc, tmp_path / "short.mp4", 1.5)
     _bad_input(tmp_path, capsys, [short], "at least 2 s", tmp_path / "short")
     (tmp_path / "file.txt").write_text("x")

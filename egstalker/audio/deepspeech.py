@@ -40,11 +40,17 @@ class DeepSpeechImport(AudioEncoder):
         self.features = feats.astype(np.float32)
         self.import_note: dict = {}
 
+    LENGTH_TOLERANCE_FRAMES = 2
+    """Rows the file may have more or fewer than the clip (extractors round the ends differently)."""
+
     def encode(self, wav16k: np.ndarray) -> np.ndarray:
         """The imported features, cut or padded (repeating the last row) to the clip's frame count; what was
         done is kept in `import_note` (written to meta.json)."""
         n = frames_for_samples(len(as_waveform(wav16k)))
         have = len(self.features)
+        if abs(have - n) > self.LENGTH_TOLERANCE_FRAMES:  # another clip's features, or another frame rate's
+            raise EgstalkerError(f"{self.path} holds {have} frames of features for this clip's {n} frames at 25 fps; "
+                                 "compute it from this dataset's aud.wav (16 kHz, 25 fps), not another clip's audio")
         self.import_note = {"source": str(self.path), "frames_in_file": have, "frames_used": n,
                             "padded_frames": max(0, n - have), "cut_frames": max(0, have - n)}
         if have >= n:

@@ -10,6 +10,10 @@ from egstalker.errors import EgstalkerError
 from egstalker.preprocess.tasks import Task, TaskContext
 
 
+NEAR_SILENT_PEAK = 10 ** (-50 / 20)
+"""A sound track whose loudest sample is below -50 dBFS holds no usable speech (hiss, a muted microphone)."""
+
+
 def extract_audio(ctx: TaskContext) -> None:
     """aud.wav: 16 kHz mono PCM16, sample 0 at the first video frame, exactly n_frames / 25 s long."""
     import soundfile
@@ -22,9 +26,9 @@ def extract_audio(ctx: TaskContext) -> None:
     n_frames = int(ctx.meta["n_frames"])
     wav = read_audio(ctx.video_path, rate, start=float(ctx.meta["video_start"]))
     target = n_frames * SAMPLES_PER_FRAME
-    if len(wav) == 0 or not np.any(wav):
-        raise EgstalkerError(f"the audio track of {ctx.video_path} is silent or empty; the model is driven by "
-                             "speech, so give a video with the person's voice")
+    if len(wav) == 0 or float(np.max(np.abs(wav))) < NEAR_SILENT_PEAK:
+        raise EgstalkerError(f"the audio track of {ctx.video_path} is silent or empty (peak below -50 dBFS); the "
+                             "model is driven by speech, so give a video with the person's voice")
     ctx.meta["audio"] = {
         "sample_rate": rate,
         "samples": target,
@@ -35,7 +39,27 @@ def extract_audio(ctx: TaskContext) -> None:
     peak = float(np.max(np.abs(wav)))
     wav = np.clip(fit_length(wav, target), -1.0, 1.0)
     ctx.meta["audio"]["peak"] = round(peak, 4)
+    unrecorded = unrecorded_frames(wav)
+    if unrecorded.any():
+        ctx.meta["audio"]["frames_without_sound"] = int(unrecorded.sum())
+        if unrecorded.mean() > 0.1 and ctx.show_progress:
+            print(f"audio: the sound track covers only {100 * (1 - unrecorded.mean()):.0f} % of the video; its "
+                  f"{int(unrecorded.sum())} frames without sound are left out of training", flush=True)
     soundfile.write(ctx.staging.audio_wav, wav, rate, subtype="PCM_16")
+
+
+def unrecorded_frames(wav: np.ndarray) -> np.ndarray:
+    """bool [n_frames]: frames of aud.wav whose whole 40 ms lies in the digital silence at its start or end, where
+    the recording had no sound (task 1 pads a sound track that starts after the picture or ends before it)."""
+    n = len(wav) // SAMPLES_PER_FRAME
+    silent = ~np.any(wav[:n * SAMPLES_PER_FRAME].reshape(n, SAMPLES_PER_FRAME) != 0, axis=1)
+    edges = np.zeros(n, bool)
+    heard = np.flatnonzero(~silent)
+    if len(heard) == 0:
+        return ~edges
+    edges[:heard[0]] = True
+    edges[heard[-1] + 1:] = True
+    return edges
 
 
 def compute_features(ctx: TaskContext) -> None:
@@ -54,7 +78,8 @@ def compute_features(ctx: TaskContext) -> None:
     # np.save appends .npy to names without it, so write through an open file
     with open(ctx.staging.audio_features, "wb") as f:
         np.save(f, feats)
-    ctx.meta["audio_encoder"] = encoder.describe()
+    # the weights as asked (None: the encoder's own), so that other --audio-weights later redo this task
+    ctx.meta["audio_encoder"] = {**encoder.describe(), "weights_path": ctx.config.audio.weights}
 
 
 def _encode_with_progress(encoder, wav: np.ndarray, show_progress: bool) -> np.ndarray:

@@ -364,25 +364,27 @@ def run_transforms(ctx: TaskContext) -> None:
     track = _faces(ctx)
     width, height = (int(v) for v in params["image_size"])
     c2w = camera_to_world(params["rotation"].numpy(), params["trans"].numpy())
-    offset = _audio_offset(ctx, track, split_index(len(c2w), ctx.config.split.val_fraction))
+    import soundfile as sf
+
+    from egstalker.preprocess.audio_task import unrecorded_frames
+
+    wav, _ = sf.read(str(_need(ctx.dataset.audio_wav, 1, "audio")), dtype="float32", always_2d=False)
+    offset = _audio_offset(ctx, track, split_index(len(c2w), ctx.config.split.val_fraction), wav)
     report = write_split(ctx.staging, ctx.dataset, c2w, float(params["focal"][0]), width, height,
                          to_ibug68(track.landmarks), params["blink"].numpy(), ctx.config.split.val_fraction,
-                         audio_offset=offset)
+                         audio_offset=offset, no_face=~track.detected, unrecorded_rows=unrecorded_frames(wav))
     ctx.meta["split"] = report
 
 
-def _audio_offset(ctx: TaskContext, track: FaceTrack, n_train: int) -> int:
+def _audio_offset(ctx: TaskContext, track: FaceTrack, n_train: int, wav: np.ndarray) -> int:
     """The recording's audio/video offset in frames (config or estimated); recorded in meta["audio_offset"]."""
     forced = ctx.config.split.audio_offset_frames
     if forced is not None:
         ctx.meta["audio_offset"] = {"frames": int(forced), "source": "config (split.audio_offset_frames)"}
         return int(forced)
-    import soundfile as sf
-
     from egstalker.preprocess.av_sync import (DEADBAND_FRAMES, MIN_OFFSET_FRAMES, NATURAL_LEAD_FRAMES,
                                               estimate_audio_offset, mouth_openings)
 
-    wav, _ = sf.read(str(_need(ctx.dataset.audio_wav, 1, "audio")), dtype="float32", always_2d=False)
     estimate = estimate_audio_offset(wav, mouth_openings(track.landmarks[:n_train], track.detected[:n_train]))
     ctx.meta["audio_offset"] = {**estimate.to_json(), "source": "estimated from the training frames (av_sync.py)"}
     if estimate.at_edge:
@@ -412,5 +414,6 @@ TASKS: list[Task] = [
     Task(6, "torso", run_torso, outputs=_torso_outputs, revision=2),
     Task(7, "landmarks", run_landmarks, outputs=_landmark_outputs),
     Task(8, "tracking", run_tracking, outputs=lambda layout, meta: [layout.track_params, layout.action_units]),
-    Task(9, "transforms", run_transforms, outputs=_transforms_outputs),
+    # revision 2: frames without a face or without recorded sound are left out of the split
+    Task(9, "transforms", run_transforms, outputs=_transforms_outputs, revision=2),
 ]

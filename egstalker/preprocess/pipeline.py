@@ -196,6 +196,8 @@ def _is_complete(task: Task, layout: DatasetLayout, meta: dict, config: Preproce
         recorded = meta.get("audio_encoder", {})
         if recorded.get("name") != config.audio.encoder:
             return False
+        if recorded.get("weights_path") != config.audio.weights:  # other weights: features of another network
+            return False
     if task.number == TRANSFORMS_TASK_NUMBER and _audio_offset_outdated(meta, config):
         return False
     if task.number == FRAMES_TASK.number and framing_changed(meta, config):
@@ -360,8 +362,11 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise EgstalkerError(f"cannot create {output} ({e.strerror}); choose a writable -o DATASET_DIR") from None
+    saved_config = layout.preprocess_config.read_text() if layout.preprocess_config.is_file() else None
+    ran = 0
     try:
         _remove_stale_staging(output)
+        # saved first: an interrupted run resumes with the settings it was given
         save_config(config, layout.preprocess_config)
         write_meta(layout, meta)
         for number in selected:
@@ -371,6 +376,7 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
                 _log(show_progress, f"{label}: already complete (--force to redo)")
                 continue
             meta = _run_task(task, video, layout, meta, config, show_progress, label)
+            ran += 1
     except EgstalkerError:
         if created:  # bad input found by a task: leave no dataset behind
             shutil.rmtree(output, ignore_errors=True)
@@ -380,6 +386,10 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
+        elif not ran and saved_config is not None:
+            # refused settings (weights that are not there) must not become the dataset's: every later run
+            # would fail on them
+            atomic_write_text(layout.preprocess_config, saved_config)
         raise
     return output
 
