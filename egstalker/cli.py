@@ -56,8 +56,10 @@ def interrupted_note(args: argparse.Namespace) -> str:
         return "run the same command again to continue"
     if args.command == "run":
         return "run the same command again to continue (finished stages are reused)"
-    partial = getattr(args, "frames_dir", None) or getattr(args, "report", None)  # written as they go
-    return f"the video was not written; what was written so far is in {partial}" if partial else "nothing was written"
+    if args.command == "eval":  # the report is written at the end: an earlier one is left as it was
+        return "no report or metrics were written" if getattr(args, "report", None) else "nothing was written"
+    partial = getattr(args, "frames_dir", None)  # frames are written as they go
+    return f"the video was not written; the frames so far are in {partial}" if partial else "nothing was written"
 
 
 def _raised_while_interrupted(error: BaseException) -> bool:

@@ -130,6 +130,10 @@ class TalkingHead:
             warnings.warn(stale, stacklevel=2)
         if audio_weights is None:
             audio_weights = dataset_audio_weights(dataset)
+            if audio_weights is not None and not Path(audio_weights).exists():
+                raise EgstalkerError(f"the audio weights the model's features came from, {audio_weights} (recorded in "
+                                     f"{dataset / 'preprocess_config.json'}), are not there any more; pass their new "
+                                     "location with --audio-weights PATH")
         head = cls(model, info, poses, dataset, model_dir, torch.device(device), precision=precision,
                    audio_weights=audio_weights, encoder_device=encoder_device)
         if check_encoder:
@@ -312,6 +316,8 @@ class TalkingHead:
 
     def __call__(self, wav: np.ndarray, pose: PoseMode = "loop", batch_size: int = 8) -> Iterator[np.ndarray]:
         """Stream frames (uint8 [H, W, 3]) for a whole utterance: exactly round(len(wav)/16000*25) frames."""
+        if batch_size < 1:
+            raise EgstalkerError(f"batch_size must be at least 1, not {batch_size}")
         features = self.encode_audio(wav)
         n = len(features)
         poses = self.pose_schedule(n, pose)

@@ -206,7 +206,9 @@ def test_trimmed_weights_and_a_dataset_that_remembers_its_weights(small_dataset,
     # recorded weights that are gone are an error, not a silent fall-back to the default weights
     config["audio"]["weights"] = str(tmp_path / "gone.bin")
     (dataset / "preprocess_config.json").write_text(json.dumps(config))
-    with pytest.raises(EgstalkerError, match="gone.bin not found"):
+    with pytest.raises(EgstalkerError, match=r"the audio weights the model's features came from, .*gone.bin "
+                                             r"\(recorded in .*preprocess_config.json\), are not there any more; pass "
+                                             r"their new location with --audio-weights PATH"):
         TalkingHead.from_dir(small_model, dataset_dir=dataset)
     # deepspeech's recorded "weights" are the training clip's own features: never used for other speech
     config["audio"] = {"encoder": "deepspeech", "weights": str(tmp_path / "aud_ds.npy")}

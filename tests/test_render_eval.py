@@ -101,6 +101,18 @@ def test_background_option():
         parse_background("no-such-file.png", 8, 6)
 
 
+def test_a_background_image_covers_the_frame_unstretched(tmp_path):
+    import cv2
+
+    wide = np.zeros((10, 40, 3), np.uint8)  # 4:1, left half blue, right half red (BGR)
+    wide[:, :20] = (255, 0, 0)
+    wide[:, 20:] = (0, 0, 255)
+    cv2.imwrite(str(tmp_path / "wide.png"), wide)
+    square = parse_background(str(tmp_path / "wide.png"), 8, 8)
+    assert square.shape == (8, 8, 3)  # the middle 10x10 of the image, scaled: half blue, half red, no squeeze
+    assert tuple(square[4, 0]) == (0, 0, 255) and tuple(square[4, 7]) == (255, 0, 0)
+
+
 def test_cli_bad_inputs_print_one_line(tmp_path, capsys):
     speech = write_speech(tmp_path / "speech.wav", 1.0)
     assert main(["render", str(tmp_path / "no_model"), "--audio", str(speech)]) == 2
@@ -114,6 +126,20 @@ def test_cli_bad_inputs_print_one_line(tmp_path, capsys):
     assert "silent" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "no_model"), "--json"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    speech_ok = write_speech(tmp_path / "ok.wav", 1.0)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / "000000.png").write_bytes(b"an earlier render")
+    for argv, message in [(["--device", "mps"], "--device mps: egstalker runs on cpu or cuda (an NVIDIA GPU), not "
+                                                "on mps; use --device cpu"),
+                          (["--frames-dir", str(frames)], "already holds frames (000000.png ...)"),
+                          (["--frames-dir", str(speech_ok)], "is a file; give a folder"),
+                          (["--no-video", "--frames-dir", str(tmp_path / "f2"), "-o", str(tmp_path / "t.mp4")],
+                           "--no-video writes no video, so -o has nothing to name"),
+                          (["--background", "red"], "a colour (black, white, green, blue, grey, gray, #rrggbb")]:
+        assert main(["render", str(tmp_path / "no_model"), "--audio", str(speech_ok), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("egstalker render: error:") and message in err and "\n" not in err, err
 
 
 def test_outputs_that_cannot_take_a_video_are_refused_before_any_work(tmp_path, capsys):
@@ -251,6 +277,12 @@ def test_eval_psnr_equals_independent_computation(small_model, tmp_path, capsys)
     # the same folder again, on 5 training frames: only this report's samples, named as training frames
     evaluate(head, split="train", max_frames=5, report_dir=tmp_path / "report", show_progress=False)
     page = (tmp_path / "report" / "index.html").read_text()
+    # a folder of someone's own files (render --frames-dir's numbered PNGs) is refused, not emptied
+    (tmp_path / "renders" / "frames").mkdir(parents=True)
+    (tmp_path / "renders" / "frames" / "000000.png").write_bytes(b"mine")
+    with pytest.raises(EgstalkerError, match="holds other files, not an egstalker report"):
+        evaluate(head, max_frames=2, report_dir=tmp_path / "renders", show_progress=False)
+    assert (tmp_path / "renders" / "frames" / "000000.png").read_bytes() == b"mine"
     assert "held-out" not in page and "training frame" in page
     shown = sorted(p.stem for p in (tmp_path / "report" / "frames").glob("*.png"))
     assert "poster" in shown and all(name == "poster" or int(name) < 5 for name in shown), shown
@@ -411,7 +443,7 @@ def test_an_interrupted_command_says_what_it_left(tmp_path):
 
     assert interrupted_note(Namespace(command="render", frames_dir=None)) == "nothing was written"
     assert str(tmp_path) in interrupted_note(Namespace(command="render", frames_dir=str(tmp_path)))
-    assert str(tmp_path) in interrupted_note(Namespace(command="eval", report=str(tmp_path)))
+    assert interrupted_note(Namespace(command="eval", report=str(tmp_path))) == "no report or metrics were written"
     model = tmp_path / "model"
     assert "run the same command again" in interrupted_note(Namespace(command="train", output=str(model)))
     (model / "checkpoints").mkdir(parents=True)
@@ -442,6 +474,13 @@ def test_a_dataset_re_encoded_with_other_audio_features_is_named_by_eval_and_res
     config.data.num_workers = 0
     with pytest.raises(EgstalkerError, match=message):
         train(other, model, config, resume=True, show_progress=False)
+    # features cut short (a damaged file) would score every held-out frame on the last row's speech
+    meta["audio_encoder"] = json.loads((small_dataset / "meta.json").read_text())["audio_encoder"]
+    (other / "meta.json").write_text(json.dumps(meta))
+    np.save(other / "aud.npy", np.load(other / "aud.npy")[:100])
+    with pytest.raises(EgstalkerError, match=r"aud.npy has 100 rows but the val frames read rows up to \d+: it is "
+                                             r"damaged or from another clip"):
+        heldout_frames(TalkingHead.from_dir(small_model, dataset_dir=other, check_encoder=False))
 
 
 def test_an_error_raised_while_an_interrupt_unwinds_is_reported_as_the_interrupt(capsys, monkeypatch):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,12 @@ def heldout_frames(head: "TalkingHead", split: Split = "val") -> HeldOutFrames:
     if encoder != head.encoder_name:  # evaluation reads the dataset's features, not the encoder's
         raise EgstalkerError(features_mismatch(layout.root, encoder, head.encoder_name))
     features = np.load(layout.audio_features, mmap_mode="r")
-    return HeldOutFrames(pose_indices=positions, audio_ids=np.asarray(poses.audio_ids)[positions],
+    audio_ids = np.asarray(poses.audio_ids)[positions]
+    if int(audio_ids.max()) >= len(features):  # a clamped last row would score every frame on the wrong speech
+        raise EgstalkerError(f"{layout.audio_features} has {len(features)} rows but the {split} frames read rows up "
+                             f"to {int(audio_ids.max())}: it is damaged or from another clip; re-run "
+                             f"`egstalker preprocess VIDEO -o {layout.root} --task 2 --force`")
+    return HeldOutFrames(pose_indices=positions, audio_ids=audio_ids,
                          frame_ids=np.asarray(poses.frame_ids)[positions], features=features,
                          dataset_dir=layout.root)
 
@@ -170,7 +176,11 @@ def evaluate(head: "TalkingHead", split: Split = "val", max_frames: int | None =
     samples: list[tuple[int, np.ndarray, np.ndarray]] = []
     video_frames = min(n, int(round(report_video_seconds * head.fps)))
     writer = None
+    new_report_dir = report_dir is not None and not Path(report_dir).exists()
     if report_dir is not None:
+        from egstalker.evaluate.report import check_report_dir
+
+        check_report_dir(report_dir)
         writer = _report_video_writer(Path(report_dir), head, frames, video_frames)
 
     psnr, ssim, lpips = np.zeros(n), np.zeros(n), np.zeros(n)
@@ -205,6 +215,8 @@ def evaluate(head: "TalkingHead", split: Split = "val", max_frames: int | None =
     except BaseException:
         if writer is not None:
             writer.abort()
+        if new_report_dir:  # a failed or interrupted eval leaves no empty report folder behind
+            shutil.rmtree(report_dir, ignore_errors=True)
         raise
     true_landmarks = np.concatenate(true_landmarks)
     mouth = metrics.mouth_scores(np.concatenate(pred_landmarks), true_landmarks)

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from egstalker.configs import atomic_write_text
+from egstalker.errors import EgstalkerError
 
 PLOT_WIDTH, PLOT_HEIGHT = 860, 220
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 56, 16, 14, 34
@@ -122,6 +123,29 @@ def side_by_side(*images: np.ndarray, gap: int = 4) -> np.ndarray:
     return np.concatenate(row, axis=1)
 
 
+REPORT_GENERATOR = "egstalker eval"
+"""Marks a report's index.html, so a later report may replace that folder's files (and no other folder's)."""
+
+
+def check_report_dir(report_dir: str | Path) -> None:
+    """Refuse (EgstalkerError) a folder that holds files but no egstalker report: writing a report replaces its
+    index.html, side_by_side.mp4 and frames/NNNNNN.png, which may be someone's own files (render --frames-dir
+    writes that naming)."""
+    report_dir = Path(report_dir)
+    if report_dir.exists() and not report_dir.is_dir():
+        raise EgstalkerError(f"--report {report_dir} is a file; give a folder for the report")
+    if not report_dir.is_dir() or not any(report_dir.iterdir()):
+        return
+    page = report_dir / "index.html"
+    try:
+        ours = f'content="{REPORT_GENERATOR}"' in page.read_text(errors="replace")[:2000]
+    except OSError:
+        ours = False
+    if not ours:
+        raise EgstalkerError(f"--report {report_dir} holds other files, not an egstalker report; choose a new or "
+                             "empty folder (a report replaces index.html, side_by_side.mp4 and frames/)")
+
+
 def write_report(report_dir: str | Path, summary: dict, per_frame: dict[str, np.ndarray],
                  samples: Sequence[tuple[int, np.ndarray, np.ndarray]], video_name: str | None,
                  title: str) -> Path:
@@ -172,7 +196,7 @@ def write_report(report_dir: str | Path, summary: dict, per_frame: dict[str, np.
     video = (f'<video src="{html.escape(video_name)}" width="{video_width}"{poster_attr} controls muted playsinline '
              'loop preload="metadata"></video>' if video_name else "<p>(no video)</p>")
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="{REPORT_GENERATOR}"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 24px; color: #222; max-width: 1100px; }}
 table {{ border-collapse: collapse; margin-bottom: 12px; }}

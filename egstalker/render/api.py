@@ -102,15 +102,31 @@ def parse_background(spec: str | None, width: int, height: int) -> np.ndarray | 
         return np.broadcast_to(np.array(colour, np.uint8), (height, width, 3)).copy()
     path = Path(spec)
     if not path.is_file():
-        raise EgstalkerError(f"--background {spec!r} is neither 'dataset', a colour (black, white, green, #rrggbb, "
-                             "r,g,b) nor an existing image file")
+        raise EgstalkerError(f"--background {spec!r} is neither 'dataset', a colour ({', '.join(NAMED_COLOURS)}, "
+                             "#rrggbb or r,g,b) nor an existing image file")
     import cv2
 
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise EgstalkerError(f"--background {path} is not a readable image; give a png or jpg")
-    image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    # scaled to cover the frame and centred, as a wallpaper is: never stretched out of its proportions
+    scale = max(width / image.shape[1], height / image.shape[0])
+    size = (max(width, round(image.shape[1] * scale)), max(height, round(image.shape[0] * scale)))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return cv2.cvtColor(np.ascontiguousarray(image[top:top + height, left:left + width]), cv2.COLOR_BGR2RGB)
+
+
+def check_frames_dir(frames_dir: str | os.PathLike) -> Path:
+    """Refuse (EgstalkerError) a --frames-dir that is a file or already holds numbered frames: a new render's
+    frames would mix with the old ones (a shorter render leaves the old tail behind)."""
+    path = Path(frames_dir)
+    if path.exists() and not path.is_dir():
+        raise EgstalkerError(f"--frames-dir {path} is a file; give a folder for the frames")
+    if path.is_dir() and next(path.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"), None) is not None:
+        raise EgstalkerError(f"--frames-dir {path} already holds frames (000000.png ...); choose an empty folder or "
+                             "delete them")
+    return path
 
 
 def render(head: "TalkingHead", audio: np.ndarray | str | os.PathLike, pose: PoseMode = "loop",
@@ -125,6 +141,8 @@ def render(head: "TalkingHead", audio: np.ndarray | str | os.PathLike, pose: Pos
         background: uint8 [H, W, 3] replacing the dataset background (see `parse_background`), or None.
         batch_size: frames rendered per model call.
     """
+    if batch_size < 1:
+        raise EgstalkerError(f"batch_size must be at least 1, not {batch_size}")
     wav = load_speech(audio) if isinstance(audio, (str, os.PathLike)) else np.asarray(audio, np.float32)
     features = head.encode_audio(wav)
     n_frames = n_frames_for(len(wav), FEATURE_RATE, head.fps)
@@ -206,7 +224,7 @@ def render_to_file(head: "TalkingHead", audio_path: str | os.PathLike, output: s
     frames_path = None
     try:
         if frames_dir is not None:
-            frames_path = Path(frames_dir)
+            frames_path = check_frames_dir(frames_dir)
             try:
                 frames_path.mkdir(parents=True, exist_ok=True)
             except OSError as e:

@@ -45,13 +45,18 @@ def run(args: argparse.Namespace) -> int:
     from egstalker.devices import resolve_device
     from egstalker.errors import EgstalkerError
     from egstalker.inference import TalkingHead
-    from egstalker.render.api import load_speech, render_to_file
+    from egstalker.render.api import check_frames_dir, load_speech, parse_background, render_to_file
     from egstalker.render.video import check_video_output
 
     if args.no_video and not args.frames_dir:
         raise EgstalkerError("--no-video needs --frames-dir DIR (otherwise nothing would be written)")
+    if args.no_video and args.output:
+        raise EgstalkerError("--no-video writes no video, so -o has nothing to name; drop one of them")
     if args.batch_size < 1:
         raise EgstalkerError("--batch-size must be at least 1")
+    if args.frames_dir:
+        check_frames_dir(args.frames_dir)
+    parse_background(args.background, 2, 2)  # a bad colour or image before the model loads
     load_speech(args.audio)  # check the audio and the output before the (slower) model load
     output = None if args.no_video else Path(args.output) if args.output else default_output(args.model_dir,
                                                                                               args.audio)
