@@ -54,7 +54,7 @@ class DatasetLayout:
 
     @property
     def action_units(self) -> Path:
-        """CSV with a header without spaces; column AU45_r is eye blink (0 open .. 2+ closed, OpenFace scale)."""
+        """OpenFace-style CSV (", " separated: the column is " AU45_r"); eye blink, 0 open .. 2+ closed."""
         return self.root / "au.csv"
 
     def transforms(self, split: str) -> Path:

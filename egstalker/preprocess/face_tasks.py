@@ -306,7 +306,8 @@ def _landmark_outputs(layout: DatasetLayout, meta: dict) -> list:
 
 # --- task 8: tracking and blink --------------------------------------------------------------------------
 
-AU_HEADER = "frame,face_id,timestamp,confidence,success,AU45_r,eye_aspect_ratio"
+AU_COLUMNS = ("frame", "face_id", "timestamp", "confidence", "success", "AU45_r", "eye_aspect_ratio")
+"""OpenFace's names and its ", " separator: ER-NeRF and GaussianTalker read au_blink_info[' AU45_r'] as is."""
 
 
 def run_tracking(ctx: TaskContext) -> None:
@@ -338,10 +339,10 @@ def run_tracking(ctx: TaskContext) -> None:
     tmp = ctx.staging.track_params.with_suffix(".tmp")
     torch.save(params, tmp)
     os.replace(tmp, ctx.staging.track_params)
-    rows = [AU_HEADER]
+    rows = [", ".join(AU_COLUMNS)]
     for i in range(n):
         confidence = 0.98 if track.detected[i] else 0.0
-        rows.append(f"{i},0,{i / 25.0:.2f},{confidence},{int(track.detected[i])},{result.au45[i]:.3f},"
+        rows.append(f"{i}, 0, {i / 25.0:.2f}, {confidence}, {int(track.detected[i])}, {result.au45[i]:.3f}, "
                     f"{result.ear[i]:.4f}")
     ctx.staging.action_units.write_text("\n".join(rows) + "\n")
     ctx.meta["tracking"] = {**result.report, "dropouts_interpolated": [list(r) for r in track.dropouts],
