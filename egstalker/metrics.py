@@ -219,6 +219,10 @@ def correlation_interval(x: np.ndarray, y: np.ndarray, level: float = 0.95, bloc
     return float(np.percentile(r, tail)), float(np.percentile(r, 100 - tail))
 
 
+MIN_CORRELATION_FRAMES = 10
+"""Fewer frames (0.4 s) make no mouth-opening correlation (two frames give +-1 whatever the mouths do): NaN."""
+
+
 def mouth_scores(pred_landmarks: np.ndarray, true_landmarks: np.ndarray) -> MouthScores:
     """Mouth metrics from landmarks ([B, 478, 2] each, NaN rows where no face was found)."""
     if pred_landmarks.shape != true_landmarks.shape:
@@ -233,7 +237,7 @@ def mouth_scores(pred_landmarks: np.ndarray, true_landmarks: np.ndarray) -> Mout
     lmd = float(np.mean(distance / eye_distance(true_landmarks[both])))
     op, ot = opening_pred[both], opening_true[both]
     corr, interval = float("nan"), (float("nan"), float("nan"))
-    if len(op) > 1 and op.std() > 1e-9 and ot.std() > 1e-9:
+    if len(op) >= MIN_CORRELATION_FRAMES and op.std() > 1e-9 and ot.std() > 1e-9:
         corr = float(np.corrcoef(op, ot)[0, 1])
         interval = correlation_interval(op, ot)
     return MouthScores(lmd=lmd, lmd_px=float(distance.mean()), mouth_corr=corr, n_frames=int(both.sum()),

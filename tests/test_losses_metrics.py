@@ -165,3 +165,6 @@ def test_mouth_metrics_on_a_real_clip(frames):
     # the end-to-end helper runs the detector itself and agrees
     scores = metrics.mouth_metrics(frames[:20], frames[:20])
     assert scores.lmd == 0.0 and scores.n_frames == 20
+    # two frames correlate +-1 whatever the mouths do: under 10 frames there is no correlation
+    assert np.isnan(metrics.mouth_scores(landmarks[:9], landmarks[1:10]).mouth_corr)
+    assert np.isfinite(metrics.mouth_scores(landmarks[:10], landmarks[1:11]).mouth_corr)

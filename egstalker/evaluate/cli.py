@@ -43,14 +43,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
+    from egstalker.metrics import MIN_CORRELATION_FRAMES
+
     r = result
     print(f"{args.model_dir} on {r.n_frames} {r.split} frames ({r.width}x{r.height}, {r.device}):")
     print(f"  PSNR {r.psnr:.2f} dB   SSIM {r.ssim:.4f}   LPIPS-{r.lpips_net} {r.lpips:.4f}")
     interval = (f"95% interval {r.mouth_corr_low:.2f} to {r.mouth_corr_high:.2f}"
                 if math.isfinite(r.mouth_corr_low) and math.isfinite(r.mouth_corr_high)
                 else "too few frames for an interval")
-    print(f"  LMD {r.lmd:.4f} of eye distance ({r.lmd_px:.2f} px)   mouth-opening corr {r.mouth_corr:.3f} "
-          f"({interval}; {r.mouth_frames} frames with faces)")
+    corr = (f"{r.mouth_corr:.3f} ({interval}; {r.mouth_frames} frames with faces)" if math.isfinite(r.mouth_corr)
+            else f"n/a ({r.mouth_frames} frames with faces; it needs {MIN_CORRELATION_FRAMES} with a moving mouth)")
+    print(f"  LMD {r.lmd:.4f} of eye distance ({r.lmd_px:.2f} px)   mouth-opening corr {corr}")
     if args.lipsync_controls:
         print(f"  lip-sync controls: mouth corr {r.mouth_corr_frozen_pose:.3f} with every frame in one pose (follows "
               f"the audio only), {r.mouth_corr_shifted_audio:.3f} with audio 2 s later (should be near 0)")
