@@ -107,6 +107,9 @@ def test_default_output_next_to_video(tmp_path):
     assert main(["preprocess", str(video), "--task", "1", "--task", "3", "--quiet"]) == 0
     meta = json.loads((tmp_path / "hill" / "meta.json").read_text())
     assert meta["tasks_complete"] == [1, 3] and (tmp_path / "hill" / "aud.wav").exists()
+    from egstalker.preprocess.pipeline import default_output
+
+    assert default_output(tmp_path / "hill") == tmp_path / "hill_dataset"  # not the video's own path
 
 
 @pytest.mark.parametrize("clip, seconds, source_fps", [("ng_27s_256_30fps.mp4", 4.0, 30.0),

@@ -51,8 +51,10 @@ def all_tasks() -> list[Task]:
 
 
 def default_output(video: str | os.PathLike) -> Path:
-    """data/input.mp4 -> data/input (the seed's convention)."""
-    return Path(video).with_suffix("")
+    """data/input.mp4 -> data/input (the seed's convention); a name without an extension (data/input) gets
+    data/input_dataset, not the video's own path."""
+    video = Path(video)
+    return video.with_suffix("") if video.suffix else video.with_name(f"{video.name}_dataset")
 
 
 def load_or_default_config(output: str | os.PathLike) -> PreprocessConfig:
