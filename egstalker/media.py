@@ -59,27 +59,44 @@ def upright(frame, pixel_format: str = "rgb24") -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
-def _open(path: str | os.PathLike):
+def _open(path: str | os.PathLike, wanted: str = "video"):
+    """Open a media file for reading; `wanted` ("video" or "audio") is what the caller reads from it, so that the
+    advice for a file that is not media fits (audio can come from an audio file or a video's sound track)."""
     import av
 
     path = Path(path)
+    if wanted == "audio":
+        what, advice = "audio or video file", ("give speech as an audio file (wav, mp3, m4a, flac, ogg) or a video "
+                                               "with its sound track")
+    else:
+        what, advice = "video file", "give a video of the person speaking (mp4, mov, mkv or webm)"
     if not path.exists():
         raise EgstalkerError(f"{path} does not exist; check the path")
     if path.is_dir():
-        raise EgstalkerError(f"{path} is a folder; give the path of a video or audio file")
+        raise EgstalkerError(f"{path} is a folder; give the path of {'an' if wanted == 'audio' else 'a'} {what}")
     try:
         return av.open(str(path))
     except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as e:
-        raise EgstalkerError(f"{path} is not a readable video or audio file ({e.__class__.__name__}); "
-                             "give an mp4/mov/mkv/webm/wav file") from None
+        raise EgstalkerError(f"{path} is not a readable {what} ({e.__class__.__name__}); {advice}") from None
+
+
+def _video_stream(container):
+    """The first video stream that is a moving picture, or None: an audio file's cover art (an mp3's or m4a's
+    attached picture) shows up as a one-picture video stream marked attached_pic, and is no video."""
+    import av
+
+    for stream in container.streams.video:
+        if not stream.disposition & av.stream.Disposition.attached_pic:
+            return stream
+    return None
 
 
 def probe(path: str | os.PathLike) -> VideoInfo:
     """Read a video's size, rate and duration, and whether it has audio, without decoding it all."""
     with _open(path) as container:
-        if not container.streams.video:
+        stream = _video_stream(container)
+        if stream is None:
             raise EgstalkerError(f"{path} has no video stream; give a video of the person speaking")
-        stream = container.streams.video[0]
         if stream.width == 0 or stream.height == 0:
             raise EgstalkerError(f"{path} has a video stream of size 0; give a real video")
         rate = float(stream.average_rate or stream.guessed_rate or VIDEO_FPS)
@@ -149,9 +166,9 @@ def iter_frames(path: str | os.PathLike, fps: float = VIDEO_FPS, *, n_frames: in
 
 def _iter_resampled(path, fps: float, start: float | None, pixel_format: str) -> Iterator[ResampledFrame]:
     with _open(path) as container:
-        if not container.streams.video:
+        stream = _video_stream(container)
+        if stream is None:
             raise EgstalkerError(f"{path} has no video stream; give a video of the person speaking")
-        stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         t0 = None
         prev_image, prev_time = None, None
@@ -198,16 +215,16 @@ def sample_frames(path: str | os.PathLike, times: list[float], pixel_format: str
     decoding it all would take minutes. Times past the end give the last picture. Where seeking does not land on a
     key frame at or before the time (MPEG-TS camera files, .MTS), the video is decoded once from the start."""
     with _open(path) as container:
-        if not container.streams.video:
+        stream = _video_stream(container)
+        if stream is None:
             raise EgstalkerError(f"{path} has no video stream; give a video of the person speaking")
-        stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         first = _stream_start(stream)
         targets = [first + max(0.0, float(t)) for t in times]
         pictures = _seek_pictures(container, stream, targets, pixel_format)
     if pictures is None:
         with _open(path) as container:
-            stream = container.streams.video[0]
+            stream = _video_stream(container)
             stream.thread_type = "AUTO"
             pictures = _decode_pictures(container, stream, targets, pixel_format)
     if any(p is None for p in pictures):
@@ -266,9 +283,9 @@ def video_timestamps(path: str | os.PathLike) -> np.ndarray:
     """Presentation times (s, absolute, sorted) of all video frames, read by demuxing packets (no decoding:
     about 10 ms for a minute of video)."""
     with _open(path) as container:
-        if not container.streams.video:
+        stream = _video_stream(container)
+        if stream is None:
             raise EgstalkerError(f"{path} has no video stream; give a video of the person speaking")
-        stream = container.streams.video[0]
         try:
             pts = [packet.pts for packet in container.demux(stream) if packet.pts is not None and packet.size]
         except Exception as e:
@@ -318,32 +335,21 @@ def read_audio(path: str | os.PathLike, rate: int = AUDIO_RATE, align_to_video: 
     With `align_to_video` and a video stream present, sample 0 is the time of the first video frame (audio
     that starts later is padded with silence, audio that starts earlier is cut), matching `iter_frames`.
     `start` (absolute seconds) overrides that time, e.g. the first entry of `video_timestamps(path)`.
-    """
-    import av
+    Otherwise sample 0 is time 0 of the file (an encoder's priming samples stamped before it are dropped).
 
-    with _open(path) as container:
-        if not container.streams.audio:
-            raise EgstalkerError(f"{path} has no audio stream; the model is driven by speech, so give a video "
-                                 "with its sound track (or mux one in)")
-        stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        chunks = []
-        audio_start = None
-        try:
-            for frame in container.decode(stream):
-                if audio_start is None and frame.pts is not None and frame.time_base is not None:
-                    audio_start = float(frame.pts * frame.time_base)
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
-        except av.error.FFmpegError as e:
-            raise EgstalkerError(f"audio of {path} is damaged ({e}); re-encode it") from None
+    The audio lasts as long as the file says it does: an AAC encoder's priming and padding samples are left out
+    where the container describes them (see `_decode_mono`), so 2 s of speech in an .m4a decodes to 2 s.
+    """
+    with _open(path, "audio") as container:
+        stream = _audio_stream(path, container)
+        decoded = _decode_mono(path, container, stream, rate)
+        chunks = list(decoded)
         audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-        if audio_start is None:
-            audio_start = _stream_start(stream)
-        if start is None and align_to_video and container.streams.video:
-            start = _stream_start(container.streams.video[0])
+        audio_start = decoded.start if decoded.start is not None else _stream_start(stream)
+        if start is None and align_to_video:
+            video = _video_stream(container)
+            if video is not None:
+                start = _stream_start(video)
         if start is not None:
             shift = audio_start - start
             n = int(round(abs(shift) * rate))
@@ -351,7 +357,119 @@ def read_audio(path: str | os.PathLike, rate: int = AUDIO_RATE, align_to_video: 
                 audio = np.concatenate([np.zeros(n, np.float32), audio])
             elif n:
                 audio = audio[n:]
+        elif audio_start < 0:  # samples stamped before time 0 precede the presentation: an encoder's priming
+            audio = audio[int(round(-audio_start * rate)):]
     return audio
+
+
+def iter_audio(path: str | os.PathLike, rate: int = AUDIO_RATE) -> Iterator[np.ndarray]:
+    """`read_audio(path, rate, align_to_video=False)` as float32 mono chunks, a packet or so at a time (memory
+    does not grow with the file's length), e.g. a sound track to mux; the same samples, joined."""
+    with _open(path, "audio") as container:
+        stream = _audio_stream(path, container)
+        decoded = _decode_mono(path, container, stream, rate)
+        skip = None  # samples stamped before time 0 (priming), dropped as in read_audio
+        for chunk in decoded:
+            if skip is None:  # the first frame has been decoded: its time is known
+                first = decoded.start if decoded.start is not None else _stream_start(stream)
+                skip = max(0, int(round(-first * rate)))
+            cut = min(skip, len(chunk))
+            skip -= cut
+            if cut < len(chunk):
+                yield chunk[cut:]
+
+
+def _audio_stream(path, container):
+    if not container.streams.audio:
+        raise EgstalkerError(f"{path} has no audio stream; the model is driven by speech, so give a video "
+                             "with its sound track (or mux one in)")
+    return container.streams.audio[0]
+
+
+def _declared_end(container, stream) -> float | None:
+    """Where the audio ends (s, in the stream's times), when the container states it exactly, else None.
+
+    MP4/MOV/M4A/3GP store each track's presented length (the edit list, or the track duration): the AAC (or mp3)
+    encoder's padding after the last real sample lies beyond it, and the FFmpeg that PyAV bundles decodes it. The
+    other demuxers either hand the decoder the codec's own trimming (mp3's LAME header, Ogg granule positions,
+    Matroska's DiscardPadding), which it applies already, or only estimate a duration from the bit rate (ADTS .aac,
+    mp3 without a header), which must not cut real audio: for them nothing is trimmed."""
+    if "mp4" not in container.format.name.split(","):
+        return None
+    if not stream.duration or stream.duration <= 0 or stream.time_base is None:
+        return None
+    return float(((stream.start_time or 0) + stream.duration) * stream.time_base)
+
+
+class _decode_mono:
+    """Iterate over the first audio stream decoded to float32 mono chunks at `rate`, without the samples past the
+    container's stated end (`_declared_end`): those are held back as they come and dropped at the end of the stream
+    when they amount to codec padding (at most a few codec frames); a longer surplus means the stated length is not
+    about padding (a damaged or odd file), and it is kept. The encoder's priming at the start is dropped by the
+    decoder itself (the container marks it with skip samples or negative timestamps; see read_audio).
+
+    `start` is the time (s) of the first decoded frame that has a timestamp, once iteration has begun."""
+
+    PADDING_FRAMES = 3
+
+    def __init__(self, path, container, stream, rate: int):
+        self.path, self.container, self.stream, self.rate = path, container, stream, int(rate)
+        self.start: float | None = None
+        self._first_time: float | None = None  # time (s) of the first frame; None when it has no timestamp
+        self._frame_seconds = 0.0  # the longest codec frame seen (s)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        end = _declared_end(self.container, self.stream)
+        chunks = self._resampled()
+        if end is None:
+            yield from chunks
+            return
+        keep = 0  # samples (at `rate`) from the first one up to the stated end
+        emitted = 0  # samples yielded so far
+        held: list[np.ndarray] = []  # samples past the stated end, not yet known to be padding
+        n_held = 0
+        started = False
+        for chunk in chunks:
+            if not started:  # the first frame has been decoded: its time is known
+                started = True
+                if self._first_time is None:  # no timestamp to measure from: nothing is trimmed
+                    yield chunk
+                    yield from chunks
+                    return
+                keep = max(0, int(round((end - self._first_time) * self.rate)))
+            inside = min(len(chunk), max(0, keep - emitted))
+            if inside:
+                yield chunk[:inside]
+                emitted += inside
+            if inside < len(chunk):
+                held.append(chunk[inside:])
+                n_held += len(chunk) - inside
+                if n_held > self.PADDING_FRAMES * self._frame_seconds * self.rate + 1:
+                    yield from held  # far past the stated end: not padding, so keep it all
+                    yield from chunks
+                    return
+        # what is held is the codec's padding: dropped
+
+    def _resampled(self) -> Iterator[np.ndarray]:
+        import av
+
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate)
+        first = True
+        try:
+            for frame in self.container.decode(self.stream):
+                t = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
+                if first:
+                    self._first_time, first = t, False
+                if self.start is None:
+                    self.start = t
+                if frame.sample_rate:
+                    self._frame_seconds = max(self._frame_seconds, frame.samples / frame.sample_rate)
+                for out in resampler.resample(frame):
+                    yield out.to_ndarray().reshape(-1)
+            for out in resampler.resample(None):
+                yield out.to_ndarray().reshape(-1)
+        except av.error.FFmpegError as e:
+            raise EgstalkerError(f"audio of {self.path} is damaged ({e}); re-encode it") from None
 
 
 def fit_length(audio: np.ndarray, n_samples: int) -> np.ndarray:
