@@ -12,6 +12,8 @@ import importlib
 import signal
 import sys
 import threading
+import warnings
+from pathlib import Path
 
 from egstalker import __version__
 from egstalker.errors import EgstalkerError
@@ -46,8 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def interrupted_note(args: argparse.Namespace) -> str:
     """What an interrupted command leaves behind, and how to go on."""
-    from pathlib import Path
-
     if args.command == "train":
         if any(Path(args.output).glob("checkpoints/step_*.pt")):
             return "run the same command with --resume to continue"
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # reported by the subcommand's parser, with its usage line, not the top-level one
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     previous = None
+    formatted = warnings.formatwarning
+    warnings.formatwarning = _one_line_warnings(args.command, formatted)
     if threading.current_thread() is threading.main_thread():
         # `kill` and service managers stop with SIGTERM: clean up as on Ctrl-C (temporary files, workers)
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -97,5 +99,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"egstalker {args.command}: interrupted; {interrupted_note(args)}", file=sys.stderr)
         return 130
     finally:
+        warnings.formatwarning = formatted
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line_warnings(command: str, fallback):
+    """A warnings.formatwarning that writes egstalker's own warnings as one line, `egstalker COMMAND: warning:
+    ...` (Python's format adds the source file, line and code, which tell a user nothing); other packages'
+    warnings keep their format."""
+    package = str(Path(__file__).resolve().parent)
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        if issubclass(category, UserWarning) and str(Path(filename).resolve()).startswith(package):
+            return f"egstalker {command}: warning: {message}\n"
+        return fallback(message, category, filename, lineno, line)
+
+    return format_warning

@@ -455,6 +455,23 @@ def test_bad_inputs(tmp_path, capsys):
                tmp_path / "d5")
 
 
+def test_a_video_cut_short_is_named(tmp_path):
+    """An unfinished download plays as far as it goes: the dataset is made from what is there, with a warning."""
+    whole = tmp_path / "whole.mp4"  # its index first, as web and phone videos are (faststart)
+    with av.open(str(shared_media("video/aoc_8s_512.mp4"))) as src, \
+            av.open(str(whole), "w", options={"movflags": "faststart"}) as dst:
+        out = {s.index: dst.add_stream_from_template(s) for s in src.streams}
+        for packet in src.demux():
+            if packet.dts is not None:
+                packet.stream = out[packet.stream.index]
+                dst.mux(packet)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[:int(whole.stat().st_size * 0.6)])
+    with pytest.warns(UserWarning, match=r"cut.mp4 says it lasts 8\.\d s but holds frames for [2-6]\.\d s: it is "
+                                         r"probably cut short"):
+        preprocess(cut, tmp_path / "ds", tasks=[1], config=FAST, show_progress=False)
+
+
 def test_other_video_in_existing_dataset_is_refused(tmp_path, capsys):
     clip = remux(shared_media("video/aoc_8s_512.mp4"), tmp_path / "clip.mp4", 2.5)
     preprocess(clip, tmp_path / "ds", tasks=[1], config=FAST, show_progress=False)

@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -101,6 +102,11 @@ def _video_meta(video: Path, config: PreprocessConfig) -> dict:
     timestamps = video_timestamps(video)
     fps = float(config.frames.fps)
     n_frames = count_output_frames(timestamps, fps)
+    found = float(timestamps[-1] - timestamps[0]) if len(timestamps) else 0.0
+    if info.duration - found > max(1.0, 0.1 * info.duration):  # the container was written for more frames
+        warnings.warn(f"{video.name} says it lasts {info.duration:.1f} s but holds frames for {found:.1f} s: it is "
+                      "probably cut short (an unfinished download or copy); the dataset has what is there",
+                      stacklevel=2)
     if n_frames / fps < config.frames.min_duration:
         raise EgstalkerError(f"{video} is {n_frames / fps:.2f} s long; give at least "
                              f"{config.frames.min_duration:g} s of video (a few minutes trains best)")
