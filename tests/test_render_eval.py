@@ -233,6 +233,18 @@ def test_render_ten_seconds_gives_250_frames_with_sound(small_model, tmp_path):
     assert len(pngs) == 250 and pngs[0].name == "000000.png"
 
 
+def test_render_of_aac_speech_is_as_long_as_the_speech(small_model, tmp_path):
+    """2 s of speech in an m4a (AAC, whose encoder pads its last frame) makes 50 frames and a sound track of 2 s,
+    not the 51 frames and 2.05 s the padding made."""
+    from test_media_audio import encode
+
+    m4a = encode(tmp_path / "speech.m4a", "aac", 44100, "stereo")
+    out = tmp_path / "talk.mp4"
+    assert main(["render", str(small_model), "--audio", str(m4a), "-o", str(out), "--device", "cpu"]) == 0
+    info = probe_mp4(out)
+    assert info["frames"] == 50 and abs(info["audio_seconds"] - 2.0) < 0.03
+
+
 def test_render_api_streams_what_the_talking_head_renders(small_model):
     from egstalker.inference import TalkingHead
     from egstalker.render.api import render

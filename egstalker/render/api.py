@@ -60,21 +60,6 @@ def load_speech(path: str | os.PathLike, rate: int = FEATURE_RATE, min_seconds: 
     return wav
 
 
-def iter_audio(path: str | os.PathLike, rate: int = MUX_RATE) -> Iterator[np.ndarray]:
-    """Decode the first audio stream of `path` as mono float32 chunks at `rate`, a packet at a time (the muxed
-    sound track is streamed too, so memory does not grow with the speech's length). Check the file with
-    `load_speech` first: this assumes it decodes."""
-    import av
-
-    with av.open(str(path)) as container:
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        for frame in container.decode(container.streams.audio[0]):
-            for out in resampler.resample(frame):
-                yield out.to_ndarray().reshape(-1)
-        for out in resampler.resample(None):
-            yield out.to_ndarray().reshape(-1)
-
-
 def parse_background(spec: str | None, width: int, height: int) -> np.ndarray | None:
     """--background value -> uint8 [H, W, 3] RGB, or None for the dataset's own background.
 
@@ -204,6 +189,7 @@ def render_to_file(head: "TalkingHead", audio_path: str | os.PathLike, output: s
     """
     from tqdm import tqdm
 
+    from egstalker.media import iter_audio
     from egstalker.render.video import Mp4Writer
 
     if output is None and frames_dir is None:
@@ -218,7 +204,8 @@ def render_to_file(head: "TalkingHead", audio_path: str | os.PathLike, output: s
     start = time.perf_counter()
     writer = None
     if output is not None:  # first: a bad output path is refused before the frames folder is made
-        # the speech at full quality for the video's sound track, decoded as the frames are written
+        # the speech at full quality for the video's sound track, decoded as the frames are written (the same
+        # samples as load_speech's, so the sound track is as long as the frames)
         writer = Mp4Writer(output, head.width, head.height, head.fps, audio=iter_audio(audio_path, MUX_RATE),
                            audio_rate=MUX_RATE, comment=comment, inputs=(audio_path,))
     frames_path = None
