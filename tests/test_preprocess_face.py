@@ -374,3 +374,19 @@ def test_mediapipe_start_up_notices_stay_off_the_terminal(capfd):
         pass
     err = capfd.readouterr().err
     assert "FaceBlendshapesGraph" not in err and "Feedback manager" not in err, err
+
+
+@pytest.mark.parametrize("stored", [cv2.ROTATE_180, cv2.ROTATE_90_COUNTERCLOCKWISE, cv2.ROTATE_90_CLOCKWISE])
+def test_a_picture_stored_turned_is_named(aoc, tmp_path, stored):
+    """A video stored sideways or upside down without a rotation tag: MediaPipe finds no face upside down and odd
+    ones sideways (it was reported as "no face ... well lit" or "more than one face"); the error says to turn it."""
+    from egstalker.preprocess.face import detect_faces
+
+    turned = DatasetLayout(tmp_path / "turned")
+    turned.frames_dir.mkdir(parents=True)
+    for i in range(12):
+        cv2.imwrite(str(turned.frame(i)), cv2.rotate(cv2.imread(str(aoc.frame(5 * i))), stored))
+    with pytest.raises(EgstalkerError, match=r"^the picture is stored turned \(sideways or upside down\) without a "
+                                             r"rotation tag.*transpose=1"):
+        detect_faces(turned, 12, show_progress=False)
+    detect_faces(aoc, 12, show_progress=False)  # the upright frames pass

@@ -267,9 +267,47 @@ def detect_faces(layout: DatasetLayout, n_frames: int, min_face_fraction: float 
                 on_landmarks(i, landmarks[i])
 
     detected = n_faces > 0
-    check_faces(n_faces, min_face_fraction, max_dropout_frames)
+    if detected.sum() >= 3 and _sideways(landmarks[detected]):  # nothing downstream expects a head on its side
+        raise EgstalkerError(TURNED_PICTURE)
+    try:
+        check_faces(n_faces, min_face_fraction, max_dropout_frames)
+    except EgstalkerError:
+        if _turn_shows_faces(layout, n_frames):  # upside down: "no face" or "two faces" would mislead
+            raise EgstalkerError(TURNED_PICTURE) from None
+        raise
     track = FaceTrack(landmarks, blendshapes, matrices, detected, n_faces, width, height, names)
     return interpolate_dropouts(track)
+
+
+EYE_CORNERS = (33, 263)
+"""MediaPipe's outer corners of the right and left eye: left to right in an upright picture."""
+TURNS = (cv2.ROTATE_90_CLOCKWISE, cv2.ROTATE_180, cv2.ROTATE_90_COUNTERCLOCKWISE)
+TURNED_PICTURE = ("the picture is stored turned (sideways or upside down) without a rotation tag, so the face is "
+                  "not upright; turn the video upright (e.g. ffmpeg -i IN -vf transpose=1 -c:a copy OUT turns it a "
+                  "quarter clockwise, transpose=2 counter-clockwise, transpose=1,transpose=1 half a turn) and "
+                  "preprocess the turned video")
+
+
+def _sideways(landmarks: np.ndarray) -> bool:
+    """Whether the faces lie on their side, from the direction of their eyes (a head tilts by tens of degrees, a
+    picture stored sideways by 90). Which way it is turned cannot be told: MediaPipe fits some sideways faces
+    upside down."""
+    eyes = landmarks[:, EYE_CORNERS[1], :2] - landmarks[:, EYE_CORNERS[0], :2]
+    roll = float(np.degrees(np.arctan2(np.median(eyes[:, 1]), np.median(eyes[:, 0]))))  # 0: upright
+    return 60 <= abs(roll) <= 120
+
+
+def _turn_shows_faces(layout: DatasetLayout, n_frames: int, samples: int = 6) -> bool:
+    """Whether turning a few sampled frames a quarter or half a turn shows a face in most of them (MediaPipe
+    finds no face upside down, and few or odd ones sideways)."""
+    indices = np.unique(np.linspace(0, n_frames - 1, min(samples, n_frames)).round().astype(int)).tolist()
+    found = dict.fromkeys(TURNS, 0)
+    with image_landmarker() as landmarker:
+        for _, bgr in read_frames(layout, 0, indices=indices):
+            for turn in TURNS:
+                found[turn] += landmarks_in_image(landmarker, cv2.cvtColor(cv2.rotate(bgr, turn),
+                                                                           cv2.COLOR_BGR2RGB)) is not None
+    return max(found.values()) >= 0.8 * len(indices)
 
 
 def check_faces(n_faces: np.ndarray, min_face_fraction: float, max_dropout_frames: int) -> None:
