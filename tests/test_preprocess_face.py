@@ -155,7 +155,7 @@ def test_torso_images_leave_no_gap_under_the_chin(clip, request):
         assert chin_gaps(labels, alpha, 4) == []
 
 
-def test_a_dataset_from_before_the_torso_fix_redoes_task_6_only(hill, tmp_path):
+def test_a_dataset_from_before_a_fix_redoes_only_the_fixed_tasks(hill, tmp_path):
     dataset = tmp_path / "ds"
     shutil.copytree(hill.root, dataset)
     meta = _meta(DatasetLayout(dataset))
