@@ -166,15 +166,62 @@ class ClipModel:
     skin_inv_cov: np.ndarray  # [2, 2] inverse covariance of its chroma (Cr, Cb)
     hair_lut: np.ndarray  # hair (above the forehead) vs clothes, skin and background
     hair_distinct: bool  # hair colours differ from the clothes: long hair below the jaw can be told apart
+    content: tuple[int, int, int, int] | None = None  # (top, bottom, left, right) of the picture inside black
+    # padding bars, in pixels of the small frames; None: no bars (the whole frame is the scene)
+
+
+def content_box(images: list[np.ndarray], dark: int = 24) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of the picture inside black padding bars (a clip letter- or pillarboxed into
+    another frame shape): whole edge rows / columns near-black and unchanging in every sample frame (at least 2 %
+    of the side). None when there are none."""
+    stack = np.stack(images)
+    # black and still: a very dark suit or shadow at the frame's edge moves and has grain, padding does not
+    black = (stack.max(axis=(0, 3)) < dark) & ((stack.max(0).astype(np.int16) - stack.min(0)).max(-1) <= 8)
+    h, w = black.shape
+
+    def span(lines: np.ndarray) -> tuple[int, int]:
+        start, stop = 0, len(lines)
+        while start < stop and lines[start]:
+            start += 1
+        while stop > start and lines[stop - 1]:
+            stop -= 1
+        return start, stop
+
+    top, bottom = span(black.all(1))
+    left, right = span(black.all(0))
+    # bars shorter than 2 % of the side are a dark frame edge, not padding; nothing left: no bars either
+    top, left = (top if top >= 0.02 * h else 0), (left if left >= 0.02 * w else 0)
+    bottom, right = (bottom if h - bottom >= 0.02 * h else h), (right if w - right >= 0.02 * w else w)
+    if (top, bottom, left, right) == (0, h, 0, w) or bottom - top < 0.25 * h or right - left < 0.25 * w:
+        return None
+    return top, bottom, left, right
+
+
+def _crop(image: np.ndarray, landmarks: np.ndarray, content, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """The picture inside the bars and its landmarks (full-frame pixels, shifted to the cut)."""
+    if content is None:
+        return image, landmarks
+    top, bottom, left, right = content
+    shifted = landmarks.astype(np.float64).copy()
+    shifted[:, 0] -= left * factor
+    shifted[:, 1] -= top * factor
+    return image[top:bottom, left:right], shifted
 
 
 def fit_clip_model(images: list[np.ndarray], landmarks: list[np.ndarray], factor: int) -> ClipModel:
     """Learn the background and colour models from sample frames.
 
+    Black padding bars (`content_box`) are no part of the scene: the models are learnt from the picture inside
+    them (black bars as background would make a dark suit background; as person, they would be torso).
+
     Args:
         images: small BGR frames [h, w, 3] uint8 (decoded at 1/factor).
         landmarks: per image [478, 3] landmarks in full-frame pixels.
     """
+    content = content_box(images)
+    if content is not None:
+        cut = [_crop(image, points, content, factor) for image, points in zip(images, landmarks)]
+        images, landmarks = [c[0] for c in cut], [c[1] for c in cut]
     masks, geometries = [], []
     for image, points in zip(images, landmarks):
         geometry = FaceGeometry.from_landmarks(points, 1.0 / factor)
@@ -226,6 +273,7 @@ def fit_clip_model(images: list[np.ndarray], landmarks: list[np.ndarray], factor
         factor=factor, background=background, seen=seen, noise=max(noise, 2.0),
         person_lut=colour_llr_lut(fg_pixels, bg_pixels), skin_mean=skin_mean.astype(np.float32),
         skin_inv_cov=np.linalg.inv(chroma_cov).astype(np.float32), hair_lut=hair_lut, hair_distinct=hair_distinct,
+        content=content,
     )
 
 
@@ -287,6 +335,22 @@ def parse_frame(image_small: np.ndarray, landmarks: np.ndarray, model: ClipModel
         image_small: the frame decoded at 1/model.factor, BGR uint8.
         landmarks: [478, 3] landmarks in full-frame pixels.
     """
+    if model.content is not None:  # the picture inside black padding bars; the bars are background
+        width, height = full_size
+        small_height, small_width = image_small.shape[:2]
+        top, bottom, left, right = model.content
+        sx, sy = width / small_width, height / small_height
+        y0, y1 = int(round(top * sy)), int(round(bottom * sy))
+        x0, x1 = int(round(left * sx)), int(round(right * sx))
+        image_cut, landmarks_cut = _crop(image_small, landmarks, model.content, model.factor)
+        labels = np.full((height, width), BACKGROUND, np.uint8)
+        labels[y0:y1, x0:x1] = _parse_picture(image_cut, landmarks_cut, model, (x1 - x0, y1 - y0))
+        return labels
+    return _parse_picture(image_small, landmarks, model, full_size)
+
+
+def _parse_picture(image_small: np.ndarray, landmarks: np.ndarray, model: ClipModel,
+                   full_size: tuple[int, int]) -> np.ndarray:
     width, height = full_size
     g = FaceGeometry.from_landmarks(landmarks, 1.0 / model.factor)
     shape = image_small.shape[:2]
