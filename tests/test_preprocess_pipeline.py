@@ -338,11 +338,9 @@ def test_skip_when_complete_and_force(tmp_path, capsys):
     assert capsys.readouterr().err.count("already complete") == 3
 
 
-def test_frames_without_sound_or_face_are_left_out_of_the_split(tmp_path, capsys):
+def test_frames_without_recorded_sound_are_left_out_of_the_split(tmp_path, capsys):
     """A sound track starting 1 s after the picture: task 1 pads it with silence, and those frames (a face
-    speaking, no sound) stay out of training, as frames whose face was not found (interpolated) do."""
-    from egstalker.preprocess.transforms import write_split
-
+    speaking, no sound) stay out of training and evaluation."""
     video = remux(shared_media("video/aoc_8s_512.mp4"), tmp_path / "late.mp4", 3.5, audio_from=1.0)
     root = preprocess(video, tmp_path / "ds", config=FAST)
     assert "the sound track covers only 7" in capsys.readouterr().out
@@ -353,17 +351,6 @@ def test_frames_without_sound_or_face_are_left_out_of_the_split(tmp_path, capsys
     used = [f["img_id"] for split in ("train", "val")
             for f in json.loads(layout.transforms(split).read_text())["frames"]]
     assert used == list(range(unheard, meta["n_frames"]))
-    # frames without a face: left out the same way
-    n = meta["n_frames"]
-    c2w = np.tile(np.eye(4), (n, 1, 1))
-    no_face = np.zeros(n, bool)
-    no_face[40:46] = True
-    staging = DatasetLayout(tmp_path / "staging")
-    report = write_split(staging, layout, c2w, 500.0, 512, 512, np.zeros((n, 68, 2)), np.zeros(n), 1 / 11,
-                         no_face=no_face)
-    assert report["frames_without_face"] == list(range(40, 46))
-    train_ids = [f["img_id"] for f in json.loads(staging.transforms("train").read_text())["frames"]]
-    assert not set(range(40, 46)) & set(train_ids) and len(train_ids) == report["n_train"] == 80 - 6
 
 
 def test_interrupted_task_leaves_nothing_and_resumes(tmp_path, monkeypatch):

@@ -279,9 +279,9 @@ def detect_faces(layout: DatasetLayout, n_frames: int, min_face_fraction: float 
     return interpolate_dropouts(track)
 
 
-EYE_CORNERS = (33, 263)
-"""MediaPipe's outer corners of the right and left eye: left to right in an upright picture."""
-TURNS = (cv2.ROTATE_90_CLOCKWISE, cv2.ROTATE_180, cv2.ROTATE_90_COUNTERCLOCKWISE)
+FOREHEAD_TO_CHIN = (10, 152)
+"""MediaPipe's top of the forehead and bottom of the chin: top to bottom in an upright picture."""
+TURNS = (None, cv2.ROTATE_90_CLOCKWISE, cv2.ROTATE_180, cv2.ROTATE_90_COUNTERCLOCKWISE)
 TURNED_PICTURE = ("the picture is stored turned (sideways or upside down) without a rotation tag, so the face is "
                   "not upright; turn the video upright (e.g. ffmpeg -i IN -vf transpose=1 -c:a copy OUT turns it a "
                   "quarter clockwise, transpose=2 counter-clockwise, transpose=1,transpose=1 half a turn) and "
@@ -289,25 +289,27 @@ TURNED_PICTURE = ("the picture is stored turned (sideways or upside down) withou
 
 
 def _sideways(landmarks: np.ndarray) -> bool:
-    """Whether the faces lie on their side, from the direction of their eyes (a head tilts by tens of degrees, a
-    picture stored sideways by 90). Which way it is turned cannot be told: MediaPipe fits some sideways faces
-    upside down."""
-    eyes = landmarks[:, EYE_CORNERS[1], :2] - landmarks[:, EYE_CORNERS[0], :2]
-    roll = float(np.degrees(np.arctan2(np.median(eyes[:, 1]), np.median(eyes[:, 0]))))  # 0: upright
+    """Whether the faces lie on their side, from the direction forehead -> chin (a head tilts by tens of degrees, a
+    picture stored sideways by 90; the axis stays long when the head turns left or right). Which way it is turned
+    cannot be told: MediaPipe fits some sideways faces upside down."""
+    axis = landmarks[:, FOREHEAD_TO_CHIN[1], :2] - landmarks[:, FOREHEAD_TO_CHIN[0], :2]
+    roll = float(np.degrees(np.arctan2(np.median(axis[:, 0]), np.median(axis[:, 1]))))  # 0: chin straight below
     return 60 <= abs(roll) <= 120
 
 
 def _turn_shows_faces(layout: DatasetLayout, n_frames: int, samples: int = 6) -> bool:
-    """Whether turning a few sampled frames a quarter or half a turn shows a face in most of them (MediaPipe
-    finds no face upside down, and few or odd ones sideways)."""
+    """Whether a few sampled frames show a face in 4 of 5 turned a quarter or half a turn, and in at least 2 of 5
+    fewer as they are (MediaPipe finds few faces upside down or sideways; it also finds most upright faces turned
+    a quarter, so an upright clip that failed for another reason must not be blamed on a turn)."""
     indices = np.unique(np.linspace(0, n_frames - 1, min(samples, n_frames)).round().astype(int)).tolist()
     found = dict.fromkeys(TURNS, 0)
     with image_landmarker() as landmarker:
         for _, bgr in read_frames(layout, 0, indices=indices):
             for turn in TURNS:
-                found[turn] += landmarks_in_image(landmarker, cv2.cvtColor(cv2.rotate(bgr, turn),
-                                                                           cv2.COLOR_BGR2RGB)) is not None
-    return max(found.values()) >= 0.8 * len(indices)
+                picture = bgr if turn is None else cv2.rotate(bgr, turn)
+                found[turn] += landmarks_in_image(landmarker, cv2.cvtColor(picture, cv2.COLOR_BGR2RGB)) is not None
+    upright, best = found.pop(None), max(found.values())
+    return best >= 0.8 * len(indices) and best - upright >= 0.4 * len(indices)
 
 
 def check_faces(n_faces: np.ndarray, min_face_fraction: float, max_dropout_frames: int) -> None:

@@ -86,11 +86,12 @@ def build_transforms(c2w: np.ndarray, focal: float, width: int, height: int, lms
 
 def write_split(staging: DatasetLayout, dataset: DatasetLayout, c2w: np.ndarray, focal: float, width: int,
                 height: int, lms68: np.ndarray, au45: np.ndarray, val_fraction: float, audio_offset: int = 0,
-                no_face: np.ndarray | None = None, unrecorded_rows: np.ndarray | None = None) -> dict:
+                unrecorded_rows: np.ndarray | None = None) -> dict:
     """Write both transforms files (and the audio split when aud.npy exists) into `staging`; returns a report.
     audio_offset shifts every frame's aud_id. Left out of both splits: frames whose row falls outside aud.npy or
-    is in `unrecorded_rows` (bool per aud.npy row: padding where the recording had no sound), and frames in
-    `no_face` (bool per frame: no face detected, landmarks interpolated). Each would teach a wrong pairing."""
+    is in `unrecorded_rows` (bool per aud.npy row: padding where the recording had no sound at its start or end),
+    which would pair a speaking face with silence. (Only ends are cut: the training frames are also the poses a
+    render loops over, and a gap inside them would make the head jump.)"""
     n = len(c2w)
     n_train = split_index(n, val_fraction)
     n_rows = len(np.load(dataset.audio_features, mmap_mode="r")) if dataset.audio_features.exists() else n
@@ -100,15 +101,12 @@ def write_split(staging: DatasetLayout, dataset: DatasetLayout, c2w: np.ndarray,
     has_audio = (audio_ids >= 0) & (audio_ids < n_rows)
     if unrecorded_rows is not None:
         has_audio[has_audio] &= ~unrecorded_rows[audio_ids[has_audio]]
-    has_face = np.ones(n, bool) if no_face is None else ~np.asarray(no_face, bool)
-    keep = has_audio & has_face
-    splits = {"train": [i for i in range(0, n_train) if keep[i]],
-              "val": [i for i in range(n_train, n) if keep[i]]}
+    splits = {"train": [i for i in range(0, n_train) if has_audio[i]],
+              "val": [i for i in range(n_train, n) if has_audio[i]]}
     for split, ids in splits.items():
         if not ids:
-            raise EgstalkerError(f"no {split} frame has both a face and its sound (audio offset {audio_offset} "
-                                 "frames); check the video's sound track and --audio-offset (frames of 40 ms; "
-                                 "'auto' estimates it)")
+            raise EgstalkerError(f"no {split} frame has its sound (audio offset {audio_offset} frames); check the "
+                                 "video's sound track and --audio-offset (frames of 40 ms; 'auto' estimates it)")
     for split, ids in splits.items():
         document = build_transforms(c2w, focal, width, height, lms68, au45, ids, audio_ids)
         staging.transforms(split).parent.mkdir(parents=True, exist_ok=True)
@@ -117,8 +115,6 @@ def write_split(staging: DatasetLayout, dataset: DatasetLayout, c2w: np.ndarray,
               "audio_split": False}
     if not has_audio.all():
         report["frames_without_audio"] = [int(i) for i in np.flatnonzero(~has_audio)]
-    if not has_face.all():
-        report["frames_without_face"] = [int(i) for i in np.flatnonzero(~has_face)]
     if dataset.audio_features.exists():
         features = np.load(dataset.audio_features, mmap_mode="r")
         np.save(staging.root / "aud_train.npy", np.ascontiguousarray(features[audio_ids[splits["train"]]]))

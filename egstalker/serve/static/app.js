@@ -69,6 +69,12 @@ function closePlayback() {
   if (playCtx) { playCtx.close().catch(() => {}); playCtx = null; gain = null; }
 }
 
+function resetStats(state) {
+  base = null; queue = []; sentLog = []; samplesSent = 0; latencies = []; paintTimes = [];
+  Object.assign(stats, { state, framesReceived: 0, framesPainted: 0, lastIndex: -1, stalls: 0, error: null,
+                         latencyMs: null, skipped: 0 });
+}
+
 // Opens a session and returns its socket; onReady(socket) runs when the server has accepted it. Handlers of an
 // older socket (still closing) do nothing once a newer session has started.
 function openSession(onReady) {
@@ -80,9 +86,7 @@ function openSession(onReady) {
   gain = playCtx.createGain();
   gain.gain.value = $("mute").checked ? 0 : 1;
   gain.connect(playCtx.destination);
-  base = null; queue = []; sentLog = []; samplesSent = 0; latencies = []; paintTimes = [];
-  Object.assign(stats, { state: "connecting", framesReceived: 0, framesPainted: 0, lastIndex: -1, stalls: 0,
-                         error: null, latencyMs: null, skipped: 0 });
+  resetStats("connecting");
   const socket = ws = new WebSocket(wsUrl());
   socket.binaryType = "arraybuffer";
   socket.onopen = () => {
@@ -245,6 +249,9 @@ async function playFile() {
   const file = $("file").files[0];
   if (!file) return;
   $("play").disabled = true;
+  closePlayback();  // the last stream stops when Play is pressed, not when the new file is decoded
+  resetStats("decoding");
+  setStatus(`decoding ${file.name} ...`);
   let samples;
   try {  // before a session is opened: a file that is not audio takes no slot on the server
     samples = await decodeTo16k(file);
