@@ -32,6 +32,8 @@ class VideoInfo:
     has_audio: bool
     audio_rate: int
     audio_channels: int
+    stated_duration: float | None = None
+    """The video stream's length as the file states it (mp4 and mov do; mkv and webm do not): None when unstated."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,9 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         if stream.width == 0 or stream.height == 0:
             raise EgstalkerError(f"{path} has a video stream of size 0; give a real video")
         rate = float(stream.average_rate or stream.guessed_rate or VIDEO_FPS)
+        stated = None  # the video stream's own length, when the file states one (mp4/mov do; mkv does not)
         if stream.duration is not None and stream.time_base is not None:
-            duration = float(stream.duration * stream.time_base)
+            duration = stated = float(stream.duration * stream.time_base)
         elif container.duration is not None:
             duration = container.duration / 1_000_000
         else:
@@ -111,7 +114,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         if _display_turns(container, stream) % 2:  # shown a quarter turn round: a portrait phone video
             width, height = height, width
         return VideoInfo(
-            path=str(path), width=width, height=height, source_fps=rate, duration=duration,
+            path=str(path), width=width, height=height, source_fps=rate, duration=duration, stated_duration=stated,
             has_audio=audio is not None, audio_rate=int(audio.rate) if audio else 0,
             audio_channels=int(audio.channels) if audio else 0,
         )

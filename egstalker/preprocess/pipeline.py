@@ -103,8 +103,9 @@ def _video_meta(video: Path, config: PreprocessConfig) -> dict:
     fps = float(config.frames.fps)
     n_frames = count_output_frames(timestamps, fps)
     found = float(timestamps[-1] - timestamps[0]) if len(timestamps) else 0.0
-    if info.duration - found > max(1.0, 0.1 * info.duration):  # the container was written for more frames
-        warnings.warn(f"{video.name} says it lasts {info.duration:.1f} s but holds frames for {found:.1f} s: it is "
+    stated = info.stated_duration  # the picture's own length: a container's may be its longer sound track's
+    if stated is not None and stated - found > max(1.0, 0.1 * stated):  # written for more frames than it holds
+        warnings.warn(f"{video.name} says it lasts {stated:.1f} s but holds frames for {found:.1f} s: it is "
                       "probably cut short (an unfinished download or copy); the dataset has what is there",
                       stacklevel=2)
     if n_frames / fps < config.frames.min_duration:
@@ -204,7 +205,9 @@ def _is_complete(task: Task, layout: DatasetLayout, meta: dict, config: Preproce
         recorded = meta.get("audio_encoder", {})
         if recorded.get("name") != config.audio.encoder:
             return False
-        if recorded.get("weights_path") != config.audio.weights:  # other weights: features of another network
+        # other weights: features of another network (datasets from before this was recorded are taken as made
+        # with the weights asked for)
+        if recorded.get("weights_path", config.audio.weights) != config.audio.weights:
             return False
     if task.number == TRANSFORMS_TASK_NUMBER and _audio_offset_outdated(meta, config):
         return False
@@ -371,7 +374,6 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
     except OSError as e:
         raise EgstalkerError(f"cannot create {output} ({e.strerror}); choose a writable -o DATASET_DIR") from None
     saved_config = layout.preprocess_config.read_text() if layout.preprocess_config.is_file() else None
-    ran = 0
     try:
         _remove_stale_staging(output)
         # saved first: an interrupted run resumes with the settings it was given
@@ -384,7 +386,6 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
                 _log(show_progress, f"{label}: already complete (--force to redo)")
                 continue
             meta = _run_task(task, video, layout, meta, config, show_progress, label)
-            ran += 1
     except EgstalkerError:
         if created:  # bad input found by a task: leave no dataset behind
             shutil.rmtree(output, ignore_errors=True)
@@ -394,9 +395,10 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
-        elif not ran and saved_config is not None:
-            # refused settings (weights that are not there) must not become the dataset's: every later run
-            # would fail on them
+        elif saved_config is not None:
+            # refused settings (weights that are not there) must not become the dataset's: every later run would
+            # fail on them. Tasks this run completed with them are redone with the old ones when next asked
+            # (_is_complete compares the recorded settings).
             atomic_write_text(layout.preprocess_config, saved_config)
         raise
     return output
