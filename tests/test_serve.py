@@ -417,6 +417,21 @@ def test_a_render_process_that_died_stops_the_server_with_its_reason(small_head,
     received = asyncio.run(main())
     assert received.server_error == "rendering failed: the render process has stopped (exit code -9); restart the server"
 
+    async def died_while_idle():  # no render call fails: the next session finds it and stops the server
+        ready = asyncio.Event()
+        serving = asyncio.create_task(serve_forever(unhealthy, "127.0.0.1", 0, ServeConfig(max_lag_s=None), None,
+                                                    "cpu", ready=ready))
+        await asyncio.wait_for(ready.wait(), 60)
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", capsys.readouterr().out).group(1))
+        refused = await stream_speech(f"http://127.0.0.1:{port}", speech[:16000], realtime=False, timeout_s=60)
+        with pytest.raises(EgstalkerError, match=r"^the render process has stopped; restart the server; the server "
+                                                 r"stopped$"):
+            await asyncio.wait_for(serving, 30)
+        return refused
+
+    refused = asyncio.run(died_while_idle())
+    assert refused.server_error.startswith("the render process has stopped; restart the server; the server is stopping")
+
 
 def test_the_render_process_resolves_precision_for_its_own_device(monkeypatch):
     """'auto' means fp16 for a CUDA render process, though the server's own copy of the model is on the CPU; that
@@ -733,6 +748,10 @@ def test_cross_origin_pages_cannot_open_sessions_without_a_token(running):
                 return response.status
 
     assert asyncio.run(rebound("/ws")) == 403 and asyncio.run(rebound("/health")) == 403
+    from egstalker.serve.server import _names_loopback
+
+    assert [_names_loopback(h) for h in ("localhost:8010", "127.0.0.2", "[::1]:8010", "[::ffff:127.0.0.1]:80",
+                                         "evil.example", "[::1", "10.0.0.1:8010", "")] == [True] * 4 + [False] * 4
     for name in ("localhost", "127.0.0.1", "[::1]"):  # this machine's names are served
         request = urllib.request.Request(f"{server.url}/health", headers={"Host": f"{name}:{server.port}"})
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -865,7 +884,11 @@ def test_client_refuses_a_page_address_and_names_a_server_that_is_not_there(spee
     assert main(["client", "http://127.0.0.1:8010/health", "--audio", str(wav_path)]) == 2
     assert capsys.readouterr().err.strip() == (
         "egstalker client: error: 'http://127.0.0.1:8010/health' names the page /health; give the server's address "
-        "alone, e.g. http://127.0.0.1:8010 (sessions go to /ws)")
+        "alone, e.g. http://127.0.0.1:8010 (sessions go to /ws), or its full session URL ending in /ws")
+    from egstalker.serve.client import websocket_url
+
+    assert websocket_url("https://example.org/talk/ws") == "wss://example.org/talk/ws"  # behind a proxy's prefix
+    assert websocket_url("127.0.0.1:8010/") == "ws://127.0.0.1:8010/ws"
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]

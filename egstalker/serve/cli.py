@@ -123,6 +123,11 @@ def _signals_held(note: str):
     """Ctrl-C and SIGTERM only print `note` inside this block (main thread only), so a clean-up runs to its end."""
     import signal
     import sys
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
 
     def say(signum, frame) -> None:
         print(note, file=sys.stderr, flush=True)

@@ -27,9 +27,12 @@ def websocket_url(url: str) -> str:
     if scheme is None or not parts.netloc:
         raise EgstalkerError(f"{url!r} is not a server address; give e.g. http://127.0.0.1:8010")
     path = parts.path.rstrip("/")
-    if path not in ("", protocol.WS_PATH):  # /health, a typo: not silently replaced by /ws
+    if path.endswith(protocol.WS_PATH):  # also behind a proxy's prefix: https://host/talk/ws
+        return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+    if path:  # /health, a typo: not silently replaced by /ws
         raise EgstalkerError(f"{url!r} names the page {parts.path}; give the server's address alone, e.g. "
-                             f"{parts.scheme}://{parts.netloc} (sessions go to {protocol.WS_PATH})")
+                             f"{parts.scheme}://{parts.netloc} (sessions go to {protocol.WS_PATH}), or its full "
+                             f"session URL ending in {protocol.WS_PATH}")
     return urlunsplit((scheme, parts.netloc, protocol.WS_PATH, parts.query, ""))
 
 
@@ -214,7 +217,7 @@ async def stream_speech(url: str, audio: np.ndarray, *, token: str | None = None
         result.error = f"server refused the connection: HTTP {e.status} {e.message}"
     except aiohttp.ClientConnectorError as e:  # nothing listening, a name that does not resolve
         errno = getattr(e.os_error, "errno", None)
-        reason = os.strerror(errno) if errno and errno > 0 else (e.os_error.strerror or str(e.os_error))
+        reason = (os.strerror(errno) if errno and errno > 0 else (e.os_error.strerror or str(e.os_error))) or str(e)
         result.error = f"cannot connect to {e.host}:{e.port} ({reason}); is `egstalker serve` running there?"
     except aiohttp.ClientConnectionError as e:
         result.error = result.error or f"connection failed: {e}"

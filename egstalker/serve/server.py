@@ -278,6 +278,8 @@ class TalkingHeadServer:
         # connection (close code 1009) without buffering them.
         ws = web.WebSocketResponse(max_msg_size=4 * protocol.MAX_AUDIO_BYTES, heartbeat=20.0, timeout=3.0)
         await ws.prepare(request)
+        if self.failure is None and not getattr(self.head, "healthy", True):  # it died between sessions
+            self._fail("the render process has stopped; restart the server")
         if self.failure is not None:
             await _refuse(ws, f"{self.failure}; the server is stopping", WSCloseCode.INTERNAL_ERROR)
             return ws
@@ -455,6 +457,13 @@ class TalkingHeadServer:
             self._wake.set()
 
     # ---------------------------------------------------------------- rendering
+    def _fail(self, reason: str) -> None:
+        """Nothing can render any more: stop the server, so the user (or a supervisor) restarts it."""
+        self.failure = reason
+        log.error("stopping: %s", reason)
+        if self.on_failure is not None:
+            self.on_failure()
+
     def _live_sessions(self) -> list[StreamSession]:
         return [conn.state for conn in self.connections.values()]
 
@@ -493,9 +502,7 @@ class TalkingHeadServer:
             else:
                 log.exception("render call failed")
             if not getattr(self.head, "healthy", True) and self.failure is None:
-                self.failure = str(e)  # nothing can render any more: stop, so the user (or a supervisor) restarts
-                if self.on_failure is not None:
-                    self.on_failure()
+                self._fail(str(e))
             sessions = list({s.id: s for s in batch.sessions}.values())
             for session in sessions:
                 session.closed = True  # frames of a call still in flight must not follow the error
@@ -576,14 +583,17 @@ class _Skipped:
 
 
 def _names_loopback(host: str) -> bool:
-    """Whether a Host header ('localhost:8010', '127.0.0.1', '[::1]:8010') names this machine's loopback."""
-    name = urlsplit(f"//{host}").hostname or ""
-    if name == "localhost":
-        return True
+    """Whether a Host header ('localhost:8010', '127.0.0.1', '[::1]:8010', '[::ffff:127.0.0.1]') names this
+    machine's loopback; a malformed one does not."""
     try:
-        return ipaddress.ip_address(name).is_loopback
+        name = urlsplit(f"//{host}").hostname or ""
+        if name == "localhost":
+            return True
+        address = ipaddress.ip_address(name)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as dual-stack sockets show IPv4
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _frame_message(frame: int, pcm: np.ndarray, image: np.ndarray, quality: int) -> bytes:
