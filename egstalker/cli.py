@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from egstalker import __version__
-from egstalker.errors import EgstalkerError
+from egstalker.errors import EgstalkerError, EgstalkerWarning
 
 SUBCOMMANDS = {
     "preprocess": "egstalker.preprocess.cli",
@@ -108,10 +108,8 @@ def _one_line_warnings(command: str, fallback):
     """A warnings.formatwarning that writes egstalker's own warnings as one line, `egstalker COMMAND: warning:
     ...` (Python's format adds the source file, line and code, which tell a user nothing); other packages'
     warnings keep their format."""
-    package = str(Path(__file__).resolve().parent)
-
     def format_warning(message, category, filename, lineno, line=None) -> str:
-        if issubclass(category, UserWarning) and str(Path(filename).resolve()).startswith(package):
+        if issubclass(category, EgstalkerWarning):
             return f"egstalker {command}: warning: {message}\n"
         return fallback(message, category, filename, lineno, line)
 

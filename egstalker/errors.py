@@ -10,3 +10,8 @@ class EgstalkerError(Exception):
     """An error caused by the user's input or environment, with a one-line message that says what to do."""
 
     exit_code = 2
+
+
+class EgstalkerWarning(UserWarning):
+    """Something the user should know that does not stop the work (an outdated dataset, a close-up); the CLI
+    prints it as one line, `egstalker COMMAND: warning: ...`."""

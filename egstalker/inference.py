@@ -25,7 +25,7 @@ import torch
 from egstalker.audio.base import window_offsets
 from egstalker.dataset.layout import DatasetLayout
 from egstalker.dataset.reader import load_background, load_torso_rgba
-from egstalker.errors import EgstalkerError
+from egstalker.errors import EgstalkerError, EgstalkerWarning
 from egstalker.model.folder import ModelInfo, PoseSources, check_dataset_matches, load_model, read_poses
 from egstalker.preprocess.pipeline import outdated_dataset_note
 
@@ -46,8 +46,8 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
 
 def dataset_audio_weights(dataset_dir: Path) -> str | None:
     """The audio weights a dataset was preprocessed with (`--audio-weights`), or None: a model must hear speech
-    through the weights its training features came from (a path that is gone is the encoder's clear error, not a
-    silent fall-back to other weights). deepspeech's "weights" are the training clip's own imported features,
+    through the weights its training features came from (`TalkingHead.from_dir` refuses a path that is gone rather
+    than fall back to other weights). deepspeech's "weights" are the training clip's own imported features,
     never right for other speech: not returned."""
     try:
         audio = json.loads((Path(dataset_dir) / "preprocess_config.json").read_text())["audio"]
@@ -127,7 +127,7 @@ class TalkingHead:
         check_dataset_matches(info, poses, dataset)
         stale = outdated_dataset_note(dataset)
         if stale:  # e.g. torso images from before the chin/neck seam fix
-            warnings.warn(stale, stacklevel=2)
+            warnings.warn(stale, EgstalkerWarning, stacklevel=2)
         if audio_weights is None:
             audio_weights = dataset_audio_weights(dataset)
             if audio_weights is not None and not Path(audio_weights).exists():

@@ -18,6 +18,9 @@ from egstalker.errors import EgstalkerError
 
 AUDIO_RATE = 16000
 VIDEO_FPS = 25.0
+NEAR_SILENT_PEAK = 10 ** (-50 / 20)
+"""Sound whose loudest sample stays below -50 dBFS holds no usable speech (hiss, a muted microphone, silence):
+refused by preprocessing and by render, client and run alike."""
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,17 @@ def test_cli_bad_inputs_print_one_line(tmp_path, capsys):
     assert "silent" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "no_model"), "--json"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # eval's report folder is checked before the model loads; an earlier report (written before the page was
+    # marked) may be replaced, a folder of other files may not
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert main(["eval", str(tmp_path / "no_model"), "--report", str(tmp_path / "mine")]) == 2
+    assert "holds other files, not an egstalker report" in capsys.readouterr().err
+    from egstalker.evaluate.report import check_report_dir
+
+    (tmp_path / "old_report" / "frames").mkdir(parents=True)
+    (tmp_path / "old_report" / "index.html").write_text("<html>an earlier report</html>")
+    check_report_dir(tmp_path / "old_report")
     speech_ok = write_speech(tmp_path / "ok.wav", 1.0)
     frames = tmp_path / "frames"
     frames.mkdir()
@@ -458,6 +469,15 @@ def test_an_interrupted_command_says_what_it_left(tmp_path):
     assert interrupted_note(Namespace(command="eval", report=str(tmp_path))) == "no report or metrics were written"
     model = tmp_path / "model"
     assert "run the same command again" in interrupted_note(Namespace(command="train", output=str(model)))
+    # egstalker's own warnings print as one line; other packages' keep Python's format
+    import warnings
+
+    from egstalker.cli import _one_line_warnings
+    from egstalker.errors import EgstalkerWarning
+
+    fmt = _one_line_warnings("train", warnings.formatwarning)
+    assert fmt(EgstalkerWarning("old dataset"), EgstalkerWarning, "x.py", 3) == "egstalker train: warning: old dataset\n"
+    assert fmt(UserWarning("torch says"), UserWarning, "x.py", 3).startswith("x.py:3: UserWarning: torch says")
     (model / "checkpoints").mkdir(parents=True)
     (model / "checkpoints" / "step_0000000.pt").write_bytes(b"")
     assert "--resume" in interrupted_note(Namespace(command="train", output=str(model)))

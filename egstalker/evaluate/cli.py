@@ -32,8 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from egstalker.devices import resolve_device
     from egstalker.evaluate.evaluate import evaluate
+    from egstalker.evaluate.report import check_report_dir
     from egstalker.inference import TalkingHead
 
+    if args.report:
+        check_report_dir(args.report)  # before the model loads
     # the held-out frames come with their dataset's audio features: the encoder itself is not needed
     head = TalkingHead.from_dir(args.model_dir, device=resolve_device(args.device), dataset_dir=args.dataset,
                                 check_encoder=False)

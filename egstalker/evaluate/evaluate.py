@@ -246,9 +246,14 @@ def evaluate(head: "TalkingHead", split: Split = "val", max_frames: int | None =
 
         summary = {**result.to_json(), "model": str(getattr(head, "model_dir", "")),
                    "dataset": str(frames.dataset_dir)}
-        write_report(report_dir, summary, result.per_frame, sorted(samples, key=lambda s: s[0]),
-                     "side_by_side.mp4" if video_frames else None,
-                     title=f"egstalker eval: {Path(str(getattr(head, 'model_dir', 'model'))).name} ({split})")
+        try:
+            write_report(report_dir, summary, result.per_frame, sorted(samples, key=lambda s: s[0]),
+                         "side_by_side.mp4" if video_frames else None,
+                         title=f"egstalker eval: {Path(str(getattr(head, 'model_dir', 'model'))).name} ({split})")
+        except BaseException:
+            if new_report_dir:
+                shutil.rmtree(report_dir, ignore_errors=True)
+            raise
     return result
 
 

@@ -10,15 +10,11 @@ from egstalker.errors import EgstalkerError
 from egstalker.preprocess.tasks import Task, TaskContext
 
 
-NEAR_SILENT_PEAK = 10 ** (-50 / 20)
-"""A sound track whose loudest sample is below -50 dBFS holds no usable speech (hiss, a muted microphone)."""
-
-
 def extract_audio(ctx: TaskContext) -> None:
     """aud.wav: 16 kHz mono PCM16, sample 0 at the first video frame, exactly n_frames / 25 s long."""
     import soundfile
 
-    from egstalker.media import fit_length, read_audio
+    from egstalker.media import NEAR_SILENT_PEAK, fit_length, read_audio
 
     rate = ctx.config.audio.sample_rate
     if rate != 16000:

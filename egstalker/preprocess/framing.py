@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from egstalker.errors import EgstalkerError
+from egstalker.errors import EgstalkerError, EgstalkerWarning
 
 FACE_SHARE = 0.5
 """Face height (MediaPipe mesh, forehead to chin) over the crop's side: the peers' framing (obama's 450x450
@@ -273,7 +273,7 @@ def choose_framing(video_path: str, width: int, height: int, duration: float, cr
         warning = close_up_warning(usable, framing)
         if warning:
             report["warning"] = warning
-            warnings.warn(warning, stacklevel=2)
+            warnings.warn(warning, EgstalkerWarning, stacklevel=2)
     return framing, report
 
 

@@ -25,7 +25,7 @@ from typing import Iterable
 
 from egstalker.configs import atomic_write_text, load_config, save_config
 from egstalker.dataset.layout import DATASET_FORMAT_VERSION, DatasetLayout
-from egstalker.errors import EgstalkerError
+from egstalker.errors import EgstalkerError, EgstalkerWarning
 from egstalker.preprocess.audio_task import AUDIO_TASK, FEATURES_TASK
 from egstalker.preprocess.config import PreprocessConfig
 from egstalker.preprocess.frames_task import FRAMES_TASK, framing_changed, video_size
@@ -107,7 +107,7 @@ def _video_meta(video: Path, config: PreprocessConfig) -> dict:
     if stated is not None and stated - found > max(1.0, 0.1 * stated):  # written for more frames than it holds
         warnings.warn(f"{video.name} says it lasts {stated:.1f} s but holds frames for {found:.1f} s: it is "
                       "probably cut short (an unfinished download or copy); the dataset has what is there",
-                      stacklevel=2)
+                      EgstalkerWarning, stacklevel=2)
     if n_frames / fps < config.frames.min_duration:
         raise EgstalkerError(f"{video} is {n_frames / fps:.2f} s long; give at least "
                              f"{config.frames.min_duration:g} s of video (a few minutes trains best)")

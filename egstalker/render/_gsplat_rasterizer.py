@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from egstalker.errors import EgstalkerWarning
 from egstalker.render.rasterize import LOW_PASS_PX2, TILE_SIZE, RasterOutput
 
 GSPLAT_VERSION = "1.5.3"
@@ -47,7 +48,8 @@ def _use_prebuilt_extension() -> None:
     except (ImportError, OSError) as exc:  # built for another torch/CUDA: let gsplat build a fresh one
         import warnings
 
-        warnings.warn(f"ignoring prebuilt {path} ({exc}); gsplat will compile its CUDA code", stacklevel=3)
+        warnings.warn(f"ignoring prebuilt {path} ({exc}); gsplat will compile its CUDA code", EgstalkerWarning,
+                      stacklevel=3)
         return
     sys.modules["gsplat.csrc"] = module
 
@@ -65,7 +67,8 @@ def _import_gsplat():
         # Other versions may round or cull differently from the torch twin; warn once, do not refuse.
         import warnings
 
-        warnings.warn(f"egstalker is tested with gsplat {GSPLAT_VERSION}, found {gsplat.__version__}", stacklevel=3)
+        warnings.warn(f"egstalker is tested with gsplat {GSPLAT_VERSION}, found {gsplat.__version__}", EgstalkerWarning,
+                      stacklevel=3)
     return gsplat
 
 

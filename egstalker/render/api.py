@@ -30,8 +30,6 @@ FEATURE_RATE = 16000
 """Sample rate the audio encoders read."""
 MUX_RATE = 48000
 """Sample rate of the audio muxed into the video (the user's speech at full quality, not the 16 kHz copy)."""
-SILENCE_PEAK = 1e-3
-"""Audio whose peak stays below this (-60 dBFS) is treated as silence."""
 
 NAMED_COLOURS = {"black": (0, 0, 0), "white": (255, 255, 255), "green": (0, 177, 64), "blue": (0, 71, 187),
                  "grey": (128, 128, 128), "gray": (128, 128, 128)}
@@ -45,7 +43,7 @@ def n_frames_for(n_samples: int, rate: int = FEATURE_RATE, fps: float = 25.0) ->
 
 def load_speech(path: str | os.PathLike, rate: int = FEATURE_RATE, min_seconds: float = 0.1) -> np.ndarray:
     """Decode any audio (or video with sound) file to mono float32 at `rate`; refuse silence and empty files."""
-    from egstalker.media import read_audio
+    from egstalker.media import NEAR_SILENT_PEAK, read_audio
 
     path = Path(path)
     wav = read_audio(path, rate=rate, align_to_video=False)
@@ -54,7 +52,7 @@ def load_speech(path: str | os.PathLike, rate: int = FEATURE_RATE, min_seconds: 
     if not np.isfinite(wav).all():
         raise EgstalkerError(f"{path} decodes to invalid samples (NaN/inf); re-encode it as a wav file")
     peak = float(np.abs(wav).max())
-    if peak < SILENCE_PEAK:
+    if peak < NEAR_SILENT_PEAK:
         raise EgstalkerError(f"{path} is silent (peak {20 * np.log10(max(peak, 1e-12)):.0f} dBFS); the video is "
                              "driven by speech, so give a recording with someone speaking")
     return wav

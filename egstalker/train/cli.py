@@ -48,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
                                             ("--quality", args.quality != "auto"),
                                             ("--workers", args.workers is not None)) if given]
         if ignored and not args.quiet:
-            print(f"egstalker train: {', '.join(ignored)} ignored with --resume: the run continues with "
-                  f"{Path(args.output) / 'train_config.json'} (edit it to change a setting such as the learning rates)")
+            print(f"egstalker train: {', '.join(ignored)} ignored with --resume: the run continues with its saved "
+                  f"config, {Path(args.output) / 'train_config.json'} (edit it to change a setting such as the "
+                  "learning rates)")
         config = TrainConfig() if args.iterations is not None else None  # only its length is read
     else:
         config = load_config(TrainConfig, args.config) if args.config else preset_config(args.quality, device)

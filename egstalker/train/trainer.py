@@ -26,7 +26,7 @@ import torch
 
 from egstalker.configs import from_dict, load_config, save_config, to_dict
 from egstalker.dataset.reader import FrameDataset, features_mismatch, load_canonical_vertices, open_dataset
-from egstalker.errors import EgstalkerError
+from egstalker.errors import EgstalkerError, EgstalkerWarning
 from egstalker.model.folder import (ModelInfo, PoseSources, atomic_torch_save, check_dataset_matches, dataset_source,
                                     read_model_info, read_poses, write_model)
 from egstalker.model.gaussians import PARAM_NAMES
@@ -207,7 +207,7 @@ class Trainer:
                 saved = load_config(TrainConfig, saved_path)
             else:  # deleted or never copied: every checkpoint holds the config it ran under
                 warnings.warn(f"{saved_path} is missing; the run continues with the config saved in {latest.name} "
-                              "(it is written again)", stacklevel=2)
+                              "(it is written again)", EgstalkerWarning, stacklevel=2)
                 saved = from_dict(TrainConfig, state["config"], source=f"{latest}'s config")
             # the one thing a resume may change: how long it trains (an iteration count, or a time budget)
             if config is not None:
@@ -225,18 +225,18 @@ class Trainer:
         self.val_data = open_dataset(self.dataset_dir, "val", resolution=res)
         stale = outdated_dataset_note(self.dataset_dir)
         if stale:
-            warnings.warn(stale, stacklevel=2)
+            warnings.warn(stale, EgstalkerWarning, stacklevel=2)
         tracking = self.train_data.meta.get("tracking") or {}
         if tracking and "pose_points" not in tracking:
             # poses fitted to every landmark tilt with the jaw: the model can open the mouth from the pose
             warnings.warn(f"{self.dataset_dir}'s head poses were fitted to every face landmark (egstalker before "
                           "2026-12-02), so they move with the mouth; redo them in seconds: egstalker preprocess "
-                          "VIDEO -o DATASET --task 8 --task 9 --force", stacklevel=2)
+                          "VIDEO -o DATASET --task 8 --task 9 --force", EgstalkerWarning, stacklevel=2)
         elif tracking and "audio_offset" not in self.train_data.meta:
             # a recording with its sound late teaches the wrong alignment (obama: 160 ms; docs/model.md)
             warnings.warn(f"{self.dataset_dir} was made before egstalker checked the recording's audio/video offset "
                           "(2026-12-02); check it in seconds: egstalker preprocess VIDEO -o DATASET --task 9 --force",
-                          stacklevel=2)
+                          EgstalkerWarning, stacklevel=2)
         try:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
