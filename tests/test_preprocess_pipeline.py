@@ -355,6 +355,22 @@ def test_frames_without_recorded_sound_are_left_out_of_the_split(tmp_path, capsy
             for f in json.loads(layout.transforms(split).read_text())["frames"]]
     assert used == list(range(unheard, meta["n_frames"]))
 
+    # frames without a face (interpolated) stay in the split as poses, marked, and training never draws them
+    from egstalker.dataset.reader import open_dataset
+    from egstalker.preprocess.transforms import write_split
+    from egstalker.train.trainer import IterationBatchSampler
+
+    n = meta["n_frames"]
+    no_face = np.zeros(n, bool)
+    no_face[40:46] = True
+    write_split(layout, layout, np.tile(np.eye(4), (n, 1, 1)), 500.0, 512, 512, np.zeros((n, 68, 2)), np.zeros(n),
+                1 / 11, no_face=no_face)
+    train = open_dataset(root, "train")
+    assert list(train.frame_ids) == list(range(80)) and list(np.flatnonzero(~train.has_face)) == list(range(40, 46))
+    sampler = IterationBatchSampler(len(train), 4, 0, 0, 100, frames=np.flatnonzero(train.has_face))
+    drawn = {i for batch in sampler for i in batch}
+    assert drawn == set(range(80)) - set(range(40, 46))
+
 
 def test_interrupted_task_leaves_nothing_and_resumes(tmp_path, monkeypatch):
     video = remux(shared_media("video/aoc_8s_512.mp4"), tmp_path / "clip.mp4", 2.5)

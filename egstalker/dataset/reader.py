@@ -168,6 +168,7 @@ class TalkingDataset:
         au45: [n] eye blink in [0, 1].
         features: [n_audio_frames, *feature_shape] audio features (a read-only memory map).
         encoder_name: registry name of the audio encoder that made `features`.
+        has_face: see below.
     """
 
     layout: DatasetLayout
@@ -184,6 +185,9 @@ class TalkingDataset:
     features: np.ndarray
     encoder_name: str
     meta: dict
+    has_face: np.ndarray | None = None
+    """[n] bool: False where no face was detected (interpolated landmarks and pose): a pose, not an image to
+    learn from. None: every frame has one."""
 
     def __len__(self) -> int:
         return len(self.frame_ids)
@@ -306,7 +310,8 @@ def open_dataset(root: str | Path, split: Split = "train", resolution: int | Non
         try:
             focal, cx, cy = float(data["focal_len"]), float(data["cx"]), float(data["cy"])
             frames += [(int(f["img_id"]), int(f.get("aud_id", f["img_id"])),
-                        np.asarray(f["transform_matrix"], np.float64)) for f in data["frames"]]
+                        np.asarray(f["transform_matrix"], np.float64), bool(f.get("face", True)))
+                       for f in data["frames"]]
         except (KeyError, TypeError, ValueError) as e:
             raise EgstalkerError(f"{layout.transforms(s)} lacks a field ({e}); re-run preprocess --task 9") from None
     if not frames:
@@ -353,6 +358,7 @@ def open_dataset(root: str | Path, split: Split = "train", resolution: int | Non
         viewmats=opengl_c2w_to_viewmat(np.stack([f[2] for f in frames])).astype(np.float32), K=K,
         width=width, height=height, source_width=int(src_w), source_height=int(src_h),
         au45=au_all[frame_ids], features=features, encoder_name=encoder, meta=meta,
+        has_face=np.array([f[3] for f in frames], bool),
     )
 
 

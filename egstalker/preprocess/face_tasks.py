@@ -373,7 +373,7 @@ def run_transforms(ctx: TaskContext) -> None:
     offset = _audio_offset(ctx, track, split_index(len(c2w), ctx.config.split.val_fraction), wav)
     report = write_split(ctx.staging, ctx.dataset, c2w, float(params["focal"][0]), width, height,
                          to_ibug68(track.landmarks), params["blink"].numpy(), ctx.config.split.val_fraction,
-                         audio_offset=offset, unrecorded_rows=unrecorded_frames(wav))
+                         audio_offset=offset, unrecorded_rows=unrecorded_frames(wav), no_face=~track.detected)
     ctx.meta["split"] = report
 
 
@@ -415,6 +415,7 @@ TASKS: list[Task] = [
     Task(6, "torso", run_torso, outputs=_torso_outputs, revision=2),
     Task(7, "landmarks", run_landmarks, outputs=_landmark_outputs),
     Task(8, "tracking", run_tracking, outputs=lambda layout, meta: [layout.track_params, layout.action_units]),
-    # revision 2: frames without recorded sound at the clip's start or end are left out of the split
+    # revision 2: frames without recorded sound at the clip's start or end are left out of the split, frames
+    # without a face are marked (poses, not training images)
     Task(9, "transforms", run_transforms, outputs=_transforms_outputs, revision=2),
 ]

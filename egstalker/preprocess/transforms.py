@@ -67,16 +67,21 @@ def _square_box(points: np.ndarray, width: int, height: int) -> list[float]:
 
 
 def build_transforms(c2w: np.ndarray, focal: float, width: int, height: int, lms68: np.ndarray,
-                     au45: np.ndarray, ids: range, audio_ids: np.ndarray | None = None) -> dict:
-    """The JSON document of one split (see the module docstring); audio_ids[i]: frame i's row of aud.npy."""
+                     au45: np.ndarray, ids: range, audio_ids: np.ndarray | None = None,
+                     no_face: np.ndarray | None = None) -> dict:
+    """The JSON document of one split (see the module docstring); audio_ids[i]: frame i's row of aud.npy;
+    no_face[i]: frame i had no detected face (its landmarks and pose are interpolated): marked "face": false."""
     frames = []
     for i in ids:
-        frames.append({
+        frame = {
             "img_id": int(i), "aud_id": int(i if audio_ids is None else audio_ids[i]),
             "transform_matrix": np.round(c2w[i], 7).tolist(),
             "face_box": _box(lms68[i, :, :2]), "lips_box": _square_box(lms68[i, 48:60, :2], width, height),
             "eye_blink": round(float(np.clip(au45[i], 0, 2) / 2), 4),
-        })
+        }
+        if no_face is not None and no_face[i]:
+            frame["face"] = False
+        frames.append(frame)
     return {
         "focal_len": float(focal), "fl_x": float(focal), "fl_y": float(focal), "cx": width / 2.0, "cy": height / 2.0,
         "w": int(width), "h": int(height), "camera_angle_x": 2 * math.atan(width / (2 * focal)), "units": "cm",
@@ -86,12 +91,13 @@ def build_transforms(c2w: np.ndarray, focal: float, width: int, height: int, lms
 
 def write_split(staging: DatasetLayout, dataset: DatasetLayout, c2w: np.ndarray, focal: float, width: int,
                 height: int, lms68: np.ndarray, au45: np.ndarray, val_fraction: float, audio_offset: int = 0,
-                unrecorded_rows: np.ndarray | None = None) -> dict:
+                unrecorded_rows: np.ndarray | None = None, no_face: np.ndarray | None = None) -> dict:
     """Write both transforms files (and the audio split when aud.npy exists) into `staging`; returns a report.
     audio_offset shifts every frame's aud_id. Left out of both splits: frames whose row falls outside aud.npy or
     is in `unrecorded_rows` (bool per aud.npy row: padding where the recording had no sound at its start or end),
     which would pair a speaking face with silence. (Only ends are cut: the training frames are also the poses a
-    render loops over, and a gap inside them would make the head jump.)"""
+    render loops over, and a gap inside them would make the head jump.) Frames in `no_face` (bool per frame: no
+    face detected, landmarks interpolated) stay, marked "face": false: poses, not training images."""
     n = len(c2w)
     n_train = split_index(n, val_fraction)
     n_rows = len(np.load(dataset.audio_features, mmap_mode="r")) if dataset.audio_features.exists() else n
@@ -108,13 +114,15 @@ def write_split(staging: DatasetLayout, dataset: DatasetLayout, c2w: np.ndarray,
             raise EgstalkerError(f"no {split} frame has its sound (audio offset {audio_offset} frames); check the "
                                  "video's sound track and --audio-offset (frames of 40 ms; 'auto' estimates it)")
     for split, ids in splits.items():
-        document = build_transforms(c2w, focal, width, height, lms68, au45, ids, audio_ids)
+        document = build_transforms(c2w, focal, width, height, lms68, au45, ids, audio_ids, no_face)
         staging.transforms(split).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(staging.transforms(split), json.dumps(document, separators=(",", ":")))
     report = {"n_train": len(splits["train"]), "n_val": len(splits["val"]), "val_fraction": val_fraction,
               "audio_split": False}
     if not has_audio.all():
         report["frames_without_audio"] = [int(i) for i in np.flatnonzero(~has_audio)]
+    if no_face is not None and np.any(no_face):
+        report["frames_without_face"] = [int(i) for i in np.flatnonzero(no_face)]
     if dataset.audio_features.exists():
         features = np.load(dataset.audio_features, mmap_mode="r")
         np.save(staging.root / "aud_train.npy", np.ascontiguousarray(features[audio_ids[splits["train"]]]))

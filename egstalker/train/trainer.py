@@ -65,10 +65,12 @@ class TrainResult:
 
 class IterationBatchSampler(torch.utils.data.Sampler):
     """Batches of frame indices for steps start+1..end (None: endless): shuffled epochs, a pure function of
-    (seed, step)."""
+    (seed, step). `frames`: the indices to draw from (default: all n_frames)."""
 
-    def __init__(self, n_frames: int, batch_size: int, seed: int, start_step: int, end_step: int | None):
-        self.n, self.batch_size, self.seed = n_frames, batch_size, seed
+    def __init__(self, n_frames: int, batch_size: int, seed: int, start_step: int, end_step: int | None,
+                 frames: np.ndarray | None = None):
+        self.frames = np.arange(n_frames) if frames is None else np.asarray(frames)
+        self.n, self.batch_size, self.seed = len(self.frames), batch_size, seed
         self.start, self.end = start_step, end_step
 
     def batch_for_step(self, step: int) -> list[int]:
@@ -78,7 +80,7 @@ class IterationBatchSampler(torch.utils.data.Sampler):
         for position in range(first, first + self.batch_size):
             epoch, offset = divmod(position, self.n)
             perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            out.append(int(perm[offset]))
+            out.append(int(self.frames[perm[offset]]))
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -356,7 +358,10 @@ class Trainer:
 
     def _loader(self, start: int, end: int | None) -> torch.utils.data.DataLoader:
         c = self.config.data
-        sampler = IterationBatchSampler(len(self.train_data), c.batch_size, self.config.seed, start, end)
+        has_face = self.train_data.has_face
+        # frames without a detected face are poses to render, not images to learn from
+        sampler = IterationBatchSampler(len(self.train_data), c.batch_size, self.config.seed, start, end,
+                                        frames=None if has_face is None or has_face.all() else np.flatnonzero(has_face))
         # more readers than CPUs only compete with the training step (torch warns); frames are read
         # deterministically, so the count does not change the run
         workers = min(c.num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
