@@ -78,7 +78,8 @@ def test_black_padding_bars_are_background_and_the_dark_suit_is_torso(tmp_path):
     layout = DatasetLayout(preprocess(video, tmp_path / "ds", tasks=[1, 3, 4], config=FAST, show_progress=False))
     for labels, g in _labels_and_faces(layout):
         assert labels.shape == (ABOVE + 450 + BELOW, 450)
-        assert (labels[:ABOVE - 2] == BACKGROUND).all() and (labels[ABOVE + 452:] == BACKGROUND).all()
+        # the encoder smears the picture's edge into the bar's first rows (up to half a 16-row macroblock)
+        assert (labels[:ABOVE - 8] == BACKGROUND).all() and (labels[ABOVE + 458:] == BACKGROUND).all()
         picture = labels[ABOVE:ABOVE + 450]
         assert 0.12 < (picture == TORSO).mean() < 0.25  # unpadded obama: 0.16-0.20
         assert _shoulders(labels, g, ABOVE + 450) > 0.9

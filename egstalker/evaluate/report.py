@@ -141,8 +141,9 @@ def check_report_dir(report_dir: str | Path) -> None:
         ours = f'content="{REPORT_GENERATOR}"' in page.read_text(errors="replace")[:2000]
     except OSError:
         ours = False
-    # reports written before the page was marked hold exactly these
-    ours = ours or {entry.name for entry in report_dir.iterdir()} <= {"index.html", "side_by_side.mp4", "frames"}
+    # reports written before the page was marked hold exactly these, their page among them
+    entries = {entry.name for entry in report_dir.iterdir()}
+    ours = ours or ("index.html" in entries and entries <= {"index.html", "side_by_side.mp4", "frames"})
     if not ours:
         raise EgstalkerError(f"--report {report_dir} holds other files, not an egstalker report; choose a new or "
                              "empty folder (a report replaces index.html, side_by_side.mp4 and frames/)")
