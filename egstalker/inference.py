@@ -130,10 +130,11 @@ class TalkingHead:
             warnings.warn(stale, EgstalkerWarning, stacklevel=2)
         if audio_weights is None:
             audio_weights = dataset_audio_weights(dataset)
-            if audio_weights is not None and not Path(audio_weights).exists():
+            # eval (check_encoder=False) reads the dataset's features and never needs them
+            if check_encoder and audio_weights is not None and not Path(audio_weights).exists():
                 raise EgstalkerError(f"the audio weights the model's features came from, {audio_weights} (recorded in "
                                      f"{dataset / 'preprocess_config.json'}), are not there any more; pass their new "
-                                     "location with --audio-weights PATH")
+                                     "location with --audio-weights PATH (render, serve)")
         head = cls(model, info, poses, dataset, model_dir, torch.device(device), precision=precision,
                    audio_weights=audio_weights, encoder_device=encoder_device)
         if check_encoder:

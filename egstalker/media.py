@@ -20,7 +20,7 @@ AUDIO_RATE = 16000
 VIDEO_FPS = 25.0
 NEAR_SILENT_PEAK = 10 ** (-50 / 20)
 """Sound whose loudest sample stays below -50 dBFS holds no usable speech (hiss, a muted microphone, silence):
-refused by preprocessing and by render, client and run alike."""
+refused by preprocessing and by render (so by run too)."""
 
 
 @dataclass(frozen=True)

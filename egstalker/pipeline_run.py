@@ -36,7 +36,9 @@ class RunPaths:
         """data/lieu.mp4 + speech.wav -> data/lieu (dataset, as `egstalker preprocess` names it),
         data/lieu_model (model), data/lieu_speech.mp4 (video)."""
         video = Path(video)
-        dataset_dir = Path(dataset) if dataset else video.with_suffix("")
+        from egstalker.preprocess.pipeline import default_output
+
+        dataset_dir = Path(dataset) if dataset else default_output(video)
         model_dir = Path(model) if model else dataset_dir.with_name(dataset_dir.name + "_model")
         out = Path(output) if output else video.with_name(f"{video.stem}_{Path(audio).stem}.mp4")
         if out.resolve() == video.resolve():

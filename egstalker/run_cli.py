@@ -15,12 +15,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audio", required=True, metavar="SPEECH", help="new speech to lip-sync (any audio file)")
     parser.add_argument("-o", "--output", metavar="OUT.mp4",
                         help="output video (default: beside VIDEO, <video>_<speech>.mp4)")
-    parser.add_argument("--dataset", metavar="DIR", help="dataset folder (default: VIDEO without its extension)")
+    parser.add_argument("--dataset", metavar="DIR", help="dataset folder (default: VIDEO without its extension, as preprocess names it)")
     parser.add_argument("--model", metavar="DIR", help="model folder (default: <dataset>_model)")
     parser.add_argument("--iterations", type=int, default=None, help="training iterations (default: the "
                                                                      "training config's)")
     parser.add_argument("--resolution", type=int, default=None, metavar="PX",
-                        help="train and render at this size of the longer side (default: the video's)")
+                        help="train and render at this size of the longer side (default: the dataset's framed size, at "
+                             "most 512; 128 with the CPU's preview)")
     parser.add_argument("--quality", choices=QUALITY_PRESETS, default="auto",
                         help="training preset: 'full' (GPU defaults), 'preview' (CPU-sized: 128 px, about 10 "
                              "minutes of training on 2 cores), 'auto' (default: preview on the CPU, full on a GPU)")

@@ -110,6 +110,9 @@ def test_default_output_next_to_video(tmp_path):
     from egstalker.preprocess.pipeline import default_output
 
     assert default_output(tmp_path / "hill") == tmp_path / "hill_dataset"  # not the video's own path
+    from egstalker.pipeline_run import RunPaths
+
+    assert RunPaths.defaults(tmp_path / "hill", "s.wav").dataset == tmp_path / "hill_dataset"  # run names it so too
 
 
 @pytest.mark.parametrize("clip, seconds, source_fps", [("ng_27s_256_30fps.mp4", 4.0, 30.0),

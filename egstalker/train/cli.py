@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="MODEL_DIR",
                         help="model folder to write (config, checkpoints, logs, weights)")
     parser.add_argument("--iterations", type=int, default=None,
-                        help="training iterations (default: the config's, 6000); 0 writes the untrained model")
+                        help="training iterations (default: the preset's: 6000 with 'full', as many as fit 10 minutes "
+                             "with 'preview'); 0 writes the untrained model")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--resolution", type=int, default=None, metavar="PX",
                         help="train at this size of the longer image side, at most the dataset's (default: the dataset's on a "
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "~10 min on 2 cores); 'auto' (default): preview on the CPU, full on a GPU. "
                              "Ignored with --config; --iterations (which also lifts the time budget) and --resolution override it")
     parser.add_argument("--resume", action="store_true", help="continue the run in MODEL_DIR exactly where it stopped")
-    parser.add_argument("--workers", type=int, default=None, help="data loading worker processes")
+    parser.add_argument("--workers", type=int, default=None, help="data loading worker processes (default 6, 2 with 'preview'; at most one per CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
