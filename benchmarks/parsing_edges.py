@@ -66,6 +66,7 @@ def padding_mask(frames: list[np.ndarray]) -> np.ndarray:
 def parse_clip(module, root: Path, track, samples, frames_idx, width, height):
     factor = module.reduction_factor(width, height)
     images = [module.imread_reduced(str(root / "ori_imgs" / f"{i}.jpg"), factor) for i in samples]
+    cv2.setRNGSeed(0)  # GrabCut's k-means start: the same for both parsers (else the fits differ by chance)
     t = time.perf_counter()
     model = module.fit_clip_model(images, [track.landmarks[i] for i in samples], factor)
     fit_s = time.perf_counter() - t
