@@ -115,7 +115,7 @@ class TalkingHead:
         """
         from egstalker.devices import resolve_device
 
-        device = resolve_device(str(device), "device")  # "auto" too; a CUDA device this torch lacks: one line
+        device = resolve_device(None if device is None else str(device), "device")  # None/"auto": cuda if any
         model_dir = Path(model_dir)
         model, info = load_model(model_dir, device)
         poses = read_poses(model_dir)

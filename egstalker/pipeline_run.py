@@ -14,12 +14,12 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from egstalker.errors import EgstalkerError
 
@@ -43,6 +43,12 @@ class RunPaths:
         out = Path(output) if output else video.with_name(f"{video.stem}_{Path(audio).stem}.mp4")
         if out.resolve() == video.resolve():
             raise EgstalkerError(f"the output {out} would overwrite the input video; choose another -o")
+        if model_dir.resolve().is_relative_to(dataset_dir.resolve()):
+            raise EgstalkerError(f"--model {model_dir} must be a folder of its own, outside the dataset folder "
+                                 f"{dataset_dir}")
+        for name, folder in (("--dataset", dataset_dir), ("--model", model_dir)):
+            if out.resolve().is_relative_to(folder.resolve()):
+                raise EgstalkerError(f"-o {out} lies in the {name[2:]} folder {folder}; write the video elsewhere")
         return RunPaths(dataset=dataset_dir, model=model_dir, output=out)
 
 
@@ -85,6 +91,25 @@ def _stage_banner(show: bool, number: int, name: str, what: str) -> None:
         print(f"[{number}/3] {name}: {what}", file=sys.stderr, flush=True)
 
 
+def _check_model_footage(model_dir: Path, video: Path) -> None:
+    """A model trained on another video can be neither reused nor resumed: its head is another person's (or the
+    same person's in other footage), and it renders over its own dataset."""
+    if not (model_dir / "model.json").is_file():
+        return
+    from egstalker.model.folder import read_model_info
+
+    source = read_model_info(model_dir).dataset_source
+    if source and source.get("video_bytes") != video.stat().st_size:
+        raise EgstalkerError(f"{model_dir} was trained on {source.get('video')} ({source.get('video_bytes')} bytes), "
+                             f"not on {video}; give another --model folder or delete {model_dir}")
+
+
+def _in_run_terms(error: EgstalkerError) -> EgstalkerError:
+    """The stages' messages name their own commands' flags; `run` names the folders --dataset and --model."""
+    text = str(error).replace("-o DATASET_DIR", "--dataset DIR").replace("-o MODEL_DIR", "--model DIR")
+    return error if text == str(error) else EgstalkerError(text)
+
+
 def _check_model_features(model_dir: Path, dataset: Path, encoder: str | None) -> None:
     """A model trained on another encoder's features can be neither reused nor resumed on this dataset."""
     if not (model_dir / "model.json").is_file():
@@ -93,8 +118,8 @@ def _check_model_features(model_dir: Path, dataset: Path, encoder: str | None) -
 
     trained_on = read_model_info(model_dir).encoder_name
     if encoder is not None and trained_on != encoder:
-        raise EgstalkerError(f"{model_dir} was trained on '{trained_on}' audio features and {dataset} now holds "
-                             f"'{encoder}'; give another --model folder or delete {model_dir}")
+        raise EgstalkerError(f"{model_dir} was trained on '{trained_on}' audio features and {dataset} holds (or is "
+                             f"asked for) '{encoder}'; give another --model folder or delete {model_dir}")
 
 
 def _check_model_resolution(model_dir: Path, resolution: int | None) -> None:
@@ -124,9 +149,8 @@ def apply_training_overrides(config, iterations: int | None, resolution: int | N
 def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike | None = None,
                  dataset_dir: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None,
                  iterations: int | None = None, resolution: int | None = None, device: str | None = None,
-                 pose: str = "loop", show_progress: bool = True,
-                 log: Callable[[str], None] | None = None, config=None,
-                 audio_features: str | None = None) -> RunResult:
+                 pose: str = "loop", show_progress: bool = True, config=None,
+                 audio_features: str | None = None, audio_weights: str | os.PathLike | None = None) -> RunResult:
     """Preprocess `video`, train a head on it and render `audio` with it; reuse whatever is already finished.
 
     Args:
@@ -141,35 +165,53 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
         pose: head pose mode of the render ('loop', 'static', 'dataset').
         audio_features: the dataset's audio encoder (e.g. 'mel'; default: the dataset's previous choice, else
             'whisper'). A model folder trained on other features is refused, not reused.
+        audio_weights: the encoder's weights (preprocess's --audio-weights; needed by wav2vec2, hubert, deepspeech).
+
+    Everything that can be checked is checked before any work: the speech, the output, the pose, the training
+    config, and that an existing model folder was trained on this video, these features and this size.
     """
     from egstalker.devices import resolve_device
     from egstalker.render.api import load_speech
     from egstalker.render.video import check_video_output
     from egstalker.train.config import preset_config
 
+    from egstalker.audio import resolve_name
+    from egstalker.preprocess.pipeline import choose_audio_encoder, load_or_default_config
+    from egstalker.render.api import POSE_MODES
+
     device = resolve_device(device, "device")
     paths = RunPaths.defaults(video, audio, output, dataset_dir, model_dir)
-    # refuse unreadable or silent speech, an output that cannot be written or a model of another size before hours
-    # of work
+    # refuse unreadable or silent speech, an output that cannot be written, a bad setting or a model folder that
+    # cannot serve before hours of work
     load_speech(audio)
     check_video_output(paths.output, inputs=(video, audio))
+    if pose not in POSE_MODES:
+        raise EgstalkerError(f"unknown pose mode {pose!r}; use one of {', '.join(POSE_MODES)}")
+    config = apply_training_overrides(copy.deepcopy(config) if config is not None else preset_config("auto", device),
+                                      iterations, resolution).validate()
+    if not Path(video).is_file():
+        raise EgstalkerError(f"{video} does not exist; give the path of a video of the person speaking")
+    preprocess_config = load_or_default_config(paths.dataset)
+    if audio_features is not None:
+        choose_audio_encoder(preprocess_config, audio_features)
+    if audio_weights is not None:
+        preprocess_config.audio.weights = str(Path(audio_weights).resolve())
+    _check_model_footage(paths.model, Path(video))
+    _check_model_features(paths.model, paths.dataset, resolve_name(preprocess_config.audio.encoder))
     _check_model_resolution(paths.model, resolution)
     result = RunResult(paths)
 
     # 1. preprocess (resumes by itself: complete tasks are skipped)
-    from egstalker.preprocess.pipeline import preprocess, read_meta
     from egstalker.dataset.layout import DatasetLayout
+    from egstalker.preprocess.pipeline import preprocess, read_meta
 
     _stage_banner(show_progress, 1, "preprocess", f"{video} -> {paths.dataset}")
     before = read_meta(DatasetLayout(paths.dataset)) if paths.dataset.is_dir() else {}
     t0 = time.perf_counter()
-    preprocess_config = None
-    if audio_features is not None:
-        from egstalker.preprocess.pipeline import choose_audio_encoder, load_or_default_config
-
-        preprocess_config = load_or_default_config(paths.dataset)
-        choose_audio_encoder(preprocess_config, audio_features)
-    preprocess(video, paths.dataset, config=preprocess_config, show_progress=show_progress)
+    try:
+        preprocess(video, paths.dataset, config=preprocess_config, show_progress=show_progress)
+    except EgstalkerError as e:
+        raise _in_run_terms(e) from None
     meta = read_meta(DatasetLayout(paths.dataset))
     after = set(meta.get("tasks_complete", []))
     _check_model_features(paths.model, paths.dataset, meta.get("audio_encoder", {}).get("name"))
@@ -182,15 +224,16 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
     # 2. train (skipped when finished, resumed when interrupted)
     from egstalker.train.trainer import train
 
-    config = apply_training_overrides(preset_config("auto", device) if config is None else config, iterations,
-                                      resolution)
     target = config.schedule.iterations
     saved = paths.model / "train_config.json"
     if config.schedule.time_budget_minutes and saved.is_file():
         import json
 
-        # a budgeted run saves the iteration count it settled on: that is what "finished" means for it
-        target = min(target, int(json.loads(saved.read_text())["schedule"]["iterations"]))
+        # a budgeted run saves the iteration count it settled on: that is what "finished" means for it (a run of
+        # an explicit count is not finished by it: it goes on, in the time budget)
+        schedule = json.loads(saved.read_text())["schedule"]
+        if schedule.get("time_budget_minutes"):
+            target = min(target, int(schedule["iterations"]))
     done_steps = _finished_model_steps(paths.model)
     has_checkpoint = (paths.model / "checkpoints").is_dir() and any((paths.model / "checkpoints").glob("step_*.pt"))
     if done_steps is not None and done_steps >= target and has_checkpoint:
@@ -202,8 +245,11 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
         count = f"up to {target} iterations in {budget:g} min" if budget else f"{target} iterations"
         _stage_banner(show_progress, 2, "train", f"{what} ({count} on {device})")
         t0 = time.perf_counter()
-        trained = train(paths.dataset, paths.model, config, device=device, resume=has_checkpoint,
-                        show_progress=show_progress)
+        try:
+            trained = train(paths.dataset, paths.model, config, device=device, resume=has_checkpoint,
+                            show_progress=show_progress)
+        except EgstalkerError as e:
+            raise _in_run_terms(e) from None
         psnr = f", held-out PSNR {trained.val_psnr:.2f} dB" if trained.val_psnr is not None else ""
         result.stages.append(StageReport("train", "done", time.perf_counter() - t0,
                                          f"{trained.steps} iterations, {trained.n_gaussians} Gaussians{psnr}"))
@@ -222,7 +268,7 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
     else:
         _stage_banner(show_progress, 3, "render", f"{audio} -> {out}")
         t0 = time.perf_counter()
-        head = TalkingHead.from_dir(paths.model, device=device)
+        head = TalkingHead.from_dir(paths.model, device=device, dataset_dir=paths.dataset)
         rendered = render_to_file(head, audio, out, pose=pose, show_progress=show_progress)
         result.stages.append(StageReport("render", "done", time.perf_counter() - t0,
                                          f"{rendered.n_frames} frames, {rendered.audio_seconds:.1f} s of speech, "

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audio-features", metavar="NAME",
                         help="audio encoder of the dataset: whisper (default, best lip sync), mel (lowest live "
                              "latency), ... (see `egstalker preprocess --help`); a re-run keeps the dataset's")
+    parser.add_argument("--audio-weights", metavar="PATH",
+                        help="the audio encoder's weights, as for `egstalker preprocess` (wav2vec2/hubert: a model "
+                             "folder; deepspeech: the aud_ds.npy to import; whisper: another model.bin)")
     parser.add_argument("--pose", choices=["loop", "static", "dataset"], default="loop",
                         help="head pose of the render (default loop)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
               "--quality full for the GPU defaults")
     result = run_pipeline(args.video, args.audio, args.output, dataset_dir=args.dataset, model_dir=args.model,
                           iterations=args.iterations, resolution=args.resolution, device=device, pose=args.pose,
-                          show_progress=not args.quiet, config=config, audio_features=args.audio_features)
+                          show_progress=not args.quiet, config=config, audio_features=args.audio_features,
+                          audio_weights=args.audio_weights)
     print(result.summary())
     return 0

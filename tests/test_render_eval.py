@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from conftest import shared_media
-from fixtures_models import write_speech
+from fixtures_models import cut_clip, write_speech
 from egstalker.cli import main
 from egstalker.errors import EgstalkerError
 from egstalker.render.api import load_speech, n_frames_for, parse_background
 from egstalker.render.video import Mp4Writer
+from egstalker.train.config import preset_config
 
 
 def probe_mp4(path) -> dict:
@@ -358,9 +359,38 @@ def test_run_reuses_finished_stages(short_clip, small_dataset, small_model, tmp_
     third = run_pipeline(short_clip, other, out, dataset_dir=small_dataset, model_dir=small_model,
                          iterations=SMALL_MODEL_ITERATIONS, device="cpu", show_progress=False)
     assert third.stages[-1].status == "done" and probe_mp4(out)["frames"] == 50
+    preview = preset_config("preview", "cpu")
     fourth = run_pipeline(short_clip, other, out, dataset_dir=small_dataset, model_dir=small_model,
-                          iterations=SMALL_MODEL_ITERATIONS, device="cpu", pose="static", show_progress=False)
+                          iterations=SMALL_MODEL_ITERATIONS, device="cpu", pose="static", show_progress=False,
+                          config=preview)
     assert fourth.stages[-1].status == "done"
+    assert preview.schedule.iterations == 3000 and preview.schedule.time_budget_minutes == 10  # the caller's own
+
+
+def test_run_refuses_what_it_cannot_reuse_before_any_work(short_clip, small_model, small_dataset, tmp_path):
+    """A model folder of another video (it rendered that person's head), of other audio features (the dataset was
+    re-encoded first, breaking the command that had worked), a model inside the dataset, an output inside a
+    folder of the run, an unknown pose: refused before anything is written."""
+    from egstalker.pipeline_run import run_pipeline
+
+    speech = write_speech(tmp_path / "hello.wav", 1.0)
+    other_video = cut_clip(shared_media("video/hill_8s_512.mp4"), tmp_path / "hill.mp4", 2.5)
+    dataset = shutil.copytree(small_dataset, tmp_path / "ds")
+    meta_before = (dataset / "meta.json").read_text()
+    for kwargs, message in [
+            (dict(video=other_video, dataset_dir=tmp_path / "new_ds"), r"was trained on lieu_8s.mp4 \(\d+ bytes\), "
+                                                                       r"not on .*hill.mp4; give another --model"),
+            (dict(audio_features="mel"), r"trained on 'whisper' audio features and .* holds \(or is asked for\) 'mel'"),
+            (dict(model_dir=dataset / "m"), "must be a folder of its own, outside the dataset folder"),
+            (dict(output=small_model / "talk.mp4"), "lies in the model folder"),
+            (dict(pose="sideways"), "unknown pose mode 'sideways'")]:
+        arguments = dict(video=short_clip, audio=speech, output=tmp_path / "talk.mp4", dataset_dir=dataset,
+                         model_dir=small_model, device="cpu", show_progress=False)
+        arguments.update(kwargs)
+        with pytest.raises(EgstalkerError, match=message):
+            run_pipeline(**arguments)
+    assert (dataset / "meta.json").read_text() == meta_before and not (tmp_path / "new_ds").exists()
+    assert not (tmp_path / "talk.mp4").exists() and not (dataset / "m").exists()
 
 
 def test_torso_backgrounds_are_the_training_composites(small_model, small_dataset):

@@ -10,6 +10,7 @@ are encoded in overlapping windows everywhere, so whole and streamed results agr
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,9 @@ def frames_for_samples(n_samples: int) -> int:
 
 def as_waveform(wav: np.ndarray) -> np.ndarray:
     """Check a 16 kHz mono waveform (float in [-1, 1]; int16 PCM is scaled) and return it as float32 [T]."""
+    if isinstance(wav, (str, os.PathLike)):
+        raise EgstalkerError(f"give the speech as samples, not the file name {str(wav)!r}: load it with "
+                             "egstalker.render.api.load_speech(PATH)")
     wav = np.asarray(wav)
     if wav.ndim != 1:
         raise EgstalkerError(f"audio must be mono [samples], got shape {list(wav.shape)}; mix it down first")

@@ -167,6 +167,9 @@ def evaluate(head: "TalkingHead", split: Split = "val", max_frames: int | None =
 
     if batch_size < 1:
         raise EgstalkerError("batch size must be at least 1")
+    if not hasattr(head, "poses"):
+        raise EgstalkerError(f"evaluate takes a loaded model, not {head!r}: egstalker.inference.TalkingHead.from_dir("
+                             "MODEL_DIR)")
     frames = heldout_frames(head, split)
     n = len(frames.pose_indices) if max_frames is None else min(max_frames, len(frames.pose_indices))
     if n < 1:

@@ -326,6 +326,11 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
     video = Path(video)
     output = Path(output) if output is not None else default_output(video)
     layout = DatasetLayout(output)
+    if config is not None and not isinstance(config, PreprocessConfig):
+        raise EgstalkerError(f"config must be a PreprocessConfig (egstalker.preprocess.config), not "
+                             f"{type(config).__name__}; load a JSON one with egstalker.configs.load_config")
+    if isinstance(tasks, int):
+        tasks = [tasks]
     config = copy.deepcopy(config) if config is not None else load_or_default_config(output)
     config.audio.encoder = resolve_name(config.audio.encoder)
     if config.audio.encoder == "deepspeech" and (config.audio.weights is None

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from egstalker.inference import TalkingHead
 
 PoseMode = Literal["dataset", "loop", "static"]
+POSE_MODES = ("loop", "static", "dataset")
 FEATURE_RATE = 16000
 """Sample rate the audio encoders read."""
 MUX_RATE = 48000

@@ -28,20 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "~10 min on 2 cores); 'auto' (default): preview on the CPU, full on a GPU. "
                              "Ignored with --config; --iterations (which also lifts the time budget) and --resolution override it")
     parser.add_argument("--resume", action="store_true", help="continue the run in MODEL_DIR exactly where it stopped")
-    parser.add_argument("--workers", type=int, default=None, help="data loading worker processes (default 6, 2 with 'preview'; at most one per CPU)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="data loading worker processes (default 6, 2 with 'preview'; at most one per CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from egstalker.configs import load_config
     from egstalker.devices import resolve_device
-    from egstalker.errors import EgstalkerError
     from egstalker.train.config import TrainConfig, describe_length, preset_config, resolve_quality
     from egstalker.train.trainer import train
 
     device = resolve_device(args.device)
-    if Path(args.output).resolve().is_relative_to(Path(args.dataset).resolve()):
-        raise EgstalkerError("-o must name a model folder of its own, outside the dataset folder")
     if args.resume:
         # a resume continues the saved run (train_config.json, or its checkpoint's copy), changed only by an
         # explicit --iterations

@@ -234,11 +234,16 @@ class TrainConfig:
 QUALITY_PRESETS = ("auto", "preview", "full")
 
 
-def resolve_quality(quality: str, device: str) -> str:
-    """'preview' or 'full': what 'auto' means on `device` (preview on the CPU, full on a GPU)."""
+def resolve_quality(quality: str, device: str | None) -> str:
+    """'preview' or 'full': what 'auto' means on `device` (preview on the CPU, full on a GPU; device None or
+    'auto': the one egstalker would pick)."""
     if quality not in QUALITY_PRESETS:
         raise EgstalkerError(f"unknown quality {quality!r}; use one of {', '.join(QUALITY_PRESETS)}")
     if quality == "auto":
+        if device in (None, "auto"):
+            from egstalker.devices import resolve_device
+
+            device = resolve_device(device)
         return "preview" if str(device).startswith("cpu") else "full"
     return quality
 

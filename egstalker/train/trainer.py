@@ -11,6 +11,7 @@ data order is a pure function of (seed, step), so a resumed run sees the same ba
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -646,7 +647,7 @@ class Trainer:
 
 
 def train(dataset_dir: str | Path, model_dir: str | Path, config: TrainConfig | None = None,
-          device: str | torch.device = "cpu", resume: bool = False, show_progress: bool = True,
+          device: str | torch.device | None = "cpu", resume: bool = False, show_progress: bool = True,
           backend: str = "auto") -> TrainResult:
     """Train (or resume) a talking head on a preprocessed dataset; write the model folder. See the module doc.
 
@@ -654,7 +655,17 @@ def train(dataset_dir: str | Path, model_dir: str | Path, config: TrainConfig | 
     pass `egstalker.train.config.preset_config("preview", "cpu")`, as `egstalker train` does on a CPU. With
     resume, None continues the saved run as it was; a config given changes only its length (schedule.iterations
     and schedule.time_budget_minutes)."""
+    from egstalker.devices import resolve_device
+
     model_dir = Path(model_dir)
+    if model_dir.resolve().is_relative_to(Path(dataset_dir).resolve()):
+        raise EgstalkerError("the model folder must be a folder of its own, outside the dataset folder "
+                             f"{dataset_dir} (-o MODEL_DIR)")
+    if config is not None and not isinstance(config, TrainConfig):
+        raise EgstalkerError(f"config must be a TrainConfig (egstalker.train.config), not {type(config).__name__}; "
+                             "load a JSON one with egstalker.configs.load_config(TrainConfig, PATH)")
+    device = resolve_device(None if device is None else str(device), "device")  # "auto": cuda when there is one
+    config = copy.deepcopy(config)  # a budgeted run fits its count: the caller's object stays as given
     created = not model_dir.exists()
     try:
         trainer = Trainer(dataset_dir, model_dir, config, device=device, resume=resume,
