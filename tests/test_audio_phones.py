@@ -142,7 +142,8 @@ def test_a_mel_phones_model_renders_new_speech(phones_dataset, tmp_path):
 
 def test_run_with_mel_phones_refuses_a_model_trained_on_whisper(small_dataset, small_model, short_clip, tmp_path,
                                                              capsys):
-    """`egstalker run --audio-features mel_phones` re-features the dataset, then will not reuse a whisper model."""
+    """`egstalker run --audio-features mel_phones` will not reuse a whisper model, and says so before it
+    re-features the dataset (which broke the command that had worked)."""
     from fixtures_models import write_speech
 
     dataset = tmp_path / "ds"
@@ -154,7 +155,7 @@ def test_run_with_mel_phones_refuses_a_model_trained_on_whisper(small_dataset, s
                  "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "trained on 'whisper' audio features" in err and "'mel_phones'" in err and "\n" not in err
-    assert json.loads((dataset / "meta.json").read_text())["audio_encoder"]["name"] == "mel_phones"
+    assert json.loads((dataset / "meta.json").read_text())["audio_encoder"]["name"] == "whisper"
     assert (small_model / "model.pt").stat().st_mtime_ns == weights and not (tmp_path / "out.mp4").exists()
 
 
