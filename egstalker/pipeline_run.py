@@ -91,9 +91,10 @@ def _stage_banner(show: bool, number: int, name: str, what: str) -> None:
         print(f"[{number}/3] {name}: {what}", file=sys.stderr, flush=True)
 
 
-def _check_model_footage(model_dir: Path, video: Path) -> None:
+def _check_model_footage(model_dir: Path, video: Path, audio_weights: str | None) -> None:
     """A model trained on another video can be neither reused nor resumed: its head is another person's (or the
-    same person's in other footage), and it renders over its own dataset."""
+    same person's in other footage), and it renders over its own dataset. Nor can one trained on features from
+    other audio weights than those asked for: it would hear the speech through weights it never learnt."""
     if not (model_dir / "model.json").is_file():
         return
     from egstalker.model.folder import read_model_info
@@ -101,7 +102,12 @@ def _check_model_footage(model_dir: Path, video: Path) -> None:
     source = read_model_info(model_dir).dataset_source
     if source and source.get("video_bytes") != video.stat().st_size:
         raise EgstalkerError(f"{model_dir} was trained on {source.get('video')} ({source.get('video_bytes')} bytes), "
-                             f"not on {video}; give another --model folder or delete {model_dir}")
+                             f"not on {video} ({video.stat().st_size} bytes); give another --model folder or delete "
+                             f"{model_dir}")
+    if source and "audio_weights" in source and source["audio_weights"] != audio_weights:
+        then, now = (w or "the encoder's own" for w in (source["audio_weights"], audio_weights))
+        raise EgstalkerError(f"{model_dir} was trained on features from audio weights {then}, and {now} are asked "
+                             "for; give another --model folder or the same --audio-weights")
 
 
 def _in_run_terms(error: EgstalkerError) -> EgstalkerError:
@@ -196,7 +202,7 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
         choose_audio_encoder(preprocess_config, audio_features)
     if audio_weights is not None:
         preprocess_config.audio.weights = str(Path(audio_weights).resolve())
-    _check_model_footage(paths.model, Path(video))
+    _check_model_footage(paths.model, Path(video), preprocess_config.audio.weights)
     _check_model_features(paths.model, paths.dataset, resolve_name(preprocess_config.audio.encoder))
     _check_model_resolution(paths.model, resolution)
     result = RunResult(paths)

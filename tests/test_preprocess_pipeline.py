@@ -359,20 +359,34 @@ def test_frames_without_recorded_sound_are_left_out_of_the_split(tmp_path, capsy
     assert used == list(range(unheard, meta["n_frames"]))
 
     # frames without a face (interpolated) stay in the split as poses, marked, and training never draws them
-    from egstalker.dataset.reader import open_dataset
     from egstalker.preprocess.transforms import write_split
-    from egstalker.train.trainer import IterationBatchSampler
+    from egstalker.train.config import TrainConfig
+    from egstalker.train.trainer import IterationBatchSampler, Trainer
 
     n = meta["n_frames"]
     no_face = np.zeros(n, bool)
     no_face[40:46] = True
-    write_split(layout, layout, np.tile(np.eye(4), (n, 1, 1)), 500.0, 512, 512, np.zeros((n, 68, 2)), np.zeros(n),
+    staging = DatasetLayout(tmp_path / "staging")
+    write_split(staging, layout, np.tile(np.eye(4), (n, 1, 1)), 500.0, 512, 512, np.zeros((n, 68, 2)), np.zeros(n),
                 1 / 11, no_face=no_face)
-    train = open_dataset(root, "train")
-    assert list(train.frame_ids) == list(range(80)) and list(np.flatnonzero(~train.has_face)) == list(range(40, 46))
-    sampler = IterationBatchSampler(len(train), 4, 0, 0, 100, frames=np.flatnonzero(train.has_face))
-    drawn = {i for batch in sampler for i in batch}
-    assert drawn == set(range(80)) - set(range(40, 46))
+    written = json.loads(staging.transforms("train").read_text())["frames"]
+    assert [f["img_id"] for f in written if f.get("face") is False] == list(range(40, 46)) and len(written) == 80
+    with pytest.raises(EgstalkerError, match="no train frame shows a face"):
+        write_split(staging, layout, np.tile(np.eye(4), (n, 1, 1)), 500.0, 512, 512, np.zeros((n, 68, 2)),
+                    np.zeros(n), 1 / 11, no_face=np.ones(n, bool))
+    transforms = json.loads(layout.transforms("train").read_text())
+    for frame in transforms["frames"]:
+        if 40 <= frame["img_id"] < 46:
+            frame["face"] = False
+    layout.transforms("train").write_text(json.dumps(transforms))
+    config = TrainConfig()
+    config.data.resolution, config.data.num_workers, config.loss.perceptual = 64, 0, 0.0
+    config.init.surface_points, config.init.volume_points, config.init.n_frames = 300, 100, 3
+    trainer = Trainer(root, tmp_path / "model", config, show_progress=False)
+    sampler = trainer._loader(0, 100).batch_sampler
+    assert isinstance(sampler, IterationBatchSampler)
+    faces = [int(i) for i in trainer.train_data.frame_ids[list({i for batch in sampler for i in batch})]]
+    assert not set(range(40, 46)) & set(faces) and len(faces) == len(trainer.train_data) - 6
 
 
 def test_interrupted_task_leaves_nothing_and_resumes(tmp_path, monkeypatch):

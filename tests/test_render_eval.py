@@ -136,8 +136,13 @@ def test_cli_bad_inputs_print_one_line(tmp_path, capsys):
     from egstalker.evaluate.report import check_report_dir
 
     (tmp_path / "old_report" / "frames").mkdir(parents=True)
-    (tmp_path / "old_report" / "index.html").write_text("<html>an earlier report</html>")
+    (tmp_path / "old_report" / "index.html").write_text('<html lang="en"><head><meta charset="utf-8"><title>egstalker '
+                                                        'eval: lieu_model (val)</title></head></html>')
     check_report_dir(tmp_path / "old_report")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("<html><title>my page</title></html>")
+    with pytest.raises(EgstalkerError, match="holds other files"):
+        check_report_dir(tmp_path / "site")
     speech_ok = write_speech(tmp_path / "ok.wav", 1.0)
     frames = tmp_path / "frames"
     frames.mkdir()

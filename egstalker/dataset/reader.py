@@ -192,6 +192,10 @@ class TalkingDataset:
     def __len__(self) -> int:
         return len(self.frame_ids)
 
+    def face_frames(self) -> np.ndarray:
+        """Positions of the frames with a detected face: the ones to learn from and score on."""
+        return np.arange(len(self)) if self.has_face is None else np.flatnonzero(self.has_face)
+
     @property
     def feature_shape(self) -> tuple[int, ...]:
         return tuple(self.features.shape[1:])

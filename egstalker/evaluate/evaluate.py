@@ -59,9 +59,11 @@ def heldout_frames(head: "TalkingHead", split: Split = "val") -> HeldOutFrames:
     poses = head.poses
     n_train = int(poses.n_train)
     positions = np.arange(n_train, len(poses.frame_ids)) if split == "val" else np.arange(n_train)
+    layout = DatasetLayout(head.dataset_dir)
+    faceless = _frames_without_face(layout, split)  # interpolated poses: their pictures show no face to score
+    positions = positions[~np.isin(np.asarray(poses.frame_ids)[positions], faceless)]
     if len(positions) == 0:
         raise EgstalkerError(f"the model's dataset has no {split} frames to evaluate on")
-    layout = DatasetLayout(head.dataset_dir)
     if not layout.audio_features.exists():
         raise EgstalkerError(f"{layout.audio_features} is missing: evaluation needs the dataset the model was "
                              f"trained on ({layout.root}); move it back or pass its new location")
@@ -78,6 +80,15 @@ def heldout_frames(head: "TalkingHead", split: Split = "val") -> HeldOutFrames:
     return HeldOutFrames(pose_indices=positions, audio_ids=audio_ids,
                          frame_ids=np.asarray(poses.frame_ids)[positions], features=features,
                          dataset_dir=layout.root)
+
+
+def _frames_without_face(layout, split: str) -> list[int]:
+    """Image ids the split's transforms mark "face": false (none in datasets made before the mark)."""
+    try:
+        frames = json.loads(layout.transforms(split).read_text())["frames"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [int(f["img_id"]) for f in frames if isinstance(f, dict) and f.get("face", True) is False]
 
 
 def load_ground_truth(dataset_dir: Path, frame_id: int, width: int, height: int) -> np.ndarray:

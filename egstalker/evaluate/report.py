@@ -136,15 +136,12 @@ def check_report_dir(report_dir: str | Path) -> None:
         raise EgstalkerError(f"--report {report_dir} is a file; give a folder for the report")
     if not report_dir.is_dir() or not any(report_dir.iterdir()):
         return
-    page = report_dir / "index.html"
     try:
-        ours = f'content="{REPORT_GENERATOR}"' in page.read_text(errors="replace")[:2000]
+        head = (report_dir / "index.html").read_text(errors="replace")[:2000]
     except OSError:
-        ours = False
-    # reports written before the page was marked hold exactly these, their page among them
-    entries = {entry.name for entry in report_dir.iterdir()}
-    ours = ours or ("index.html" in entries and entries <= {"index.html", "side_by_side.mp4", "frames"})
-    if not ours:
+        head = ""
+    # a report's page is marked; one written before the mark has its title
+    if f'content="{REPORT_GENERATOR}"' not in head and "<title>egstalker eval" not in head:
         raise EgstalkerError(f"--report {report_dir} holds other files, not an egstalker report; choose a new or "
                              "empty folder (a report replaces index.html, side_by_side.mp4 and frames/)")
 

@@ -58,15 +58,19 @@ class ModelInfo:
 
 
 def dataset_source(dataset_dir: str | Path) -> dict | None:
-    """The footage a dataset was made from (source video name and bytes, frame count, the framed frames' size), from
-    its meta.json; None without one (a peer's dataset)."""
+    """The footage a dataset was made from (source video name and bytes, frame count, the framed frames' size) and
+    the audio weights its features came from (`--audio-weights`; None: the encoder's own), from its meta.json; None
+    without one (a peer's dataset)."""
     path = Path(dataset_dir) / "meta.json"
     try:
         meta = json.loads(path.read_text())
         video = meta["source_video"]
         size = [int(meta["width"]), int(meta["height"])] if "width" in meta and "height" in meta else None
-        return {"video": Path(video["path"]).name, "video_bytes": int(video["bytes"]), "n_frames": int(meta["n_frames"]),
-                "frame_size": size}
+        source = {"video": Path(video["path"]).name, "video_bytes": int(video["bytes"]),
+                  "n_frames": int(meta["n_frames"]), "frame_size": size}
+        if "weights_path" in meta.get("audio_encoder", {}):
+            source["audio_weights"] = meta["audio_encoder"]["weights_path"]
+        return source
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -80,6 +84,13 @@ def check_dataset_matches(info: ModelInfo, poses: PoseSources, dataset_dir: str 
         raise EgstalkerError(f"dataset {dataset_dir} was made from {found['video']} ({found['n_frames']} frames), but "
                              f"the model was trained on {info.dataset_source['video']} "
                              f"({info.dataset_source['n_frames']} frames); pass the dataset it was trained on")
+    if info.dataset_source and found and "audio_weights" in info.dataset_source and \
+            found.get("audio_weights") != info.dataset_source["audio_weights"]:
+        now, then = (w or "the encoder's own" for w in (found.get("audio_weights"),
+                                                         info.dataset_source["audio_weights"]))
+        raise EgstalkerError(f"dataset {dataset_dir}'s audio features were made again with other weights ({now}) "
+                             f"since the model was trained on those of {then}; train again, or re-encode the dataset "
+                             "with the weights it was trained on (preprocess --audio-weights)")
     trained_size = (info.dataset_source or {}).get("frame_size")
     if trained_size and found and found["frame_size"] and found["frame_size"] != trained_size:
         raise EgstalkerError(f"dataset {dataset_dir} was preprocessed again with other framing since the model was "

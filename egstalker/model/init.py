@@ -69,7 +69,8 @@ def dense_head_points(data: TalkingDataset, vertices: np.ndarray, n_frames: int 
     if not np.isfinite(head_radius) or head_radius <= 0:
         raise EgstalkerError(f"tracked vertices in {data.layout.track_params} are degenerate; re-run preprocess --task 8")
 
-    picks = np.unique(np.linspace(0, len(data) - 1, min(n_frames, len(data))).round().astype(int))
+    faces = data.face_frames()  # an interpolated frame's pixels do not show the face its landmarks place
+    picks = faces[np.unique(np.linspace(0, len(faces) - 1, min(n_frames, len(faces))).round().astype(int))]
     per_frame_surface = int(np.ceil(surface_points / len(picks)))
     per_frame_volume = int(np.ceil(volume_points / len(picks)))
     means, colors = [], []

@@ -415,7 +415,7 @@ TASKS: list[Task] = [
     Task(6, "torso", run_torso, outputs=_torso_outputs, revision=2),
     Task(7, "landmarks", run_landmarks, outputs=_landmark_outputs),
     Task(8, "tracking", run_tracking, outputs=lambda layout, meta: [layout.track_params, layout.action_units]),
-    # revision 2: frames without recorded sound at the clip's start or end are left out of the split, frames
-    # without a face are marked (poses, not training images)
-    Task(9, "transforms", run_transforms, outputs=_transforms_outputs, revision=2),
+    # revision 2: frames without recorded sound at the clip's start or end left out of the split; 3: frames
+    # without a face kept in it, marked (poses, not training images; revision 2 had left them out)
+    Task(9, "transforms", run_transforms, outputs=_transforms_outputs, revision=3),
 ]

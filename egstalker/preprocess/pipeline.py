@@ -379,6 +379,7 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
     except OSError as e:
         raise EgstalkerError(f"cannot create {output} ({e.strerror}); choose a writable -o DATASET_DIR") from None
     saved_config = layout.preprocess_config.read_text() if layout.preprocess_config.is_file() else None
+    failing = None  # the task under way when an error came
     try:
         _remove_stale_staging(output)
         # saved first: an interrupted run resumes with the settings it was given
@@ -390,7 +391,9 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
             if not force and _is_complete(task, layout, meta, config):
                 _log(show_progress, f"{label}: already complete (--force to redo)")
                 continue
+            failing = task.number
             meta = _run_task(task, video, layout, meta, config, show_progress, label)
+            failing = None
     except EgstalkerError:
         if created:  # bad input found by a task: leave no dataset behind
             shutil.rmtree(output, ignore_errors=True)
@@ -400,10 +403,10 @@ def preprocess(video: str | os.PathLike, output: str | os.PathLike | None = None
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
-        elif saved_config is not None:
-            # refused settings (weights that are not there) must not become the dataset's: every later run would
-            # fail on them. Tasks this run completed with them are redone with the old ones when next asked
-            # (_is_complete compares the recorded settings).
+        elif saved_config is not None and failing in (FEATURES_TASK.number, FRAMES_TASK.number):
+            # the tasks that read the settings a user changes (audio features and weights, framing) refused them:
+            # they must not become the dataset's, or every later run would fail on them. Another task failing
+            # (a face missing, say) keeps them: the next run goes on with what was asked.
             atomic_write_text(layout.preprocess_config, saved_config)
         raise
     return output

@@ -113,6 +113,9 @@ def write_split(staging: DatasetLayout, dataset: DatasetLayout, c2w: np.ndarray,
         if not ids:
             raise EgstalkerError(f"no {split} frame has its sound (audio offset {audio_offset} frames); check the "
                                  "video's sound track and --audio-offset (frames of 40 ms; 'auto' estimates it)")
+        if no_face is not None and all(no_face[i] for i in ids):
+            raise EgstalkerError(f"no {split} frame shows a face (frames {ids[0]}-{ids[-1]}); film the face in the "
+                                 "whole clip, or cut the end where it is missing")
     for split, ids in splits.items():
         document = build_transforms(c2w, focal, width, height, lms68, au45, ids, audio_ids, no_face)
         staging.transforms(split).parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,9 @@ from egstalker.dataset.reader import MOUTH_SHAPE_NAMES, TalkingDataset, mouth_sh
 
 
 def split_mouth_shapes(data: TalkingDataset) -> np.ndarray:
-    """[n, 3] mouth shape of every frame of a split, as FrameDataset gives it (reads the landmark files)."""
-    return np.stack([mouth_shape(data.landmarks(k)) for k in range(len(data))])
+    """[n, 3] mouth shape of every frame of a split with a detected face, as FrameDataset gives it (reads the
+    landmark files)."""
+    return np.stack([mouth_shape(data.landmarks(int(k))) for k in data.face_frames()])
 
 
 class MouthProbe(nn.Module):

@@ -71,6 +71,9 @@ class IterationBatchSampler(torch.utils.data.Sampler):
     def __init__(self, n_frames: int, batch_size: int, seed: int, start_step: int, end_step: int | None,
                  frames: np.ndarray | None = None):
         self.frames = np.arange(n_frames) if frames is None else np.asarray(frames)
+        if len(self.frames) == 0:
+            raise EgstalkerError("the training split has no frame to learn from (none shows a face); preprocess the "
+                                 "video again")
         self.n, self.batch_size, self.seed = len(self.frames), batch_size, seed
         self.start, self.end = start_step, end_step
 
@@ -359,10 +362,10 @@ class Trainer:
 
     def _loader(self, start: int, end: int | None) -> torch.utils.data.DataLoader:
         c = self.config.data
-        has_face = self.train_data.has_face
+        faces = self.train_data.face_frames()
         # frames without a detected face are poses to render, not images to learn from
         sampler = IterationBatchSampler(len(self.train_data), c.batch_size, self.config.seed, start, end,
-                                        frames=None if has_face is None or has_face.all() else np.flatnonzero(has_face))
+                                        frames=None if len(faces) == len(self.train_data) else faces)
         # more readers than CPUs only compete with the training step (torch warns); frames are read
         # deterministically, so the count does not change the run
         workers = min(c.num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -426,8 +429,9 @@ class Trainer:
         inside the head mask (the part the model renders; the rest is the dataset's torso/background)."""
         self.model.eval()
         data = self.val_data
-        n = len(data) if n_frames is None else min(n_frames, len(data))
-        picks = np.unique(np.linspace(0, len(data) - 1, n).round().astype(int))
+        faces = data.face_frames()
+        n = len(faces) if n_frames is None else min(n_frames, len(faces))
+        picks = faces[np.unique(np.linspace(0, len(faces) - 1, n).round().astype(int))]
         dataset = FrameDataset(data, self.config.data.audio_window, self.config.data.future_rows)
         values, head_values = [], []
         dynamic = self.step > self.config.coarse_iterations
@@ -454,7 +458,8 @@ class Trainer:
         if self._val_mouth_shapes is None:
             self._val_mouth_shapes = split_mouth_shapes(data)
         c = self.config.data
-        windows = np.stack([data.audio_window(int(a), c.audio_window, c.future_rows) for a in data.audio_ids])
+        windows = np.stack([data.audio_window(int(a), c.audio_window, c.future_rows)
+                            for a in data.audio_ids[data.face_frames()]])  # the frames split_mouth_shapes reads
         codes = self.model.deformation.token_encoder.audio(torch.from_numpy(windows).to(self.device))
         predicted = self.probe(codes).cpu().numpy()
         return probe_correlation(predicted, self._val_mouth_shapes)
