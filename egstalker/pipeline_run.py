@@ -39,7 +39,7 @@ class RunPaths:
         from egstalker.preprocess.pipeline import default_output
 
         dataset_dir = Path(dataset) if dataset else default_output(video)
-        model_dir = Path(model) if model else dataset_dir.with_name(dataset_dir.name + "_model")
+        model_dir = Path(model) if model else dataset_dir.resolve().with_name(dataset_dir.resolve().name + "_model")
         out = Path(output) if output else video.with_name(f"{video.stem}_{Path(audio).stem}.mp4")
         if out.resolve() == video.resolve():
             raise EgstalkerError(f"the output {out} would overwrite the input video; choose another -o")
@@ -179,7 +179,7 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
     from egstalker.devices import resolve_device
     from egstalker.render.api import load_speech
     from egstalker.render.video import check_video_output
-    from egstalker.train.config import preset_config
+    from egstalker.train.config import TrainConfig, preset_config
 
     from egstalker.audio import resolve_name
     from egstalker.preprocess.pipeline import choose_audio_encoder, load_or_default_config
@@ -193,10 +193,13 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
     check_video_output(paths.output, inputs=(video, audio))
     if pose not in POSE_MODES:
         raise EgstalkerError(f"unknown pose mode {pose!r}; use one of {', '.join(POSE_MODES)}")
+    if config is not None and not isinstance(config, TrainConfig):
+        raise EgstalkerError(f"config must be a TrainConfig (egstalker.train.config), not {type(config).__name__}")
     config = apply_training_overrides(copy.deepcopy(config) if config is not None else preset_config("auto", device),
                                       iterations, resolution).validate()
     if not Path(video).is_file():
-        raise EgstalkerError(f"{video} does not exist; give the path of a video of the person speaking")
+        what = "is a folder" if Path(video).is_dir() else "does not exist"
+        raise EgstalkerError(f"{video} {what}; give the path of a video of the person speaking")
     preprocess_config = load_or_default_config(paths.dataset)
     if audio_features is not None:
         choose_audio_encoder(preprocess_config, audio_features)

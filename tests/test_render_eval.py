@@ -384,17 +384,24 @@ def test_run_refuses_what_it_cannot_reuse_before_any_work(short_clip, small_mode
     meta_before = (dataset / "meta.json").read_text()
     for kwargs, message in [
             (dict(video=other_video, dataset_dir=tmp_path / "new_ds"), r"was trained on lieu_8s.mp4 \(\d+ bytes\), "
-                                                                       r"not on .*hill.mp4; give another --model"),
+                                                                       r"not on .*hill.mp4 \(\d+ bytes\); give another --model"),
             (dict(audio_features="mel"), r"trained on 'whisper' audio features and .* holds \(or is asked for\) 'mel'"),
             (dict(model_dir=dataset / "m"), "must be a folder of its own, outside the dataset folder"),
             (dict(output=small_model / "talk.mp4"), "lies in the model folder"),
-            (dict(pose="sideways"), "unknown pose mode 'sideways'")]:
+            (dict(pose="sideways"), "unknown pose mode 'sideways'"),
+            (dict(config={"schedule": {}}), "config must be a TrainConfig"),
+            (dict(video=tmp_path), "is a folder; give the path of a video")]:
         arguments = dict(video=short_clip, audio=speech, output=tmp_path / "talk.mp4", dataset_dir=dataset,
                          model_dir=small_model, device="cpu", show_progress=False)
         arguments.update(kwargs)
         with pytest.raises(EgstalkerError, match=message):
             run_pipeline(**arguments)
     assert (dataset / "meta.json").read_text() == meta_before and not (tmp_path / "new_ds").exists()
+    # the stages' messages name their own flags; run's are --dataset and --model
+    from egstalker.pipeline_run import _in_run_terms
+
+    assert str(_in_run_terms(EgstalkerError("cannot create x; choose a writable -o MODEL_DIR"))) == \
+        "cannot create x; choose a writable --model DIR"
     assert not (tmp_path / "talk.mp4").exists() and not (dataset / "m").exists()
 
 
