@@ -182,7 +182,7 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
     from egstalker.train.config import TrainConfig, preset_config
 
     from egstalker.audio import resolve_name
-    from egstalker.preprocess.pipeline import choose_audio_encoder, load_or_default_config
+    from egstalker.preprocess.pipeline import dataset_settings
     from egstalker.render.api import POSE_MODES
 
     device = resolve_device(device, "device")
@@ -200,11 +200,7 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
     if not Path(video).is_file():
         what = "is a folder" if Path(video).is_dir() else "does not exist"
         raise EgstalkerError(f"{video} {what}; give the path of a video of the person speaking")
-    preprocess_config = load_or_default_config(paths.dataset)
-    if audio_features is not None:
-        choose_audio_encoder(preprocess_config, audio_features)
-    if audio_weights is not None:
-        preprocess_config.audio.weights = str(Path(audio_weights).resolve())
+    preprocess_config = dataset_settings(paths.dataset, audio_features, audio_weights)
     _check_model_footage(paths.model, Path(video), preprocess_config.audio.weights)
     _check_model_features(paths.model, paths.dataset, resolve_name(preprocess_config.audio.encoder))
     _check_model_resolution(paths.model, resolution)

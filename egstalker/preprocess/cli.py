@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from egstalker.preprocess.framing import CROP_MODES
 
@@ -73,14 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from egstalker.preprocess.pipeline import choose_audio_encoder, default_output, load_or_default_config, preprocess
+    from egstalker.preprocess.pipeline import dataset_settings, default_output, preprocess
 
     output = args.output or default_output(args.video)
-    config = load_or_default_config(output)
-    if args.audio_features is not None:
-        choose_audio_encoder(config, args.audio_features)
-    if args.audio_weights is not None:
-        config.audio.weights = str(Path(args.audio_weights).resolve())  # render/serve read it from elsewhere
+    config = dataset_settings(output, args.audio_features, args.audio_weights)
     if args.audio_offset is not None:
         config.split.audio_offset_frames = _parse_offset(args.audio_offset)
     if args.crop is not None:

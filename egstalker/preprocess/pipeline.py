@@ -74,6 +74,19 @@ def choose_audio_encoder(config: PreprocessConfig, name: str) -> None:
     config.audio.encoder = name
 
 
+def dataset_settings(output: str | os.PathLike, audio_features: str | None = None,
+                     audio_weights: str | os.PathLike | None = None) -> PreprocessConfig:
+    """The settings a run on dataset `output` uses: its saved ones (else the defaults) with another audio encoder
+    and/or weights when asked (`--audio-features`, `--audio-weights`; weights as an absolute path, since render and
+    serve read it from elsewhere)."""
+    config = load_or_default_config(output)
+    if audio_features is not None:
+        choose_audio_encoder(config, audio_features)
+    if audio_weights is not None:
+        config.audio.weights = str(Path(audio_weights).resolve())
+    return config
+
+
 def read_meta(layout: DatasetLayout) -> dict:
     """The dataset's meta.json, or {} when there is none yet."""
     try:
