@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audio", required=True, metavar="SPEECH", help="new speech to lip-sync (any audio file)")
     parser.add_argument("-o", "--output", metavar="OUT.mp4",
                         help="output video (default: beside VIDEO, <video>_<speech>.mp4)")
-    parser.add_argument("--dataset", metavar="DIR", help="dataset folder (default: VIDEO without its extension, as preprocess names it)")
+    parser.add_argument("--dataset", metavar="DIR",
+                        help="dataset folder (default: VIDEO without its extension, as preprocess names it)")
     parser.add_argument("--model", metavar="DIR", help="model folder (default: <dataset>_model)")
     parser.add_argument("--iterations", type=int, default=None, help="training iterations (default: the "
                                                                      "training config's)")

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sessions", type=int, default=16, help="live sessions at once (default 16)")
     parser.add_argument("--token", default=os.environ.get("EGSTALKER_TOKEN"),
                         help="secret clients must send (default: $EGSTALKER_TOKEN); required off localhost")
-    parser.add_argument("--max-batch", type=int, default=32, help="frames per render call, across sessions (default 32)")
+    parser.add_argument("--max-batch", type=int, default=32,
+                        help="frames per render call, across sessions (default 32)")
     parser.add_argument("--jpeg-quality", type=int, default=80, help="JPEG quality of streamed frames (default 80)")
     parser.add_argument("--pose", choices=("loop", "static"), default="loop",
                         help="head pose / torso source: ping-pong over training frames (loop, default), or one frame")

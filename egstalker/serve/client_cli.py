@@ -10,7 +10,8 @@ HELP = "stream a speech file to an `egstalker serve` server in real time, save w
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("url", metavar="URL", help="server address, e.g. http://127.0.0.1:8010 (or its session URL ending in /ws)")
+    parser.add_argument("url", metavar="URL",
+                        help="server address, e.g. http://127.0.0.1:8010 (or its session URL ending in /ws)")
     parser.add_argument("--audio", required=True, metavar="SPEECH", help="speech file (wav, mp3, mp4, ...)")
     parser.add_argument("-o", "--output", metavar="RECEIVED.mp4", help="save the received frames and audio here")
     parser.add_argument("--token", default=os.environ.get("EGSTALKER_TOKEN"),
