@@ -372,6 +372,24 @@ def test_run_reuses_finished_stages(short_clip, small_dataset, small_model, tmp_
     assert preview.schedule.iterations == 3000 and preview.schedule.time_budget_minutes == 10  # the caller's own
 
 
+def test_run_trains_on_a_model_of_an_explicit_count_in_the_preview_budget(short_clip, small_model, small_dataset,
+                                                                           tmp_path):
+    """A model trained with an explicit --iterations is not "finished" for the preview's time budget (it was
+    reused: a 10-iteration model for a 10-minute promise); a finished budgeted run is."""
+    from egstalker.pipeline_run import run_pipeline
+
+    model = shutil.copytree(small_model, tmp_path / "model")
+    speech = write_speech(tmp_path / "hello.wav", 1.0)
+    preview = preset_config("preview", "cpu")
+    preview.schedule.time_budget_minutes, preview.schedule.budget_probe = 0.01, 2  # a few steps, then fitted
+    first = run_pipeline(short_clip, speech, tmp_path / "a.mp4", dataset_dir=small_dataset, model_dir=model,
+                         device="cpu", show_progress=False, config=preview)
+    assert first.stages[1].status == "done"
+    second = run_pipeline(short_clip, speech, tmp_path / "b.mp4", dataset_dir=small_dataset, model_dir=model,
+                          device="cpu", show_progress=False, config=preview)
+    assert second.stages[1].status == "reused"
+
+
 def test_run_refuses_what_it_cannot_reuse_before_any_work(short_clip, small_model, small_dataset, tmp_path):
     """A model folder of another video (it rendered that person's head), of other audio features (the dataset was
     re-encoded first, breaking the command that had worked), a model inside the dataset, an output inside a
