@@ -176,14 +176,12 @@ def run_pipeline(video: str | os.PathLike, audio: str | os.PathLike, output: str
     Everything that can be checked is checked before any work: the speech, the output, the pose, the training
     config, and that an existing model folder was trained on this video, these features and this size.
     """
+    from egstalker.audio import resolve_name
     from egstalker.devices import resolve_device
-    from egstalker.render.api import load_speech
+    from egstalker.preprocess.pipeline import dataset_settings
+    from egstalker.render.api import POSE_MODES, load_speech
     from egstalker.render.video import check_video_output
     from egstalker.train.config import TrainConfig, preset_config
-
-    from egstalker.audio import resolve_name
-    from egstalker.preprocess.pipeline import dataset_settings
-    from egstalker.render.api import POSE_MODES
 
     device = resolve_device(device, "device")
     paths = RunPaths.defaults(video, audio, output, dataset_dir, model_dir)
