@@ -348,23 +348,20 @@ def read_audio(path: str | os.PathLike, rate: int = AUDIO_RATE, align_to_video: 
     """
     with _open(path, "audio") as container:
         stream = _audio_stream(path, container)
-        decoded = _decode_mono(path, container, stream, rate)
-        chunks = list(decoded)
-        audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-        audio_start = decoded.start if decoded.start is not None else _stream_start(stream)
         if start is None and align_to_video:
             video = _video_stream(container)
             if video is not None:
                 start = _stream_start(video)
+        decoded = _decode_mono(path, container, stream, rate)
+        chunks = list(decoded if start is not None else _from_time_zero(decoded, stream, rate))
+        audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
         if start is not None:
-            shift = audio_start - start
+            shift = (decoded.start if decoded.start is not None else _stream_start(stream)) - start
             n = int(round(abs(shift) * rate))
             if shift > 0:
                 audio = np.concatenate([np.zeros(n, np.float32), audio])
             elif n:
                 audio = audio[n:]
-        elif audio_start < 0:  # samples stamped before time 0 precede the presentation: an encoder's priming
-            audio = audio[int(round(-audio_start * rate)):]
     return audio
 
 
@@ -373,16 +370,20 @@ def iter_audio(path: str | os.PathLike, rate: int = AUDIO_RATE) -> Iterator[np.n
     does not grow with the file's length), e.g. a sound track to mux; the same samples, joined."""
     with _open(path, "audio") as container:
         stream = _audio_stream(path, container)
-        decoded = _decode_mono(path, container, stream, rate)
-        skip = None  # samples stamped before time 0 (priming), dropped as in read_audio
-        for chunk in decoded:
-            if skip is None:  # the first frame has been decoded: its time is known
-                first = decoded.start if decoded.start is not None else _stream_start(stream)
-                skip = max(0, int(round(-first * rate)))
-            cut = min(skip, len(chunk))
-            skip -= cut
-            if cut < len(chunk):
-                yield chunk[cut:]
+        yield from _from_time_zero(_decode_mono(path, container, stream, rate), stream, rate)
+
+
+def _from_time_zero(decoded: "_decode_mono", stream, rate: int) -> Iterator[np.ndarray]:
+    """The decoded chunks from time 0 of the file: samples stamped before it (an encoder's priming) dropped."""
+    skip = None
+    for chunk in decoded:
+        if skip is None:  # the first frame has been decoded: its time is known
+            first = decoded.start if decoded.start is not None else _stream_start(stream)
+            skip = max(0, int(round(-first * rate)))
+        cut = min(skip, len(chunk))
+        skip -= cut
+        if cut < len(chunk):
+            yield chunk[cut:]
 
 
 def _audio_stream(path, container):
@@ -421,7 +422,6 @@ class _decode_mono:
     def __init__(self, path, container, stream, rate: int):
         self.path, self.container, self.stream, self.rate = path, container, stream, int(rate)
         self.start: float | None = None
-        self._first_time: float | None = None  # time (s) of the first frame; None when it has no timestamp
         self._frame_seconds = 0.0  # the longest codec frame seen (s)
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -438,11 +438,11 @@ class _decode_mono:
         for chunk in chunks:
             if not started:  # the first frame has been decoded: its time is known
                 started = True
-                if self._first_time is None:  # no timestamp to measure from: nothing is trimmed
+                if self.start is None:  # no timestamp to measure from: nothing is trimmed
                     yield chunk
                     yield from chunks
                     return
-                keep = max(0, int(round((end - self._first_time) * self.rate)))
+                keep = max(0, int(round((end - self.start) * self.rate)))
             inside = min(len(chunk), max(0, keep - emitted))
             if inside:
                 yield chunk[:inside]
@@ -460,14 +460,10 @@ class _decode_mono:
         import av
 
         resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate)
-        first = True
         try:
             for frame in self.container.decode(self.stream):
-                t = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
-                if first:
-                    self._first_time, first = t, False
-                if self.start is None:
-                    self.start = t
+                if self.start is None and frame.pts is not None and frame.time_base:
+                    self.start = float(frame.pts * frame.time_base)
                 if frame.sample_rate:
                     self._frame_seconds = max(self._frame_seconds, frame.samples / frame.sample_rate)
                 for out in resampler.resample(frame):

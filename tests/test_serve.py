@@ -402,34 +402,23 @@ def test_a_render_process_that_died_stops_the_server_with_its_reason(small_head,
     finally:
         server.close()
 
-    async def main():
+    async def stream_until_it_stops(head, reason: str):
+        """Serve `head`, stream a second of speech, and expect the server to stop with `reason`."""
         ready = asyncio.Event()
-        serving = asyncio.create_task(serve_forever(DeadRenderProcess(small_head), "127.0.0.1", 0,
-                                                    ServeConfig(max_lag_s=None), None, "cpu", ready=ready))
+        serving = asyncio.create_task(serve_forever(head, "127.0.0.1", 0, ServeConfig(max_lag_s=None), None, "cpu",
+                                                    ready=ready))
         await asyncio.wait_for(ready.wait(), 60)
         port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", capsys.readouterr().out).group(1))
         received = await stream_speech(f"http://127.0.0.1:{port}", speech[:16000], realtime=False, timeout_s=60)
-        with pytest.raises(EgstalkerError, match=r"^the render process has stopped \(exit code -9\); restart the "
-                                                 r"server; the server stopped$"):
+        with pytest.raises(EgstalkerError, match=f"^{re.escape(reason)}; the server stopped$"):
             await asyncio.wait_for(serving, 30)
         return received
 
-    received = asyncio.run(main())
-    assert received.server_error == "rendering failed: the render process has stopped (exit code -9); restart the server"
-
-    async def died_while_idle():  # no render call fails: the next session finds it and stops the server
-        ready = asyncio.Event()
-        serving = asyncio.create_task(serve_forever(unhealthy, "127.0.0.1", 0, ServeConfig(max_lag_s=None), None,
-                                                    "cpu", ready=ready))
-        await asyncio.wait_for(ready.wait(), 60)
-        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", capsys.readouterr().out).group(1))
-        refused = await stream_speech(f"http://127.0.0.1:{port}", speech[:16000], realtime=False, timeout_s=60)
-        with pytest.raises(EgstalkerError, match=r"^the render process has stopped; restart the server; the server "
-                                                 r"stopped$"):
-            await asyncio.wait_for(serving, 30)
-        return refused
-
-    refused = asyncio.run(died_while_idle())
+    died = "the render process has stopped (exit code -9); restart the server"
+    received = asyncio.run(stream_until_it_stops(DeadRenderProcess(small_head), died))
+    assert received.server_error == f"rendering failed: {died}"
+    # died while idle: no render call fails, the next session finds it and stops the server
+    refused = asyncio.run(stream_until_it_stops(unhealthy, "the render process has stopped; restart the server"))
     assert refused.server_error.startswith("the render process has stopped; restart the server; the server is stopping")
 
 
