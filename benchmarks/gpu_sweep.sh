@@ -96,8 +96,12 @@ if [ "${1:-}" = "start" ]; then
 elif [ "${1:-}" = "finish" ]; then
   exec > >(tee "$OUT/sweep_finish_log.txt") 2>&1
   follow "${WAIT_S:-420}"
-  mkdir -p /tmp/egs_lpips && cp .carry2/alexnet.ckpt /tmp/egs_lpips/
-  EGSTALKER_LPIPS_WEIGHTS=/tmp/egs_lpips python3 benchmarks/train_quality_gpu.py lpips --work "$WORK"
+  if [ -f .carry2/alexnet.ckpt ]; then
+    mkdir -p /tmp/egs_lpips && cp .carry2/alexnet.ckpt /tmp/egs_lpips/
+    EGSTALKER_LPIPS_WEIGHTS=/tmp/egs_lpips python3 benchmarks/train_quality_gpu.py lpips --work "$WORK"
+  else  # `train_quality_gpu.py score` then scores LPIPS here, from the returned JPEG renders
+    echo "no .carry2/alexnet.ckpt carried: LPIPS left to the local score step"
+  fi
   for log in "$WORK"/*.log; do echo "== $log"; tr '\r' '\n' <"$log" | grep -v '^\s*$' | tail -4; done
   (cd "$WORK" && tar czf "$OUT/sweep_results.tgz" ./*.log ./*/summary.json ./*/renders_jpeg.npz)
   if [ "${CONTROLS:-0}" = 1 ]; then  # lip-sync control renders of every run, scored later with MediaPipe
