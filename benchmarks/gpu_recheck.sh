@@ -4,8 +4,10 @@
 #
 #   bash benchmarks/gpu_recheck.sh memory   carry .whl .carry_v7 (lieu + obama packs of that day's preprocess,
 #                                           int8 VGG16, gsplat .so.xz; train_quality_gpu.py pack): train_memory_gpu.py,
-#                                           chunked (default) vs whole, twice each at obama's 450 px and once each at
-#                                           lieu's 256 px, alone on the GPU (~4 minutes)
+#                                           the network recomputed in one piece vs in chunks, twice each at obama's
+#                                           450 px and once each at lieu's 256 px, alone on the GPU (~4 minutes).
+#                                           Run on 12-05 while chunks were the default, under the variant names of
+#                                           then: `whole_recompute` (one piece) and `default` (chunks)
 #   bash benchmarks/gpu_recheck.sh train    carry .whl .carry_v7: sweep `recheck` (lieu seed 7, obama seed 2,
 #                                           5-minute budgets sharing the GPU), then gpu_sweep.sh finish with the
 #                                           lip-sync control renders, all in one call (~9 minutes). The first try ran
@@ -20,7 +22,7 @@ if [ "${1:-}" = "memory" ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/recheck_memory_log.txt"
   for pass in obama:450 lieu:256; do
     clip=${pass%%:*} px=${pass##*:}
-    cases=("$px:150000:whole_recompute" "$px:150000:default")
+    cases=("$px:150000:default" "$px:150000:chunked")
     [ "$clip" = obama ] && cases+=("${cases[@]}")  # twice, interleaved: one case's speed varies between calls
     PYTHONPATH=/tmp/site:$PWD python3 benchmarks/train_memory_gpu.py --carry .carry_v7 --clip "$clip" \
       --cases "${cases[@]}" --iterations 200 --workers 6 --out "$OUT/train_memory_chunked_$clip.json" \

@@ -2,8 +2,9 @@
 
 What a training step's network needs at its peak, for B frames x N Gaussians, three ways:
   kept        activations kept for the backward pass (`recompute_in_backward` off: the CPU preview)
-  whole       recomputed in the backward pass in one piece (the default of 2026-12-04)
-  chunked     recomputed in chunks of `DeformationNetwork.RECOMPUTE_CHUNK_ROWS` rows (the default now)
+  whole       recomputed in the backward pass in one piece (the default: `model.recompute_chunk_rows` 0)
+  chunked     recomputed in chunks of 2^17 rows (`model.recompute_chunk_rows` 131072; the default from
+              2026-12-04 to 12-05, until the GPU measured its cost in speed)
 
 Each case runs in its own process: one warm-up step (gradients allocated), then the peak resident memory is
 reset (/proc/self/clear_refs) and one more forward + backward is measured as the rise of the peak over the
@@ -25,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CASES = ("kept", "whole", "chunked")
+CHUNK_ROWS = 2**17
 
 
 def _status_kib(field: str) -> int:
@@ -43,8 +45,7 @@ def measure(case: str, gaussians: int, frames: int) -> dict:
     torch.manual_seed(0)
     net = DeformationNetwork(TriPlaneField(torch.zeros(3), torch.ones(3), 32, (64, 128)), (512,), 8).train()
     net.recompute_in_backward = case != "kept"
-    if case == "whole":
-        net.RECOMPUTE_CHUNK_ROWS = gaussians * frames
+    net.recompute_chunk_rows = CHUNK_ROWS if case == "chunked" else None
     means = torch.rand(gaussians, 3) - 0.5
     audio, au45 = torch.randn(frames, 8, 512), torch.rand(frames)
     viewmats = torch.eye(4).expand(frames, 4, 4).clone()
@@ -62,7 +63,7 @@ def measure(case: str, gaussians: int, frames: int) -> dict:
     step()
     seconds = time.perf_counter() - start
     return {"case": case, "gaussians": gaussians, "frames": frames, "rows": gaussians * frames,
-            "chunk_rows": net.RECOMPUTE_CHUNK_ROWS if case != "kept" else None,
+            "chunk_rows": {"kept": None, "whole": gaussians * frames, "chunked": CHUNK_ROWS}[case],
             "peak_rise_gib": round((_status_kib("VmHWM") - before) / 2**20, 3), "step_s": round(seconds, 2)}
 
 

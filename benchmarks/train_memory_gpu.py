@@ -10,17 +10,19 @@ its steps per second (indicative only: 100 steps including the first VGG16 and g
 in two calls measured 8.0 and 9.2).
 
 Variants:
-  default           the code as it is (the per-Gaussian network recomputed in backward in chunks of Gaussians,
-                    growable CUDA segments)
-  whole_recompute   the network recomputed in one piece (the default from 2026-12-04 until chunks came)
+  default           the code as it is (the per-Gaussian network recomputed in backward in one piece, growable
+                    CUDA segments)
+  chunked           the network recomputed in chunks of 2^17 (frame, Gaussian) rows (`model.recompute_chunk_rows`
+                    131072; the default from 2026-12-04 to 12-05: in train_memory_chunked_*.json, measured on
+                    12-05, it is the case named `default`, and `whole_recompute` is today's default)
   keep_activations  model.recompute_network off
   fixed_segments    PYTORCH_CUDA_ALLOC_CONF left empty: the caching allocator's fixed segments
-  before            the code before 2026-12-04: all three of the above undone (the VGG term's prediction and
-                    target through VGG16 in one autograd pass, reproduced here)
+  before            the code before 2026-12-04: the first, third and fourth of these undone (the VGG term's
+                    prediction and target through VGG16 in one autograd pass, reproduced here)
 
 On the GPU machine (the gsplat .so and int8 VGG16 travel in CARRY, as for train_quality_gpu.py):
     python3 benchmarks/train_memory_gpu.py --carry .carry_mem --clip phone_framed \
-        --cases 512:150000:whole_recompute 512:150000:default 256:150000:default --out $OUT/train_memory.json
+        --cases 512:150000:chunked 512:150000:default 256:150000:default --out $OUT/train_memory.json
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-VARIANTS = ("default", "whole_recompute", "keep_activations", "fixed_segments", "before")
+VARIANTS = ("default", "chunked", "keep_activations", "fixed_segments", "before")
 
 
 def joint_vgg_forward(self, pred, target):
@@ -65,16 +67,13 @@ def run_case(dataset: Path, resolution: int, n_gaussians: int, variant: str, ite
 
     if variant == "before":
         losses.PerceptualLoss.forward = joint_vgg_forward
-    if variant == "whole_recompute":
-        from egstalker.model.deformation import DeformationNetwork
-
-        DeformationNetwork.RECOMPUTE_CHUNK_ROWS = 2**62
     config = TrainConfig()
     config.data.resolution = resolution
     config.data.num_workers = workers
     config.init.surface_points = n_gaussians * 2 // 3
     config.init.volume_points = n_gaussians - config.init.surface_points
     config.model.recompute_network = variant not in ("keep_activations", "before")
+    config.model.recompute_chunk_rows = 2**17 if variant == "chunked" else 0
     config.densify.start = iterations + 1  # the count stays at the initial one
     config.schedule.iterations = iterations
     config.schedule.coarse_fraction = 0.05

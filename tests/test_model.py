@@ -155,8 +155,6 @@ def test_recomputing_the_network_in_backward_gives_the_same_gradients_from_less_
     """Activation checkpointing in training: same loss and gradients, and the per-Gaussian activations are no
     longer kept for the backward pass. In one chunk with dropout on (the same masks are drawn again); in five
     chunks of 70 Gaussians x 2 frames with dropout off (chunks draw their masks piece by piece)."""
-    if chunk_rows is not None:
-        monkeypatch.setattr(deformation_module.DeformationNetwork, "RECOMPUTE_CHUNK_ROWS", chunk_rows)
     regions = []
     checkpoint = deformation_module.checkpoint
     monkeypatch.setattr(deformation_module, "checkpoint", lambda *a, **k: regions.append(1) or checkpoint(*a, **k))
@@ -165,6 +163,7 @@ def test_recomputing_the_network_in_backward_gives_the_same_gradients_from_less_
         torch.manual_seed(7)  # the same network weights and dropout masks in both runs
         model = small_head(n=300).train()
         model.deformation.recompute_in_backward = recompute
+        model.deformation.recompute_chunk_rows = chunk_rows
         if chunk_rows is not None:
             model.deformation.dropout.p = 0.0
         viewmats, K = cameras(2)

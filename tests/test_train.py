@@ -252,6 +252,7 @@ def test_bad_configs_get_clear_errors(small_dataset, tmp_path):
         ("data", "audio_future", 8, "audio_future"),  # = audio_window
         ("optim", "means_lr", 0.0, "means_lr"),
         ("loss", "mouth_probe", -0.1, "loss.mouth_probe must be >= 0"),
+        ("model", "recompute_chunk_rows", -1, "model.recompute_chunk_rows must be >= 0"),
         ("model", "audio_dropout", 1.0, r"audio_dropout .* must be in \[0, 1\)"),
     ]
     for k, (section, name, value, message) in enumerate(breakages):
@@ -301,6 +302,7 @@ def test_running_out_of_gpu_memory_stops_in_one_line_and_keeps_the_last_checkpoi
     assert message.startswith("the GPU ran out of memory at iteration 4 (")
     assert "frames of 64x" in message and "step_0000002.pt is kept" in message
     assert "data.batch_size" in message and "--resume" in message and "--resolution" in message
+    assert "model.recompute_chunk_rows to 131072" in message
     assert sorted(p.name for p in (tmp_path / "m" / "checkpoints").glob("step_*.pt"))[-1] == "step_0000002.pt"
 
 

@@ -153,14 +153,14 @@ class DeformationNetwork(nn.Module):
     recompute_in_backward: bool = False
     """Training only: keep none of the per-Gaussian activations between the forward and backward passes and
     compute them again in the backward pass (activation checkpointing; dropout draws the same masks). They are
-    3.3 GiB at 150k Gaussians x 4 frames (benchmarks/activation_memory_cpu.py). The Gaussians go through in
-    chunks of `RECOMPUTE_CHUNK_ROWS` (frame, Gaussian) rows, each checkpointed on its own, so the backward pass
-    recomputes and frees one chunk at a time instead of holding every activation at once. The price is a second
-    forward pass of this network. Set by the trainer from `ModelConfig.recompute_network`."""
+    3.3 GiB at 150k Gaussians x 4 frames (benchmarks/activation_memory_cpu.py). The price is a second forward
+    pass of this network. Set by the trainer from `ModelConfig.recompute_network`."""
 
-    RECOMPUTE_CHUNK_ROWS = 2**17
-    """With `recompute_in_backward`, at most this many (frame, Gaussian) rows are recomputed at once: about 0.7 GiB
-    of activations (5.7 KB a row), against 3.3 GiB for the 600k rows of 150k Gaussians x 4 frames in one piece."""
+    recompute_chunk_rows: int | None = None
+    """With `recompute_in_backward`: None recomputes every Gaussian in one piece, so the backward pass holds all
+    their activations for a moment; N goes through in chunks of at most N (frame, Gaussian) rows, each checkpointed
+    on its own, so it recomputes and frees one chunk at a time (about 0.7 GiB of activations at 2^17 rows, 5.7 KB
+    a row), at the cost of more kernel launches. Set by the trainer from `ModelConfig.recompute_chunk_rows`."""
 
     INFERENCE_CHUNK_ROWS = 2**19
     """In eval mode without autograd, at most this many (frame, Gaussian) rows go through the network at once:
@@ -196,7 +196,8 @@ class DeformationNetwork(nn.Module):
     def _recomputed_forward(self, cache: SpatialCache, tokens: torch.Tensor) -> Offsets:
         """`_forward` in chunks of Gaussians, each recomputed in the backward pass. split, not slicing: a slice's
         backward writes its gradient into a zero-filled copy of the whole tensor, once per chunk."""
-        step = max(1, self.RECOMPUTE_CHUNK_ROWS // tokens.shape[0])
+        rows = self.recompute_chunk_rows or tokens.shape[0] * cache.features.shape[0]
+        step = max(1, rows // tokens.shape[0])
         chunks = zip(cache.features.split(step), cache.queries.split(step))
         parts = [checkpoint(self._forward, SpatialCache(features=features, queries=queries), tokens,
                             use_reentrant=False) for features, queries in chunks]

@@ -76,9 +76,13 @@ class ModelConfig:
     keeping them (`DeformationNetwork.recompute_in_backward`). At the 150k-Gaussian cap on an H200 the peak fell
     from 6.2 to 3.9 GiB at 512x512 (4.1 -> 3.9 at 256) for one more forward pass of the network a step: 1-6 %
     fewer steps per second in three short same-call pairs, within those runs' noise (benchmarks/train_memory_gpu.py).
-    It now recomputes in chunks of Gaussians, which cuts the network's own peak from 3.8 to 1.1 GiB on the CPU
-    (benchmarks/network_peak_memory_cpu.py; not yet measured on a GPU). The CPU preview, short of time rather
-    than memory, turns it off."""
+    The CPU preview, short of time rather than memory, turns it off."""
+    recompute_chunk_rows: int = 0
+    """With `recompute_network`: 0 recomputes the network for every Gaussian in one piece (a step's peak 3.9 GiB
+    at the 150k cap, at any frame size up to 512 px); N recomputes it in chunks of at most N (frame, Gaussian) rows,
+    for a card that cannot hold that. On an H200 at the cap, chunks of 131072 rows lowered the peak to 2.8 GiB at
+    450 px and 1.4 GiB at 256 px, and cost 9 % and 20 % of the steps per second: more kernel launches
+    (benchmarks/gpu_recheck.sh, results/train_memory_chunked_*_h200.json; docs/gpu.md "Training memory")."""
     pose_dropout: float = 0.0
     """Probability of hiding a training frame's pose token (so the mouth cannot key on memorised poses).
     Measured once on the H100 (with lip_l1 1.0, coarse 0.1): mouth corr obama 0.73 -> 0.90 but lieu
@@ -189,6 +193,8 @@ class TrainConfig:
             (self.init.surface_points + self.init.volume_points >= 100, "init needs >= 100 points in total"),
             (self.init.n_frames >= 1, "init.n_frames must be >= 1"),
             (self.model.sh_degree in (0, 1, 2, 3), "model.sh_degree must be 0..3"),
+            (self.model.recompute_chunk_rows >= 0,
+             "model.recompute_chunk_rows must be >= 0 (0 recomputes the network in one piece)"),
             (self.model.d_model % self.model.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
             (all(0.0 <= getattr(self.model, k) < 1.0 for k in ("dropout", "audio_dropout", "pose_dropout")),
              "model.dropout, model.audio_dropout and model.pose_dropout must be in [0, 1)"),
