@@ -16,7 +16,7 @@ Measures per clip (means over the N frames):
   padding_torso   share of the frame that is torso inside those bars
 
 Usage: python benchmarks/parsing_edges.py --reference /tmp/parsing_old.py --datasets lieu=/tmp/pe/lieu ...
-       [--frames 12] [--out benchmarks/results/parsing_edges.json] [--label after]
+       [--frames 12] [--out benchmarks/results/parsing_edges.json] [--label after] [--segment]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def padding_mask(frames: list[np.ndarray]) -> np.ndarray:
     return mask
 
 
-def parse_clip(module, root: Path, track, samples, frames_idx, width, height):
+def parse_clip(module, root: Path, track, samples, frames_idx, width, height, segment=None):
     factor = module.reduction_factor(width, height)
     images = [module.imread_reduced(str(root / "ori_imgs" / f"{i}.jpg"), factor) for i in samples]
     cv2.setRNGSeed(0)  # GrabCut's k-means start: the same for both parsers (else the fits differ by chance)
@@ -73,11 +73,12 @@ def parse_clip(module, root: Path, track, samples, frames_idx, width, height):
     labels, t = [], time.perf_counter()
     for i in frames_idx:
         small = module.imread_reduced(str(root / "ori_imgs" / f"{i}.jpg"), factor)
-        labels.append(module.parse_frame(small, track.landmarks[i], model, (width, height)))
+        extra = {} if segment is None else {"segment": segment}
+        labels.append(module.parse_frame(small, track.landmarks[i], model, (width, height), **extra))
     return labels, fit_s, (time.perf_counter() - t) / len(frames_idx)
 
 
-def measure(name: str, root: Path, reference, n_frames: int, samples_n: int = 40) -> dict:
+def measure(name: str, root: Path, reference, n_frames: int, samples_n: int = 40, segment=None) -> dict:
     track = FaceTrack.load(root / FACE_CACHE_NAME)
     n = len(track.landmarks)
     height, width = cv2.imread(str(root / "ori_imgs" / "0.jpg")).shape[:2]
@@ -90,7 +91,8 @@ def measure(name: str, root: Path, reference, n_frames: int, samples_n: int = 40
     rest = ~box & ~pad
     out = {}
     for label, module in (("reference", reference), ("current", current)):
-        labels, fit_s, frame_s = parse_clip(module, root, track, samples, frames_idx, width, height)
+        labels, fit_s, frame_s = parse_clip(module, root, track, samples, frames_idx, width, height,
+                                            segment if module is current else None)
         rows = []
         for k, i in enumerate(frames_idx):
             lab = labels[k]
@@ -125,14 +127,21 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "parsing_edges.json"))
     parser.add_argument("--label", default="after", help="key under which this run's numbers are stored")
+    parser.add_argument("--segment", action="store_true",
+                        help="the parser under test also reads the person segmentation network (task 4 does)")
     args = parser.parse_args()
     reference = load_module(args.reference)
+    segment = None
+    if args.segment:
+        from egstalker.preprocess.segmentation import PersonSegmenter, model_path
+
+        segment = PersonSegmenter(model_path())
     path = Path(args.out)
     results = json.loads(path.read_text()) if path.exists() else {}
     run = {}
     for item in args.datasets:
         name, root = item.split("=", 1)
-        run[name] = measure(name, Path(root), reference, args.frames)
+        run[name] = measure(name, Path(root), reference, args.frames, segment=segment)
         r = run[name]
         print(f"{name:18s} torso {r['reference']['torso']:.3f} -> {r['current']['torso']:.3f}  "
               f"corner_box {r['reference']['corner_box']:.3f} -> {r['current']['corner_box']:.3f}  "
@@ -141,6 +150,8 @@ def main() -> None:
               f"head {r['reference']['head']:.3f} -> {r['current']['head']:.3f}  "
               f"agree_rest {r['agree_rest']:.3f} (min {r['agree_rest_min']:.3f})  torso_kept {r['torso_kept']:.3f} "
               f"(min {r['torso_kept_min']:.3f})", flush=True)
+    if segment is not None:
+        segment.close()
     results[args.label] = run
     path.write_text(json.dumps(results, indent=1) + "\n")
     print("saved", path)

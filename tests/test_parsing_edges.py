@@ -91,13 +91,15 @@ def test_lieu_torso_covers_the_shoulders(tmp_path):
     clip = remux(shared_media("video/lieu_60s_256.mp4"), tmp_path / "lieu.mp4", SECONDS)
     layout = DatasetLayout(preprocess(clip, tmp_path / "ds", tasks=[1, 3, 4], config=FAST, show_progress=False))
     for labels, g in _labels_and_faces(layout):
-        # lieu's face is half the picture: the shoulders show from about 0.1 face heights under the chin
-        assert _shoulders(labels, g, labels.shape[0], under=0.1) > 0.6
+        # lieu's face is half the picture: the shoulders show from about 0.1 face heights under the chin; at the
+        # picture's edge they slope below the box's top (0.59 in one frame with the network; the colour model's
+        # share counted the shelf above them)
+        assert _shoulders(labels, g, labels.shape[0], under=0.1) > 0.5
 
 
-@pytest.mark.xfail(strict=True, reason="known: lieu's shelf and desk beside the shoulders are never seen as "
-                   "background in the clip model's GrabCut masks and resemble the suit; they stay torso")
 def test_lieu_bottom_corners_are_not_torso(tmp_path):
+    """lieu's shelf and bookcase beside the shoulders are never uncovered and look like the suit: the colour model
+    alone kept them torso; the person segmentation network tells them from him."""
     clip = remux(shared_media("video/lieu_60s_256.mp4"), tmp_path / "lieu.mp4", SECONDS)
     layout = DatasetLayout(preprocess(clip, tmp_path / "ds", tasks=[1, 3, 4], config=FAST, show_progress=False))
     for labels, g in _labels_and_faces(layout):

@@ -155,20 +155,25 @@ def read_frames(layout: DatasetLayout, n_frames: int, flags: int = cv2.IMREAD_CO
 
 
 def create_landmarker(options):
-    """A MediaPipe FaceLandmarker made from `options`, with the notices MediaPipe's native code prints on the
-    process's stderr while it starts (glog and TFLite lines, which no environment variable turns off) kept off the
-    terminal; shown if the creation fails."""
+    """A MediaPipe FaceLandmarker made from `options` (quietly: `create_mediapipe_task`)."""
+    from mediapipe.tasks.python import vision
+
+    return create_mediapipe_task(vision.FaceLandmarker.create_from_options, options)
+
+
+def create_mediapipe_task(factory, options):
+    """factory(options) (a MediaPipe Tasks `create_from_options`), with the notices MediaPipe's native code prints
+    on the process's stderr while a task starts (glog and TFLite lines, which no environment variable turns off)
+    kept off the terminal; shown if the creation fails."""
     import sys
     import tempfile
-
-    from mediapipe.tasks.python import vision
 
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as notices:
         os.dup2(notices.fileno(), 2)
         try:
-            return vision.FaceLandmarker.create_from_options(options)
+            return factory(options)
         except BaseException:
             os.dup2(saved, 2)
             notices.seek(0)

@@ -6,16 +6,19 @@ per clip: the first task that needs faces writes `face_landmarks.npz`, later one
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from egstalker.dataset.layout import DatasetLayout
-from egstalker.errors import EgstalkerError
-from egstalker.preprocess import parsing
+from egstalker.errors import EgstalkerError, EgstalkerWarning
+from egstalker.preprocess import parsing, segmentation
 from egstalker.preprocess.face import (FaceTrack, count_frames, face_cache_path, format_ranges,
                                        load_or_detect_faces)
 from egstalker.preprocess.tasks import Task, TaskContext
@@ -71,8 +74,6 @@ def _parallel(function, chunks: list, workers: int, initargs: tuple, initializer
             for chunk in chunks:
                 bar.update(function(chunk))
             return
-        import multiprocessing
-
         # spawn, not fork: a forked child inherits OpenCV's and MediaPipe's thread pools mid-state and can hang
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs) as pool:
@@ -90,19 +91,22 @@ _STATE: dict = {}
 CHUNK = 32
 
 
-def _init_parsing(dataset_root: str, staging_root: str, model, size: tuple[int, int]):
+def _init_parsing(dataset_root: str, staging_root: str, model, size: tuple[int, int], segmenter_path: str | None):
     cv2.setNumThreads(1)
-    _STATE.update(dataset=DatasetLayout(dataset_root), staging=DatasetLayout(staging_root), model=model, size=size)
+    _STATE.update(dataset=DatasetLayout(dataset_root), staging=DatasetLayout(staging_root), model=model, size=size,
+                  segmenter_path=segmenter_path)
 
 
 def _parse_chunk(job: tuple[int, np.ndarray]) -> int:
     """job: (first frame index, landmarks [k, 478, 3] of frames first .. first + k - 1)."""
     start, landmarks = job
     s = _STATE
-    for offset, points in enumerate(landmarks):
-        small = parsing.imread_reduced(str(s["dataset"].frame(start + offset)), s["model"].factor)
-        labels = parsing.parse_frame(small, points, s["model"], s["size"])
-        parsing.save_labels_png(labels, s["staging"].parsing(start + offset))
+    # one segmenter per chunk (~70 ms, ~2 ms a frame): a worker process has no hook to close one before it exits
+    with (segmentation.PersonSegmenter(s["segmenter_path"]) if s["segmenter_path"] else nullcontext()) as segment:
+        for offset, points in enumerate(landmarks):
+            small = parsing.imread_reduced(str(s["dataset"].frame(start + offset)), s["model"].factor)
+            labels = parsing.parse_frame(small, points, s["model"], s["size"], segment)
+            parsing.save_labels_png(labels, s["staging"].parsing(start + offset))
     return len(landmarks)
 
 
@@ -138,8 +142,14 @@ def run_parsing(ctx: TaskContext) -> None:
     chosen = sorted(sample_landmarks)
     images = [parsing.imread_reduced(str(ctx.dataset.frame(i)), factor) for i in chosen]
     model = parsing.fit_clip_model(images, [sample_landmarks[i] for i in chosen], factor)
+    try:
+        segmenter_path = str(segmentation.model_path())
+    except EgstalkerError as e:  # offline and not cached: the colour model alone still parses, less cleanly
+        warnings.warn(f"{e}; parsing goes on without it, and background beside the shoulders may be taken for "
+                      "torso (redo it later with --task 4 --force)", EgstalkerWarning, stacklevel=2)
+        segmenter_path = None
     ctx.staging.parsing_dir.mkdir(parents=True, exist_ok=True)
-    initargs = (str(ctx.dataset.root), str(ctx.staging.root), model, (width, height))
+    initargs = (str(ctx.dataset.root), str(ctx.staging.root), model, (width, height), segmenter_path)
     chunks = _chunks(n, CHUNK)
 
     if workers <= 1:
@@ -147,8 +157,6 @@ def run_parsing(ctx: TaskContext) -> None:
         for chunk in tqdm(chunks, desc="4 parsing", unit="chunk", disable=not ctx.show_progress):
             _parse_chunk((chunk.start, track.landmarks[chunk.start:chunk.stop]))
     else:
-        import multiprocessing
-
         # spawn, not fork: a forked child inherits OpenCV's and MediaPipe's thread pools mid-state and can hang
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_parsing, initargs=initargs)
@@ -187,6 +195,7 @@ def run_parsing(ctx: TaskContext) -> None:
                                           "neck": [0, 255, 0], "torso": [255, 0, 0]},
         "colour_space": "RGB (palette PNG)", "model_scale": 1.0 / factor, "long_hair_model": model.hair_distinct,
         "clip_model_frames": len(chosen),
+        "person_segmentation": segmentation.DESCRIPTION if segmenter_path else "none (colour model alone)",
     }
 
 
@@ -409,7 +418,8 @@ def _transforms_outputs(layout: DatasetLayout, meta: dict) -> list:
 
 
 TASKS: list[Task] = [
-    Task(4, "parsing", run_parsing, outputs=_parsing_outputs),
+    # revision 2: a person segmentation network joins the colour model (egstalker.preprocess.segmentation)
+    Task(4, "parsing", run_parsing, outputs=_parsing_outputs, revision=2),
     Task(5, "background", run_background, outputs=lambda layout, meta: [layout.background]),
     # revision 2: the torso images continue the body under the whole chin (egstalker.preprocess.torso)
     Task(6, "torso", run_torso, outputs=_torso_outputs, revision=2),

@@ -33,6 +33,8 @@ PALETTE = np.array([[255, 255, 255], [0, 0, 255], [0, 255, 0], [255, 0, 0]], np.
 """RGB colour of each label."""
 
 LUT_BITS = 4  # colour histograms over 16x16x16 bins
+SEGMENTATION_WEIGHT = 2.0
+"""Weight of the person segmentation network's clipped log-odds (+-4) in the person score."""
 _LOWER_OVAL = FACE_OVAL[FACE_OVAL.index(FACE_LEFT_EDGE):FACE_OVAL.index(FACE_RIGHT_EDGE) + 1]  # jaw, via the chin
 
 
@@ -289,9 +291,11 @@ def skin_distance(image: np.ndarray, model: ClipModel) -> np.ndarray:
 
 
 def person_score(image_small: np.ndarray, geometry_small: FaceGeometry, model: ClipModel,
-                 regions: dict[str, np.ndarray] | None = None) -> np.ndarray:
+                 regions: dict[str, np.ndarray] | None = None,
+                 person_confidence: np.ndarray | None = None) -> np.ndarray:
     """[h, w] float32 evidence that a pixel is the person (> 0) rather than background (< 0).
-    regions: prior_regions(image_small.shape[:2], geometry_small), when the caller has them already."""
+    regions: prior_regions(image_small.shape[:2], geometry_small), when the caller has them already.
+    person_confidence: [h, w] in [0, 1] from a person segmentation network (segmentation.PersonSegmenter)."""
     shape = image_small.shape[:2]
     bins = _colour_bins(image_small)
     score = 0.6 * model.person_lut[bins]
@@ -306,6 +310,11 @@ def person_score(image_small: np.ndarray, geometry_small: FaceGeometry, model: C
     score[~regions["likely"]] -= 2.0
     score[regions["corners"]] -= 4.0
     score[regions["face"]] += 10.0
+    if person_confidence is not None:
+        # the network's log-odds, clipped: where it is sure it outweighs the colour and background cues (which
+        # take a still bookcase in clothes' colours for person); near 0.5, at its soft edges, they decide
+        p = np.clip(person_confidence, 1e-3, 1.0 - 1e-3)
+        score += SEGMENTATION_WEIGHT * np.clip(np.log(p / (1.0 - p)), -4.0, 4.0)
     return cv2.GaussianBlur(score, (0, 0), 1.0)
 
 
@@ -325,7 +334,7 @@ def _keep_connected(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
 
 
 def parse_frame(image_small: np.ndarray, landmarks: np.ndarray, model: ClipModel,
-                full_size: tuple[int, int]) -> np.ndarray:
+                full_size: tuple[int, int], segment=None) -> np.ndarray:
     """Labels [H, W] uint8 (0 bg, 1 head, 2 neck, 3 torso) of one frame at full size (width, height).
 
     All the per-frame geometry runs at the small size (1/model.factor: ~16x fewer pixels at 512 px); only the
@@ -334,6 +343,8 @@ def parse_frame(image_small: np.ndarray, landmarks: np.ndarray, model: ClipModel
     Args:
         image_small: the frame decoded at 1/model.factor, BGR uint8.
         landmarks: [478, 3] landmarks in full-frame pixels.
+        segment: a person segmenter (image BGR -> [h, w] confidence; segmentation.PersonSegmenter), or None
+            for the colour model alone.
     """
     if model.content is not None:  # the picture inside black padding bars; the bars are background
         width, height = full_size
@@ -344,19 +355,19 @@ def parse_frame(image_small: np.ndarray, landmarks: np.ndarray, model: ClipModel
         x0, x1 = int(round(left * sx)), int(round(right * sx))
         image_cut, landmarks_cut = _crop(image_small, landmarks, model.content, model.factor)
         labels = np.full((height, width), BACKGROUND, np.uint8)
-        labels[y0:y1, x0:x1] = _parse_picture(image_cut, landmarks_cut, model, (x1 - x0, y1 - y0))
+        labels[y0:y1, x0:x1] = _parse_picture(image_cut, landmarks_cut, model, (x1 - x0, y1 - y0), segment)
         return labels
-    return _parse_picture(image_small, landmarks, model, full_size)
+    return _parse_picture(image_small, landmarks, model, full_size, segment)
 
 
 def _parse_picture(image_small: np.ndarray, landmarks: np.ndarray, model: ClipModel,
-                   full_size: tuple[int, int]) -> np.ndarray:
+                   full_size: tuple[int, int], segment=None) -> np.ndarray:
     width, height = full_size
     g = FaceGeometry.from_landmarks(landmarks, 1.0 / model.factor)
     shape = image_small.shape[:2]
     small_height, small_width = shape
     regions = prior_regions(shape, g)
-    score = person_score(image_small, g, model, regions)
+    score = person_score(image_small, g, model, regions, None if segment is None else segment(image_small))
     person = _keep_connected(score > 0, regions["face"])
     skin_d = cv2.GaussianBlur(skin_distance(image_small, model), (0, 0), 1.0)
 
