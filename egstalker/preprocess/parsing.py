@@ -1,7 +1,8 @@
 """Licence-free semantic parsing of a talking-head clip: background, head (with hair), neck, torso.
 
-There are no BiSeNet weights to ship, and MediaPipe ships no person-segmentation model, so the parser is built
-from MediaPipe landmarks and image cues of a static-camera clip:
+There are no BiSeNet weights to ship, so the parser is built from MediaPipe landmarks, MediaPipe's person
+segmentation network (segmentation.py: person vs background only, no face or clothes classes) and image cues of a
+static-camera clip:
 
 1. Per clip (`fit_clip_model`), on ~40 evenly spaced frames at low resolution: GrabCut seeded by the landmarks
    (face inside the jaw = person, top corners = background, a head ellipse and a body trapezoid = probably
@@ -9,7 +10,8 @@ from MediaPipe landmarks and image cues of a static-camera clip:
    pixel is background, and whether it was ever seen) and colour histograms (person vs background, skin vs
    clothes, hair vs clothes) stored as log-likelihood-ratio lookup tables.
 2. Per frame (`parse_frame`): person score = colour evidence + difference from the background (where it was
-   seen; pixels never uncovered lean to "person") + landmark priors, smoothed, thresholded at low resolution,
+   seen; pixels never uncovered lean to "person") + landmark priors + the network's log-odds (decisive where it is
+   sure: a still bookcase in the clothes' colours is background), smoothed, thresholded at low resolution,
    upsampled; then geometry from the landmarks splits the person: head = above the cheekbone line or inside the
    jaw-widened face oval, plus hair-coloured person pixels hanging below it; neck = skin-coloured person pixels
    in a band under the chin; torso = the rest.
