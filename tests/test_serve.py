@@ -26,7 +26,7 @@ from egstalker.serve import protocol
 from egstalker.serve.client import stream_speech
 from egstalker.serve.features import SessionSpeech
 from egstalker.serve.scheduler import ServeConfig, StreamSession
-from egstalker.serve.server import TalkingHeadServer, check_address, check_bind
+from egstalker.serve.server import IDLE_FEED_AHEAD_S, TalkingHeadServer, check_address, check_bind
 from conftest import shared_media
 
 
@@ -561,8 +561,8 @@ def test_bad_messages_and_abrupt_disconnects_leave_others_streaming(running, spe
     good, bad = asyncio.run(scenario())
     assert good.error is None and len(good.frames) == 20 == good.done_frames
     odd, early, not_json, unknown, rate, too_big, giant, _ = bad
-    assert rate == [{"type": "error", "message": "unknown key(s) sample_rate in start; it takes only pose, token, "
-                                                 "type (speech is always 16 kHz mono int16 PCM)"}]
+    assert rate == [{"type": "error", "message": "unknown key(s) sample_rate in start; it takes only idle, pose, "
+                                                 "token, type (speech is always 16 kHz mono int16 PCM)"}]
     assert odd[-1]["type"] == "error" and "int16" in odd[-1]["message"]
     assert early[-1]["type"] == "error" and "start" in early[-1]["message"]
     assert not_json[-1]["type"] == "error" and "JSON" in not_json[-1]["message"]
@@ -574,6 +574,85 @@ def test_bad_messages_and_abrupt_disconnects_leave_others_streaming(running, spe
     # and it still serves
     again = stream(server.url, speech[:3200], realtime=False)
     assert len(again.frames) == 5 and again.error is None
+
+
+def test_an_idle_session_fills_silence_between_utterances_and_interrupt_drops_held_speech(running, speech):
+    """LiveTalking-style: an idle session streams frames before and between utterances (silence: the head keeps
+    moving), plays an utterance sent all at once from the next frame without speech, and `interrupt` drops the
+    speech it holds but has not begun (barge-in); `end` finishes it with `done`."""
+    import aiohttp
+
+    server = running(ServeConfig(max_lag_s=None))
+    utterance, long_one = speech[16000:32000], speech[40000:168000]  # 1 s, then 8 s that is interrupted
+
+    async def session():
+        frames, texts = [], []
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(f"{server.url}/ws") as ws:
+                await ws.send_str('{"type": "start", "idle": true}')
+                texts.append(json.loads((await ws.receive()).data))
+
+                async def collect() -> None:
+                    async for msg in ws:
+                        if msg.type == aiohttp.WSMsgType.BINARY:
+                            frames.append(protocol.unpack_frame(msg.data))
+                        elif msg.type == aiohttp.WSMsgType.TEXT:
+                            texts.append(json.loads(msg.data))
+
+                collector = asyncio.create_task(collect())
+                await asyncio.sleep(1.0)  # nothing to say yet
+                await ws.send_bytes(protocol.encode_pcm(utterance))
+                await asyncio.sleep(2.0)
+                for start in range(0, len(long_one), 16000):  # in 1 s messages, all at once
+                    await ws.send_bytes(protocol.encode_pcm(long_one[start:start + 16000]))
+                await asyncio.sleep(1.0)
+                await ws.send_str('{"type": "interrupt"}')
+                await asyncio.sleep(0.5)
+                await ws.send_str('{"type": "end"}')
+                await asyncio.wait_for(collector, 300)
+        return frames, texts
+
+    frames, texts = asyncio.run(session())
+    assert texts[0]["type"] == "ready" and [t["type"] for t in texts[1:]] == ["interrupted", "done"], texts
+    assert [f.index for f in frames] == list(range(len(frames))) and texts[-1]["frames"] == len(frames)
+    assert 4.5 < len(frames) / 25 < 7.0  # about the session's 4.5 s + the look-ahead: frames kept coming
+    played = np.frombuffer(b"".join(f.pcm for f in frames), "<i2").astype(np.int32)
+    said = np.frombuffer(protocol.encode_pcm(utterance), "<i2").astype(np.int32)
+    first = int(np.flatnonzero(played)[0]) - int(np.flatnonzero(said)[0])
+    # silence until it was sent, and for what the server had already given the model: the look-ahead + 0.2 s
+    given_ahead = texts[0]["lookahead_ms"] / 1000 + IDLE_FEED_AHEAD_S
+    assert abs(first / 16000 - (1.0 + given_ahead)) < 0.15
+    assert np.array_equal(played[first:first + len(said)], said)  # played whole, unchanged
+    rest = played[first + len(said):]
+    long_said = np.frombuffer(protocol.encode_pcm(long_one), "<i2").astype(np.int32)
+    second = int(np.flatnonzero(rest)[0]) - int(np.flatnonzero(long_said)[0])
+    assert abs(second / 16000 - 1.0) < 0.15  # sent 2 s after the 1 s utterance: 1 s of silence between
+    cut = texts[1]["frame"] * 640 - (first + len(said) + second)  # samples before the frame `interrupted` names
+    kept = int(np.flatnonzero(rest[second:second + len(long_said)] != long_said[:len(rest) - second])[0])
+    assert cut - 640 < kept <= cut  # the long one played unchanged up to within that frame's slot ...
+    assert abs(kept / 16000 - 1.0) < 0.15  # ... which is 1 s of its 8 s: interrupted 1 s after it was sent
+    assert not rest[second + kept:].any()  # then silence: none of the dropped speech
+    assert server.wait_sessions(0)["sessions"] == 0
+
+
+def test_idle_session_messages_are_checked(running):
+    server = running(ServeConfig(max_lag_s=None))
+
+    async def scenario():
+        return await asyncio.gather(
+            _raw_session(server.url, first='{"type": "start", "idle": "yes"}'),
+            _raw_session(server.url, then=['{"type": "interrupt"}']),
+            _raw_session(server.url, first='{"type": "start", "idle": true}',
+                         then=['{"type": "end"}', '{"type": "interrupt"}']),
+        )
+
+    not_bool, not_idle, after_end = asyncio.run(scenario())
+    assert not_bool == [{"type": "error", "message": "idle must be true or false"}]
+    assert not_idle[-1] == {"type": "error", "message": 'interrupt needs a session started with "idle": true; to '
+                                                       "stop an utterance of this one, close the socket"}
+    assert after_end[-1]["type"] in ("done", "error")  # `end` may finish it before the interrupt arrives
+    if after_end[-1]["type"] == "error":
+        assert after_end[-1]["message"] == 'interrupt sent after {"type": "end"}'
 
 
 def test_over_limit_sessions_are_refused_with_a_message(running, speech):
@@ -925,6 +1004,45 @@ def test_page_streams_a_file_in_headless_chromium(running, tmp_path):
     assert not errors
     assert stats["framesReceived"] == 25 and stats["error"] is None
     assert first != second, "the canvas did not change: frames are not moving"
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless test needs a system chromium")
+def test_page_always_on_idles_takes_files_and_interrupts_in_headless_chromium(running, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    server = running()
+    wav_path = tmp_path / "speech.wav"
+    wav, _ = sf.read(shared_media("audio/speech_10s_16k.wav"), dtype="float32")
+    sf.write(wav_path, wav[16000:64000], 16000)  # 3 s
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('server').textContent.includes('fps')")
+            page.check("#idle")
+            page.set_input_files("#file", str(wav_path))
+            page.click("#play")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('always on: sent')",
+                                   timeout=60000)
+            assert page.is_enabled("#interrupt") and page.is_enabled("#play") and page.is_disabled("#idle")
+            page.wait_for_function("window.egsStats.framesPainted >= 10", timeout=120000)
+            page.click("#interrupt")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('interrupted')",
+                                   timeout=60000)
+            page.click("#play")  # the same session takes another file
+            page.wait_for_function("document.getElementById('status').textContent === 'sent speech.wav'",
+                                   timeout=60000)
+            received = page.evaluate("window.egsStats.framesReceived")
+            page.wait_for_function(f"window.egsStats.framesReceived >= {received + 25}", timeout=120000)
+            assert server.health()["sessions"] == 1 and server.health()["sessions_served"] == 1
+            page.click("#stop")
+            stats = page.evaluate("window.egsStats")
+        finally:
+            browser.close()
+    assert not errors and stats["error"] is None and stats["state"] == "stopped"
+    assert server.wait_sessions(0)["sessions"] == 0
 
 
 class PortraitHead:

@@ -8,12 +8,17 @@ WebRTC's congestion-adaptive bit rate over lossy long-distance links; on a LAN o
 second (~0.5-1.5 MB/s at 256-512 px) are fine.
 
 Client -> server
-- text  `{"type": "start", "token": "...", "pose": "loop"}`: first message, within `START_TIMEOUT_S`; token and
-  pose are optional, other keys are refused.
+- text  `{"type": "start", "token": "...", "pose": "loop", "idle": false}`: first message, within
+  `START_TIMEOUT_S`; token, pose and idle are optional, other keys are refused. `"idle": true` opens a session
+  that lives until `end` or until the client leaves: frames come at 25 fps from the start, with silence (a
+  closed mouth, the pose moving on) whenever the client has no speech to play, and each utterance sent plays
+  from the next frame the server has not yet given speech to (the client's messages then need no pacing).
 - binary: speech, 16 kHz mono signed 16-bit little-endian PCM, any length from 2 bytes to `MAX_AUDIO_BYTES`,
   sent as it is spoken (a browser microphone, or a file paced in real time). Faster than real time is allowed:
   the server then renders at most `max_ahead_s` ahead of real time and reads more only as it catches up.
 - text  `{"type": "end"}`: no more speech; the server renders the last frames (edge-padded) and answers `done`.
+- text  `{"type": "interrupt"}` (idle sessions only): drop the speech the server holds but has not started to
+  play (barge-in); it answers `interrupted` and goes on with silence.
 
 Server -> client
 - text  `{"type": "ready", ...}`: session accepted; geometry, frame rate and the look-ahead (see `ReadyMessage`).
@@ -22,6 +27,8 @@ Server -> client
   samples play, at time k/fps on the session clock. A JPEG of 0 bytes means "no new image, keep showing the
   previous one": the server sends those when its device cannot keep up (overload), so the speech never stops.
 - text  `{"type": "done", "frames": N}` after `end`, once every frame has been sent.
+- text  `{"type": "interrupted", "frame": K}` after `interrupt`: frames from K on carry none of the dropped speech
+  (frames before K may still carry its first fraction of a second, which the server had already given the model).
 - text  `{"type": "error", "message": "..."}`: one line saying what is wrong; the server then closes the socket.
 """
 
@@ -41,7 +48,7 @@ FRAME_HEADER = struct.Struct("<4sIII")
 MAX_AUDIO_BYTES = 64 * 1024
 """Largest speech message (about 2 s of audio); larger ones are refused."""
 MAX_TEXT_BYTES = 4096
-START_KEYS = frozenset({"type", "token", "pose"})
+START_KEYS = frozenset({"type", "token", "pose", "idle"})
 """What a `start` message may hold; anything else is refused (not ignored)."""
 START_TIMEOUT_S = 10.0
 """A connection that sends no `start` in this time is closed."""
@@ -81,8 +88,9 @@ def parse_control(text: str) -> dict:
     except json.JSONDecodeError:
         raise ProtocolError("text messages must be JSON such as {\"type\": \"start\"}; "
                             "send speech as binary 16 kHz int16 PCM") from None
-    if not isinstance(message, dict) or message.get("type") not in ("start", "end"):
-        raise ProtocolError("unknown control message; expected {\"type\": \"start\"} or {\"type\": \"end\"}")
+    if not isinstance(message, dict) or message.get("type") not in ("start", "end", "interrupt"):
+        raise ProtocolError("unknown control message; expected {\"type\": \"start\"}, {\"type\": \"end\"} or "
+                            "{\"type\": \"interrupt\"}")
     return message
 
 
@@ -100,8 +108,9 @@ def decode_pcm(data: bytes) -> np.ndarray:
 
 
 def encode_pcm(audio: np.ndarray) -> bytes:
-    """float32 [n] in [-1, 1] -> int16 little-endian bytes (clipped)."""
-    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    """float32 [n] in [-1, 1] -> int16 little-endian bytes (clipped); the inverse of `decode_pcm` (the same 32768
+    scale), so the speech a frame carries back is the client's own samples, bit for bit."""
+    return np.clip(np.round(np.asarray(audio, np.float32) * 32768.0), -32768, 32767).astype("<i2").tobytes()
 
 
 def pack_frame(index: int, pcm: bytes, jpeg: bytes) -> bytes:

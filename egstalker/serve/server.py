@@ -40,6 +40,9 @@ log = logging.getLogger("egstalker.serve")
 STATIC_DIR = Path(__file__).parent / "static"
 LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
 CLOSE_TRY_AGAIN_LATER = 1013
+IDLE_FEED_AHEAD_S = 0.2
+"""An idle session's speech (the client's, else silence) is given to the model this far past what its clock needs
+(the look-ahead): the margin for the feed's 20 ms ticks. A new utterance plays after at most this much silence."""
 
 
 def window_reach(head) -> tuple[int, int]:
@@ -114,6 +117,14 @@ class _Connection:
         self.heard = time.monotonic()
         """When the client last sent a message of its own (speech or control; pings and pongs do not count), or
         when the server last stopped reading it (back-pressure): the idle timeout counts from here."""
+        self.idle = False
+        """Started with `"idle": true`: frames flow from the start, silence between utterances (`_feed_loop`)."""
+        self.opened = time.monotonic()
+        self.held: collections.deque = collections.deque()
+        """Idle sessions: the client's speech not yet given to the model (what `interrupt` drops)."""
+        self.held_samples = 0
+        self.ending = False
+        """Idle sessions: `end` received; the session finishes once the held speech is given."""
 
 
 class TalkingHeadServer:
@@ -334,6 +345,8 @@ class TalkingHeadServer:
         pose = start.get("pose", self.config.pose)
         if pose not in ("loop", "static"):
             raise ProtocolError("pose must be 'loop' or 'static'")
+        if not isinstance(start.get("idle", False), bool):
+            raise ProtocolError("idle must be true or false")
         return start
 
     def _open_session(self, ws, start: dict) -> _Connection:
@@ -342,10 +355,13 @@ class TalkingHeadServer:
         state = StreamSession(id=uuid.uuid4().hex[:12], features=SessionSpeech(self.encoder.encode_stream()),
                               right_reach=self.right_reach, pose=pose, lookahead_s=self.lookahead_ms / 1000.0)
         conn = _Connection(ws, state)
+        conn.idle = start.get("idle", False)
         self.connections[state.id] = conn
         self.sessions_served += 1
         conn.tasks = [asyncio.create_task(self._encode_loop(conn)), asyncio.create_task(self._send_loop(conn))]
-        log.info("session %s opened (%d live)", state.id, len(self.connections))
+        if conn.idle:
+            conn.tasks.append(asyncio.create_task(self._feed_loop(conn)))
+        log.info("session %s opened%s (%d live)", state.id, " idle" if conn.idle else "", len(self.connections))
         return conn
 
     def _close_session(self, conn: _Connection) -> None:
@@ -361,8 +377,8 @@ class TalkingHeadServer:
         state, ws = conn.state, conn.ws
         while True:
             # Back-pressure: stop reading while this session holds too much un-rendered speech.
-            while (state.features.unsent_seconds(state.next_render) > self.config.max_buffered_s
-                   and not ws.closed and not conn.tasks[1].done()):
+            while ((conn.held_samples / 16000 if conn.idle else state.features.unsent_seconds(state.next_render))
+                   > self.config.max_buffered_s and not ws.closed and not conn.tasks[1].done()):
                 conn.room.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(conn.room.wait(), 1.0)
@@ -371,23 +387,39 @@ class TalkingHeadServer:
                 return
             msg = await self._receive_from_client(conn)
             if msg.type == WSMsgType.BINARY:
-                if state.features.finished:
+                if state.features.finished or conn.ending:
                     raise ProtocolError("speech sent after {\"type\": \"end\"}")
                 audio = protocol.decode_pcm(msg.data)
-                if state.features.n_samples + len(audio) > self.config.max_session_s * 16000:
+                if state.features.n_samples + conn.held_samples + len(audio) > self.config.max_session_s * 16000:
                     raise ProtocolError(f"utterance longer than the server's {self.config.max_session_s:.0f} s "
                                         "limit; start a new session")
-                state.features.push(audio)
-                conn.audio_arrived.set()
+                if conn.idle:  # given to the model at the session clock's pace (_feed_loop)
+                    conn.held.append(audio)
+                    conn.held_samples += len(audio)
+                else:
+                    state.features.push(audio)
+                    conn.audio_arrived.set()
             elif msg.type == WSMsgType.TEXT:
                 control = protocol.parse_control(msg.data)
                 if control["type"] == "start":
                     raise ProtocolError("session already started")
-                if state.features.finished:
-                    raise ProtocolError("{\"type\": \"end\"} sent twice")
-                state.features.finish()  # keep reading: the socket closes after `done`, or the client leaves
-                conn.audio_arrived.set()
-                self._wake.set()
+                if state.features.finished or conn.ending:
+                    raise ProtocolError("{\"type\": \"end\"} sent twice" if control["type"] == "end"
+                                        else "interrupt sent after {\"type\": \"end\"}")
+                if control["type"] == "interrupt":
+                    if not conn.idle:
+                        raise ProtocolError("interrupt needs a session started with \"idle\": true; to stop an "
+                                            "utterance of this one, close the socket")
+                    conn.held.clear()
+                    conn.held_samples = 0
+                    first_clear = -(-state.features.n_samples // 640)  # frames from here on hold no dropped speech
+                    await ws.send_str(f'{{"type": "interrupted", "frame": {first_clear}}}')
+                elif conn.idle:
+                    conn.ending = True  # the feed finishes the utterance once the held speech is given
+                else:
+                    state.features.finish()  # keep reading: the socket closes after `done`, or the client leaves
+                    conn.audio_arrived.set()
+                    self._wake.set()
             elif msg.type == WSMsgType.ERROR:
                 exc = ws.exception()
                 raise ProtocolError(f"bad WebSocket message: {exc}")
@@ -403,7 +435,7 @@ class TalkingHeadServer:
         socket closes once `done` is sent.
         """
         state, ws = conn.state, conn.ws
-        if state.features.finished:
+        if state.features.finished or conn.idle:  # an idle session lives while its client is connected
             return await ws.receive()
         limit = self.config.idle_timeout_s
         left = conn.heard + limit - time.monotonic()
@@ -433,6 +465,37 @@ class TalkingHeadServer:
                 conn.state.note_ready(time.monotonic())
                 self._wake.set()
                 conn.sendable.set()
+
+    async def _feed_loop(self, conn: _Connection) -> None:
+        """Idle sessions: give the model speech at the pace of the session's clock, the client's held speech first
+        and silence when there is none, so frames keep coming between utterances; after `end`, finish once the held
+        speech is given. The session ends at `max_session_s`, as an utterance would."""
+        speech = conn.state.features
+        limit = int(self.config.max_session_s * 16000)
+        while True:
+            due = int((time.monotonic() - conn.opened + conn.state.lookahead_s + IDLE_FEED_AHEAD_S) * 16000)
+            need = min(due, limit) - speech.n_samples
+            pieces = []
+            while need > 0 and conn.held:
+                piece = conn.held.popleft()
+                if len(piece) > need:
+                    conn.held.appendleft(piece[need:])
+                    piece = piece[:need]
+                pieces.append(piece)
+                conn.held_samples -= len(piece)
+                need -= len(piece)
+            if need > 0 and not conn.ending:
+                pieces.append(np.zeros(need, np.float32))
+            if pieces:
+                speech.push(np.concatenate(pieces))
+                conn.audio_arrived.set()
+                conn.room.set()
+            if (conn.ending and not conn.held) or speech.n_samples >= limit:
+                speech.finish()
+                conn.audio_arrived.set()
+                self._wake.set()
+                return
+            await asyncio.sleep(0.02)
 
     async def _send_loop(self, conn: _Connection) -> None:
         try:

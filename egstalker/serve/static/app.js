@@ -1,7 +1,9 @@
 // egstalker live page: sends speech (a file paced in real time, or the microphone) as 16 kHz int16 PCM over a
 // WebSocket and plays back what the server returns. Every frame message carries the JPEG of one 40 ms frame and
 // the speech samples of that slot: the samples are scheduled on the WebAudio clock at base + index * 40 ms and
-// the frame is painted when its samples are heard, so audio and video stay in sync by construction.
+// the frame is painted when its samples are heard, so audio and video stay in sync by construction. "always on"
+// opens an idle session (docs/protocol.md): frames flow from the start, each file is sent at once and plays after
+// the last, Interrupt drops what has not begun.
 "use strict";
 
 const RATE = 16000;
@@ -19,7 +21,7 @@ window.egsStats = stats;  // read by the browser test
 
 let ws = null, playCtx = null, gain = null, base = null, queue = [], sendTimer = null;
 let micCtx = null, micStream = null, sentLog = [], samplesSent = 0, latencies = [], paintTimes = [];
-let tokenRequired = false;
+let tokenRequired = false, idleSession = false;
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -57,7 +59,9 @@ function sizeStage(width, height) {
 function setRunning(running) {
   $("stop").disabled = !running;
   $("mic").disabled = running;
-  $("play").disabled = running || !$("file").files.length;
+  $("play").disabled = (running && !idleSession) || !$("file").files.length;  // an idle session takes more files
+  $("interrupt").disabled = !(running && idleSession);
+  $("idle").disabled = running;
 }
 
 // ---------------------------------------------------------------- session
@@ -77,10 +81,11 @@ function resetStats(state) {
 
 // Opens a session and returns its socket; onReady(socket) runs when the server has accepted it. Handlers of an
 // older socket (still closing) do nothing once a newer session has started.
-function openSession(onReady) {
+function openSession(onReady, idle = false) {
   stopSending();
   closePlayback();
   if (ws) { const old = ws; ws = null; old.close(); }
+  idleSession = idle;
   playCtx = new AudioContext();
   playCtx.resume();
   gain = playCtx.createGain();
@@ -90,7 +95,7 @@ function openSession(onReady) {
   const socket = ws = new WebSocket(wsUrl());
   socket.binaryType = "arraybuffer";
   socket.onopen = () => {
-    const start = { type: "start" };
+    const start = idle ? { type: "start", idle: true } : { type: "start" };
     const token = $("token").value || new URLSearchParams(location.search).get("token");
     if (token) start.token = token;
     socket.send(JSON.stringify(start));
@@ -105,6 +110,8 @@ function openSession(onReady) {
       stats.state = "streaming";
       setStatus(`streaming (session ${msg.session}, model look-ahead ${msg.lookahead_ms} ms)`);
       onReady(socket);
+    } else if (msg.type === "interrupted") {
+      setStatus(`interrupted: silence from frame ${msg.frame}`);
     } else if (msg.type === "done") {
       stats.state = "done";
       setStatus(`done: ${msg.frames} frames`);
@@ -135,6 +142,7 @@ function sendSpeech(samples) {
     pcm[i] = s < 0 ? s * 32768 : s * 32767;
   }
   ws.send(pcm.buffer);
+  if (idleSession) return;  // frames of an idle session are not counted from the speech: no latency to track
   samplesSent += samples.length;
   sentLog.push([samplesSent, performance.now()]);
   if (sentLog.length > 2000) sentLog.splice(0, 1000);
@@ -245,18 +253,33 @@ async function decodeTo16k(file) {
   return (await offline.startRendering()).getChannelData(0);
 }
 
+function sendAll(samples) {
+  // an idle session: the server gives the speech to the model at its own clock's pace, after what it holds
+  for (let at = 0; at < samples.length; at += 16000) sendSpeech(samples.subarray(at, at + 16000));
+}
+
 async function playFile() {
   const file = $("file").files[0];
   if (!file) return;
+  const live = idleSession && ws && ws.readyState === WebSocket.OPEN;
   $("play").disabled = true;
-  closePlayback();  // the last stream stops when Play is pressed, not when the new file is decoded
-  resetStats("decoding");
+  if (!live) {
+    closePlayback();  // the last stream stops when Play is pressed, not when the new file is decoded
+    resetStats("decoding");
+  }
   setStatus(`decoding ${file.name} ...`);
   let samples;
   try {  // before a session is opened: a file that is not audio takes no slot on the server
     samples = await decodeTo16k(file);
   } catch (e) {
+    if (live) { setStatus(`cannot decode ${file.name}: ${e.message || e}`, true); setRunning(true); return; }
     stopAll(`cannot decode ${file.name}: ${e.message || e}; choose an audio file (wav, mp3, ogg, m4a)`);
+    return;
+  }
+  if (live) { sendAll(samples); setStatus(`sent ${file.name}`); setRunning(true); return; }
+  if ($("idle").checked) {
+    openSession((socket) => { if (socket === ws) { sendAll(samples); setStatus(`always on: sent ${file.name}`); } },
+                true);
     return;
   }
   openSession(async (socket) => {
@@ -327,7 +350,7 @@ async function useMicrophone() {
     sink.gain.value = 0;
     node.connect(sink).connect(ctx.destination);
     setStatus("listening: speak, and the head speaks with you");
-  });
+  }, $("idle").checked);
   // The session owns the microphone from now on, before the server answers: every way it ends (refused: a wrong
   // token or a full server; the connection failing; Stop) stops the tracks (stopSending).
   micStream = stream;
@@ -337,6 +360,9 @@ $("file").addEventListener("change", () => setRunning(ws !== null && ws.readySta
 $("play").addEventListener("click", playFile);
 $("mic").addEventListener("click", useMicrophone);
 $("stop").addEventListener("click", () => stopAll());
+$("interrupt").addEventListener("click", () => {
+  if (ws && ws.readyState === WebSocket.OPEN && idleSession) ws.send(JSON.stringify({ type: "interrupt" }));
+});
 $("mute").addEventListener("change", () => { if (gain) gain.gain.value = $("mute").checked ? 0 : 1; });
 loadHealth();
 setInterval(loadHealth, 5000);
