@@ -489,7 +489,8 @@ def test_a_dataset_made_before_a_preprocessing_fix_is_named(small_model, small_d
     meta = json.loads((old / "meta.json").read_text())
     del meta["task_revisions"]  # as datasets were written before the torso fix
     (old / "meta.json").write_text(json.dumps(meta))
-    with pytest.warns(UserWarning, match=r"task 6 \(torso\).*egstalker preprocess VIDEO -o .* redoes just that"):
+    with pytest.warns(UserWarning, match=r"task 4 \(parsing\), 6 \(torso\), 9 \(transforms\); `egstalker "
+                                         r"preprocess VIDEO -o .* redoes just that"):
         TalkingHead.from_dir(small_model, dataset_dir=old)
 
 
