@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU peak and speed of training with the per-Gaussian network recomputed in chunks (the default) against in
-# one piece, and the default training recipe re-measured on the code of 2026-12-05 (H200, 2026-12-05).
+# The GPU peak and speed of training with the per-Gaussian network recomputed in chunks (the default of 12-04) against
+# in one piece, and the default training recipe re-measured on the code of 2026-12-05 (H200, 2026-12-05).
 #
 #   bash benchmarks/gpu_recheck.sh memory   carry .whl .carry_v7 (lieu + obama packs of that day's preprocess,
 #                                           int8 VGG16, gsplat .so.xz; train_quality_gpu.py pack): train_memory_gpu.py,
@@ -29,7 +29,8 @@ if [ "${1:-}" = "memory" ]; then
       2>&1 | tee -a "$OUT/recheck_memory_log.txt"
   done
 elif [ "${1:-}" = "train" ]; then
-  CARRY=.carry_v7 SWEEP=recheck ITERATIONS=6000 WORKERS=6 CALL_S=450 bash benchmarks/gpu_sweep.sh start 5
+  # MINUTES (5): each run's training budget; shorter when little device time is left
+  CARRY=.carry_v7 SWEEP=recheck ITERATIONS=6000 WORKERS=6 CALL_S=450 bash benchmarks/gpu_sweep.sh start "${MINUTES:-5}"
   WAIT_S=60 CONTROLS=1 bash benchmarks/gpu_sweep.sh finish
 else
   echo "usage: gpu_recheck.sh memory | train" >&2
