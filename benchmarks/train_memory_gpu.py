@@ -17,8 +17,9 @@ Variants:
                     12-05, it is the case named `default`, and `whole_recompute` is today's default)
   keep_activations  model.recompute_network off
   fixed_segments    PYTORCH_CUDA_ALLOC_CONF left empty: the caching allocator's fixed segments
-  before            the code before 2026-12-04: the first, third and fourth of these undone (the VGG term's
-                    prediction and target through VGG16 in one autograd pass, reproduced here)
+  before            the code before 2026-12-04: the network's activations kept, the caching allocator's fixed
+                    segments, and the VGG term's prediction and target through VGG16 in one autograd pass
+                    (reproduced here)
 
 On the GPU machine (the gsplat .so and int8 VGG16 travel in CARRY, as for train_quality_gpu.py):
     python3 benchmarks/train_memory_gpu.py --carry .carry_mem --clip phone_framed \

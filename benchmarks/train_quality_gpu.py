@@ -119,9 +119,9 @@ def pack(dataset: Path, name: str, out: Path, crf: int = 8) -> None:
     save_blob(target / "lms.npz", lms)
     save_blob(target / "parsing.npz", parsing)
     save_blob(target / "torso_alpha.npz", alpha)
-    for name in COMPRESSED:
-        (target / f"{name}.xz").write_bytes(lzma.compress((target / name).read_bytes(), preset=6))
-        (target / name).unlink()
+    for member in COMPRESSED:
+        (target / f"{member}.xz").write_bytes(lzma.compress((target / member).read_bytes(), preset=6))
+        (target / member).unlink()
     total = sum(p.stat().st_size for p in target.iterdir())
     print(f"packed {dataset} -> {target}: {len(ids)} frames, {total / 2**20:.1f} MiB")
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-import pytest
 
 from egstalker.dataset.layout import DatasetLayout
 from egstalker.preprocess.config import PreprocessConfig

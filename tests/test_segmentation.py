@@ -12,7 +12,7 @@ import pytest
 from egstalker.errors import EgstalkerError, EgstalkerWarning
 from egstalker.preprocess import segmentation
 from egstalker.preprocess.config import PreprocessConfig
-from egstalker.preprocess.pipeline import preprocess
+from egstalker.preprocess.pipeline import outdated_dataset_note, preprocess
 from tests.conftest import shared_media
 from tests.test_preprocess_pipeline import remux
 
@@ -54,7 +54,7 @@ def test_the_model_is_checked_wherever_it_comes_from(tmp_path, monkeypatch):
         segmentation.model_path()
     monkeypatch.delenv(segmentation.ENV_VAR)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty_cache"))
-    with pytest.raises(EgstalkerError, match="not in .*; offline, run `pip download --no-deps mediapipe==0.10.21`"):
+    with pytest.raises(EgstalkerError, match="not in .*; offline, run `pip download --no-deps --only-binary=:all: --platform .*mediapipe==0.10.21`"):
         segmentation.model_path(download=False)
     assert not (tmp_path / "empty_cache" / "egstalker").exists()
 
@@ -80,8 +80,43 @@ def test_parsing_goes_on_without_the_model_and_says_so(tmp_path, monkeypatch):
     config = PreprocessConfig()
     config.audio.encoder = "mel"
     clip = remux(shared_media("video/lieu_60s_256.mp4"), tmp_path / "lieu.mp4", 2.5)
-    with pytest.warns(EgstalkerWarning, match="no network.*parsing goes on without it.*--task 4 --force"):
+    with pytest.warns(EgstalkerWarning, match="no network.*parsing goes on without it.*next `egstalker "
+                                              "preprocess` of this dataset tries again"):
         out = preprocess(clip, tmp_path / "ds", tasks=[1, 3, 4], config=config, show_progress=False)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["parsing"]["person_segmentation"] == "none (colour model alone)"
     assert len(list((out / "parsing").glob("*.png"))) == meta["n_frames"] > 60
+    assert meta["task_revisions"]["4"] == 1  # recorded as before the network: outdated, tried again
+    assert "task 4 (parsing)" in outdated_dataset_note(out)
+    monkeypatch.undo()  # the model is back: the next run parses with it
+    preprocess(clip, out, tasks=[1, 3, 4], config=config, show_progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["task_revisions"]["4"] == 2 and meta["parsing"]["person_segmentation"].startswith("MediaPipe")
+    assert outdated_dataset_note(out) is None
+
+
+def test_a_wrong_model_named_by_the_user_stops_parsing(tmp_path, monkeypatch):
+    other = tmp_path / "other.tflite"
+    other.write_bytes(b"not the model")
+    monkeypatch.setenv(segmentation.ENV_VAR, str(other))
+    config = PreprocessConfig()
+    config.audio.encoder = "mel"
+    clip = remux(shared_media("video/lieu_60s_256.mp4"), tmp_path / "lieu.mp4", 2.5)
+    with pytest.raises(EgstalkerError, match=r"\(SHA-256 differs\); point EGSTALKER_SELFIE_MODEL at"):
+        preprocess(clip, tmp_path / "ds", tasks=[1, 3, 4], config=config, show_progress=False)
+
+
+def test_an_unwritable_cache_is_a_one_line_error(tmp_path, monkeypatch):
+    model = segmentation.model_path().read_bytes()
+    wheel = tmp_path / "mediapipe-0.10.21-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(segmentation.WHEEL_MEMBER, model)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # the cache folder cannot be made
+    monkeypatch.setenv(segmentation.ENV_VAR, str(wheel))
+    with pytest.raises(EgstalkerError) as caught:
+        segmentation.model_path()
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"cannot keep the person segmentation model in {blocker}")
+    assert "set XDG_CACHE_HOME to a writable folder" in message

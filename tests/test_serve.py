@@ -26,7 +26,8 @@ from egstalker.serve import protocol
 from egstalker.serve.client import stream_speech
 from egstalker.serve.features import SessionSpeech
 from egstalker.serve.scheduler import ServeConfig, StreamSession
-from egstalker.serve.server import IDLE_FEED_AHEAD_S, TalkingHeadServer, check_address, check_bind
+from egstalker.serve.server import (IDLE_FEED_AHEAD_S, IDLE_SILENCE_AHEAD_S, TalkingHeadServer, check_address,
+                                    check_bind)
 from conftest import shared_media
 
 
@@ -138,8 +139,8 @@ def test_ten_seconds_of_speech_stream_250_frames(running, small_head, speech):
     # It streams: frame 0 arrived long before the 10 s of speech had been sent.
     assert received.received[0] - received.started < 5.0
     # Each frame carries exactly the speech of its own 40 ms slot (A/V offset 0 by construction).
-    sent = np.round(np.clip(speech, -1, 1) * 32767) / 32768
-    assert np.abs(received.returned_audio() - sent).max() < 1e-4
+    sent = np.frombuffer(protocol.encode_pcm(speech), "<i2") / 32768.0  # the client's own samples, bit for bit
+    assert np.array_equal(received.returned_audio(), sent)
     assert received.timing()["av_offset_ms"] == 0.0
     assert_frames_match_offline(small_head, speech, received, [0, 1, 2, 3, 4, 5, 124, 125, 246, 247, 248, 249])
     assert server.wait_sessions(0)["sessions"] == 0
@@ -620,7 +621,7 @@ def test_an_idle_session_fills_silence_between_utterances_and_interrupt_drops_he
     said = np.frombuffer(protocol.encode_pcm(utterance), "<i2").astype(np.int32)
     first = int(np.flatnonzero(played)[0]) - int(np.flatnonzero(said)[0])
     # silence until it was sent, and for what the server had already given the model: the look-ahead + 0.2 s
-    given_ahead = texts[0]["lookahead_ms"] / 1000 + IDLE_FEED_AHEAD_S
+    given_ahead = texts[0]["lookahead_ms"] / 1000 + IDLE_SILENCE_AHEAD_S
     assert abs(first / 16000 - (1.0 + given_ahead)) < 0.15
     assert np.array_equal(played[first:first + len(said)], said)  # played whole, unchanged
     rest = played[first + len(said):]
@@ -630,9 +631,61 @@ def test_an_idle_session_fills_silence_between_utterances_and_interrupt_drops_he
     cut = texts[1]["frame"] * 640 - (first + len(said) + second)  # samples before the frame `interrupted` names
     kept = int(np.flatnonzero(rest[second:second + len(long_said)] != long_said[:len(rest) - second])[0])
     assert cut - 640 < kept <= cut  # the long one played unchanged up to within that frame's slot ...
-    assert abs(kept / 16000 - 1.0) < 0.15  # ... which is 1 s of its 8 s: interrupted 1 s after it was sent
+    # ... which is 1 s of its 8 s (interrupted 1 s after it was sent), + what the server had given ahead of time
+    assert abs(kept / 16000 - (1.0 + IDLE_FEED_AHEAD_S - IDLE_SILENCE_AHEAD_S)) < 0.15
     assert not rest[second + kept:].any()  # then silence: none of the dropped speech
     assert server.wait_sessions(0)["sessions"] == 0
+
+
+def test_an_idle_session_joins_speech_streamed_in_real_time_without_gaps(running, speech):
+    """A microphone in an idle session: 20 ms chunks in real time, some up to 60 ms late, play back to back (no
+    silence spliced in between chunks), and more than `max_held_s` waiting is refused with a message."""
+    import random
+
+    import aiohttp
+
+    server = running(ServeConfig(max_lag_s=None, max_held_s=5.0))
+    said = speech[16000:64000]  # 3 s
+
+    async def session():
+        frames, texts = [], []
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(f"{server.url}/ws") as ws:
+                await ws.send_str('{"type": "start", "idle": true}')
+                texts.append(json.loads((await ws.receive()).data))
+                opened = time.monotonic()
+
+                async def collect() -> None:
+                    async for msg in ws:
+                        if msg.type == aiohttp.WSMsgType.BINARY:
+                            frames.append(protocol.unpack_frame(msg.data))
+                        elif msg.type == aiohttp.WSMsgType.TEXT:
+                            texts.append(json.loads(msg.data))
+
+                collector = asyncio.create_task(collect())
+                await asyncio.sleep(0.5)
+                jitter, t0 = random.Random(0), time.monotonic()
+                for k, start in enumerate(range(0, len(said), 320)):
+                    late = jitter.uniform(0.0, 0.06)
+                    await asyncio.sleep(max(0.0, t0 + (k + 1) * 0.02 + late - time.monotonic()))
+                    await ws.send_bytes(protocol.encode_pcm(said[start:start + 320]))
+                # until the frames of the last chunk (the session's clock + the look-ahead) have come back
+                due = (time.monotonic() - opened + texts[0]["lookahead_ms"] / 1000 + 0.3) * 25
+                while len(frames) < due:
+                    await asyncio.sleep(0.05)
+                for start in range(0, 2 * len(said), 16000):  # 6 s at once, in 1 s messages: over max_held_s
+                    with contextlib.suppress(ConnectionError):
+                        await ws.send_bytes(protocol.encode_pcm(np.tile(said, 2)[start:start + 16000]))
+                await asyncio.wait_for(collector, 300)
+        return frames, texts
+
+    frames, texts = asyncio.run(session())
+    assert texts[-1] == {"type": "error", "message": "more than 5 s of speech waiting to play; send the next "
+                                                     "utterance when the last has begun"}
+    played = np.frombuffer(b"".join(f.pcm for f in frames), "<i2").astype(np.int32)
+    sent = np.frombuffer(protocol.encode_pcm(said), "<i2").astype(np.int32)
+    first = int(np.flatnonzero(played)[0]) - int(np.flatnonzero(sent)[0])
+    assert np.array_equal(played[first:first + len(sent)], sent)  # every chunk right after the one before
 
 
 def test_idle_session_messages_are_checked(running):

@@ -252,7 +252,8 @@ def test_bad_configs_get_clear_errors(small_dataset, tmp_path):
         ("data", "audio_future", 8, "audio_future"),  # = audio_window
         ("optim", "means_lr", 0.0, "means_lr"),
         ("loss", "mouth_probe", -0.1, "loss.mouth_probe must be >= 0"),
-        ("model", "recompute_chunk_rows", -1, "model.recompute_chunk_rows must be >= 0"),
+        ("model", "recompute_chunk_rows", -1, r"model.recompute_chunk_rows must be 0 \(the network"),
+        ("model", "recompute_chunk_rows", 100, r"or >= 4096 \(131072 is the measured choice\)"),
         ("model", "audio_dropout", 1.0, r"audio_dropout .* must be in \[0, 1\)"),
     ]
     for k, (section, name, value, message) in enumerate(breakages):

@@ -144,10 +144,16 @@ def run_parsing(ctx: TaskContext) -> None:
     model = parsing.fit_clip_model(images, [sample_landmarks[i] for i in chosen], factor)
     try:
         segmenter_path = str(segmentation.model_path())
-    except EgstalkerError as e:  # offline and not cached: the colour model alone still parses, less cleanly
-        warnings.warn(f"{e}; parsing goes on without it, and background beside the shoulders may be taken for "
-                      "torso (redo it later with --task 4 --force)", EgstalkerWarning, stacklevel=2)
+    except EgstalkerError as e:
+        if os.environ.get(segmentation.ENV_VAR):  # the model the user named is wrong: not a reason to go on
+            raise
+        # offline and not cached: the colour model alone still parses, less cleanly; recorded as the revision
+        # before the network, so the next run tries again and train/render say the dataset is outdated
+        warnings.warn(f"{e}; parsing goes on without it (background beside the shoulders may be taken for torso), "
+                      "and the next `egstalker preprocess` of this dataset tries again", EgstalkerWarning,
+                      stacklevel=2)
         segmenter_path = None
+        ctx.revision_reached = 1
     ctx.staging.parsing_dir.mkdir(parents=True, exist_ok=True)
     initargs = (str(ctx.dataset.root), str(ctx.staging.root), model, (width, height), segmenter_path)
     chunks = _chunks(n, CHUNK)

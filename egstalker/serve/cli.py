@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with its speech and no new image, so speech and latency hold (default 0.5); 0 renders "
                              "every frame however late (latency then grows on a slow device)")
     parser.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="close a session whose client sent nothing for this long (default 60)")
+                        help="close a session whose client sent nothing for this long (default 60; not an "
+                             "always-on idle session, which lives while its client is connected)")
     parser.add_argument("--encoder-device", default="auto",
                         help="where the speech encoder runs: auto (the render device), cpu, cuda, cuda:1; cpu spares "
                              "the GPU but takes CPU cores, and held fewer streams on an H200 (docs/gpu.md)")

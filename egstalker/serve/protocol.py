@@ -10,7 +10,7 @@ second (~0.5-1.5 MB/s at 256-512 px) are fine.
 Client -> server
 - text  `{"type": "start", "token": "...", "pose": "loop", "idle": false}`: first message, within
   `START_TIMEOUT_S`; token, pose and idle are optional, other keys are refused. `"idle": true` opens a session
-  that lives until `end` or until the client leaves: frames come at 25 fps from the start, with silence (a
+  that lives until `end`, until the client leaves or for `max_session_s`: frames come at 25 fps from the start, with silence (a
   closed mouth, the pose moving on) whenever the client has no speech to play, and each utterance sent plays
   from the next frame the server has not yet given speech to (the client's messages then need no pacing).
 - binary: speech, 16 kHz mono signed 16-bit little-endian PCM, any length from 2 bytes to `MAX_AUDIO_BYTES`,

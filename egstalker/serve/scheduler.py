@@ -37,9 +37,13 @@ class ServeConfig:
     max_buffered_s: float = 20.0
     """Un-rendered speech a session may hold; reading its socket pauses beyond this (TCP back-pressure)."""
     max_session_s: float = 3600.0
-    """Longest utterance per session."""
+    """Longest utterance per session (an idle session's whole length, silence included)."""
+    max_held_s: float = 300.0
+    """Speech an idle session may hold before it plays (it keeps reading its socket, so that `interrupt` is heard
+    at once); more is refused with a message."""
     idle_timeout_s: float = 60.0
-    """A session that sends nothing for this long before `end` is closed (frees its slot)."""
+    """A session that sends nothing for this long before `end` is closed (frees its slot); not an idle session,
+    which lives while its client is connected."""
     send_queue_frames: int = 50
     """Rendered frames waiting to be sent per session (2 s); rendering for a session pauses when full."""
     pose: str = "loop"

@@ -18,6 +18,7 @@ import contextlib
 import hmac
 import ipaddress
 import logging
+import math
 import os
 import signal
 import sys
@@ -41,8 +42,14 @@ STATIC_DIR = Path(__file__).parent / "static"
 LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
 CLOSE_TRY_AGAIN_LATER = 1013
 IDLE_FEED_AHEAD_S = 0.2
-"""An idle session's speech (the client's, else silence) is given to the model this far past what its clock needs
-(the look-ahead): the margin for the feed's 20 ms ticks. A new utterance plays after at most this much silence."""
+"""An idle session's held speech is given to the model up to this far past what its clock needs (the look-ahead):
+the margin for the feed's 20 ms ticks."""
+IDLE_SILENCE_AHEAD_S = 0.1
+"""Silence is given only up to this far past the look-ahead, so a new utterance starts after at most this much more
+silence; while the client is streaming speech (a microphone), only what the clock needs now: a chunk up to this
+late still joins the one before without a gap of silence."""
+IDLE_STREAMING_S = 0.25
+"""A client that sent speech this recently counts as streaming."""
 
 
 def window_reach(head) -> tuple[int, int]:
@@ -125,6 +132,8 @@ class _Connection:
         self.held_samples = 0
         self.ending = False
         """Idle sessions: `end` received; the session finishes once the held speech is given."""
+        self.last_speech = -math.inf
+        """Idle sessions: when speech last arrived."""
 
 
 class TalkingHeadServer:
@@ -376,9 +385,10 @@ class TalkingHeadServer:
     async def _receive_loop(self, conn: _Connection) -> None:
         state, ws = conn.state, conn.ws
         while True:
-            # Back-pressure: stop reading while this session holds too much un-rendered speech.
-            while ((conn.held_samples / 16000 if conn.idle else state.features.unsent_seconds(state.next_render))
-                   > self.config.max_buffered_s and not ws.closed and not conn.tasks[1].done()):
+            # Back-pressure: stop reading while this session holds too much un-rendered speech. Not for an idle
+            # session: it must read an `interrupt` at once, and refuses speech beyond `max_held_s` instead.
+            while (not conn.idle and state.features.unsent_seconds(state.next_render) > self.config.max_buffered_s
+                   and not ws.closed and not conn.tasks[1].done()):
                 conn.room.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(conn.room.wait(), 1.0)
@@ -387,15 +397,22 @@ class TalkingHeadServer:
                 return
             msg = await self._receive_from_client(conn)
             if msg.type == WSMsgType.BINARY:
+                if conn.idle and state.features.finished and not conn.ending:
+                    raise ProtocolError(f"the session reached the server's {self.config.max_session_s:.0f} s limit; "
+                                        "start a new session")
                 if state.features.finished or conn.ending:
                     raise ProtocolError("speech sent after {\"type\": \"end\"}")
                 audio = protocol.decode_pcm(msg.data)
+                if conn.idle and (conn.held_samples + len(audio)) / 16000 > self.config.max_held_s:
+                    raise ProtocolError(f"more than {self.config.max_held_s:.0f} s of speech waiting to play; send "
+                                        "the next utterance when the last has begun")
                 if state.features.n_samples + conn.held_samples + len(audio) > self.config.max_session_s * 16000:
                     raise ProtocolError(f"utterance longer than the server's {self.config.max_session_s:.0f} s "
                                         "limit; start a new session")
                 if conn.idle:  # given to the model at the session clock's pace (_feed_loop)
                     conn.held.append(audio)
                     conn.held_samples += len(audio)
+                    conn.last_speech = time.monotonic()
                 else:
                     state.features.push(audio)
                     conn.audio_arrived.set()
@@ -473,8 +490,9 @@ class TalkingHeadServer:
         speech = conn.state.features
         limit = int(self.config.max_session_s * 16000)
         while True:
-            due = int((time.monotonic() - conn.opened + conn.state.lookahead_s + IDLE_FEED_AHEAD_S) * 16000)
-            need = min(due, limit) - speech.n_samples
+            now = time.monotonic()
+            clock = now - conn.opened + conn.state.lookahead_s
+            need = min(int((clock + IDLE_FEED_AHEAD_S) * 16000), limit) - speech.n_samples
             pieces = []
             while need > 0 and conn.held:
                 piece = conn.held.popleft()
@@ -484,8 +502,11 @@ class TalkingHeadServer:
                 pieces.append(piece)
                 conn.held_samples -= len(piece)
                 need -= len(piece)
-            if need > 0 and not conn.ending:
-                pieces.append(np.zeros(need, np.float32))
+            # silence only for what is due soon: speech arriving a little late then joins without a gap
+            ahead = 0.0 if now - conn.last_speech < IDLE_STREAMING_S else IDLE_SILENCE_AHEAD_S
+            silence = min(int((clock + ahead) * 16000), limit) - speech.n_samples - sum(map(len, pieces))
+            if silence > 0 and not conn.ending:
+                pieces.append(np.zeros(silence, np.float32))
             if pieces:
                 speech.push(np.concatenate(pieces))
                 conn.audio_arrived.set()

@@ -193,8 +193,9 @@ class TrainConfig:
             (self.init.surface_points + self.init.volume_points >= 100, "init needs >= 100 points in total"),
             (self.init.n_frames >= 1, "init.n_frames must be >= 1"),
             (self.model.sh_degree in (0, 1, 2, 3), "model.sh_degree must be 0..3"),
-            (self.model.recompute_chunk_rows >= 0,
-             "model.recompute_chunk_rows must be >= 0 (0 recomputes the network in one piece)"),
+            (self.model.recompute_chunk_rows == 0 or self.model.recompute_chunk_rows >= 4096,
+             "model.recompute_chunk_rows must be 0 (the network recomputed in one piece) or >= 4096 (131072 is "
+             "the measured choice)"),
             (self.model.d_model % self.model.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
             (all(0.0 <= getattr(self.model, k) < 1.0 for k in ("dropout", "audio_dropout", "pose_dropout")),
              "model.dropout, model.audio_dropout and model.pose_dropout must be in [0, 1)"),

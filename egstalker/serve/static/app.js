@@ -59,7 +59,8 @@ function sizeStage(width, height) {
 function setRunning(running) {
   $("stop").disabled = !running;
   $("mic").disabled = running;
-  $("play").disabled = (running && !idleSession) || !$("file").files.length;  // an idle session takes more files
+  // an idle session takes more files, unless the microphone feeds it (a file would queue behind the voice)
+  $("play").disabled = (running && (!idleSession || micStream !== null)) || !$("file").files.length;
   $("interrupt").disabled = !(running && idleSession);
   $("idle").disabled = running;
 }
@@ -272,11 +273,19 @@ async function playFile() {
   try {  // before a session is opened: a file that is not audio takes no slot on the server
     samples = await decodeTo16k(file);
   } catch (e) {
-    if (live) { setStatus(`cannot decode ${file.name}: ${e.message || e}`, true); setRunning(true); return; }
+    if (live) {
+      setStatus(`cannot decode ${file.name}: ${e.message || e}`, true);
+      setRunning(ws !== null && ws.readyState === WebSocket.OPEN);
+      return;
+    }
     stopAll(`cannot decode ${file.name}: ${e.message || e}; choose an audio file (wav, mp3, ogg, m4a)`);
     return;
   }
-  if (live) { sendAll(samples); setStatus(`sent ${file.name}`); setRunning(true); return; }
+  if (live) {
+    if (!ws || ws.readyState !== WebSocket.OPEN) return;  // the session ended while decoding: its status stays
+    sendAll(samples); setStatus(`sent ${file.name}`); setRunning(true);
+    return;
+  }
   if ($("idle").checked) {
     openSession((socket) => { if (socket === ws) { sendAll(samples); setStatus(`always on: sent ${file.name}`); } },
                 true);
@@ -354,6 +363,7 @@ async function useMicrophone() {
   // The session owns the microphone from now on, before the server answers: every way it ends (refused: a wrong
   // token or a full server; the connection failing; Stop) stops the tracks (stopSending).
   micStream = stream;
+  if (socket === ws && socket.readyState !== WebSocket.CLOSED) setRunning(true);  // Play now off: the mic feeds it
 }
 
 $("file").addEventListener("change", () => setRunning(ws !== null && ws.readyState === WebSocket.OPEN));
