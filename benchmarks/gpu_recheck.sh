@@ -8,12 +8,14 @@
 #                                           450 px and once each at lieu's 256 px, alone on the GPU (~4 minutes).
 #                                           Run on 12-05 while chunks were the default, under the variant names of
 #                                           then: `whole_recompute` (one piece) and `default` (chunks)
-#   bash benchmarks/gpu_recheck.sh train    carry .whl .carry_v7: sweep `recheck` (lieu seed 7, obama seed 2,
-#                                           5-minute budgets sharing the GPU), then gpu_sweep.sh finish with the
-#                                           lip-sync control renders, all in one call (~9 minutes). The first try ran
-#                                           it as two calls after `memory`; the machine went back in the 30 idle
-#                                           seconds between them and the runs were lost. LPIPS is scored here from
-#                                           the returned JPEG renders (alexnet.ckpt does not fit beside both packs).
+#   bash benchmarks/gpu_recheck.sh train    carry .whl .carry_v7: sweep $SWEEP (default `recheck`: lieu seed 7,
+#                                           obama seed 2; `lossless`: seeds 8 and 3), budgets of $MINUTES (5) sharing
+#                                           the GPU, then gpu_sweep.sh finish with the lip-sync control renders, all
+#                                           in one call (~9 minutes). The first try ran it as two calls after
+#                                           `memory`; the machine went back in the 30 idle seconds between them and
+#                                           the runs were lost. LPIPS is scored here (alexnet.ckpt does not fit
+#                                           beside both packs): `recheck` from JPEG q97 renders, runs since from
+#                                           lossless PNG ones.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/site
@@ -30,7 +32,7 @@ if [ "${1:-}" = "memory" ]; then
   done
 elif [ "${1:-}" = "train" ]; then
   # MINUTES (5): each run's training budget; shorter when little device time is left
-  CARRY=.carry_v7 SWEEP=recheck ITERATIONS=6000 WORKERS=6 CALL_S=450 bash benchmarks/gpu_sweep.sh start "${MINUTES:-5}"
+  CARRY=.carry_v7 SWEEP=${SWEEP:-recheck} ITERATIONS=6000 WORKERS=6 CALL_S=450 bash benchmarks/gpu_sweep.sh start "${MINUTES:-5}"
   WAIT_S=60 CONTROLS=1 bash benchmarks/gpu_sweep.sh finish
 else
   echo "usage: gpu_recheck.sh memory | train" >&2

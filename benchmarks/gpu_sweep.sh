@@ -99,11 +99,13 @@ elif [ "${1:-}" = "finish" ]; then
   if [ -f .carry2/alexnet.ckpt ]; then
     mkdir -p /tmp/egs_lpips && cp .carry2/alexnet.ckpt /tmp/egs_lpips/
     EGSTALKER_LPIPS_WEIGHTS=/tmp/egs_lpips python3 benchmarks/train_quality_gpu.py lpips --work "$WORK"
-  else  # `train_quality_gpu.py score` then scores LPIPS here, from the returned JPEG renders
+  else  # `train_quality_gpu.py score` then scores LPIPS here, from the returned lossless renders
     echo "no .carry2/alexnet.ckpt carried: LPIPS left to the local score step"
   fi
   for log in "$WORK"/*.log; do echo "== $log"; tr '\r' '\n' <"$log" | grep -v '^\s*$' | tail -4; done
-  (cd "$WORK" && tar czf "$OUT/sweep_results.tgz" ./*.log ./*/summary.json ./*/renders_jpeg.npz)
+  # lossless renders (~8-10 MB a run) in parts under the 16 MiB a returned file may hold; here:
+  # cat sweep_results.tgz.part-* | tar xz -C DIR
+  (cd "$WORK" && tar czf - ./*.log ./*/summary.json ./*/renders_png.npz) | split -b 15M - "$OUT/sweep_results.tgz.part-"
   if [ "${CONTROLS:-0}" = 1 ]; then  # lip-sync control renders of every run, scored later with MediaPipe
     for model in "$WORK"/*/model; do
       name=$(basename "$(dirname "$model")")

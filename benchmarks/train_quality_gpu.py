@@ -14,11 +14,12 @@ Three steps (the GPU machine cannot preprocess: no MediaPipe/PyAV there, and 64 
    with the default TrainConfig (plus --set overrides) under a time budget, render the held-out frames with
    their own audio and poses (TalkingHead), and measure PSNR/SSIM against the unpacked ground truth, training
    time, it/s, Gaussian counts and peak GPU memory; everything under WORK/NAME (it outlives the device call);
-   then LPIPS from the lossless renders, and JPEG renders + summary.json come back:
+   then (when alexnet.ckpt travels) LPIPS there; lossless PNG renders + summary.json come back:
        python benchmarks/train_quality_gpu.py device --clip lieu --name lieu_mel --features lieu_mel \
            --set data.audio_future=3 --minutes 10 --work .gpu_work
        python benchmarks/train_quality_gpu.py lpips --work .gpu_work     (EGSTALKER_LPIPS_WEIGHTS: alexnet.ckpt)
-3. here, mouth metrics (MediaPipe is here) of the returned renders against the original ground truth:
+3. here, mouth metrics (MediaPipe is here), PSNR, SSIM and true LPIPS of the returned lossless renders against
+   the dataset's own ground truth:
        python benchmarks/train_quality_gpu.py score --results DIR lieu=/data/lieu obama=/data/obama
 
 Raw output is committed under benchmarks/results/train_*.
@@ -269,7 +270,7 @@ def device_train(clip: str, name: str, minutes: float, work: Path, carry: Path, 
                  audio_offset: int | None = None) -> dict:
     """Train one run (dataset `clip`, optionally with the audio features of the carried folder `features`) and
     score its held-out frames. Everything goes under work/NAME (it outlives the device call that started it):
-    model/, renders.npy (lossless), renders_jpeg.npz (returned), summary.json."""
+    model/, renders.npy (lossless), renders_png.npz (returned, lossless), summary.json."""
     import cv2
     import torch
 
@@ -346,10 +347,10 @@ def device_train(clip: str, name: str, minutes: float, work: Path, carry: Path, 
         "config": json.loads((model_dir / "train_config.json").read_text()),
     }
     print(json.dumps({k: v for k, v in info.items() if k not in ("config", "gaussian_counts")}), flush=True)
-    # JPEG q97 renders come back (small); the lossless ones stay for LPIPS on the device (`lpips` step)
-    save_blob(run_dir / "renders_jpeg.npz",
-              {f"{i}.jpg": cv2.imencode(".jpg", cv2.cvtColor(r, cv2.COLOR_RGB2BGR),
-                                        [cv2.IMWRITE_JPEG_QUALITY, 97])[1].tobytes()
+    # the renders come back lossless (PNG: ~10 MB for lieu's 137 frames at 256 px, ~8 MB for obama's 46 at 450 px),
+    # so that LPIPS, PSNR and the mouth metrics are scored here on exactly what the model drew
+    save_blob(run_dir / "renders_png.npz",
+              {f"{i}.png": cv2.imencode(".png", cv2.cvtColor(r, cv2.COLOR_RGB2BGR))[1].tobytes()
                for i, r in zip(poses.frame_ids[positions], renders)})
     atomic_json(run_dir / "summary.json", info)
     return info
@@ -375,8 +376,9 @@ def device_lpips(work: Path, device: str = "cuda") -> None:
 
 
 def score(results: Path, datasets: dict[str, Path]) -> dict:
-    """Mouth metrics (MediaPipe, here) of each run's returned renders against the original ground truth.
-    results/NAME/{summary.json, renders_jpeg.npz}; datasets: clip name -> preprocessed dataset."""
+    """Mouth metrics (MediaPipe, here), PSNR and LPIPS of each run's returned renders against the dataset's own
+    ground truth. results/NAME/{summary.json, renders_png.npz (lossless; runs before 2026-12-05: renders_jpeg.npz,
+    JPEG q97)}; datasets: clip name -> preprocessed dataset."""
     import cv2
 
     from egstalker import metrics
@@ -386,13 +388,15 @@ def score(results: Path, datasets: dict[str, Path]) -> dict:
     runs = {}
     for summary_path in sorted(results.glob("*/summary.json")):
         info = json.loads(summary_path.read_text())
-        blob = load_blob(summary_path.parent / "renders_jpeg.npz")
+        lossless = (summary_path.parent / "renders_png.npz").exists()
+        blob = load_blob(summary_path.parent / ("renders_png.npz" if lossless else "renders_jpeg.npz"))
         ds = datasets[info["clip"]]
         # frames the dataset no longer holds out (their sound is not in the recording once its audio offset is
         # corrected) are not scored
         held = set(open_dataset(ds, "val").frame_ids.tolist())
         ids = sorted(i for i in (int(n.split(".")[0]) for n in blob) if i in held)
-        renders = np.stack([cv2.cvtColor(cv2.imdecode(np.frombuffer(blob[f"{i}.jpg"], np.uint8), cv2.IMREAD_COLOR),
+        ext = "png" if lossless else "jpg"
+        renders = np.stack([cv2.cvtColor(cv2.imdecode(np.frombuffer(blob[f"{i}.{ext}"], np.uint8), cv2.IMREAD_COLOR),
                                          cv2.COLOR_BGR2RGB) for i in ids])
         h, w = renders.shape[1:3]
         truths = np.stack([load_ground_truth(ds, i, w, h) for i in ids])
@@ -401,9 +405,13 @@ def score(results: Path, datasets: dict[str, Path]) -> dict:
                          "mouth_corr_interval95": [round(v, 3) if np.isfinite(v) else None
                                                    for v in mouth.mouth_corr_interval],
                          "mouth_frames": int(mouth.n_frames),
-                         "psnr_jpeg_vs_original_gt": float(np.mean(metrics.psnr(renders, truths)))}
-        if "lpips_alex" not in info:  # the device's `lpips` step did not run (alexnet.ckpt not carried)
-            info["local"]["lpips_alex_jpeg_vs_original_gt"] = float(np.mean(metrics.lpips(renders, truths)))
+                         "renders": "lossless PNG" if lossless else "JPEG q97"}
+        # against the dataset's gt_imgs (the device scored against its near-lossless H.264 copy of them)
+        tag = "" if lossless else "_jpeg"
+        info["local"][f"psnr{tag}_vs_original_gt"] = float(np.mean(metrics.psnr(renders, truths)))
+        info["local"][f"ssim{tag}_vs_original_gt"] = float(np.mean(metrics.ssim(renders, truths)))
+        if lossless or "lpips_alex" not in info:  # true LPIPS of what the model drew, or the JPEGs' when that is all
+            info["local"][f"lpips_alex{tag}_vs_original_gt"] = float(np.mean(metrics.lpips(renders, truths)))
         print(info["run"], json.dumps({k: info.get(k) for k in ("psnr", "ssim", "lpips_alex", "iterations",
                                                                 "n_gaussians")}), json.dumps(info["local"]))
         runs[info["run"]] = info
