@@ -8,6 +8,10 @@
 #                                           450 px and once each at lieu's 256 px, alone on the GPU (~4 minutes).
 #                                           Run on 12-05 while chunks were the default, under the variant names of
 #                                           then: `whole_recompute` (one piece) and `default` (chunks)
+#   bash benchmarks/gpu_recheck.sh memory512
+#                                           carry .whl .carry_mem (the 512 px phone_framed pack of 12-04, int8 VGG16,
+#                                           gsplat .so.xz): the same two cases at 512 px, twice each, interleaved
+#                                           (~4 minutes; 2026-12-05, when one piece was the default again)
 #   bash benchmarks/gpu_recheck.sh train    carry .whl .carry_v7: sweep $SWEEP (default `recheck`: lieu seed 7,
 #                                           obama seed 2; `lossless`: seeds 8 and 3), budgets of $MINUTES (5) sharing
 #                                           the GPU, then gpu_sweep.sh finish with the lip-sync control renders, all
@@ -30,11 +34,17 @@ if [ "${1:-}" = "memory" ]; then
       --cases "${cases[@]}" --iterations 200 --workers 6 --out "$OUT/train_memory_chunked_$clip.json" \
       2>&1 | tee -a "$OUT/recheck_memory_log.txt"
   done
+elif [ "${1:-}" = "memory512" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/recheck_memory512_log.txt"
+  PYTHONPATH=/tmp/site:$PWD python3 benchmarks/train_memory_gpu.py --carry .carry_mem --clip phone_framed \
+    --cases 512:150000:default 512:150000:chunked 512:150000:default 512:150000:chunked --iterations 200 \
+    --workers 6 --out "$OUT/train_memory_chunked_512.json" 2>&1 | tee -a "$OUT/recheck_memory512_log.txt"
 elif [ "${1:-}" = "train" ]; then
   # MINUTES (5): each run's training budget; shorter when little device time is left
   CARRY=.carry_v7 SWEEP=${SWEEP:-recheck} ITERATIONS=6000 WORKERS=6 CALL_S=450 bash benchmarks/gpu_sweep.sh start "${MINUTES:-5}"
   WAIT_S=60 CONTROLS=1 bash benchmarks/gpu_sweep.sh finish
 else
-  echo "usage: gpu_recheck.sh memory | train" >&2
+  echo "usage: gpu_recheck.sh memory | memory512 | train" >&2
   exit 2
 fi
