@@ -56,7 +56,7 @@ else
   tail -4 "$OUT/neck_${NAME}_train_log.txt"
   [ $rc = 0 ] || exit 1
   mkdir -p "$OUT/run/$run"
-  cp "$WORK/$run/summary.json" "$WORK/$run/renders_jpeg.npz" "$OUT/run/$run/" || exit 1  # `score` reads these locally
+  cp "$WORK/$run/summary.json" "$WORK/$run"/renders_*.npz "$OUT/run/$run/" || exit 1  # `score` reads these locally
   MODEL=$WORK/$run/model
   DATA=/tmp/egs_ds/$run
 fi

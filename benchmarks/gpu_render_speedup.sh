@@ -41,7 +41,7 @@ echo "controls after $SECONDS s"
 
 pack() {  # everything small in one file (at most 8 files come back)
   (cd "$WORK" && tar czf "$OUT/results.tgz" --exclude checkpoints --exclude logs --exclude model.pt \
-     "$RUN/summary.json" "$RUN/renders_jpeg.npz" "$RUN/model" ./*.json ./*.txt 2>/dev/null)
+     "$RUN/summary.json" "$RUN"/renders_*.npz "$RUN/model" ./*.json ./*.txt 2>/dev/null)
 }
 echo "== where the device time goes"
 timeout 150 python3 benchmarks/render_profile_gpu.py "$MODEL" --dataset "$DATA" \

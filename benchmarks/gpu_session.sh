@@ -35,7 +35,7 @@ echo "== 2. train lieu (${MINUTES} min budget)"
 mkdir -p "$OUT/train"
 python3 benchmarks/train_quality_gpu.py device --clip lieu --minutes "$MINUTES" --work /tmp/egs_work --carry .carry \
   ${PERCEPTUAL:+--set loss.perceptual=$PERCEPTUAL}
-cp /tmp/egs_work/lieu/summary.json /tmp/egs_work/lieu/renders_jpeg.npz "$OUT/train/"
+cp /tmp/egs_work/lieu/summary.json /tmp/egs_work/lieu/renders_*.npz "$OUT/train/"
 
 MODEL=/tmp/egs_work/lieu/model
 DATA=/tmp/egs_ds/lieu

@@ -5,7 +5,10 @@
 #                                                  call 1: gsplat build (its .so back through $OUT) unless .carry
 #                                                  holds it, launch every run of benchmarks/sweeps/NAME.txt in its
 #                                                  own process session (they outlive the call), follow them until
-#                                                  CALL_S; ITERATIONS (6000) and WORKERS (1) per run
+#                                                  CALL_S; ITERATIONS (6000) and WORKERS (1) per run; RENDERS
+#                                                  png (lossless, 9-13 MB a run) or jpeg (q97): at most 8 files
+#                                                  and 64 MiB come back, so jpeg beyond two runs with CONTROLS=1
+#                                                  (each run's controls add ~10 MB) or four without
 #   bash benchmarks/gpu_sweep.sh finish            call 2 (within 30 s of call 1, so the machine stays): wait for
 #                                                  the runs, LPIPS on the device, results back through $OUT; with
 #                                                  CONTROLS=1 each run's lip-sync control renders (score them with
@@ -89,7 +92,7 @@ if [ "${1:-}" = "start" ]; then
     feat=()
     [ "$features" != "-" ] && feat=(--features "$features")
     setsid nohup python3 benchmarks/train_quality_gpu.py device --clip "$clip" --name "$name" "${feat[@]}" \
-      "${sets[@]}" --minutes "$MINUTES" --iterations "${ITERATIONS:-6000}" --workers "${WORKERS:-1}" --carry "$CARRY" --work "$WORK" >"$WORK/$name.log" 2>&1 </dev/null &
+      "${sets[@]}" --minutes "$MINUTES" --iterations "${ITERATIONS:-6000}" --workers "${WORKERS:-1}" --renders "${RENDERS:-png}" --carry "$CARRY" --work "$WORK" >"$WORK/$name.log" 2>&1 </dev/null &
     echo "launched $name: clip=$clip features=$features $overrides"
   done
   follow $((${CALL_S:-560} - SECONDS))  # return before the call's 10-minute limit; the runs go on
@@ -103,9 +106,9 @@ elif [ "${1:-}" = "finish" ]; then
     echo "no .carry2/alexnet.ckpt carried: LPIPS left to the local score step"
   fi
   for log in "$WORK"/*.log; do echo "== $log"; tr '\r' '\n' <"$log" | grep -v '^\s*$' | tail -4; done
-  # lossless renders (~8-10 MB a run) in parts under the 16 MiB a returned file may hold; here:
-  # cat sweep_results.tgz.part-* | tar xz -C DIR
-  (cd "$WORK" && tar czf - ./*.log ./*/summary.json ./*/renders_png.npz) | split -b 15M - "$OUT/sweep_results.tgz.part-"
+  # the renders (PNG: 9-13 MB a run) in parts under the 16 MiB a returned file may hold; here:
+  # mkdir -p DIR && cat sweep_results.tgz.part-* | tar xz -C DIR
+  (cd "$WORK" && tar czf - ./*.log ./*/summary.json ./*/renders_*.npz) | split -b 15M - "$OUT/sweep_results.tgz.part-"
   if [ "${CONTROLS:-0}" = 1 ]; then  # lip-sync control renders of every run, scored later with MediaPipe
     for model in "$WORK"/*/model; do
       name=$(basename "$(dirname "$model")")

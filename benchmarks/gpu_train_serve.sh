@@ -25,7 +25,7 @@ echo "== train $RUN ($MINUTES min budget)"
 python3 benchmarks/train_quality_gpu.py device --clip "$CLIP" --name "$RUN" --features "$FEATURES" \
   --minutes "$MINUTES" --iterations 20000 --workers 8 --work "$WORK" 2>&1 | tr '\r' '\n' | awk 'NR % 40 == 0 || /^\{/'
 EGSTALKER_LPIPS_WEIGHTS=/tmp/egs_lpips python3 benchmarks/train_quality_gpu.py lpips --work "$WORK"
-mkdir -p "$OUT/$RUN" && cp "$WORK/$RUN/summary.json" "$WORK/$RUN/renders_jpeg.npz" "$OUT/$RUN/"
+mkdir -p "$OUT/$RUN" && cp "$WORK/$RUN/summary.json" "$WORK/$RUN"/renders_*.npz "$OUT/$RUN/"
 
 echo "== fp16 vs fp32 inference"
 python3 benchmarks/half_precision_gpu.py "$WORK/$RUN/model" --dataset "/tmp/egs_ds/$RUN" --json "$OUT/half_precision_gpu.json"

@@ -267,10 +267,11 @@ def realign_audio(ds: Path, offset: int) -> None:
 def device_train(clip: str, name: str, minutes: float, work: Path, carry: Path, features: str | None = None,
                  overrides: list[str] = (), workers: int | None = None, device: str = "cuda",
                  val_frames: int | None = None, iterations: int | None = None,
-                 audio_offset: int | None = None) -> dict:
+                 audio_offset: int | None = None, renders_format: str = "png") -> dict:
     """Train one run (dataset `clip`, optionally with the audio features of the carried folder `features`) and
     score its held-out frames. Everything goes under work/NAME (it outlives the device call that started it):
-    model/, renders.npy (lossless), renders_png.npz (returned, lossless), summary.json."""
+    model/, renders.npy (lossless), renders_png.npz (returned, lossless) or with renders_format "jpeg"
+    renders_jpeg.npz (JPEG q97, a quarter of the size), summary.json."""
     import cv2
     import torch
 
@@ -347,10 +348,12 @@ def device_train(clip: str, name: str, minutes: float, work: Path, carry: Path, 
         "config": json.loads((model_dir / "train_config.json").read_text()),
     }
     print(json.dumps({k: v for k, v in info.items() if k not in ("config", "gaussian_counts")}), flush=True)
-    # the renders come back lossless (PNG: ~10 MB for lieu's 137 frames at 256 px, ~8 MB for obama's 46 at 450 px),
-    # so that LPIPS, PSNR and the mouth metrics are scored here on exactly what the model drew
-    save_blob(run_dir / "renders_png.npz",
-              {f"{i}.png": cv2.imencode(".png", cv2.cvtColor(r, cv2.COLOR_RGB2BGR))[1].tobytes()
+    # PNG renders come back lossless (12.7 MB for lieu's 137 frames at 256 px, 9.3 MB for obama's 42 at 450 px), so
+    # that LPIPS and the mouth metrics are scored here on exactly what the model drew; JPEG q97 (~3 MB) when many
+    # runs must come back from one call (8 files of at most 16 MiB, 64 MiB in all)
+    ext, params = (".png", []) if renders_format == "png" else (".jpg", [cv2.IMWRITE_JPEG_QUALITY, 97])
+    save_blob(run_dir / f"renders_{renders_format}.npz",
+              {f"{i}{ext}": cv2.imencode(ext, cv2.cvtColor(r, cv2.COLOR_RGB2BGR), params)[1].tobytes()
                for i, r in zip(poses.frame_ids[positions], renders)})
     atomic_json(run_dir / "summary.json", info)
     return info
@@ -376,9 +379,10 @@ def device_lpips(work: Path, device: str = "cuda") -> None:
 
 
 def score(results: Path, datasets: dict[str, Path]) -> dict:
-    """Mouth metrics (MediaPipe, here), PSNR and LPIPS of each run's returned renders against the dataset's own
-    ground truth. results/NAME/{summary.json, renders_png.npz (lossless; runs before 2026-12-05: renders_jpeg.npz,
-    JPEG q97)}; datasets: clip name -> preprocessed dataset."""
+    """Mouth metrics (MediaPipe, here), PSNR, SSIM and LPIPS of each run's returned renders against the dataset's
+    own ground truth (the device's PSNR and SSIM in summary.json are against its near-lossless H.264 copy of it).
+    results/NAME/{summary.json, renders_png.npz (lossless) or renders_jpeg.npz (JPEG q97; every run before
+    2026-12-05)}; datasets: clip name -> preprocessed dataset."""
     import cv2
 
     from egstalker import metrics
@@ -437,6 +441,8 @@ def main() -> None:
     d.add_argument("--work", type=Path, required=True)
     d.add_argument("--device", default="cuda")
     d.add_argument("--val-frames", type=int, default=None, help="score only the first N held-out frames (dry runs)")
+    d.add_argument("--renders", choices=("png", "jpeg"), default="png",
+                   help="how the held-out renders come back: png (lossless) or jpeg (q97, for sweeps of many runs)")
     d.add_argument("--audio-offset", type=int, default=None,
                    help="a control: aud_id = img_id + N instead of the dataset's alignment")
     lp = sub.add_parser("lpips", help="LPIPS of every finished run under --work (needs alexnet.ckpt)")
@@ -458,7 +464,8 @@ def main() -> None:
         pack_weights(args.out)
     elif args.cmd == "device":
         device_train(args.clip, args.name or args.clip, args.minutes, args.work, args.carry, args.features,
-                     args.overrides, args.workers, args.device, args.val_frames, args.iterations, args.audio_offset)
+                     args.overrides, args.workers, args.device, args.val_frames, args.iterations, args.audio_offset,
+                     args.renders)
     elif args.cmd == "lpips":
         device_lpips(args.work, args.device)
     elif args.cmd == "unpack":

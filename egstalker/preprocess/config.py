@@ -55,7 +55,7 @@ class FaceConfig:
     background_samples: int = 60
     """Frames whose background pixels are median-combined into bc.jpg."""
     workers: int = 0
-    """Processes for the per-frame work of tasks 4 and 6 (0: one per CPU core, at most 4)."""
+    """Processes for the per-frame work of tasks 4 and 6 (0: one per CPU core, at most 4, and one per 400 frames)."""
 
 
 @dataclass

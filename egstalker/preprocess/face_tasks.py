@@ -59,8 +59,10 @@ def _faces(ctx: TaskContext, on_landmarks=None) -> FaceTrack:
 
 
 def _workers(ctx: TaskContext, n_items: int) -> int:
-    wanted = ctx.config.face.workers or min(4, os.cpu_count() or 1)
-    return max(1, min(wanted, n_items // 400 + 1))  # spawning a worker costs 1-3 s: not for short clips
+    if ctx.config.face.workers:  # as asked, one chunk each at least
+        return max(1, min(ctx.config.face.workers, -(-n_items // CHUNK)))
+    # spawning a worker costs 1-3 s: not for short clips
+    return max(1, min(4, os.cpu_count() or 1, n_items // 400 + 1))
 
 
 def _parallel(function, chunks: list, workers: int, initargs: tuple, initializer, show_progress: bool,
@@ -92,23 +94,31 @@ CHUNK = 32
 
 
 def _init_parsing(dataset_root: str, staging_root: str, model, size: tuple[int, int], segmenter_path: str | None):
-    """A worker's state, with one person segmenter (~70 ms to create) for all its chunks."""
     cv2.setNumThreads(1)
-    segmenter = segmentation.PersonSegmenter(segmenter_path) if segmenter_path else None
-    # MediaPipe cannot close a task during the interpreter's shutdown; multiprocessing runs this before it, when
-    # the worker exits, and the inline path calls it when done
-    close = multiprocessing.util.Finalize(segmenter, segmenter.close, exitpriority=10) if segmenter else lambda: None
     _STATE.update(dataset=DatasetLayout(dataset_root), staging=DatasetLayout(staging_root), model=model, size=size,
-                  segment=segmenter, close=close)
+                  segmenter_path=segmenter_path, segment=None, close=lambda: None)
+
+
+def _segmenter():
+    """The worker's one person segmenter (~70 ms to create), made by its first chunk, so that a failure reaches the
+    caller through that chunk's result with its own message (an initializer's only breaks the pool)."""
+    s = _STATE
+    if s["segment"] is None and s["segmenter_path"]:
+        s["segment"] = segmentation.PersonSegmenter(s["segmenter_path"])
+        # MediaPipe cannot close a task during the interpreter's shutdown; multiprocessing runs this before it,
+        # when the worker exits, and the inline path calls it when done
+        s["close"] = multiprocessing.util.Finalize(None, s["segment"].close, exitpriority=10)
+    return s["segment"]
 
 
 def _parse_chunk(job: tuple[int, np.ndarray]) -> int:
     """job: (first frame index, landmarks [k, 478, 3] of frames first .. first + k - 1)."""
     start, landmarks = job
     s = _STATE
+    segment = _segmenter()
     for offset, points in enumerate(landmarks):
         small = parsing.imread_reduced(str(s["dataset"].frame(start + offset)), s["model"].factor)
-        labels = parsing.parse_frame(small, points, s["model"], s["size"], s["segment"])
+        labels = parsing.parse_frame(small, points, s["model"], s["size"], segment)
         parsing.save_labels_png(labels, s["staging"].parsing(start + offset))
     return len(landmarks)
 
