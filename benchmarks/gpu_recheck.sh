@@ -11,7 +11,8 @@
 #   bash benchmarks/gpu_recheck.sh memory512
 #                                           carry .whl .carry_mem (the 512 px phone_framed pack of 12-04, int8 VGG16,
 #                                           gsplat .so.xz): the same two cases at 512 px, twice each, interleaved
-#                                           (~4 minutes; 2026-12-05, when one piece was the default again)
+#                                           (~4 minutes). Written on 2026-12-05 and not run yet: the device
+#                                           refused every start after the `train` call that day
 #   bash benchmarks/gpu_recheck.sh train    carry .whl .carry_v7: sweep $SWEEP (default `recheck`: lieu seed 7,
 #                                           obama seed 2; `lossless`: seeds 8 and 3), budgets of $MINUTES (5) sharing
 #                                           the GPU, then gpu_sweep.sh finish with the lip-sync control renders, all
