@@ -1,8 +1,9 @@
 """Does Whisper's 20 ms resolution carry more about the mouth than the 40 ms frame mean the `whisper` encoder keeps?
 
-`WhisperEncoder` gives frame i the mean of block 3's states 2i and 2i + 1 (the two inside its 40 ms slot). This
-keeps both instead (1,024 values a frame) and scores the held-out ridge fit from a frame's window of features to
-its tracked mouth opening, as `whisper_layers.py` does, for both ways and two windows. For the default features it
+`WhisperEncoder` gives frame i the mean of block 3's states 2i and 2i + 1 (the two inside its 40 ms slot,
+`WhisperEncoder.block_states`). This keeps both instead (1,024 values a frame) and scores the held-out ridge fit
+from a frame's window of features to its tracked mouth opening, as `whisper_layers.py` does, for both ways and two
+windows. For the default features it
 also scores the fit's predictions smoothed over 3 and 5 frames (a moving average), beside how smooth the tracked
 opening itself is (lag-1 autocorrelation of the held-out truth and of the predictions).
 
@@ -22,28 +23,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def encode(encoder, wav: np.ndarray, n_frames: int, keep_pairs: bool) -> np.ndarray:
-    """[n_frames, width or 2 * width]: `encoder.encode_blocks` with both 20 ms states kept when keep_pairs."""
-    from egstalker.audio import whisper
-
-    frames, width = encoder.block_frames, encoder.width
-    block = frames * whisper.SAMPLES_PER_FRAME
-    before = round(encoder.window_before_seconds * whisper.SAMPLE_RATE)
-    length = before + block + round(encoder.window_after_seconds * whisper.SAMPLE_RATE)
-    n_blocks, out = -(-n_frames // frames), []
-    for a in range(0, n_blocks, whisper.BATCH_WINDOWS):
-        b = min(n_blocks, a + whisper.BATCH_WINDOWS)
-        windows = np.zeros((b - a, length), np.float32)
-        for row, k in enumerate(range(a, b)):
-            start = k * block - before
-            lo, hi = max(0, start), min(len(wav), start + length)
-            if hi > lo:
-                windows[row, lo - start:hi - start] = wav[lo:hi]
-        states = encoder._run_states(windows).reshape(b - a, frames, 2, width)
-        out.append(states.reshape(-1, 2 * width) if keep_pairs else states.mean(axis=2).reshape(-1, width))
-    return np.concatenate(out)[:n_frames]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("datasets", nargs="+", type=Path)
@@ -60,7 +39,8 @@ def main() -> None:
         wav, train, val, y_train, y_val, _, _ = load_clip(dataset)
         n_frames = len(np.load(dataset / "aud.npy", mmap_mode="r"))
         for keep_pairs in (False, True):
-            feats = encode(encoder, wav, n_frames, keep_pairs)
+            states = encoder.block_states(wav, 0, -(-n_frames // encoder.block_frames))[:n_frames]
+            feats = states.reshape(n_frames, -1) if keep_pairs else states.mean(axis=1)
             for size, future in ((8, 3), (12, 5)):
                 x_train, x_val = (windows(feats, s.audio_ids, size, future) for s in (train, val))
                 r = corr(fit_ridge(x_train, y_train, x_val, alpha=float(x_train.shape[1])), y_val)

@@ -1009,39 +1009,29 @@ def test_client_refuses_a_page_address_and_names_a_server_that_is_not_there(spee
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless test needs a system chromium")
 def test_page_streams_a_file_in_headless_chromium(running, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
     server = running()
     wav_path = tmp_path / "speech.wav"
     wav, _ = sf.read(shared_media("audio/speech_10s_16k.wav"), dtype="float32")
     sf.write(wav_path, wav[16000:32000], 16000)  # 1 s: 25 frames
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('server').textContent.includes('fps')")
-            not_audio = tmp_path / "notes.wav"
-            not_audio.write_text("not audio")
-            page.set_input_files("#file", str(not_audio))
-            page.click("#play")  # said, and kept on screen (it was overwritten by "stopped"); no session taken
-            page.wait_for_function("window.egsStats.state === 'error'", timeout=30000)
-            assert page.evaluate("document.getElementById('status').textContent").startswith(
-                "cannot decode notes.wav: ")
-            assert server.health()["sessions_served"] == 0
-            page.set_input_files("#file", str(wav_path))
-            page.click("#play")
-            page.wait_for_function("window.egsStats.framesPainted >= 3", timeout=120000)
-            first = page.evaluate(CANVAS_DIGEST)
-            page.wait_for_function("window.egsStats.framesPainted >= 15", timeout=120000)
-            second = page.evaluate(CANVAS_DIGEST)
-            if os.environ.get("EGSTALKER_SERVE_SCREENSHOT"):  # docs/serve_page.png is made this way
-                page.screenshot(path=os.environ["EGSTALKER_SERVE_SCREENSHOT"])
-            page.wait_for_function("window.egsStats.state === 'done'", timeout=120000)
-            stats = page.evaluate("window.egsStats")
-        finally:
-            browser.close()
+    with chromium_page(server.url) as (page, errors):
+        not_audio = tmp_path / "notes.wav"
+        not_audio.write_text("not audio")
+        page.set_input_files("#file", str(not_audio))
+        page.click("#play")  # said, and kept on screen (it was overwritten by "stopped"); no session taken
+        page.wait_for_function("window.egsStats.state === 'error'", timeout=30000)
+        assert page.evaluate("document.getElementById('status').textContent").startswith(
+            "cannot decode notes.wav: ")
+        assert server.health()["sessions_served"] == 0
+        page.set_input_files("#file", str(wav_path))
+        page.click("#play")
+        page.wait_for_function("window.egsStats.framesPainted >= 3", timeout=120000)
+        first = page.evaluate(CANVAS_DIGEST)
+        page.wait_for_function("window.egsStats.framesPainted >= 15", timeout=120000)
+        second = page.evaluate(CANVAS_DIGEST)
+        if os.environ.get("EGSTALKER_SERVE_SCREENSHOT"):  # docs/serve_page.png is made this way
+            page.screenshot(path=os.environ["EGSTALKER_SERVE_SCREENSHOT"])
+        page.wait_for_function("window.egsStats.state === 'done'", timeout=120000)
+        stats = page.evaluate("window.egsStats")
     assert not errors
     assert stats["framesReceived"] == 25 and stats["error"] is None
     assert first != second, "the canvas did not change: frames are not moving"
@@ -1049,39 +1039,29 @@ def test_page_streams_a_file_in_headless_chromium(running, tmp_path):
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless test needs a system chromium")
 def test_page_always_on_idles_takes_files_and_interrupts_in_headless_chromium(running, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
     server = running()
     wav_path = tmp_path / "speech.wav"
     wav, _ = sf.read(shared_media("audio/speech_10s_16k.wav"), dtype="float32")
     sf.write(wav_path, wav[16000:64000], 16000)  # 3 s
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('server').textContent.includes('fps')")
-            page.check("#idle")
-            page.set_input_files("#file", str(wav_path))
-            page.click("#play")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('always on: sent')",
-                                   timeout=60000)
-            assert page.is_enabled("#interrupt") and page.is_enabled("#play") and page.is_disabled("#idle")
-            page.wait_for_function("window.egsStats.framesPainted >= 10", timeout=120000)
-            page.click("#interrupt")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('interrupted')",
-                                   timeout=60000)
-            page.click("#play")  # the same session takes another file
-            page.wait_for_function("document.getElementById('status').textContent === 'sent speech.wav'",
-                                   timeout=60000)
-            received = page.evaluate("window.egsStats.framesReceived")
-            page.wait_for_function(f"window.egsStats.framesReceived >= {received + 25}", timeout=120000)
-            assert server.health()["sessions"] == 1 and server.health()["sessions_served"] == 1
-            page.click("#stop")
-            stats = page.evaluate("window.egsStats")
-        finally:
-            browser.close()
+    with chromium_page(server.url) as (page, errors):
+        page.check("#idle")
+        page.set_input_files("#file", str(wav_path))
+        page.click("#play")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('always on: sent')",
+                               timeout=60000)
+        assert page.is_enabled("#interrupt") and page.is_enabled("#play") and page.is_disabled("#idle")
+        page.wait_for_function("window.egsStats.framesPainted >= 10", timeout=120000)
+        page.click("#interrupt")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('interrupted')",
+                               timeout=60000)
+        page.click("#play")  # the same session takes another file
+        page.wait_for_function("document.getElementById('status').textContent === 'sent speech.wav'",
+                               timeout=60000)
+        received = page.evaluate("window.egsStats.framesReceived")
+        page.wait_for_function(f"window.egsStats.framesReceived >= {received + 25}", timeout=120000)
+        assert server.health()["sessions"] == 1 and server.health()["sessions_served"] == 1
+        page.click("#stop")
+        stats = page.evaluate("window.egsStats")
     assert not errors and stats["error"] is None and stats["state"] == "stopped"
     assert server.wait_sessions(0)["sessions"] == 0
 
@@ -1108,7 +1088,6 @@ def test_page_shows_frames_unstretched_and_releases_microphone_and_sound(small_h
     the server refuses releases the microphone (it stayed open: it was handed to the session only at `ready`), as
     Stop does; Stop, and a new session, close the sound of the last one (each session left an AudioContext
     playing)."""
-    playwright = pytest.importorskip("playwright.sync_api")
     head = PortraitHead(small_head)
     server = RunningServer(head, ServeConfig(max_lag_s=None), token="s3cret")
     wav_path = tmp_path / "speech.wav"
@@ -1117,47 +1096,37 @@ def test_page_shows_frames_unstretched_and_releases_microphone_and_sound(small_h
     all_closed = "window.egsContexts.length > 0 && window.egsContexts.every((c) => c.state === 'closed')"
     all_released = "window.egsMicrophones.every((s) => s.getTracks().every((t) => t.readyState === 'ended'))"
     try:
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS + [
-                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"])
-            try:
-                page = browser.new_page()
-                errors = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.add_init_script(TRACK_AUDIO)
-                page.goto(server.url + "/")
-                page.wait_for_function("document.getElementById('server').textContent.includes('fps')")
-                # the stage takes the model's shape from /health, before any session
-                assert page.evaluate(STAGE_RATIO) == pytest.approx(54 / 96, rel=0.02)
+        with chromium_page(server.url, ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"],
+                           TRACK_AUDIO) as (page, errors):
+            # the stage takes the model's shape from /health, before any session
+            assert page.evaluate(STAGE_RATIO) == pytest.approx(54 / 96, rel=0.02)
 
-                page.click("#mic")  # no token: the server refuses the session
-                page.wait_for_function("window.egsStats.state === 'error'", timeout=30000)
-                assert "token" in page.evaluate("window.egsStats.error")
-                page.wait_for_function(f"window.egsMicrophones.length === 1 && {all_released}", timeout=5000)
+            page.click("#mic")  # no token: the server refuses the session
+            page.wait_for_function("window.egsStats.state === 'error'", timeout=30000)
+            assert "token" in page.evaluate("window.egsStats.error")
+            page.wait_for_function(f"window.egsMicrophones.length === 1 && {all_released}", timeout=5000)
 
-                page.fill("#token", "s3cret")
-                page.click("#mic")  # accepted: the (fake) microphone streams until Stop, which releases it
-                page.wait_for_function("window.egsStats.framesReceived >= 3", timeout=120000)
-                page.click("#stop")
-                page.wait_for_function(f"window.egsMicrophones.length === 2 && {all_released} && {all_closed}",
-                                       timeout=5000)
+            page.fill("#token", "s3cret")
+            page.click("#mic")  # accepted: the (fake) microphone streams until Stop, which releases it
+            page.wait_for_function("window.egsStats.framesReceived >= 3", timeout=120000)
+            page.click("#stop")
+            page.wait_for_function(f"window.egsMicrophones.length === 2 && {all_released} && {all_closed}",
+                                   timeout=5000)
 
-                page.set_input_files("#file", str(wav_path))
-                page.click("#play")
-                page.wait_for_function("window.egsStats.state === 'done' && window.egsStats.framesPainted > 0",
-                                       timeout=120000)
-                assert page.evaluate("[document.getElementById('stage').width, "
-                                     "document.getElementById('stage').height]") == [54, 96]
-                assert page.evaluate(STAGE_RATIO) == pytest.approx(54 / 96, rel=0.02)
-                finished = page.evaluate("window.egsContexts.length")
-                page.click("#play")  # a new session: the last one's sound is closed
-                page.wait_for_function("window.egsStats.framesReceived >= 1", timeout=120000)
-                assert page.evaluate(f"window.egsContexts.slice(0, {finished}).every((c) => c.state === 'closed')")
-                assert page.evaluate("window.egsContexts.at(-1).state") == "running"
-                page.click("#stop")  # and Stop silences the sound still queued
-                page.wait_for_function(all_closed, timeout=5000)
-            finally:
-                browser.close()
+            page.set_input_files("#file", str(wav_path))
+            page.click("#play")
+            page.wait_for_function("window.egsStats.state === 'done' && window.egsStats.framesPainted > 0",
+                                   timeout=120000)
+            assert page.evaluate("[document.getElementById('stage').width, "
+                                 "document.getElementById('stage').height]") == [54, 96]
+            assert page.evaluate(STAGE_RATIO) == pytest.approx(54 / 96, rel=0.02)
+            finished = page.evaluate("window.egsContexts.length")
+            page.click("#play")  # a new session: the last one's sound is closed
+            page.wait_for_function("window.egsStats.framesReceived >= 1", timeout=120000)
+            assert page.evaluate(f"window.egsContexts.slice(0, {finished}).every((c) => c.state === 'closed')")
+            assert page.evaluate("window.egsContexts.at(-1).state") == "running"
+            page.click("#stop")  # and Stop silences the sound still queued
+            page.wait_for_function(all_closed, timeout=5000)
     finally:
         server.close()
     assert not errors
@@ -1180,6 +1149,26 @@ TRACK_AUDIO = """(() => {
   }
 })();"""
 STAGE_RATIO = "(() => { const r = document.getElementById('stage').getBoundingClientRect(); return r.width / r.height; })()"
+@contextlib.contextmanager
+def chromium_page(url: str, extra_args: list[str] = (), init_script: str | None = None):
+    """(page, errors): headless chromium on the served page once it shows the server's fps, and the page's
+    uncaught errors so far (the list goes on filling while the page is open)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS + list(extra_args))
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            if init_script:
+                page.add_init_script(init_script)
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('server').textContent.includes('fps')")
+            yield page, errors
+        finally:
+            browser.close()
+
+
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--autoplay-policy=no-user-gesture-required"]

@@ -320,7 +320,11 @@ class WhisperEncoder(AudioEncoder):
 
     def encode_blocks(self, wav: np.ndarray, first_block: int, n_blocks: int) -> np.ndarray:
         """[n_blocks * block_frames, width] features of blocks [first_block, first_block + n_blocks) of `wav`,
-        counted from its sample 0 (audio outside `wav` counts as silence)."""
+        counted from its sample 0 (audio outside `wav` counts as silence): each frame's two states, averaged."""
+        return self.block_states(wav, first_block, n_blocks).mean(axis=1)
+
+    def block_states(self, wav: np.ndarray, first_block: int, n_blocks: int) -> np.ndarray:
+        """[n_blocks * block_frames, 2, width]: the two 20 ms states inside each 40 ms frame of those blocks."""
         frames = self.block_frames
         block = frames * SAMPLES_PER_FRAME
         before = round(self.window_before_seconds * SAMPLE_RATE)
@@ -335,10 +339,10 @@ class WhisperEncoder(AudioEncoder):
                 if hi > lo:
                     windows[row, lo - start:hi - start] = wav[lo:hi]
             states = self._run_states(windows)  # the block's own states
-            out.append(states.reshape(b - a, frames, 2, self.width).mean(axis=2).reshape(-1, self.width))
+            out.append(states.reshape((b - a) * frames, 2, self.width))
             if self.on_progress is not None:
                 self.on_progress((b - a) * frames)
-        return np.concatenate(out) if out else np.zeros((0, self.width), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, 2, self.width), np.float32)
 
     def _encode(self, wav: np.ndarray, n_frames: int) -> np.ndarray:
         return self.encode_blocks(wav, 0, math.ceil(n_frames / self.block_frames))[:n_frames]
